@@ -1,0 +1,75 @@
+"""The model: a randomly initialised T5 v1.1 / mT5 encoder-decoder, and the FLOP count used for
+throughput and MFU figures."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5Config, T5ForConditionalGeneration
+
+from common.config import ModelConfig
+
+# Bucketed relative positions mean T5 has no position embeddings; these ids are T5's conventions
+# (decoding starts from the pad id) and our tokenizer's.
+PAD_ID, EOS_ID = 0, 1
+
+
+def model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    """The HF config: the hub's (e.g. google/mt5-base, for the paper preset) or one built from `cfg`."""
+    if cfg.hub_config:
+        config = AutoConfig.from_pretrained(cfg.hub_config)
+        if config.vocab_size != vocab_size:
+            raise ValueError(
+                f"model.hub_config {cfg.hub_config} has vocab_size {config.vocab_size} but the tokenizer has "
+                f"{vocab_size}. Fix: use the tokenizer that belongs to {cfg.hub_config} (data.tokenizer.kind: hub)"
+            )
+        config.dropout_rate = cfg.dropout_rate
+        config.scale_decoder_outputs = cfg.tie_word_embeddings  # T5 v1.1 / mT5 do not rescale decoder outputs
+        return config
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        d_ff=cfg.d_ff,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers,
+        num_heads=cfg.num_heads,
+        d_kv=cfg.d_kv,
+        feed_forward_proj=cfg.feed_forward_proj,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        dropout_rate=cfg.dropout_rate,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> T5ForConditionalGeneration:
+    """A freshly initialised model (the caller seeds torch first). mT5 configs give MT5ForConditionalGeneration,
+    which is the same network as T5ForConditionalGeneration."""
+    model = AutoModelForSeq2SeqLM.from_config(model_config(cfg, vocab_size))
+    if not cfg.tie_word_embeddings:
+        # transformers 5 always builds T5 with the output layer tied to the input embedding (its loader
+        # unties only when a checkpoint holds different values). T5 v1.1 and mT5 have a separate output
+        # layer, initialised N(0, 1) like the embedding; from_pretrained keeps it separate.
+        std = model.config.initializer_factor
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * std)
+    return model
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters per part: the embedding matrix is a lookup (no FLOPs), the output layer is a matmul."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    embedding = model.shared.weight.numel()
+    lm_head = 0 if model.lm_head.weight is model.shared.weight else model.lm_head.weight.numel()
+    encoder = count(model.encoder) - embedding
+    decoder = count(model.decoder) - embedding
+    return {"encoder": encoder, "decoder": decoder, "embedding": embedding, "lm_head": lm_head,
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+def model_flops_per_sequence(model, input_length: int, target_length: int) -> float:
+    """Training FLOPs of one sequence: 6 x matmul parameters x tokens, per stack (attention score
+    FLOPs excluded), the convention of ../shared/docs/PERF.md. The output layer runs on target tokens."""
+    counts = parameter_counts(model)
+    decoder_matmul = counts["decoder"] + (counts["lm_head"] or counts["embedding"])
+    return 6.0 * (counts["encoder"] * input_length + decoder_matmul * target_length)

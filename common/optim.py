@@ -1,0 +1,32 @@
+"""Optimizer and learning-rate schedule. The paper trains with T5X defaults: Adafactor (decay rate
+0.8, update clipping 1.0, parameter-scaled steps, factored second moments) and the inverse-square-root
+schedule 1/sqrt(max(step, 10k)), i.e. a constant 0.01 for 10k steps, then decaying."""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.optimization import Adafactor
+
+from common.config import PretrainConfig
+
+
+def inverse_sqrt_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
+    """Learning rate after `step` completed optimizer steps: peak_lr * sqrt(warmup / max(step, warmup))."""
+    return peak_lr * math.sqrt(warmup_steps / max(step, warmup_steps))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig):
+    """Returns (optimizer, scheduler); the scheduler steps once per optimizer step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adafactor":
+        # HF's decay_rate=-0.8 is T5X's decay_rate=0.8: beta2_t = 1 - t^-0.8.
+        optimizer = Adafactor(params, lr=cfg.peak_lr, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
+                              beta1=None, weight_decay=cfg.weight_decay, scale_parameter=True,
+                              relative_step=False, warmup_init=False)
+    else:
+        fused = all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: inverse_sqrt_lr(step, 1.0, cfg.warmup_steps))
+    return optimizer, scheduler

@@ -1,0 +1,105 @@
+"""Model construction, the learning-rate schedule and checkpoints (against hand-computed values)."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import T5ForConditionalGeneration
+
+from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from common.config import ModelConfig, load_preset
+from common.modeling import build_model, model_flops_per_sequence, parameter_counts
+from common.optim import build_optimizer, inverse_sqrt_lr
+
+TINY = ModelConfig(d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8)
+
+
+def test_inverse_sqrt_schedule_is_t5x_at_paper_settings():
+    # T5X: lr = 1 / sqrt(max(step, 10000))
+    for step in (0, 1, 9999, 10000, 40000, 1_000_000):
+        assert inverse_sqrt_lr(step, 0.01, 10_000) == pytest.approx(1 / math.sqrt(max(step, 10_000)))
+
+
+def test_scheduler_follows_the_formula():
+    torch.manual_seed(0)
+    model = build_model(TINY, vocab_size=50)
+    cfg = load_preset("tiny", ["pretrain.peak_lr=0.02", "pretrain.warmup_steps=4"]).pretrain
+    optimizer, scheduler = build_optimizer(model, cfg)
+    seen = []
+    for _ in range(8):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.02 * math.sqrt(4 / max(s, 4)) for s in range(8)])
+
+
+def test_model_is_t5_v1_1_and_flops_follow_the_perf_convention():
+    torch.manual_seed(0)
+    model = build_model(TINY, vocab_size=50)
+    assert model.config.feed_forward_proj == "gated-gelu" and not model.config.scale_decoder_outputs
+    assert model.lm_head.weight is not model.shared.weight, "T5 v1.1 / mT5 have an untied output layer"
+    assert model.encoder.embed_tokens.weight is model.shared.weight is model.decoder.embed_tokens.weight
+    counts = parameter_counts(model)
+    assert counts["total"] == counts["encoder"] + counts["decoder"] + counts["embedding"] + counts["lm_head"]
+    assert counts["embedding"] == counts["lm_head"] == 50 * 16
+    flops = model_flops_per_sequence(model, 10, 4)
+    assert flops == 6 * (counts["encoder"] * 10 + (counts["decoder"] + counts["lm_head"]) * 4)
+
+
+def test_saved_model_reloads_untied_and_identical(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TINY, vocab_size=50)
+    model.save_pretrained(tmp_path)
+    reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is not reloaded.shared.weight
+    assert reloaded.encoder.embed_tokens.weight is reloaded.shared.weight
+    batch = {"input_ids": torch.randint(2, 50, (2, 6)), "labels": torch.randint(2, 50, (2, 3))}
+    assert torch.equal(model(**batch).loss, reloaded(**batch).loss)
+
+
+def test_hub_config_stand_in_gives_an_mt5_model(tmp_path):
+    config = {"model_type": "mt5", "vocab_size": 64, "d_model": 16, "d_ff": 32, "num_layers": 1,
+              "num_decoder_layers": 1, "num_heads": 2, "d_kv": 8, "feed_forward_proj": "gated-gelu",
+              "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = build_model(ModelConfig(hub_config=str(tmp_path)), vocab_size=64)
+    assert type(model).__name__ == "MT5ForConditionalGeneration"
+    assert model.lm_head.weight is not model.shared.weight and not model.config.scale_decoder_outputs
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_model(ModelConfig(hub_config=str(tmp_path)), vocab_size=65)
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TINY, vocab_size=50)
+    cfg = load_preset("tiny").pretrain
+    optimizer, scheduler = build_optimizer(model, cfg)
+    batch = {"input_ids": torch.randint(2, 50, (2, 6)), "labels": torch.randint(2, 50, (2, 3))}
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"seconds": 1.5})
+    save_checkpoint(tmp_path, 5, model, optimizer, scheduler, {"seconds": 2.5})
+    expected_random = torch.rand(3)
+
+    restored = build_model(TINY, vocab_size=50)
+    opt2, sched2 = build_optimizer(restored, cfg)
+    path = latest_checkpoint(tmp_path)
+    assert path.name == "step-5" and not (tmp_path / "step-3").exists()
+    step, extra = load_checkpoint(path, restored, opt2, sched2)
+    assert (step, extra) == (5, {"seconds": 2.5})
+    assert torch.equal(torch.rand(3), expected_random), "the torch RNG state must be restored"
+    for a, b in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(a, b)
+    assert sched2.get_last_lr() == scheduler.get_last_lr()
+    assert opt2.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+
+def test_incomplete_checkpoint_is_reported(tmp_path):
+    (tmp_path / "LATEST").write_text("step-9")
+    (tmp_path / "step-9").mkdir()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        latest_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path / "nothing") is None
