@@ -80,7 +80,7 @@ def get_config(args):
     return preset
 
 
-def default_run_name(args, preset) -> str:
+def default_run_name(args) -> str:
     parts = [args.method]
     if args.tau is not None:
         parts.append(f"tau{args.tau:+g}")
@@ -179,7 +179,7 @@ def main(args: argparse.Namespace) -> dict:
     if cfg.num_microbatches % world:
         raise ConfigError(f"pretrain.num_microbatches: {cfg.num_microbatches} microbatches cannot be shared by "
                           f"{world} processes. Fix: use a process count that divides it")
-    run_name = args.run_name or default_run_name(args, preset)
+    run_name = args.run_name or default_run_name(args)
     run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / run_name
     store = artefacts_dir(preset.name, "pretrain", run_dir.name)
     main_process = rank == 0

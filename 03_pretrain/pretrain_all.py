@@ -1,0 +1,109 @@
+"""Run a grid of pre-training runs: methods x seeds (default: the preset's pretrain.reproduce_methods
+and pretrain.seeds). Finished runs are skipped and interrupted ones resume, so the command can be
+repeated. PRESENCE-Sequential runs first score the data with the baseline run of the same seed.
+
+    python 03_pretrain/pretrain_all.py --preset tiny
+    python 03_pretrain/pretrain_all.py --preset small --seeds 0 1 2 \
+        --runs baseline presence presence-D presence-I presence-I-D "presence-single tau=-2" \
+               "presence-single tau=2" "presence switch_step=100" presence-sequential
+
+A run is a method followed by options of 03_pretrain/pretrain.py written key=value
+(tau, switch_step, per, si_layers). Writes results/<preset>/pretrain/summary.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from common.config import load_preset
+from common.io import read_json, write_csv
+from common.paths import artefacts_dir, results_dir
+
+HERE = Path(__file__).resolve().parent
+OPTION_FLAGS = {"tau": "--tau", "switch_step": "--switch-step", "per": "--per", "si_layers": "--si-layers"}
+SUMMARY_COLUMNS = ["run", "method", "seed", "tau", "per", "switch_step", "si_layers", "steps", "final_loss",
+                   "final_heldout_loss", "tokens_per_second", "seconds_per_step", "model_tflops", "mfu",
+                   "wall_seconds"]
+
+
+def run_arguments(spec: str, seed: int, preset: str) -> list[str]:
+    """'presence-single tau=2' -> pretrain.py arguments."""
+    method, *options = spec.split()
+    args = ["--preset", preset, "--method", method, "--seed", str(seed)]
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in OPTION_FLAGS or not value:
+            raise SystemExit(f"run {spec!r}: unknown option {option!r}. Fix: use key=value with key in "
+                             f"{sorted(OPTION_FLAGS)}")
+        args += [OPTION_FLAGS[key], value]
+    return args
+
+
+def run_name(args: list[str]) -> str:
+    """The name pretrain.py derives for these arguments (asked from pretrain.py itself)."""
+    sys.path.insert(0, str(HERE))
+    import pretrain  # the sibling script, same stage
+
+    parsed = pretrain.parse_args(args)
+    return pretrain.default_run_name(parsed)
+
+
+def call(script: str, args: list[str]) -> None:
+    command = [sys.executable, str(HERE / script), *args]
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def ensure_run(preset: str, args: list[str]) -> None:
+    name = run_name(args)
+    if (artefacts_dir(preset, "pretrain", name, "final") / "presence_run.json").is_file():
+        print(f"{name}: finished, skipped")
+        return
+    started = (artefacts_dir(preset, "pretrain", name, "checkpoints") / "LATEST").is_file()
+    call("pretrain.py", args + (["--resume"] if started else ["--overwrite"]))
+
+
+def summarise(preset: str) -> Path:
+    rows = []
+    for run_dir in sorted((results_dir(preset, "pretrain") / "runs").glob("*")):
+        if not (run_dir / "metrics.json").is_file():
+            continue
+        config, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+        pretrain_cfg = config["preset"]["pretrain"]
+        rows.append({"run": run_dir.name, "method": config["method"], "seed": config["seed"], "tau": config["tau"],
+                     "per": config["per"], "switch_step": pretrain_cfg["switch_step"],
+                     "si_layers": pretrain_cfg["si_layers"], "steps": pretrain_cfg["steps"],
+                     **{k: metrics.get(k) for k in SUMMARY_COLUMNS[8:]}})
+    path = results_dir(preset, "pretrain") / "summary.csv"
+    write_csv(path, rows, SUMMARY_COLUMNS)
+    return path
+
+
+def main(args: argparse.Namespace) -> dict:
+    preset = load_preset(args.preset)
+    specs = args.runs or preset.pretrain.reproduce_methods
+    seeds = args.seeds if args.seeds is not None else preset.pretrain.seeds
+    # Sequential runs need the baseline of their seed (the scoring model) and its scores.
+    ordered = sorted(specs, key=lambda s: s.split()[0].startswith("presence-sequential"))
+    for seed in seeds:
+        for spec in ordered:
+            run_args = run_arguments(spec, seed, args.preset)
+            if spec.split()[0].startswith("presence-sequential"):
+                ensure_run(args.preset, run_arguments("baseline", seed, args.preset))
+                scores = artefacts_dir(args.preset, "pretrain", "sequential", f"scores-s{seed}.npy")
+                if not scores.is_file():
+                    call("score_candidates.py", ["--preset", args.preset, "--seed", str(seed)])
+            ensure_run(args.preset, run_args)
+    path = summarise(args.preset)
+    print(f"wrote {path}")
+    return {"summary": str(path)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--runs", nargs="+", help="run specs (default: pretrain.reproduce_methods)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: pretrain.seeds")
+    main(parser.parse_args())
