@@ -269,7 +269,8 @@ def _si_histograms(ax, frame: pd.DataFrame, conditions: list[str], colors: dict)
         values = np.log10(positive[positive["condition"] == condition]["si"].to_numpy())
         if len(values):
             ax.hist(values, bins=bins, weights=np.full(len(values), 1 / len(values)), histtype="stepfilled",
-                    alpha=0.45, color=colors[condition], edgecolor=colors[condition], label=f"{condition} (n={len(values)})")
+                    alpha=0.45, color=colors[condition], edgecolor=colors[condition],
+                    label=f"{condition} (n={len(values)})")
     ticks = np.arange(math.floor(bins[0]), math.ceil(bins[-1]) + 1)
     ax.set_xticks(ticks, [f"$10^{{{int(t)}}}$" for t in ticks])
     ax.legend(fontsize=9)
@@ -474,13 +475,13 @@ def plot_schedules(logs: pd.DataFrame, out_png: str | Path, switch_step: int) ->
         ax.step(one["step"], one["tau"], where="post", lw=2, color=color_for(variant, palette))
         ax.set_ylim(-bound * 1.25, bound * 1.25)
         ax.set_yticks([-bound, 0, bound])
+        ax.set_ylabel("τ")
         ax.text(1.01, 0.5, variant, transform=ax.transAxes, va="center", ha="left", fontsize=9)
     for ax in axes:
         ax.axvline(switch_step, color="#555555", ls=":", lw=1)
     if len(strips):
-        strips[0].set_title(f"Temperature τ per recipe (dashed: τ = 0, the baseline's uniform weights; "
-                            f"dotted: I = {switch_step:,})", fontsize=11)
-        strips[len(strips) // 2].set_ylabel("temperature τ (dimensionless)")
+        strips[0].set_title(f"Temperature τ (dimensionless) per recipe (dashed: τ = 0, the baseline's uniform "
+                            f"weights; dotted: I = {switch_step:,})", fontsize=11)
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle("Schedules: learning rate (the paper's Figure 6) and temperature τ", fontsize=12)
     return save_figure(fig, out_png)
@@ -523,7 +524,8 @@ def plot_weights_over_training(logs: pd.DataFrame, runs: pd.DataFrame, out_png: 
     si_ax.set_ylabel("mean raw SI, ‖∇ℓ‖² on layer set K")
     si_ax.set_yscale("log")
     si_ax.set_title("Mean self-influence of the reweighted units, before normalisation")
-    si_ax.set_xlabel(f"optimizer step (dotted: I = {switch_step:,}; curves: mean over seeds, smoothed over {window} steps)")
+    si_ax.set_xlabel(f"optimizer step (dotted: I = {switch_step:,}; curves: mean over seeds, "
+                     f"smoothed over {window} steps)")
     fig.legend(*entropy_ax.get_legend_handles_labels(), loc="outside right center", fontsize=8.5, title="run recipe")
     fig.suptitle("Reweighting over training: how far the PRESENCE weights move from uniform", fontsize=12)
     return save_figure(fig, out_png)
@@ -546,8 +548,9 @@ def plot_si_overhead(bench: pd.DataFrame, out_png: str | Path) -> Figure:
         ax.bar(x, heights, color=[_bench_color(m) for m in rows["method"]], width=0.6)
         for xi, height, ratio, ms in zip(x, heights, rows["ratio_to_baseline"], rows["step_ms"]):
             cut = ratio > top
-            ax.text(xi, height * (0.85 if cut else 0.5), f"{ratio:.2f}×{' (axis cut)' if cut else ''}\n{ms:.0f} ms/step",
-                    ha="center", va="center", fontsize=9, color="white", fontweight="bold")
+            label = f"{ratio:.2f}×{' (axis cut)' if cut else ''}\n{ms:.0f} ms/step"
+            ax.text(xi, height * (0.85 if cut else 0.5), label, ha="center", va="center", fontsize=9,
+                    color="white", fontweight="bold")
         ax.axhline(1.30, color="#7f7f7f", ls="--", lw=1.2, label="paper: ~1.30× (PRESENCE vs its baseline)")
         ax.axhline(1.05 if gpu else 1.10, color="#2ca02c", ls="--", lw=1.2,
                    label=f"our target, per-microbatch: {1.05 if gpu else 1.10:.2f}× ({'GPU' if gpu else 'CPU'})")

@@ -112,7 +112,8 @@ def comparison_table(spec: TableSpec, paper: pd.DataFrame, scores: pd.DataFrame,
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
-def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame | None, preset_name: str) -> pd.DataFrame:
+def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame | None,
+                  preset_name: str) -> pd.DataFrame:
     """Our measures without a paper counterpart, per method of the table: final held-out
     span-corruption loss (pre-training) and offline verse-retrieval accuracy. Same columns as
     comparison_table, paper columns empty."""
@@ -134,7 +135,8 @@ def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame |
         base = _lookup(summary, variant="baseline", task=task)
         for method in spec.methods:
             mine = _lookup(summary, variant=method, task=task)
-            delta = mine["mean"] - base["mean"] if (mine is not None and base is not None and method != "baseline") else None
+            compared = mine is not None and base is not None and method != "baseline"
+            delta = mine["mean"] - base["mean"] if compared else None
             out.append({"table": spec.paper_table, "setting": "pre-training" if task == "heldout_loss" else "offline",
                         "task": task, "metric": metric, "method": method, "paper_model": "",
                         "paper_pretrain_steps": None, "paper_value": None, "paper_delta_vs_baseline": None,
@@ -143,7 +145,8 @@ def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame |
                         "ours_n_seeds": 0 if mine is None else int(mine["n"]),
                         "ours_seeds": "" if mine is None else mine["seeds"], "ours_delta_vs_baseline": delta,
                         "direction_agrees": None,
-                        "note": ("not run" if mine is None else "") + "; ours only, not comparable to the paper's tasks"})
+                        "note": ("not run; " if mine is None else "") + "ours only, not comparable to the paper's "
+                                                                        "tasks"})
     return pd.DataFrame(out, columns=COMPARISON_COLUMNS)
 
 
@@ -265,7 +268,8 @@ def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame) -> str:
         counts = [f"{int(rows['direction_agrees'].astype(bool).sum())} of {len(rows)} against {MODEL_NAMES[model]}"
                   for model, rows in presence.groupby("paper_model", sort=False)]
         cells = presence.drop_duplicates(["setting", "task"])
-        base = table3[table3["method"] == "baseline"].drop_duplicates(["setting", "task"]).set_index(["setting", "task"])
+        base = (table3[table3["method"] == "baseline"].drop_duplicates(["setting", "task"])
+                .set_index(["setting", "task"]))
         base = base.loc[list(zip(cells["setting"], cells["task"]))]
         text = f"PRESENCE − baseline has the paper's sign in {' and '.join(counts)} (task × setting cells)"
         if min(cells["ours_n_seeds"].min(), base["ours_n_seeds"].min()) < 2:
@@ -281,7 +285,8 @@ def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame) -> str:
         b, p = loss.loc["baseline"], loss.loc["presence"]
         parts.append(f"Final held-out span-corruption loss: PRESENCE {p['ours_mean']:.3f} vs baseline "
                      f"{b['ours_mean']:.3f} nats/token (Δ {p['ours_mean'] - b['ours_mean']:+.3f}; "
-                     f"n = {int(p['ours_n_seeds'])} / {int(b['ours_n_seeds'])} seeds); the paper reports no loss values.")
+                     f"n = {int(p['ours_n_seeds'])} / {int(b['ours_n_seeds'])} seeds); the paper reports no loss "
+                     "values.")
     parts.append("Our scale is orders of magnitude below the paper's, so agreement or disagreement here tests "
                  "the method's mechanics, not the paper's claim at its scale.")
     return " ".join(parts)
@@ -305,11 +310,13 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
                        format_delta(mine["ours_delta_vs_baseline"]), format_agreement(list(cells["direction_agrees"]))])
     models = list(dict.fromkeys(table3["paper_model"]))
     header = (["setting", "task"] + [f"paper Δ {MODEL_NAMES[m]}" for m in models]
-              + ["ours Baseline", "ours PRESENCE", "ours Δ", "same sign (" + " / ".join(MODEL_NAMES[m] for m in models) + ")"])
+              + ["ours Baseline", "ours PRESENCE", "ours Δ",
+                 "same sign (" + " / ".join(MODEL_NAMES[m] for m in models) + ")"])
     out = [f"### Results at preset `{preset_name}`: the paper vs ours", "",
            f"**Paper**: {PAPER_SCALE}; Table 3's cells are approximate (re-assembled from a damaged text "
            "extraction). **Ours**: " + ours_scale, "",
-           "PRESENCE − Baseline (Δ, points), paper Table 3 beside ours (mean ± sample std over seeds, n seeds):", "",
+           "PRESENCE − Baseline (Δ, points), paper Table 3 beside ours (mean ± sample std over seeds, "
+           "n seeds):", "",
            markdown_table(header, rows), ""]
     loss = offline3[offline3["method"].isin(["baseline", "presence"])]
     if len(loss) and loss["ours_mean"].notna().any():
@@ -328,7 +335,8 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
     if embedded:
         out += embedded + [""]
     if linked:
-        out += ["More figures: " + "; ".join(linked) + f" (index: [{figure_dir}/README.md]({figure_dir}/README.md)).", ""]
+        index = f"[{figure_dir}/README.md]({figure_dir}/README.md)"
+        out += ["More figures: " + "; ".join(linked) + f" (index: {index}).", ""]
     tables_dir = f"results/{preset_name}/tables"
     out += [f"Full tables with every method and both settings: [Table 2]({tables_dir}/table2_sequential.md), "
             f"[Table 3]({tables_dir}/table3_main.md), [Table 5]({tables_dir}/table5_tau_ablation.md).", "",

@@ -84,7 +84,8 @@ def read_table(path: Path, required: list[str], notes: list[str]) -> pd.DataFram
     return frame
 
 
-def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
+                       notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, logs): one row per run folder with its config and final metrics, and the concatenated
     train_log.csv rows tagged with run_name, method, variant and standard."""
     runs, logs = [], []

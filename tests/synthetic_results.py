@@ -56,7 +56,8 @@ def write_run(runs_dir: Path, preset: dict, method: str, tau, switch, seed: int,
                      "max_weight": "" if t is None else weights.max(),
                      "weight_entropy": "" if t is None else -(weights * np.log(weights)).sum(),
                      "tokens_seen": step * 4096, "seconds": step * 0.1,
-                     "heldout_loss": (3.2 + 5 * math.exp(-step / 25) + offset) if step % cfg["eval_every"] == 0 or step == steps else "",
+                     "heldout_loss": (3.2 + 5 * math.exp(-step / 25) + offset
+                                      if step % cfg["eval_every"] == 0 or step == steps else ""),
                      "seed": seed})
     pd.DataFrame(rows).to_csv(folder / "train_log.csv", index=False)
     config = {"run_name": name, "method": method, "seed": seed, "tau": tau, "per": "microbatch", "world_size": 1,
@@ -71,13 +72,16 @@ def write_run(runs_dir: Path, preset: dict, method: str, tau, switch, seed: int,
 
 
 def write_synthetic_results(root: Path, preset_name: str = "tiny", finetune: bool = True, si: bool = True,
-                            bench: bool = True, seed: int = 0) -> Path:
-    """Write root/<preset>/{pretrain/runs, finetune, si_analysis, bench}; returns root/<preset>."""
+                            bench: bool = True, methods: tuple[str, ...] | None = None, seed: int = 0) -> Path:
+    """Write root/<preset>/{pretrain/runs, finetune, si_analysis, bench}; returns root/<preset>.
+    `methods` keeps only the runs of those methods (default: all of RUNS)."""
     rng = np.random.default_rng(seed)
     preset = load_preset(preset_name).to_dict()
     base = Path(root) / preset_name
     names = []
     for method, tau, switch, seeds in RUNS:
+        if methods is not None and method not in methods:
+            continue
         for s in seeds:
             names.append((write_run(base / "pretrain" / "runs", preset, method, tau, switch, s, rng), method, s))
     if finetune:
@@ -106,7 +110,8 @@ def write_synthetic_results(root: Path, preset_name: str = "tiny", finetune: boo
                     for condition, scale in (("clean", 1.0), ("jumbled", 1.8)):
                         for i in range(60):
                             rows.append({"lang": lang, "condition": condition, "sample_id": i, "n_tokens": 128,
-                                         "loss": 5.0, "si": float(rng.lognormal(math.log(scale * (2 if lang == "hi" else 1)), 0.8)),
+                                         "loss": 5.0,
+                                         "si": float(rng.lognormal(math.log(scale * (2 if lang == "hi" else 1)), 0.8)),
                                          "checkpoint": f"baseline-s0/step-{step}", "seed": 0,
                                          "layer_set": layer_set, "step": step})
                 for condition, scale in (("random", 1.0), ("mismatched", 1.5)):
@@ -119,10 +124,9 @@ def write_synthetic_results(root: Path, preset_name: str = "tiny", finetune: boo
         pd.DataFrame(rows).to_csv(base / "si_analysis" / "si_scores.csv", index=False)
     if bench:
         (base / "bench").mkdir(parents=True)
-        pd.DataFrame([
-            {"method": "baseline", "step_ms": 100.0, "ratio_to_baseline": 1.0, "peak_mem_mb": 900, "device": "cpu", "preset": preset_name},
-            {"method": "presence-microbatch", "step_ms": 108.0, "ratio_to_baseline": 1.08, "peak_mem_mb": 950, "device": "cpu", "preset": preset_name},
-            {"method": "presence-sample", "step_ms": 140.0, "ratio_to_baseline": 1.40, "peak_mem_mb": 1200, "device": "cpu", "preset": preset_name},
-            {"method": "naive-per-sample", "step_ms": 900.0, "ratio_to_baseline": 9.0, "peak_mem_mb": 1000, "device": "cpu", "preset": preset_name},
-        ]).to_csv(base / "bench" / "si_overhead.csv", index=False)
+        bench_rows = [("baseline", 100.0, 1.0), ("presence-microbatch", 108.0, 1.08), ("presence-sample", 140.0, 1.40),
+                      ("naive-per-sample", 900.0, 9.0)]
+        overhead = pd.DataFrame([{"method": m, "step_ms": ms, "ratio_to_baseline": r, "peak_mem_mb": 1000,
+                                  "device": "cpu", "preset": preset_name} for m, ms, r in bench_rows])
+        overhead.to_csv(base / "bench" / "si_overhead.csv", index=False)
     return base
