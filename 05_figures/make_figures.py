@@ -107,7 +107,8 @@ def figure_list(inputs: dict, preset) -> list[FigureJob]:
         FigureJob("figure3_training_loss.png", "Figure 3: training loss, baseline vs PRESENCE, stages marked",
                "training loss (raw and smoothed, mean over seeds) and held-out loss of the baseline and PRESENCE, "
                "with the direct stage [0, I] and the inverse stage (I, end] shaded; below, their difference", True,
-               lambda out: plot_training_loss(standard_logs, out, switch)),
+               lambda out: plot_training_loss(standard_logs, out, switch,
+                                              (preset.pretrain.tau_direct, preset.pretrain.tau_inverse))),
         FigureJob("figure1_si_noise_domain.png", "Figure 1: self-influence vs noise and domain",
                "mean self-influence of clean vs word-jumbled probes per language and of random vs mismatched "
                "English (95% CI), with the distributions behind the means", True,
@@ -188,7 +189,8 @@ def main(args: argparse.Namespace) -> dict:
     headline_runs = runs[runs["standard"] & runs["method"].isin(["baseline", "presence"])]["run_name"].tolist()
     made = [(f.file, f.caption, f.in_headline) for f in figures if status[f.file] == "made"]
     with atomic_open(stage_dir("tables") / "headline.md") as f:
-        f.write(headline_markdown(preset.name, table3, offline3, tables["scale"], made, sorted(headline_runs)))
+        f.write(headline_markdown(preset.name, table3, offline3, tables["scale"], preset.pretrain.steps, made,
+                                  sorted(headline_runs)))
     print(f"wrote {stage_dir('tables') / 'headline.md'}")
     return {"tables": [spec.name for spec in TABLES], "figures": status, "notes": notes}
 

@@ -72,12 +72,12 @@ def seed_curves(logs: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame.pivot_table(index="step", columns="run_name", values=column, aggfunc="mean").sort_index()
 
 
-def shade_stages(ax, switch_step: int, last_step: int, label: bool = True) -> None:
+def shade_stages(ax, switch_step: int, last_step: int, taus: tuple[float, float], label: bool = True) -> None:
     """The direct stage [0, I] and the inverse stage (I, end] of the two-stage schedule."""
     ax.axvspan(0, switch_step, color=STAGE_COLORS["direct"], alpha=0.18, lw=0,
-               label=f"direct stage, τ = +1 (steps ≤ I = {switch_step:,})" if label else None)
+               label=f"direct stage, τ = {taus[0]:+g} (steps ≤ I = {switch_step:,})" if label else None)
     ax.axvspan(switch_step, last_step, color=STAGE_COLORS["inverse"], alpha=0.14, lw=0,
-               label="inverse stage, τ = −1 (steps > I)" if label else None)
+               label=f"inverse stage, τ = {taus[1]:+g} (steps > I)" if label else None)
     ax.axvline(switch_step, color="#555555", ls=":", lw=1)
 
 
@@ -134,7 +134,8 @@ def loss_axis(ax) -> None:
         ax.set_yscale("log")
         ax.set_ylim(low / 1.03, high * 1.03)
         ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        if high / low < 10:  # within a decade the minor ticks are the only labels
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
 
 
 def plot_figure1(scores: pd.DataFrame, out_png: str | Path, title_suffix: str = "") -> Figure:
@@ -277,6 +278,7 @@ def _si_histograms(ax, frame: pd.DataFrame, conditions: list[str], colors: dict)
 
 
 def plot_training_loss(logs: pd.DataFrame, out_png: str | Path, switch_step: int,
+                       taus: tuple[float, float] = (1.0, -1.0),
                        variants: tuple[str, str] = ("baseline", "presence")) -> Figure:
     """The paper's Figure 3: training loss of the baseline and PRESENCE with the direct stage
     [0, I] and the inverse stage (I, end] marked; below, the difference of the smoothed curves."""
@@ -288,14 +290,14 @@ def plot_training_loss(logs: pd.DataFrame, out_png: str | Path, switch_step: int
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
     palette: dict = {}
-    shade_stages(top, switch_step, last_step)
+    shade_stages(top, switch_step, last_step, taus)
     curves = draw_loss_curves(top, logs, list(variants), palette)
     draw_heldout_points(top, logs, list(variants), palette)
     loss_axis(top)
     top.set_ylabel(LOSS_LABEL + ", log scale")
     top.set_title("Training loss (faint: raw per step, mean over seeds) and held-out loss (points)")
     top.legend(fontsize=8.5, loc="upper right")
-    shade_stages(bottom, switch_step, last_step, label=False)
+    shade_stages(bottom, switch_step, last_step, taus, label=False)
     difference = (curves[variants[1]] - curves[variants[0]]).dropna()
     window = max(1, round(len(difference) / 10))
     bottom.plot(difference.index, difference.to_numpy(), color=color_for(variants[1], palette), lw=0.8, alpha=0.35)
@@ -362,7 +364,7 @@ def draw_downstream_bars(ax, downstream: pd.DataFrame, variants: list[str], pale
         ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0), capsize=2,
                color=color_for(variant, palette), label=f"{variant} (n={int(stats['count'].max())})")
     ax.set_xticks(np.arange(len(tasks)), [t.replace("_", " ") for t in tasks], rotation=20)
-    ax.set_xlabel("task (zero-shot; verse retrieval: offline, no fine-tuning)")
+    ax.set_xlabel("task (zero-shot; verse retrieval: our offline check)")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
     ax.legend(fontsize=8, ncols=2, loc="upper center")
 
@@ -607,7 +609,7 @@ def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFram
         ax.set_xticks(np.arange(len(languages)), languages, rotation=90 if len(languages) > 15 else 0)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_xlabel("language")
-        where = "offline: pre-trained encoder, no fine-tuning" if task == "verse_retrieval" else setting
+        where = "offline check, no paper counterpart" if task == "verse_retrieval" else setting
         ax.set_title(f"{TASK_TITLES.get(task, task)} {metric} ({where})")
     for ax in axes[len(panels):]:
         ax.set_visible(False)

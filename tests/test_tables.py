@@ -168,8 +168,9 @@ def test_offline_measures_and_direction_sentence():
     assert offline.loc[("verse_retrieval", "presence"), "ours_delta_vs_baseline"] == pytest.approx(2.5)
     empty = comparison_table(TABLE3, load_paper_results(), pd.DataFrame(
         columns=["variant", "seed", "task", "setting", "metric", "value"]), "tiny")
-    sentence = direction_summary(empty, offline.reset_index())
+    sentence = direction_summary(empty, offline.reset_index(), our_steps=200)
     assert "not tested here" in sentence and "PRESENCE 3.900 vs baseline 4.100" in sentence
+    assert "200 steps against the paper's 1M" in sentence
 
 
 def test_format_and_markdown_helpers():
