@@ -1,0 +1,199 @@
+"""The paper's tables and figures, ours beside theirs, generated from results/ only.
+
+    python 05_figures/make_figures.py --preset tiny            # `make figures`; < 1 min on CPU
+    python 05_figures/make_figures.py --preset small
+    python 05_figures/make_figures.py --preset tiny --results-root /tmp/elsewhere/results
+
+Reads results/<preset>/{pretrain/runs, finetune, si_analysis, bench} (what stages 01-04 wrote) and
+results/paper/paper_results.csv (the paper's numbers). Writes
+  results/<preset>/tables/   table2_sequential, table3_main, table5_tau_ablation (.csv and .md), headline.md
+  results/<preset>/figures/  the PNGs below and README.md, an index saying which exist and why others do not.
+A missing input is reported and the table cells that need it say "not run"; a figure without its
+inputs is skipped with the reason (and a stale PNG of it removed). No number is ever filled in.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from common.config import load_preset
+from common.io import atomic_open, write_csv
+from common.markdown import markdown_table
+from common.paper_results import PAPER_RESULTS_CSV, load_paper_results
+from common.paths import RESULTS_DIR
+from common.plotting import (MissingInputError, plot_figure1, plot_presence_vs_sequential, plot_schedules,
+                             plot_si_overhead, plot_single_stage_tau, plot_training_loss, plot_weights_over_training,
+                             plot_xtreme_per_language)
+from common.result_tables import (TABLES, comparison_markdown, comparison_table, describe_our_scale,
+                                  headline_markdown, offline_table)
+from common.run_results import (BENCH_COLUMNS, HEADLINE_METRIC, SI_COLUMNS, attach_variants, language_averages,
+                                load_pretrain_runs, load_scores, read_table)
+
+
+@dataclass
+class FigureJob:
+    file: str
+    caption: str
+    shows: str
+    in_headline: bool  # embedded in headline.md (else linked)
+    draw: Callable[[Path], object]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="tiny | small | paper | path to a preset YAML")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="preset override")
+    p.add_argument("--results-root", default=str(RESULTS_DIR), help="the results/ tree to read and write")
+    p.add_argument("--paper-results", default=str(PAPER_RESULTS_CSV), help="the paper's numbers")
+    return p.parse_args(argv)
+
+
+def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str]) -> dict:
+    """Every CSV the stages wrote, read defensively (absent inputs are None, with a note)."""
+    runs, logs = load_pretrain_runs(stage_dir("pretrain") / "runs", preset.pretrain, notes)
+    inputs = {"runs": runs, "logs": logs}
+    for name in ("xtreme", "retrieval"):
+        scores = load_scores(stage_dir("finetune") / f"{name}.csv", notes)
+        inputs[name] = None if scores is None else attach_variants(scores, runs, notes)
+        inputs[f"{name}_avg"] = None if scores is None else attach_variants(language_averages(scores), runs, notes)
+    inputs["si_scores"] = read_table(stage_dir("si_analysis") / "si_scores.csv", SI_COLUMNS, notes)
+    inputs["bench"] = read_table(stage_dir("bench") / "si_overhead.csv", BENCH_COLUMNS, notes)
+    averages = [f for f in (inputs["xtreme_avg"], inputs["retrieval_avg"]) if f is not None]
+    downstream = pd.concat(averages, ignore_index=True) if averages else None
+    if downstream is not None:  # the paper's metric per task; zero-shot, or no setting (verse retrieval)
+        downstream = downstream[(downstream["metric"] == downstream["task"].map(HEADLINE_METRIC))
+                                & ((downstream["setting"] == "zero-shot") | (downstream["task"] == "verse_retrieval"))]
+    inputs["downstream"] = downstream
+    return inputs
+
+
+def write_tables(inputs: dict, paper: pd.DataFrame, preset, tables_dir: Path, notes: list[str]) -> dict:
+    """Tables 2, 3, 5 as CSV and Markdown; returns {name: (comparison, offline)}."""
+    scores = inputs["xtreme_avg"]
+    if scores is None:
+        scores = pd.DataFrame(columns=["variant", "seed", "task", "setting", "metric", "value"])
+    parameters = inputs["runs"]["parameters"].dropna()
+    scale = describe_our_scale(preset, int(parameters.iloc[0]) if len(parameters) else None)
+    built = {}
+    for spec in TABLES:
+        table = comparison_table(spec, paper, scores, preset.name)
+        offline = offline_table(spec, inputs["runs"], inputs["retrieval_avg"], preset.name)
+        both = pd.concat([table, offline], ignore_index=True).round(4).astype(object)
+        write_csv(tables_dir / f"{spec.name}.csv", both.where(both.notna(), "").to_dict("records"), list(table.columns))
+        with atomic_open(tables_dir / f"{spec.name}.md") as f:
+            f.write(comparison_markdown(spec, table, offline, scale, notes))
+        built[spec.name] = (table, offline)
+        print(f"wrote {tables_dir / spec.name}.csv and .md ({int((table['ours_n_seeds'] > 0).sum())} of "
+              f"{len(table)} comparisons with our numbers)")
+    built["scale"] = scale
+    return built
+
+
+def figure_list(inputs: dict, preset) -> list[FigureJob]:
+    """The figures in reading order, each with the call that draws it from the inputs."""
+    logs, runs, switch = inputs["logs"], inputs["runs"], preset.pretrain.switch_step
+    standard_logs = logs[logs["standard"].astype(bool)] if len(logs) else logs
+
+    def need(name: str):
+        if inputs[name] is None:
+            raise MissingInputError(f"{name} results are missing (see the notes)")
+        return inputs[name]
+
+    return [
+        FigureJob("figure3_training_loss.png", "Figure 3: training loss, baseline vs PRESENCE, stages marked",
+               "training loss (raw and smoothed, mean over seeds) and held-out loss of the baseline and PRESENCE, "
+               "with the direct stage [0, I] and the inverse stage (I, end] shaded; below, their difference", True,
+               lambda out: plot_training_loss(standard_logs, out, switch,
+                                              (preset.pretrain.tau_direct, preset.pretrain.tau_inverse))),
+        FigureJob("figure1_si_noise_domain.png", "Figure 1: self-influence vs noise and domain",
+               "mean self-influence of clean vs word-jumbled probes per language and of random vs mismatched "
+               "English (95% CI), with the distributions behind the means", True,
+               lambda out: plot_figure1(need("si_scores"), out, f" (preset {preset.name})")),
+        FigureJob("figure4_presence_vs_sequential.png", "Figure 4: PRESENCE vs PRESENCE-Sequential",
+               "training loss, held-out loss and downstream scores of the baseline, PRESENCE and "
+               "PRESENCE-Sequential(-reverse)", False,
+               lambda out: plot_presence_vs_sequential(standard_logs, inputs["downstream"], out)),
+        FigureJob("figure5_single_stage_tau.png", "Figure 5: single-stage τ ablation",
+               "loss curves, final held-out loss and downstream score against a constant temperature τ "
+               "(τ = 0: baseline)", False,
+               lambda out: plot_single_stage_tau(standard_logs, runs, inputs["downstream"], out)),
+        FigureJob("schedules_lr_tau.png", "learning-rate and τ schedules",
+               "the learning rate and the temperature τ over steps, as logged", False,
+               lambda out: plot_schedules(logs, out, switch)),
+        FigureJob("weights_over_training.png", "weight entropy and max weight over training",
+               "entropy and largest PRESENCE weight per step against uniform (ln n, 1/n), and mean raw SI", False,
+               lambda out: plot_weights_over_training(logs, runs, out, switch)),
+        FigureJob("si_overhead.png", "SI overhead benchmark",
+               "step time of each SI engine relative to the baseline, with the paper's ~1.30× and our targets",
+               False, lambda out: plot_si_overhead(need("bench"), out)),
+        FigureJob("xtreme_per_language.png", "per-language XTREME and retrieval scores",
+               "per-language scores of every fine-tuning task and setting and the offline verse-retrieval "
+               "accuracy, baseline vs PRESENCE", False,
+               lambda out: plot_xtreme_per_language(inputs["xtreme"], inputs["retrieval"], out)),
+    ]
+
+
+def draw_figures(figures: list[FigureJob], figures_dir: Path) -> dict[str, str]:
+    """Draw each figure; returns {file: "made" or "skipped: <reason>"}."""
+    status = {}
+    for figure in figures:
+        out = figures_dir / figure.file
+        try:
+            figure.draw(out)
+            status[figure.file] = "made"
+            print(f"wrote {out}")
+        except MissingInputError as err:
+            out.unlink(missing_ok=True)  # a PNG from earlier inputs would contradict the index
+            status[figure.file] = f"skipped: {err}"
+            print(f"skipped {figure.file}: {err}")
+    return status
+
+
+def write_figure_index(figures: list[FigureJob], status: dict[str, str], figures_dir: Path, preset_name: str,
+                       notes: list[str]) -> None:
+    rows = [[f"[{f.file}]({f.file})" if status[f.file] == "made" else f.file, f.shows, status[f.file]]
+            for f in figures]
+    text = [f"# Figures at preset `{preset_name}`", "",
+            f"Generated by `python 05_figures/make_figures.py --preset {preset_name}` (or `make figures "
+            f"PRESET={preset_name}`) from the CSVs under `results/{preset_name}/` only; do not edit by hand. The "
+            "paper reports no numbers for its figures, so every figure shows our runs.", "",
+            markdown_table(["figure", "what it shows", "status"], rows), ""]
+    if notes:
+        text += ["Notes from reading the inputs:", ""] + [f"- {n}" for n in notes] + [""]
+    with atomic_open(figures_dir / "README.md") as f:
+        f.write("\n".join(text))
+
+
+def main(args: argparse.Namespace) -> dict:
+    preset = load_preset(args.preset, args.set)
+    root = Path(args.results_root).resolve()
+    stage_dir = lambda stage: root / preset.name / stage  # noqa: E731
+    notes: list[str] = []
+    paper = load_paper_results(args.paper_results)
+    inputs = load_inputs(stage_dir, preset, notes)
+    notes = [note.replace(f"{root.parent}/", "") for note in notes]  # paths as seen from the repository
+    for note in notes:
+        print(f"note: {note}")
+
+    tables = write_tables(inputs, paper, preset, stage_dir("tables"), notes)
+    figures = figure_list(inputs, preset)
+    status = draw_figures(figures, stage_dir("figures"))
+    write_figure_index(figures, status, stage_dir("figures"), preset.name, notes)
+
+    table3, offline3 = tables["table3_main"]
+    runs = inputs["runs"]
+    headline_runs = runs[runs["standard"] & runs["method"].isin(["baseline", "presence"])]["run_name"].tolist()
+    made = [(f.file, f.caption, f.in_headline) for f in figures if status[f.file] == "made"]
+    with atomic_open(stage_dir("tables") / "headline.md") as f:
+        f.write(headline_markdown(preset.name, table3, offline3, tables["scale"], preset.pretrain.steps, made,
+                                  sorted(headline_runs)))
+    print(f"wrote {stage_dir('tables') / 'headline.md'}")
+    return {"tables": [spec.name for spec in TABLES], "figures": status, "notes": notes}
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,40 @@
+"""Put results/<preset>/tables/headline.md (written by make_figures.py) into README.md, between the
+lines <!-- results:begin --> and <!-- results:end -->. Everything outside the markers is kept.
+
+    python 05_figures/update_readme.py --preset tiny
+    python 05_figures/update_readme.py --preset small --readme README.md
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.config import load_preset
+from common.io import atomic_open
+from common.markdown import replace_marked_block
+from common.paths import REPO_ROOT, results_dir
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="whose headline.md to insert: tiny | small | paper | a YAML path")
+    p.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    preset = load_preset(args.preset)
+    headline = results_dir(preset.name, "tables") / "headline.md"
+    if not headline.is_file():
+        raise FileNotFoundError(f"{headline} is missing. Fix: run "
+                                f"python 05_figures/make_figures.py --preset {preset.name}")
+    readme = Path(args.readme)
+    text = replace_marked_block(readme.read_text(encoding="utf-8"), headline.read_text(encoding="utf-8"))
+    with atomic_open(readme) as f:
+        f.write(text)
+    print(f"put {headline} into {readme}")
+    return {"readme": str(readme), "headline": str(headline)}
+
+
+if __name__ == "__main__":
+    main(parse_args())

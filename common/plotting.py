@@ -1,0 +1,621 @@
+"""The figures: the paper's Figures 1, 3, 4, 5 and the schedules, drawn from our runs, plus ours
+(reweighting statistics, SI overhead, per-language scores). The paper gives no numbers for its
+figures, so every figure shows our measurements only.
+
+Each function takes DataFrames as the stages wrote them (see common/run_results.py), writes one PNG
+and returns the matplotlib Figure (tests read its titles and labels). Figures are built without
+pyplot, so no global state or backend is involved; PNGs are rendered by Agg. A function whose
+inputs hold nothing to draw raises MissingInputError with the reason.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import ScalarFormatter
+
+from common.io import atomic_path
+from common.run_results import HEADLINE_METRIC
+
+DPI = 130
+METHOD_COLORS = {
+    "baseline": "#4d4d4d", "presence": "#1f77b4", "presence-D": "#ff7f0e", "presence-I": "#2ca02c",
+    "presence-I-D": "#9467bd", "presence-sequential": "#d62728", "presence-sequential-reverse": "#8c564b",
+    "presence-linear": "#e377c2", "presence-cosine": "#17becf",
+}
+EXTRA_COLORS = ["#bcbd22", "#7f7f7f", "#393b79", "#8c6d31", "#843c39", "#7b4173", "#637939", "#3182bd"]
+STAGE_COLORS = {"direct": "#fdae6b", "inverse": "#9ecae1"}
+LOSS_LABEL = "span-corruption loss (nats / target token)"
+
+
+class MissingInputError(ValueError):
+    """The figure's inputs hold nothing to draw; the message says what is missing."""
+
+
+def color_for(variant: str, palette: dict[str, str]) -> str:
+    """A fixed colour per method; other variants take the next unused extra colour."""
+    if variant in METHOD_COLORS:
+        return METHOD_COLORS[variant]
+    if variant not in palette:
+        palette[variant] = EXTRA_COLORS[len(palette) % len(EXTRA_COLORS)]
+    return palette[variant]
+
+
+def save_figure(fig: Figure, out_png: str | Path) -> Figure:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return fig
+
+
+def smooth(values: pd.Series, window: int) -> pd.Series:
+    """Centred rolling mean over `window` points (shorter at the ends)."""
+    return values.rolling(window, center=True, min_periods=1).mean()
+
+
+def smoothing_window(num_steps: int) -> int:
+    return max(1, round(num_steps / 50))
+
+
+def thin(frame: pd.DataFrame, max_points: int = 4000) -> pd.DataFrame:
+    """Every k-th row, so a million-step log still draws quickly."""
+    step = max(1, math.ceil(len(frame) / max_points))
+    return frame.iloc[::step]
+
+
+def seed_curves(logs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Steps × runs table of one log column (one column per seed's run), NaN rows dropped."""
+    frame = logs[["step", "run_name", column]].dropna(subset=[column])
+    return frame.pivot_table(index="step", columns="run_name", values=column, aggfunc="mean").sort_index()
+
+
+def shade_stages(ax, switch_step: int, last_step: int, taus: tuple[float, float], label: bool = True) -> None:
+    """The direct stage [0, I] and the inverse stage (I, end] of the two-stage schedule."""
+    ax.axvspan(0, switch_step, color=STAGE_COLORS["direct"], alpha=0.18, lw=0,
+               label=f"direct stage, τ = {taus[0]:+g} (steps ≤ I = {switch_step:,})" if label else None)
+    ax.axvspan(switch_step, last_step, color=STAGE_COLORS["inverse"], alpha=0.14, lw=0,
+               label=f"inverse stage, τ = {taus[1]:+g} (steps > I)" if label else None)
+    ax.axvline(switch_step, color="#555555", ls=":", lw=1)
+
+
+def draw_loss_curves(ax, logs: pd.DataFrame, variants: list[str], palette: dict, raw: bool = True,
+                     names: dict[str, str] | None = None) -> dict[str, pd.Series]:
+    """Training loss per variant: mean over seeds, raw (faint) and smoothed, with a ±std band over
+    seeds when there are several. `names` relabels variants. Returns each smoothed mean curve."""
+    curves = {}
+    for variant in variants:
+        table = seed_curves(logs[logs["variant"] == variant], "loss")
+        if table.empty:
+            continue
+        color = color_for(variant, palette)
+        window = smoothing_window(len(table))
+        mean = table.mean(axis=1)
+        smoothed = table.apply(lambda c: smooth(c, window))
+        if raw:
+            faint = thin(mean.reset_index())
+            ax.plot(faint["step"], faint[0], color=color, alpha=0.2, lw=0.6)
+        n = table.shape[1]
+        line = thin(smoothed.mean(axis=1).reset_index())
+        ax.plot(line["step"], line[0], color=color, lw=1.8,
+                label=f"{(names or {}).get(variant, variant)} (n={n} seed{'s' if n > 1 else ''}; "
+                      f"smoothed over {window} steps)")
+        if n > 1:
+            band = thin(pd.DataFrame({"lo": smoothed.mean(axis=1) - smoothed.std(axis=1),
+                                      "hi": smoothed.mean(axis=1) + smoothed.std(axis=1)}).reset_index())
+            ax.fill_between(band["step"], band["lo"], band["hi"], color=color, alpha=0.2, lw=0)
+        curves[variant] = smoothed.mean(axis=1)
+    return curves
+
+
+def draw_heldout_points(ax, logs: pd.DataFrame, variants: list[str], palette: dict, connect: bool = False) -> int:
+    """Held-out loss at each evaluation, mean over seeds (error bars: std). Returns points drawn."""
+    drawn = 0
+    for variant in variants:
+        if "heldout_loss" not in logs:
+            break
+        table = seed_curves(logs[logs["variant"] == variant], "heldout_loss")
+        if table.empty:
+            continue
+        std = table.std(axis=1) if table.shape[1] > 1 else None
+        ax.errorbar(table.index, table.mean(axis=1), yerr=std, fmt="-o" if connect else "o", ms=5, capsize=2,
+                    color=color_for(variant, palette), mec="white", mew=0.8, label=f"{variant}: held-out loss")
+        drawn += len(table)
+    return drawn
+
+
+def loss_axis(ax) -> None:
+    """Log-scale loss axis spanning everything drawn, so the early drop and the late, small
+    differences are both visible; ticks as plain numbers."""
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if np.isfinite([low, high]).all() and low > 0:
+        ax.set_yscale("log")
+        ax.set_ylim(low / 1.03, high * 1.03)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        if high / low < 10:  # within a decade the minor ticks are the only labels
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+
+
+def plot_figure1(scores: pd.DataFrame, out_png: str | Path, title_suffix: str = "") -> Figure:
+    """The paper's Figure 1 from the SI analysis: left, mean SI of clean vs word-jumbled probes per
+    language; right, random vs domain-mismatched English; below, the distributions behind the means.
+    Uses the layer set "first" and the last checkpoint when those columns exist."""
+    scores, selection = select_headline_si(scores)
+    noise = scores[scores["condition"].isin(["clean", "jumbled"])]
+    domain = scores[scores["condition"].isin(["random", "mismatched"])]
+    if noise.empty and domain.empty:
+        raise MissingInputError("no clean/jumbled or random/mismatched rows in the SI scores")
+    fig = Figure(figsize=(13, 8.5), layout="constrained")
+    (bars_noise, bars_domain), (dist_noise, dist_domain) = fig.subplots(2, 2, width_ratios=[2, 1])
+    colors = {"clean": "#4c72b0", "jumbled": "#dd8452", "random": "#4c72b0", "mismatched": "#c44e52"}
+    languages = _ordered_languages(noise)
+    _si_bars(bars_noise, noise, languages, ["clean", "jumbled"], colors)
+    bars_noise.set_title("Noise: clean vs word-order-jumbled text, per language")
+    _si_bars(bars_domain, domain, ["en"] if domain.empty else sorted(domain["lang"].unique()),
+             ["random", "mismatched"], colors)
+    bars_domain.set_title("Domain: random vs domain-mismatched English")
+    _si_distributions(dist_noise, noise, languages, ["clean", "jumbled"], colors)
+    dist_noise.set_title("Distributions behind the means (log scale)")
+    _si_histograms(dist_domain, domain, ["random", "mismatched"], colors)
+    dist_domain.set_title("Distributions, random vs mismatched English")
+    fig.suptitle(f"Figure 1: self-influence of clean vs noisy and in- vs out-of-domain text{title_suffix}\n"
+                 f"{selection}", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def select_headline_si(scores: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows of the headline Figure 1 and a caption saying which: layer set "first" if the column
+    exists, the last checkpoint (largest `step`, else checkpoint "final") if several were scored."""
+    said = []
+    if "layer_set" in scores and (scores["layer_set"] == "first").any():
+        scores = scores[scores["layer_set"] == "first"]
+        said.append("SI on the first encoder + decoder block (layer set 'first')")
+    if "step" in scores and scores["step"].notna().any() and scores["step"].nunique() > 1:
+        last = scores["step"].max()
+        scores = scores[scores["step"] == last]
+        said.append(f"checkpoint at step {int(last):,}")
+    elif "checkpoint" in scores and scores["checkpoint"].nunique() > 1 and (scores["checkpoint"] == "final").any():
+        scores = scores[scores["checkpoint"] == "final"]
+        said.append("final checkpoint")
+    elif "checkpoint" in scores and scores["checkpoint"].nunique() == 1:
+        said.append(f"checkpoint {scores['checkpoint'].iloc[0]}")
+    if "seed" in scores:
+        said.append(f"seeds {', '.join(str(s) for s in sorted(scores['seed'].unique()))}")
+    return scores, "; ".join(said)
+
+
+def _ordered_languages(frame: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(frame["lang"].astype(str)))
+    first = [lang for lang in ("en", "hi", "bn") if lang in present]
+    return first + sorted(set(present) - set(first))
+
+
+def _mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% normal-approximation interval (0 for a single value)."""
+    mean = float(np.mean(values))
+    half = 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, half
+
+
+def _si_bars(ax, frame: pd.DataFrame, languages: list[str], conditions: list[str], colors: dict) -> None:
+    ax.set_ylabel("mean self-influence ‖∇ℓ‖² (95% CI)")
+    ax.set_xlabel("probe language")
+    if frame.empty:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        ax.set_xticks([])
+        return
+    width = 0.8 / len(conditions)
+    for j, condition in enumerate(conditions):
+        stats = [_mean_ci95(frame[(frame["lang"] == lang) & (frame["condition"] == condition)]["si"].to_numpy())
+                 if ((frame["lang"] == lang) & (frame["condition"] == condition)).any() else (np.nan, 0.0)
+                 for lang in languages]
+        x = np.arange(len(languages)) + (j - (len(conditions) - 1) / 2) * width
+        counts = [int(((frame["lang"] == lang) & (frame["condition"] == condition)).sum()) for lang in languages]
+        ax.bar(x, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, color=colors[condition],
+               label=f"{condition} (n={min(counts)}–{max(counts)} per language)" if len(set(counts)) > 1
+               else f"{condition} (n={counts[0]} per language)")
+    for i, lang in enumerate(languages):
+        pairs = [frame[(frame["lang"] == lang) & (frame["condition"] == c)]["si"].to_numpy() for c in conditions]
+        if all(len(p) for p in pairs) and pairs[0].mean() > 0:
+            top = max(sum(_mean_ci95(p)) for p in pairs)
+            ax.annotate(f"×{pairs[1].mean() / pairs[0].mean():.2f}", (i, top), textcoords="offset points",
+                        xytext=(0, 4), ha="center", fontsize=9)
+    ax.set_xticks(np.arange(len(languages)), languages)
+    ax.set_xlim(-0.75, len(languages) - 0.25)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # room for the legend above the bars
+    ax.legend(loc="upper left", fontsize=9, title=f"ratio ×: {conditions[1]} / {conditions[0]}", title_fontsize=8)
+
+
+def _si_distributions(ax, frame: pd.DataFrame, languages: list[str], conditions: list[str], colors: dict) -> None:
+    ax.set_ylabel("self-influence ‖∇ℓ‖² (log scale)")
+    ax.set_xlabel("probe language")
+    positive = frame[frame["si"] > 0]
+    if positive.empty:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        return
+    width = 0.8 / len(conditions)
+    for j, condition in enumerate(conditions):
+        data, positions = [], []
+        for i, lang in enumerate(languages):
+            values = positive[(positive["lang"] == lang) & (positive["condition"] == condition)]["si"]
+            if len(values) > 1:
+                data.append(np.log10(values.to_numpy()))
+                positions.append(i + (j - (len(conditions) - 1) / 2) * width)
+        if data:
+            parts = ax.violinplot(data, positions, widths=width * 0.95, showmedians=True, showextrema=False)
+            for body in parts["bodies"]:
+                body.set_facecolor(colors[condition])
+                body.set_alpha(0.6)
+            parts["cmedians"].set_color("black")
+            ax.plot([], [], color=colors[condition], lw=6, alpha=0.6, label=f"{condition} (line: median)")
+    ax.set_xticks(np.arange(len(languages)), languages)
+    ax.set_xlim(-0.75, len(languages) - 0.25)
+    ticks = np.arange(math.floor(ax.get_ylim()[0]), math.ceil(ax.get_ylim()[1]) + 1)
+    ax.set_yticks(ticks, [f"$10^{{{int(t)}}}$" for t in ticks])
+    ax.legend(loc="upper left", fontsize=9)
+
+
+def _si_histograms(ax, frame: pd.DataFrame, conditions: list[str], colors: dict) -> None:
+    ax.set_xlabel("self-influence ‖∇ℓ‖² (log scale)")
+    ax.set_ylabel("share of probe samples per bin")
+    positive = frame[frame["si"] > 0]
+    if positive.empty:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        return
+    logs = np.log10(positive["si"].to_numpy())
+    bins = np.linspace(logs.min(), logs.max(), 30)
+    for condition in conditions:
+        values = np.log10(positive[positive["condition"] == condition]["si"].to_numpy())
+        if len(values):
+            ax.hist(values, bins=bins, weights=np.full(len(values), 1 / len(values)), histtype="stepfilled",
+                    alpha=0.45, color=colors[condition], edgecolor=colors[condition],
+                    label=f"{condition} (n={len(values)})")
+    ticks = np.arange(math.floor(bins[0]), math.ceil(bins[-1]) + 1)
+    ax.set_xticks(ticks, [f"$10^{{{int(t)}}}$" for t in ticks])
+    ax.legend(fontsize=9)
+
+
+def plot_training_loss(logs: pd.DataFrame, out_png: str | Path, switch_step: int,
+                       taus: tuple[float, float] = (1.0, -1.0),
+                       variants: tuple[str, str] = ("baseline", "presence")) -> Figure:
+    """The paper's Figure 3: training loss of the baseline and PRESENCE with the direct stage
+    [0, I] and the inverse stage (I, end] marked; below, the difference of the smoothed curves."""
+    logs = logs[logs["variant"].isin(variants)]
+    missing = [v for v in variants if v not in set(logs["variant"])]
+    if missing:
+        raise MissingInputError(f"no training logs of {missing}")
+    last_step = int(logs["step"].max())
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
+    palette: dict = {}
+    shade_stages(top, switch_step, last_step, taus)
+    curves = draw_loss_curves(top, logs, list(variants), palette)
+    draw_heldout_points(top, logs, list(variants), palette)
+    loss_axis(top)
+    top.set_ylabel(LOSS_LABEL + ", log scale")
+    top.set_title("Training loss (faint: raw per step, mean over seeds) and held-out loss (points)")
+    top.legend(fontsize=8.5, loc="upper right")
+    shade_stages(bottom, switch_step, last_step, taus, label=False)
+    difference = (curves[variants[1]] - curves[variants[0]]).dropna()
+    window = max(1, round(len(difference) / 10))
+    bottom.plot(difference.index, difference.to_numpy(), color=color_for(variants[1], palette), lw=0.8, alpha=0.35)
+    heavy = smooth(difference, window)
+    bottom.plot(heavy.index, heavy.to_numpy(), color=color_for(variants[1], palette), lw=1.8,
+                label=f"{variants[1]} − {variants[0]} (faint: as above; bold: smoothed over {window} steps)")
+    bottom.axhline(0, color="black", lw=0.8)
+    bottom.set_ylabel("Δ loss (nats / token)")
+    bottom.set_xlabel("optimizer step")
+    bottom.set_title("Difference of the smoothed training losses (below 0: PRESENCE lower)")
+    bottom.legend(fontsize=8.5, loc="lower left")
+    fig.suptitle("Figure 3: training loss, baseline vs PRESENCE, with the two temperature stages", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def plot_presence_vs_sequential(logs: pd.DataFrame, downstream: pd.DataFrame, out_png: str | Path) -> Figure:
+    """The paper's Figure 4 at our scale: PRESENCE (online reweighting) vs PRESENCE-Sequential
+    (offline filtering) and the baseline: training loss, held-out loss and downstream scores.
+    `downstream`: per-run averages with columns variant, seed, task, value (percent)."""
+    variants = ["baseline", "presence", "presence-sequential", "presence-sequential-reverse"]
+    present = [v for v in variants if v in set(logs["variant"])]
+    if not {"presence-sequential", "presence-sequential-reverse"} & set(present) or "presence" not in present:
+        raise MissingInputError("needs PRESENCE and at least one PRESENCE-Sequential run; have "
+                                f"{present or 'none'}")
+    fig = Figure(figsize=(16, 5.2), layout="constrained")
+    train_ax, heldout_ax, bars_ax = fig.subplots(1, 3, width_ratios=[1.2, 1, 1.2])
+    palette: dict = {}
+    draw_loss_curves(train_ax, logs, present, palette, raw=False)
+    loss_axis(train_ax)
+    train_ax.set_title("Training loss (Sequential trains on its own subset)")
+    train_ax.set_xlabel("optimizer step")
+    train_ax.set_ylabel(LOSS_LABEL)
+    train_ax.legend(fontsize=8)
+    if draw_heldout_points(heldout_ax, logs, present, palette, connect=True):
+        heldout_ax.legend(fontsize=8)
+    else:
+        heldout_ax.text(0.5, 0.5, "no held-out evaluations logged", ha="center", va="center",
+                        transform=heldout_ax.transAxes, color="#888888")
+    heldout_ax.set_title("Held-out loss (same held-out data for all)")
+    heldout_ax.set_xlabel("optimizer step")
+    heldout_ax.set_ylabel(LOSS_LABEL)
+    draw_downstream_bars(bars_ax, downstream, present, palette)
+    fig.suptitle("Figure 4: PRESENCE (online reweighting) vs PRESENCE-Sequential (offline SI filtering)", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def draw_downstream_bars(ax, downstream: pd.DataFrame, variants: list[str], palette: dict) -> None:
+    """Grouped bars: one group per task, one bar per variant, mean ± std over seeds."""
+    frame = downstream[downstream["variant"].isin(variants)] if downstream is not None else pd.DataFrame()
+    ax.set_title("Downstream scores (average over languages)")
+    ax.set_ylabel("score (%)")
+    if frame.empty:
+        ax.text(0.5, 0.5, "no fine-tuning results for these runs", ha="center", va="center",
+                transform=ax.transAxes, color="#888888")
+        ax.set_xticks([])
+        return
+    tasks = list(dict.fromkeys(frame["task"]))
+    shown = [v for v in variants if v in set(frame["variant"])]
+    width = 0.8 / len(shown)
+    for j, variant in enumerate(shown):
+        stats = frame[frame["variant"] == variant].groupby("task")["value"].agg(["mean", "std", "count"])
+        stats = stats.reindex(tasks)
+        x = np.arange(len(tasks)) + (j - (len(shown) - 1) / 2) * width
+        ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0), capsize=2,
+               color=color_for(variant, palette), label=f"{variant} (n={int(stats['count'].max())})")
+    ax.set_xticks(np.arange(len(tasks)), [t.replace("_", " ") for t in tasks], rotation=20)
+    ax.set_xlabel("task (zero-shot; verse retrieval: our offline check)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
+    ax.legend(fontsize=8, ncols=2, loc="upper center")
+
+
+def plot_single_stage_tau(logs: pd.DataFrame, runs: pd.DataFrame, downstream: pd.DataFrame | None,
+                          out_png: str | Path) -> Figure:
+    """The paper's Figure 5 at our scale: one constant temperature for the whole run. τ = 0 is the
+    baseline (uniform weights); PRESENCE-D and PRESENCE-I are the single-stage runs at τ = +1 and −1."""
+    table = single_stage_runs(runs)
+    if table.empty or table["tau"].nunique() < 2:
+        raise MissingInputError("needs single-stage runs (presence-single, presence-D, presence-I) at two or "
+                                "more temperatures; have " + (", ".join(sorted(set(table["variant"]))) or "none"))
+    fig = Figure(figsize=(16, 5.2), layout="constrained")
+    curves_ax, loss_ax, score_ax = fig.subplots(1, 3, width_ratios=[1.3, 1, 1])
+    palette: dict = {}
+    order = table.drop_duplicates("variant").sort_values("tau")
+    cmap = _tau_colors(order["tau"].tolist())
+    for variant, tau in zip(order["variant"], order["tau"]):
+        palette[variant] = cmap[tau]
+    names = {v: f"τ = {_tau_text(t)}: {m}" for v, t, m in zip(order["variant"], order["tau"], order["method"])}
+    draw_loss_curves(curves_ax, logs, order["variant"].tolist(), palette, raw=False, names=names)
+    loss_axis(curves_ax)
+    curves_ax.set_title("Training loss per constant temperature τ")
+    curves_ax.set_xlabel("optimizer step")
+    curves_ax.set_ylabel(LOSS_LABEL)
+    curves_ax.legend(fontsize=7.5)
+    _metric_vs_tau(loss_ax, table, "final_heldout_loss")
+    loss_ax.set_title("Final held-out loss vs τ (lower is better)")
+    loss_ax.set_ylabel(LOSS_LABEL)
+    scores = None
+    if downstream is not None and not downstream.empty:
+        zero_shot = downstream[(downstream["setting"] == "zero-shot") & (downstream["task"] != "verse_retrieval")]
+        chosen = zero_shot if not zero_shot.empty else downstream[downstream["task"] == "verse_retrieval"]
+        label = ("mean zero-shot XTREME score (%)" if not zero_shot.empty else "verse retrieval accuracy (%)")
+        per_run = chosen.groupby("run", as_index=False)["value"].mean()
+        scores = table.merge(per_run, left_on="run_name", right_on="run")
+    if scores is not None and not scores.empty:
+        _metric_vs_tau(score_ax, scores, "value")
+        score_ax.set_ylabel(label)
+        score_ax.set_title("Downstream score vs τ")
+    else:
+        score_ax.text(0.5, 0.5, "no fine-tuning results for these runs", ha="center", va="center",
+                      transform=score_ax.transAxes, color="#888888")
+        score_ax.set_title("Downstream score vs τ")
+        score_ax.set_ylabel("score (%)")
+    score_ax.set_xlabel("temperature τ (0 = baseline, uniform weights)")
+    fig.suptitle("Figure 5: single-stage temperature ablation (larger |τ| hurt in the paper)", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def single_stage_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Standard runs with one temperature throughout, with their τ (baseline: 0, D: +1, I: −1)."""
+    fixed = {"baseline": 0.0, "presence-D": 1.0, "presence-I": -1.0}
+    chosen = runs[runs["standard"] & (runs["method"].isin(list(fixed)) | (runs["method"] == "presence-single"))]
+    tau = [fixed.get(m, t) for m, t in zip(chosen["method"], chosen["tau"])]
+    return chosen.assign(tau=pd.to_numeric(pd.Series(tau, index=chosen.index), errors="coerce")).dropna(subset=["tau"])
+
+
+def _tau_text(tau: float) -> str:
+    return "0" if tau == 0 else f"{tau:+g}"
+
+
+def _tau_colors(taus: list[float]) -> dict[float, str]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["coolwarm"]
+    span = max(abs(t) for t in taus) or 1.0
+    return {t: ("#4d4d4d" if t == 0 else cmap(0.5 + 0.5 * t / span)) for t in taus}
+
+
+def _metric_vs_tau(ax, table: pd.DataFrame, column: str) -> None:
+    data = table.dropna(subset=[column])
+    if data.empty:
+        ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        return
+    ax.scatter(data["tau"], data[column], color="#888888", s=18, zorder=3, label="one seed")
+    means = data.groupby("tau")[column].agg(["mean", "std"]).reset_index()
+    ax.errorbar(means["tau"], means["mean"], yerr=means["std"].fillna(0), fmt="-o", color="#1f77b4", capsize=3,
+                label="mean ± std over seeds")
+    base = means[means["tau"] == 0]
+    if not base.empty:
+        ax.axhline(float(base["mean"].iloc[0]), color="#4d4d4d", ls="--", lw=1, label="baseline (τ = 0)")
+    ax.set_xlabel("temperature τ (0 = baseline, uniform weights)")
+    ax.legend(fontsize=8)
+
+
+def plot_schedules(logs: pd.DataFrame, out_png: str | Path, switch_step: int) -> Figure:
+    """The learning rate (the paper's Figure 6) and, below it, one strip per recipe with its
+    temperature τ over steps, as logged (strips, because several schedules coincide in parts)."""
+    if logs.empty or "lr" not in logs or logs["lr"].dropna().empty:
+        raise MissingInputError("no learning rates in the training logs")
+    with_tau = logs[logs["tau"].notna()] if "tau" in logs else logs.iloc[0:0]
+    variants = sorted(with_tau["variant"].unique())
+    fig = Figure(figsize=(12, 4.5 + 0.9 * len(variants)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1 + len(variants), 1, sharex=True, height_ratios=[3.5] + [1] * len(variants)))
+    lr_ax, strips = axes[0], axes[1:]
+    first_run = logs[logs["run_name"] == sorted(logs["run_name"].unique())[0]].dropna(subset=["lr"])
+    lr_ax.plot(first_run["step"], first_run["lr"], color="#333333", lw=1.6,
+               label=f"as logged by {first_run['run_name'].iloc[0]} (the same schedule for every run)")
+    lr_ax.set_yscale("log")
+    lr_ax.set_ylabel("learning rate (log scale)")
+    lr_ax.set_title("Learning rate: constant during warm-up, then inverse square root (T5X default)")
+    lr_ax.legend(fontsize=9)
+    palette: dict = {}
+    bound = max(2.0, float(with_tau["tau"].abs().max())) if len(with_tau) else 2.0
+    for ax, variant in zip(strips, variants):
+        rows = with_tau[with_tau["variant"] == variant]
+        one = rows[rows["run_name"] == rows["run_name"].iloc[0]].sort_values("step")
+        ax.axhline(0, color="#999999", ls="--", lw=0.8)
+        ax.step(one["step"], one["tau"], where="post", lw=2, color=color_for(variant, palette))
+        ax.set_ylim(-bound * 1.25, bound * 1.25)
+        ax.set_yticks([-bound, 0, bound])
+        ax.set_ylabel("τ")
+        ax.text(1.01, 0.5, variant, transform=ax.transAxes, va="center", ha="left", fontsize=9)
+    for ax in axes:
+        ax.axvline(switch_step, color="#555555", ls=":", lw=1)
+    if len(strips):
+        strips[0].set_title(f"Temperature τ (dimensionless) per recipe (dashed: τ = 0, the baseline's uniform "
+                            f"weights; dotted: I = {switch_step:,})", fontsize=11)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("Schedules: learning rate (the paper's Figure 6) and temperature τ", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def plot_weights_over_training(logs: pd.DataFrame, runs: pd.DataFrame, out_png: str | Path, switch_step: int) -> Figure:
+    """How far PRESENCE's weights move from uniform: entropy of the weights (ln n = uniform) and the
+    largest weight (1/n = uniform) per step, and the mean raw self-influence of the microbatches."""
+    logs = logs[logs["weight_entropy"].notna()] if "weight_entropy" in logs else logs.iloc[0:0]
+    if logs.empty:
+        raise MissingInputError("no reweighted runs with weight statistics in the training logs")
+    fig = Figure(figsize=(13, 10), layout="constrained")
+    entropy_ax, max_ax, si_ax = fig.subplots(3, 1, sharex=True)
+    palette: dict = {}
+    window = smoothing_window(int(logs["step"].nunique())) * 3
+    for variant in sorted(logs["variant"].unique()):
+        rows = logs[logs["variant"] == variant]
+        color = color_for(variant, palette)
+        for ax, column in ((entropy_ax, "weight_entropy"), (max_ax, "max_weight"), (si_ax, "si_mean")):
+            table = seed_curves(rows, column)
+            if not table.empty:
+                line = thin(smooth(table.mean(axis=1), window).reset_index())
+                ax.plot(line["step"], line[0], color=color, lw=1.5,
+                        label=f"{variant} (n={table.shape[1]} seed{'s' if table.shape[1] > 1 else ''})")
+    sizes = runs[runs["run_name"].isin(logs["run_name"])]
+    sizes = np.where(sizes["per"] == "sample", sizes["batch_size"], sizes["num_microbatches"])
+    for n in sorted({int(n) for n in sizes if pd.notna(n)}):
+        entropy_ax.axhline(math.log(n), color="black", ls="--", lw=1)
+        entropy_ax.annotate(f"uniform over {n}: ln {n} = {math.log(n):.2f}", (0, math.log(n)),
+                            xycoords=("axes fraction", "data"), xytext=(4, -12), textcoords="offset points", fontsize=8)
+        max_ax.axhline(1 / n, color="black", ls="--", lw=1)
+        max_ax.annotate(f"uniform over {n}: 1/{n} = {1 / n:.3f}", (0, 1 / n), xycoords=("axes fraction", "data"),
+                        xytext=(4, 4), textcoords="offset points", fontsize=8)
+    for ax in (entropy_ax, max_ax, si_ax):
+        ax.axvline(switch_step, color="#555555", ls=":", lw=1)
+    entropy_ax.set_ylabel("weight entropy (nats)")
+    entropy_ax.set_title("Entropy of the weights (the maximum, ln n, means uniform weights)")
+    max_ax.set_ylabel("largest weight (share of the step)")
+    max_ax.set_title("Largest weight in the step (1/n means uniform weights)")
+    si_ax.set_ylabel("mean raw SI, ‖∇ℓ‖² on layer set K")
+    si_ax.set_yscale("log")
+    si_ax.set_title("Mean self-influence of the reweighted units, before normalisation")
+    si_ax.set_xlabel(f"optimizer step (dotted: I = {switch_step:,}; curves: mean over seeds, "
+                     f"smoothed over {window} steps)")
+    fig.legend(*entropy_ax.get_legend_handles_labels(), loc="outside right center", fontsize=8.5, title="run recipe")
+    fig.suptitle("Reweighting over training: how far the PRESENCE weights move from uniform", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def plot_si_overhead(bench: pd.DataFrame, out_png: str | Path) -> Figure:
+    """Step time of each SI engine relative to the baseline step, beside the paper's ~1.30x and our
+    targets (per-microbatch 1.05x on GPU / 1.10x on CPU, per-sample 1.5x). Bars taller than the
+    axis are cut and labelled with their value."""
+    if bench is None or bench.empty:
+        raise MissingInputError("no benchmark rows")
+    groups = list(bench.groupby(["device", "preset"], sort=True))
+    fig = Figure(figsize=(max(8, 6 * len(groups)), 5.5), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, ((device, preset), rows) in zip(axes, groups):
+        gpu = not str(device).lower().startswith("cpu")
+        top = max(1.8, min(float(rows["ratio_to_baseline"].max()) * 1.15, 3.0))
+        x = np.arange(len(rows))
+        heights = rows["ratio_to_baseline"].clip(upper=top).to_numpy()
+        ax.bar(x, heights, color=[_bench_color(m) for m in rows["method"]], width=0.6)
+        for xi, height, ratio, ms in zip(x, heights, rows["ratio_to_baseline"], rows["step_ms"]):
+            cut = ratio > top
+            label = f"{ratio:.2f}×{' (axis cut)' if cut else ''}\n{ms:.0f} ms/step"
+            ax.text(xi, height * (0.85 if cut else 0.5), label, ha="center", va="center", fontsize=9,
+                    color="white", fontweight="bold")
+        ax.axhline(1.30, color="#7f7f7f", ls="--", lw=1.2, label="paper: ~1.30× (PRESENCE vs its baseline)")
+        ax.axhline(1.05 if gpu else 1.10, color="#2ca02c", ls="--", lw=1.2,
+                   label=f"our target, per-microbatch: {1.05 if gpu else 1.10:.2f}× ({'GPU' if gpu else 'CPU'})")
+        ax.axhline(1.5, color="#ff7f0e", ls=":", lw=1.6, label="our target, per-sample: 1.50×")
+        ax.set_xticks(x, rows["method"], rotation=15)
+        ax.set_ylim(0, top * 1.02)
+        ax.set_ylabel("step time / baseline step time (×)")
+        ax.set_xlabel("training step variant")
+        ax.set_title(f"device: {device}, preset: {preset}")
+        ax.legend(fontsize=8.5, loc="upper left")
+    fig.suptitle("Cost of self-influence: training-step time relative to the unweighted baseline", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def _bench_color(method: str) -> str:
+    if method == "baseline":
+        return METHOD_COLORS["baseline"]
+    if "naive" in method:
+        return "#d62728"
+    return "#ff7f0e" if "sample" in method else METHOD_COLORS["presence"]
+
+
+TASK_TITLES = {"xquad": "XQuAD", "mlqa": "MLQA", "tydiqa": "TyDi QA-GoldP", "xnli": "XNLI", "pawsx": "PAWS-X",
+               "panx": "WikiAnn (PAN-X) NER", "verse_retrieval": "verse retrieval"}
+METRIC_TITLES = {"f1": "F1", "em": "exact match", "accuracy": "accuracy", "span_f1": "span F1"}
+
+
+def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFrame | None, out_png: str | Path,
+                             variants: tuple[str, ...] = ("baseline", "presence")) -> Figure:
+    """Per-language scores of each fine-tuning task and setting (the paper's metric per task), and
+    the offline verse-retrieval accuracy per language: bars per variant, mean ± std over seeds."""
+    frames = [f for f in (scores, retrieval) if f is not None and not f.empty]
+    data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["variant", "lang"])
+    data = data[data["variant"].isin(variants) & (data["lang"] != "avg")]
+    if data.empty:
+        raise MissingInputError(f"no per-language scores of {list(variants)}")
+    data = data[data["metric"] == data["task"].map(HEADLINE_METRIC).fillna(data["metric"])]
+    panels = list(data.groupby(["task", "setting"], sort=False))
+    columns = 2 if len(panels) > 2 else 1
+    grid_rows = math.ceil(len(panels) / columns)
+    most_languages = int(data.groupby(["task", "setting"])["lang"].nunique().max())
+    fig = Figure(figsize=(max(12, 0.4 * most_languages * columns + 3), 3.3 * grid_rows + 1), layout="constrained")
+    axes = fig.subplots(grid_rows, columns, squeeze=False).ravel()
+    palette: dict = {}
+    for ax, ((task, setting), rows) in zip(axes, panels):
+        languages = sorted(rows["lang"].unique())
+        shown = [v for v in variants if v in set(rows["variant"])]
+        width = 0.8 / len(shown)
+        for j, variant in enumerate(shown):
+            stats = rows[rows["variant"] == variant].groupby("lang")["value"].agg(["mean", "std"]).reindex(languages)
+            ax.bar(np.arange(len(languages)) + (j - (len(shown) - 1) / 2) * width, stats["mean"], width,
+                   yerr=stats["std"].fillna(0), capsize=2, color=color_for(variant, palette), label=variant)
+        metric = METRIC_TITLES.get(rows["metric"].iloc[0], rows["metric"].iloc[0])
+        ax.set_xticks(np.arange(len(languages)), languages, rotation=90 if len(languages) > 15 else 0)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_xlabel("language")
+        where = "offline check, no paper counterpart" if task == "verse_retrieval" else setting
+        ax.set_title(f"{TASK_TITLES.get(task, task)} {metric} ({where})")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    seeds = data.groupby("variant")["seed"].nunique()
+    handles = [Patch(color=color_for(v, palette), label=f"{v} (n={seeds[v]} seed{'s' if seeds[v] > 1 else ''})")
+               for v in variants if v in seeds]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle("Per-language scores, baseline vs PRESENCE (bars: mean over seeds; error bars: std)", fontsize=12)
+    return save_figure(fig, out_png)

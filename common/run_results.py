@@ -1,0 +1,167 @@
+"""Read what the stages wrote under results/<preset>/ into DataFrames, defensively: a missing or
+broken file is reported in `notes` (a list of sentences the caller prints and writes beside the
+tables) and left out, never filled in.
+
+Runs are grouped by their config.json fields, not by parsing run names: `variant` names a run's
+recipe ("presence", "presence-single tau=+2", "presence (I=50)", ...) relative to the preset's
+defaults, and `standard` marks runs that used exactly those defaults (the ones tables and figures
+compare; the tables take the standard run of each method).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from common.config import PretrainConfig
+
+LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy",
+               "tokens_seen", "seconds", "heldout_loss", "seed"]
+SCORE_COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
+SI_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "seed"]
+BENCH_COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "preset"]
+
+# The metric the paper reports for each task (the others, e.g. exact match, are kept but not tabled).
+HEADLINE_METRIC = {"xquad": "f1", "mlqa": "f1", "tydiqa": "f1", "xnli": "accuracy", "pawsx": "accuracy",
+                   "panx": "span_f1", "verse_retrieval": "accuracy"}
+
+# Methods whose temperature changes at step I, so a different I makes a different recipe.
+TWO_STAGE_METHODS = ("presence", "presence-I-D", "presence-linear", "presence-cosine")
+
+
+def recipe_changes(config: dict, reference: PretrainConfig) -> list[str]:
+    """How a run's recipe differs from the preset's defaults (empty for a standard run)."""
+    method = config["method"]
+    pretrain = config.get("preset", {}).get("pretrain", {})
+    changes = []
+    if config.get("per", "microbatch") != "microbatch":
+        changes.append(f"per-{config['per']}")
+    if method in TWO_STAGE_METHODS and pretrain.get("switch_step", reference.switch_step) != reference.switch_step:
+        changes.append(f"I={pretrain['switch_step']}")
+    if method != "baseline" and pretrain.get("si_layers", reference.si_layers) != reference.si_layers:
+        changes.append(f"SI on {pretrain['si_layers']}")
+    if pretrain.get("steps", reference.steps) != reference.steps:
+        changes.append(f"{pretrain['steps']} steps")
+    return changes
+
+
+def variant_label(config: dict, reference: PretrainConfig) -> str:
+    """The run's recipe in words: its method (with tau for presence-single), then any changes."""
+    method = config["method"]
+    name = f"{method} tau={config['tau']:+g}" if config.get("tau") is not None else method
+    changes = recipe_changes(config, reference)
+    return f"{name} ({', '.join(changes)})" if changes else name
+
+
+def _read_json(path: Path, notes: list[str]) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        notes.append(f"{path} is missing")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        notes.append(f"{path} is not valid JSON ({err})")
+    return None
+
+
+def read_table(path: Path, required: list[str], notes: list[str]) -> pd.DataFrame | None:
+    """A CSV with at least the `required` columns, or None (reason in notes) when absent or broken."""
+    if not path.is_file():
+        notes.append(f"{path} is missing")
+        return None
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        notes.append(f"{path} cannot be read ({err})")
+        return None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        notes.append(f"{path} lacks columns {missing}")
+        return None
+    if frame.empty:
+        notes.append(f"{path} has no rows")
+        return None
+    return frame
+
+
+def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
+                       notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, logs): one row per run folder with its config and final metrics, and the concatenated
+    train_log.csv rows tagged with run_name, method, variant and standard."""
+    runs, logs = [], []
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    if not folders:
+        notes.append(f"no pre-training runs in {runs_dir}")
+    for folder in folders:
+        config = _read_json(folder / "config.json", notes)
+        if config is None or "method" not in config:
+            notes.append(f"run {folder.name} skipped: no usable config.json")
+            continue
+        metrics = _read_json(folder / "metrics.json", notes) or {}
+        pretrain = config.get("preset", {}).get("pretrain", {})
+        variant = variant_label(config, reference)
+        run = {"run_name": config.get("run_name", folder.name), "method": config["method"],
+               "seed": int(config.get("seed", 0)), "variant": variant,
+               "standard": not recipe_changes(config, reference),
+               "tau": config.get("tau"), "per": config.get("per", "microbatch"),
+               "switch_step": pretrain.get("switch_step"), "steps": pretrain.get("steps"),
+               "num_microbatches": pretrain.get("num_microbatches"), "batch_size": pretrain.get("batch_size"),
+               "final_loss": metrics.get("final_loss"), "final_heldout_loss": metrics.get("final_heldout_loss"),
+               "seconds_per_step": metrics.get("seconds_per_step"),
+               "parameters": (metrics.get("parameters") or {}).get("total")}
+        log = read_table(folder / "train_log.csv", ["step", "loss"], notes)
+        if log is not None:
+            log = log.assign(run_name=run["run_name"], method=run["method"], variant=variant,
+                             standard=run["standard"], seed=run["seed"])
+            logs.append(log)
+            if run["final_heldout_loss"] is None and "heldout_loss" in log and log["heldout_loss"].notna().any():
+                run["final_heldout_loss"] = float(log["heldout_loss"].dropna().iloc[-1])
+        runs.append(run)
+    runs_frame = pd.DataFrame(runs, columns=["run_name", "method", "seed", "variant", "standard", "tau", "per",
+                                             "switch_step", "steps", "num_microbatches", "batch_size", "final_loss",
+                                             "final_heldout_loss", "seconds_per_step", "parameters"])
+    for column in ("final_loss", "final_heldout_loss", "seconds_per_step", "tau"):
+        runs_frame[column] = pd.to_numeric(runs_frame[column], errors="coerce")
+    tags = ["run_name", "method", "variant", "standard"]
+    logs_frame = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=LOG_COLUMNS + tags)
+    return runs_frame, logs_frame
+
+
+def load_scores(path: Path, notes: list[str]) -> pd.DataFrame | None:
+    """A fine-tuning CSV (xtreme.csv, retrieval.csv) with values in percent. A file whose values all
+    lie in [0, 1] was written as fractions: it is converted to percent and a note says so."""
+    frame = read_table(path, SCORE_COLUMNS, notes)
+    if frame is None:
+        return None
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    bad = frame["value"].isna().sum()
+    if bad:
+        notes.append(f"{path}: {bad} rows without a numeric value left out")
+        frame = frame[frame["value"].notna()]
+    if not frame.empty and frame["value"].between(0, 1).all() and frame["value"].max() > 0:
+        notes.append(f"{path}: every value is in [0, 1], read as fractions and converted to percent")
+        frame = frame.assign(value=frame["value"] * 100)
+    frame = frame.assign(lang=frame["lang"].astype(str), seed=frame["seed"].astype(int))
+    return frame
+
+
+def language_averages(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, method, seed, task, setting, metric): the `avg` row the stage wrote, else the
+    mean over that run's languages (the paper averages over languages the same way)."""
+    keys = ["run", "method", "seed", "task", "setting", "metric"]
+    written = scores[scores["lang"] == "avg"]
+    computed = (scores[scores["lang"] != "avg"].groupby(keys, as_index=False)["value"].mean())
+    have = set(map(tuple, written[keys].to_numpy()))
+    computed = computed[[tuple(row) not in have for row in computed[keys].to_numpy()]]
+    return pd.concat([written[keys + ["value"]], computed], ignore_index=True)
+
+
+def attach_variants(scores: pd.DataFrame, runs: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """Give score rows their run's variant; rows of runs without a pre-training config keep their
+    method as variant (noted), since nothing tells their recipe apart."""
+    known = runs.set_index("run_name")["variant"].to_dict()
+    unknown = sorted(set(scores["run"]) - set(known))
+    if unknown:
+        notes.append(f"fine-tuned runs without a pre-training config, grouped by their method column: {unknown}")
+    variant = [known.get(run, method) for run, method in zip(scores["run"], scores["method"])]
+    return scores.assign(variant=variant)

@@ -1,0 +1,132 @@
+"""A small, made-up results/<preset>/ tree in the schemas the stages write, for the tests of
+05_figures. Every number here is synthetic; it is written into a temporary folder only."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.config import load_preset
+
+LANGS = ["en", "hi", "bn", "ru", "zh"]
+TASKS = {"xquad": ["f1", "em"], "mlqa": ["f1", "em"], "tydiqa": ["f1", "em"], "xnli": ["accuracy"],
+         "pawsx": ["accuracy"], "panx": ["span_f1"]}
+
+# (method, tau, switch_step override, seeds)
+RUNS = [("baseline", None, None, (0, 1)), ("presence", None, None, (0, 1)), ("presence-D", None, None, (0,)),
+        ("presence-I", None, None, (0,)), ("presence-I-D", None, None, (0,)),
+        ("presence-single", -2.0, None, (0,)), ("presence-single", 2.0, None, (0,)),
+        ("presence-sequential", None, None, (0,)), ("presence-sequential-reverse", None, None, (0,)),
+        ("presence", None, 50, (0,))]
+
+
+def tau_at(method: str, tau: float | None, step: int, switch: int) -> float | None:
+    return {"baseline": None, "presence-sequential": None, "presence-sequential-reverse": None,
+            "presence": 1.0 if step <= switch else -1.0, "presence-I-D": -1.0 if step <= switch else 1.0,
+            "presence-D": 1.0, "presence-I": -1.0, "presence-single": tau}[method]
+
+
+def run_name(method: str, tau, switch, seed: int) -> str:
+    parts = [method] + ([f"tau{tau:+g}"] if tau is not None else []) + ([f"I{switch}"] if switch else [])
+    return "-".join(parts + [f"s{seed}"])
+
+
+def write_run(runs_dir: Path, preset: dict, method: str, tau, switch, seed: int, rng) -> str:
+    name = run_name(method, tau, switch, seed)
+    folder = runs_dir / name
+    folder.mkdir(parents=True)
+    preset = json.loads(json.dumps(preset))
+    if switch:
+        preset["pretrain"]["switch_step"] = switch
+    cfg = preset["pretrain"]
+    steps, switch_step, n = cfg["steps"], cfg["switch_step"], cfg["num_microbatches"]
+    offset = {"baseline": 0.0, "presence": -0.05, "presence-sequential": -0.03}.get(method, 0.02)
+    rows = []
+    for step in range(1, steps + 1):
+        t = tau_at(method, tau, step, switch_step)
+        weights = rng.dirichlet(np.full(n, 20.0 / (1 + abs(t or 0))))
+        rows.append({"step": step, "loss": 3 + 5 * math.exp(-step / 25) + offset * step / steps + rng.normal(0, 0.08),
+                     "lr": cfg["peak_lr"] * math.sqrt(cfg["warmup_steps"] / max(step, cfg["warmup_steps"])),
+                     "tau": "" if t is None else t,
+                     "si_mean": "" if t is None else 50 * math.exp(-step / 80) + 5,
+                     "si_std": "" if t is None else 3.0,
+                     "max_weight": "" if t is None else weights.max(),
+                     "weight_entropy": "" if t is None else -(weights * np.log(weights)).sum(),
+                     "tokens_seen": step * 4096, "seconds": step * 0.1,
+                     "heldout_loss": (3.2 + 5 * math.exp(-step / 25) + offset
+                                      if step % cfg["eval_every"] == 0 or step == steps else ""),
+                     "seed": seed})
+    pd.DataFrame(rows).to_csv(folder / "train_log.csv", index=False)
+    config = {"run_name": name, "method": method, "seed": seed, "tau": tau, "per": "microbatch", "world_size": 1,
+              "preset": preset}
+    (folder / "config.json").write_text(json.dumps(config))
+    heldout = [r["heldout_loss"] for r in rows if r["heldout_loss"] != ""]
+    metrics = {"run_name": name, "method": method, "seed": seed, "steps": steps, "final_loss": rows[-1]["loss"],
+               "final_heldout_loss": heldout[-1], "tokens_per_second": 40960.0, "seconds_per_step": 0.1,
+               "model_tflops": 0.01, "wall_seconds": steps * 0.1, "parameters": {"total": 1_234_567}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return name
+
+
+def write_synthetic_results(root: Path, preset_name: str = "tiny", finetune: bool = True, si: bool = True,
+                            bench: bool = True, methods: tuple[str, ...] | None = None, seed: int = 0) -> Path:
+    """Write root/<preset>/{pretrain/runs, finetune, si_analysis, bench}; returns root/<preset>.
+    `methods` keeps only the runs of those methods (default: all of RUNS)."""
+    rng = np.random.default_rng(seed)
+    preset = load_preset(preset_name).to_dict()
+    base = Path(root) / preset_name
+    names = []
+    for method, tau, switch, seeds in RUNS:
+        if methods is not None and method not in methods:
+            continue
+        for s in seeds:
+            names.append((write_run(base / "pretrain" / "runs", preset, method, tau, switch, s, rng), method, s))
+    if finetune:
+        xtreme, retrieval = [], []
+        for name, method, s in names:
+            bonus = {"presence": 2.0, "presence-sequential": 1.0}.get(method, 0.0)
+            for task, metrics in TASKS.items():
+                for metric in metrics:
+                    values = [float(np.clip(rng.normal(40 + bonus, 5), 0, 100)) for _ in LANGS]
+                    for lang, v in zip(LANGS + ["avg"], values + [float(np.mean(values))]):
+                        xtreme.append({"run": name, "method": method, "seed": s, "task": task, "setting": "zero-shot",
+                                       "lang": lang, "metric": metric, "value": v, "n_examples": 100})
+            values = [float(np.clip(rng.normal(20 + bonus, 4), 0, 100)) for _ in LANGS[1:]]
+            for lang, v in zip(LANGS[1:] + ["avg"], values + [float(np.mean(values))]):
+                retrieval.append({"run": name, "method": method, "seed": s, "task": "verse_retrieval",
+                                  "setting": "zero-shot", "lang": lang, "metric": "accuracy", "value": v,
+                                  "n_examples": 200})
+        (base / "finetune").mkdir(parents=True)
+        pd.DataFrame(xtreme).to_csv(base / "finetune" / "xtreme.csv", index=False)
+        pd.DataFrame(retrieval).to_csv(base / "finetune" / "retrieval.csv", index=False)
+    if si:
+        rows = []
+        for layer_set in ("first", "all"):
+            for step in (100, 200):
+                for lang in ["en", "hi", "bn"]:
+                    for condition, scale in (("clean", 1.0), ("jumbled", 1.8)):
+                        for i in range(60):
+                            rows.append({"lang": lang, "condition": condition, "sample_id": i, "n_tokens": 128,
+                                         "loss": 5.0,
+                                         "si": float(rng.lognormal(math.log(scale * (2 if lang == "hi" else 1)), 0.8)),
+                                         "checkpoint": f"baseline-s0/step-{step}", "seed": 0,
+                                         "layer_set": layer_set, "step": step})
+                for condition, scale in (("random", 1.0), ("mismatched", 1.5)):
+                    for i in range(60):
+                        rows.append({"lang": "en", "condition": condition, "sample_id": i, "n_tokens": 128,
+                                     "loss": 5.0, "si": float(rng.lognormal(math.log(scale), 0.8)),
+                                     "checkpoint": f"baseline-s0/step-{step}", "seed": 0,
+                                     "layer_set": layer_set, "step": step})
+        (base / "si_analysis").mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(base / "si_analysis" / "si_scores.csv", index=False)
+    if bench:
+        (base / "bench").mkdir(parents=True)
+        bench_rows = [("baseline", 100.0, 1.0), ("presence-microbatch", 108.0, 1.08), ("presence-sample", 140.0, 1.40),
+                      ("naive-per-sample", 900.0, 9.0)]
+        overhead = pd.DataFrame([{"method": m, "step_ms": ms, "ratio_to_baseline": r, "peak_mem_mb": 1000,
+                                  "device": "cpu", "preset": preset_name} for m, ms, r in bench_rows])
+        overhead.to_csv(base / "bench" / "si_overhead.csv", index=False)
+    return base

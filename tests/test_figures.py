@@ -1,0 +1,178 @@
+"""05_figures' figures: each plotting function writes a non-empty PNG whose Figure carries the
+expected title, labelled axes and a legend; missing inputs skip a figure with its reason; and
+make_figures.py runs end to end on a small synthetic results tree."""
+import importlib.util
+import sys
+
+import pandas as pd
+import pytest
+
+import common.plotting as plotting
+from common.config import load_preset
+from common.paths import REPO_ROOT
+from synthetic_results import write_synthetic_results
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load_make_figures():
+    path = REPO_ROOT / "05_figures" / "make_figures.py"
+    spec = importlib.util.spec_from_file_location("make_figures", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_figures"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def low_dpi(monkeypatch):
+    monkeypatch.setattr(plotting, "DPI", 40)  # the tests read Figure objects, not pixels
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    write_synthetic_results(root, "tiny")
+    make_figures = load_make_figures()
+    notes = []
+    return make_figures.load_inputs(lambda stage: root / "tiny" / stage, load_preset("tiny"), notes)
+
+
+def assert_readable(fig, out_png, title: str, axes_titles: list[str]):
+    """A non-empty PNG; the suptitle; every visible axes with a y label and an x label (or sharing x
+    with a labelled one); the expected axes titles; a legend somewhere."""
+    assert out_png.read_bytes()[:8] == PNG_MAGIC and out_png.stat().st_size > 1000
+    assert title in fig._suptitle.get_text()
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in visible:
+        assert ax.get_ylabel(), f"axes {ax.get_title()!r} has no y label"
+        siblings = ax.get_shared_x_axes().get_siblings(ax)
+        assert any(a.get_xlabel() for a in siblings), f"axes {ax.get_title()!r} has no x label"
+    titles = " | ".join(ax.get_title() for ax in visible)
+    for expected in axes_titles:
+        assert expected in titles
+    assert fig.legends or any(ax.get_legend() for ax in visible)
+
+
+def test_figure1(inputs, tmp_path):
+    out = tmp_path / "f1.png"
+    fig = plotting.plot_figure1(inputs["si_scores"], out, " (preset tiny)")
+    assert_readable(fig, out, "Figure 1", ["clean vs word-order-jumbled", "random vs domain-mismatched"])
+    # the headline uses layer set "first" at the last checkpoint: 60 samples per language and condition
+    assert "layer set 'first'" in fig._suptitle.get_text() and "step 200" in fig._suptitle.get_text()
+    assert "n=60 per language" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+
+
+def test_figure3_marks_the_stages(inputs, tmp_path):
+    out = tmp_path / "f3.png"
+    logs = inputs["logs"][inputs["logs"]["standard"]]
+    fig = plotting.plot_training_loss(logs, out, switch_step=20)
+    assert_readable(fig, out, "Figure 3", ["Training loss", "Difference"])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("direct stage" in label and "I = 20" in label for label in labels)
+    assert any("inverse stage" in label for label in labels)
+    assert any(label.startswith("baseline (n=2 seeds") for label in labels)
+
+
+def test_figure4(inputs, tmp_path):
+    out = tmp_path / "f4.png"
+    logs = inputs["logs"][inputs["logs"]["standard"]]
+    fig = plotting.plot_presence_vs_sequential(logs, inputs["downstream"], out)
+    assert_readable(fig, out, "Figure 4", ["Training loss", "Held-out loss", "Downstream"])
+
+
+def test_figure5_puts_the_baseline_at_tau_zero(inputs, tmp_path):
+    out = tmp_path / "f5.png"
+    logs = inputs["logs"][inputs["logs"]["standard"]]
+    fig = plotting.plot_single_stage_tau(logs, inputs["runs"], inputs["downstream"], out)
+    assert_readable(fig, out, "Figure 5", ["per constant temperature", "held-out loss vs τ", "Downstream score vs τ"])
+    taus = plotting.single_stage_runs(inputs["runs"]).set_index("run_name")["tau"]
+    assert taus["baseline-s0"] == 0 and taus["presence-D-s0"] == 1 and taus["presence-I-s0"] == -1
+    assert taus["presence-single-tau+2-s0"] == 2
+
+
+def test_schedules(inputs, tmp_path):
+    out = tmp_path / "sched.png"
+    fig = plotting.plot_schedules(inputs["logs"], out, switch_step=20)
+    assert_readable(fig, out, "Schedules", ["Learning rate", "Temperature τ"])
+    strip_labels = {t.get_text() for ax in fig.axes[1:] for t in ax.texts}
+    assert {"presence", "presence (I=50)", "presence-I-D"} <= strip_labels  # one strip per recipe
+
+
+def test_weights_over_training_marks_uniform(inputs, tmp_path):
+    out = tmp_path / "w.png"
+    fig = plotting.plot_weights_over_training(inputs["logs"], inputs["runs"], out, switch_step=20)
+    assert_readable(fig, out, "Reweighting over training", ["Entropy", "Largest weight", "Mean self-influence"])
+    assert any("ln 8 = 2.08" in t.get_text() for t in fig.axes[0].texts)
+
+
+def test_si_overhead(inputs, tmp_path):
+    out = tmp_path / "bench.png"
+    fig = plotting.plot_si_overhead(inputs["bench"], out)
+    assert_readable(fig, out, "Cost of self-influence", ["device: cpu"])
+    labels = " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    assert "1.30×" in labels and "1.10× (CPU)" in labels and "1.50×" in labels
+    assert any("axis cut" in t.get_text() for t in fig.axes[0].texts)  # the 9x naive bar
+
+
+def test_xtreme_per_language(inputs, tmp_path):
+    out = tmp_path / "lang.png"
+    fig = plotting.plot_xtreme_per_language(inputs["xtreme"], inputs["retrieval"], out)
+    assert_readable(fig, out, "Per-language scores", ["XNLI accuracy (zero-shot)", "verse retrieval accuracy"])
+
+
+@pytest.mark.parametrize("draw", [
+    lambda out: plotting.plot_figure1(pd.DataFrame(columns=["lang", "condition", "si"]), out),
+    lambda out: plotting.plot_training_loss(pd.DataFrame(columns=["variant", "step", "loss", "run_name"]), out, 20),
+    lambda out: plotting.plot_si_overhead(None, out),
+    lambda out: plotting.plot_xtreme_per_language(None, None, out),
+])
+def test_nothing_to_draw_raises_with_reason(draw, tmp_path):
+    with pytest.raises(plotting.MissingInputError):
+        draw(tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_make_figures_on_an_offline_run_without_finetuning(tmp_path):
+    """Pre-training runs of the baseline and PRESENCE only (no XTREME, SI analysis or benchmark): the
+    tables show our held-out loss as the only measure, the figures needing the rest are skipped with
+    reasons, and a stale PNG of a skipped figure is removed."""
+    write_synthetic_results(tmp_path, "tiny", finetune=False, si=False, bench=False, methods=("baseline", "presence"))
+    stale = tmp_path / "tiny" / "figures" / "si_overhead.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG_MAGIC)
+    make_figures = load_make_figures()
+    result = make_figures.main(make_figures.parse_args(["--preset", "tiny", "--results-root", str(tmp_path)]))
+    status = result["figures"]
+    assert status["figure3_training_loss.png"] == "made" and status["weights_over_training.png"] == "made"
+    assert status["si_overhead.png"].startswith("skipped: bench results are missing")
+    assert status["figure4_presence_vs_sequential.png"].startswith("skipped: needs PRESENCE and at least one")
+    assert status["figure1_si_noise_domain.png"].startswith("skipped")
+    assert not stale.exists()
+    tables = tmp_path / "tiny" / "tables"
+    table3 = pd.read_csv(tables / "table3_main.csv", keep_default_na=False)
+    assert set(table3[table3["task"] == "xnli"]["note"]) == {"not run"}
+    loss = table3[(table3["task"] == "heldout_loss") & (table3["method"] == "presence")].iloc[0]
+    assert float(loss["ours_mean"]) > 0 and loss["paper_value"] == ""
+    headline = (tables / "headline.md").read_text()
+    assert "not tested here" in headline and "figure3_training_loss.png" in headline
+    assert "figure1_si_noise_domain.png" not in headline  # skipped figures are not linked
+    index = (tmp_path / "tiny" / "figures" / "README.md").read_text()
+    assert "skipped: bench results are missing" in index and "[figure3_training_loss.png]" in index
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path, monkeypatch):
+    path = REPO_ROOT / "05_figures" / "update_readme.py"
+    spec = importlib.util.spec_from_file_location("update_readme", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    headline = tmp_path / "tiny" / "tables" / "headline.md"
+    headline.parent.mkdir(parents=True)
+    headline.write_text("### Results\n| a |\n")
+    monkeypatch.setattr(module, "results_dir", lambda preset, stage: tmp_path / preset / stage)
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n<!-- results:begin -->\nold table\n<!-- results:end -->\n## Set-up\n")
+    module.main(module.parse_args(["--preset", "tiny", "--readme", str(readme)]))
+    expected = "# Title\n<!-- results:begin -->\n### Results\n| a |\n<!-- results:end -->\n## Set-up\n"
+    assert readme.read_text() == expected

@@ -1,0 +1,184 @@
+"""05_figures' tables: the paper's numbers read right, our mean ± std over seeds and the Δs computed
+right from hand-made CSVs, and missing or odd inputs reported instead of filled in."""
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from common.config import load_preset
+from common.markdown import markdown_table, replace_marked_block
+from common.paper_results import load_paper_results, paper_value
+from common.result_tables import (TABLES, comparison_markdown, comparison_table, direction_summary, format_score,
+                                  offline_table, summarise_seeds)
+from common.run_results import (attach_variants, language_averages, load_pretrain_runs, load_scores, read_table,
+                                variant_label)
+
+SCORE_HEADER = "run,method,seed,task,setting,lang,metric,value,n_examples\n"
+TABLE3 = next(spec for spec in TABLES if spec.paper_table == "table3")
+TABLE5 = next(spec for spec in TABLES if spec.paper_table == "table5")
+
+
+def test_paper_cells_match_the_csv_read_by_hand():
+    paper = load_paper_results()
+    # Cells copied by hand from results/paper/paper_results.csv.
+    assert paper_value(paper, "table2", "mt5-base", "baseline", "zero-shot", "xquad") == 72.33
+    assert paper_value(paper, "table2", "mt5-base", "presence-sequential", "translate-train", "tydiqa") == 57.65
+    assert paper_value(paper, "table3", "mt5-large", "presence", "translate-train", "xquad") == 83.15
+    assert paper_value(paper, "table3", "mt5-base", "baseline", "zero-shot", "panx") == 43.28
+    assert paper_value(paper, "table5", "mt5-base", "presence-I-D", "translate-train", "tydiqa") == 55.06
+    assert paper_value(paper, "table5", "mt5-base", "presence", "zero-shot", "xquad") is None  # not in Table 5
+    assert len(paper) == 104
+    assert set(paper["table"]) == {"table2", "table3", "table4", "table5"}
+
+
+def test_summarise_seeds_is_mean_and_sample_std_with_one_vote_per_seed():
+    rows = pd.DataFrame({"variant": ["a"] * 4, "seed": [0, 1, 2, 2], "value": [10.0, 12.0, 13.0, 15.0]})
+    out = summarise_seeds(rows, ["variant"]).iloc[0]
+    # seed 2 counts once, as (13 + 15) / 2 = 14: values 10, 12, 14 -> mean 12, sample std 2
+    assert out["mean"] == pytest.approx(12.0)
+    assert out["std"] == pytest.approx(2.0)
+    assert out["n"] == 3 and out["seeds"] == "0,1,2"
+
+
+def write_scores(path, lines):
+    path.write_text(SCORE_HEADER + "".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def hand_made_scores(tmp_path):
+    path = write_scores(tmp_path / "xtreme.csv", [
+        "baseline-s0,baseline,0,xnli,zero-shot,avg,accuracy,40.0,100",
+        "baseline-s1,baseline,1,xnli,zero-shot,avg,accuracy,44.0,100",
+        "presence-s0,presence,0,xnli,zero-shot,avg,accuracy,45.0,100",
+        "presence-s1,presence,1,xnli,zero-shot,avg,accuracy,47.0,100",
+        # no avg row: the language average is computed, (30 + 20) / 2 = 25
+        "presence-s0,presence,0,mlqa,zero-shot,en,f1,30.0,50",
+        "presence-s0,presence,0,mlqa,zero-shot,hi,f1,20.0,50",
+        "presence-s0,presence,0,mlqa,zero-shot,hi,em,99.0,50",  # not the paper's metric: ignored
+    ])
+    notes = []
+    scores = load_scores(path, notes)
+    runs = pd.DataFrame(columns=["run_name", "variant"])
+    return attach_variants(language_averages(scores), runs, notes), notes
+
+
+def test_comparison_table_hand_computed(hand_made_scores):
+    scores, notes = hand_made_scores
+    assert any("without a pre-training config" in n for n in notes)
+    table = comparison_table(TABLE3, load_paper_results(), scores, "tiny")
+    cell = table.set_index(["setting", "task", "method", "paper_model"])
+    base = cell.loc[("zero-shot", "xnli", "baseline", "mt5-base")]
+    assert base["ours_mean"] == pytest.approx(42.0)
+    assert base["ours_std"] == pytest.approx(math.sqrt(8.0))  # sample std of 40, 44
+    assert base["ours_n_seeds"] == 2 and base["ours_seeds"] == "0,1"
+    for model, paper_delta in (("mt5-base", 74.47 - 74.21), ("mt5-large", 78.54 - 67.96)):
+        row = cell.loc[("zero-shot", "xnli", "presence", model)]
+        assert row["ours_mean"] == pytest.approx(46.0)
+        assert row["ours_delta_vs_baseline"] == pytest.approx(4.0)
+        assert row["paper_delta_vs_baseline"] == pytest.approx(paper_delta)
+        assert row["direction_agrees"] is True
+    mlqa = cell.loc[("zero-shot", "mlqa", "presence", "mt5-base")]
+    assert mlqa["ours_mean"] == pytest.approx(25.0) and mlqa["ours_n_seeds"] == 1
+    assert pd.isna(mlqa["ours_delta_vs_baseline"]) and pd.isna(mlqa["direction_agrees"])  # no baseline to compare
+    assert cell.loc[("zero-shot", "mlqa", "baseline", "mt5-base")]["note"] == "not run"
+    assert (table[table["setting"] == "translate-train"]["ours_n_seeds"] == 0).all()
+
+
+def test_disagreeing_direction_is_flagged(tmp_path):
+    path = write_scores(tmp_path / "xtreme.csv", [
+        "b,baseline,0,tydiqa,zero-shot,avg,f1,50.0,10",
+        "d,presence-D,0,tydiqa,zero-shot,avg,f1,52.0,10",
+    ])
+    no_runs = pd.DataFrame(columns=["run_name", "variant"])
+    scores = attach_variants(language_averages(load_scores(path, [])), no_runs, [])
+    table = comparison_table(TABLE5, load_paper_results(), scores, "tiny")
+    row = table.set_index(["setting", "task", "method"]).loc[("zero-shot", "tydiqa", "presence-D")]
+    assert row["paper_delta_vs_baseline"] == pytest.approx(45.84 - 49.09)  # the paper: PRESENCE-D lower
+    assert row["ours_delta_vs_baseline"] == pytest.approx(2.0)
+    assert row["direction_agrees"] is False
+
+
+def test_markdown_shows_both_sides_and_says_not_run(hand_made_scores):
+    scores, _ = hand_made_scores
+    table = comparison_table(TABLE3, load_paper_results(), scores, "tiny")
+    text = comparison_markdown(TABLE3, table, table.iloc[0:0], "preset `tiny`: test scale", ["a note"])
+    assert "| Baseline | paper (mT5-base) | 72.92 |" in text
+    assert "42.00 ± 2.83 (n=2)" in text and "46.00 ± 1.41 (n=2)" in text and "25.00 (n=1)" in text
+    assert "not run" in text and "approximate" in text and "- a note" in text
+    assert "| +4.00 |" in text  # our XNLI delta
+
+
+def test_fraction_scores_are_converted_to_percent_with_a_note(tmp_path):
+    path = write_scores(tmp_path / "retrieval.csv", ["r,baseline,0,verse_retrieval,zero-shot,hi,accuracy,0.25,200",
+                                                     "r,baseline,0,verse_retrieval,zero-shot,avg,accuracy,0.5,200"])
+    notes = []
+    scores = load_scores(path, notes)
+    assert sorted(scores["value"]) == [25.0, 50.0]
+    assert any("converted to percent" in n for n in notes)
+
+
+def test_missing_and_broken_inputs_are_reported_not_filled(tmp_path):
+    notes = []
+    assert load_scores(tmp_path / "absent.csv", notes) is None
+    (tmp_path / "bad.csv").write_text("run,method\nx,y\n")
+    assert read_table(tmp_path / "bad.csv", ["run", "value"], notes) is None
+    runs_dir = tmp_path / "runs"
+    (runs_dir / "broken-s0").mkdir(parents=True)
+    (runs_dir / "broken-s0" / "config.json").write_text("{not json")
+    runs, logs = load_pretrain_runs(runs_dir, load_preset("tiny").pretrain, notes)
+    assert runs.empty and logs.empty
+    text = " | ".join(notes)
+    assert "absent.csv is missing" in text and "lacks columns ['value']" in text and "not valid JSON" in text
+    assert "run broken-s0 skipped" in text
+
+
+def test_runs_are_grouped_by_config_not_by_name(tmp_path):
+    reference = load_preset("tiny").pretrain
+    preset = load_preset("tiny").to_dict()
+    standard = {"method": "presence", "tau": None, "per": "microbatch", "preset": preset}
+    assert variant_label(standard, reference) == "presence"
+    single = {"method": "presence-single", "tau": 2.0, "preset": preset}
+    assert variant_label(single, reference) == "presence-single tau=+2"
+    changed = json.loads(json.dumps(preset))
+    changed["pretrain"]["switch_step"] = 50
+    label = variant_label({"method": "presence", "tau": None, "per": "sample", "preset": changed}, reference)
+    assert label == "presence (per-sample, I=50)"
+    # a run named like the standard recipe still counts as a variant when its config differs
+    folder = tmp_path / "runs" / "presence-s0"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"run_name": "presence-s0", "method": "presence", "seed": 0,
+                                                    "tau": None, "per": "microbatch", "preset": changed}))
+    (folder / "train_log.csv").write_text("step,loss,heldout_loss\n1,5.0,\n2,4.0,4.5\n")
+    runs, logs = load_pretrain_runs(tmp_path / "runs", reference, [])
+    assert runs.iloc[0]["variant"] == "presence (I=50)" and not runs.iloc[0]["standard"]
+    assert runs.iloc[0]["final_heldout_loss"] == 4.5  # no metrics.json: the last logged evaluation
+    assert list(logs["loss"]) == [5.0, 4.0]
+
+
+def test_offline_measures_and_direction_sentence():
+    runs = pd.DataFrame({"run_name": ["b0", "b1", "p0", "p1"], "method": ["baseline"] * 2 + ["presence"] * 2,
+                         "seed": [0, 1, 0, 1], "standard": [True] * 4, "final_heldout_loss": [4.0, 4.2, 3.9, 3.9]})
+    retrieval = pd.DataFrame({"variant": ["baseline", "presence"], "seed": [0, 0], "task": ["verse_retrieval"] * 2,
+                              "value": [10.0, 12.5]})
+    offline = offline_table(TABLE3, runs, retrieval, "tiny").set_index(["task", "method"])
+    assert offline.loc[("heldout_loss", "baseline"), "ours_mean"] == pytest.approx(4.1)
+    assert offline.loc[("heldout_loss", "presence"), "ours_delta_vs_baseline"] == pytest.approx(-0.2)
+    assert offline.loc[("verse_retrieval", "presence"), "ours_delta_vs_baseline"] == pytest.approx(2.5)
+    empty = comparison_table(TABLE3, load_paper_results(), pd.DataFrame(
+        columns=["variant", "seed", "task", "setting", "metric", "value"]), "tiny")
+    sentence = direction_summary(empty, offline.reset_index(), our_steps=200)
+    assert "not tested here" in sentence and "PRESENCE 3.900 vs baseline 4.100" in sentence
+    assert "200 steps against the paper's 1M" in sentence
+
+
+def test_format_and_markdown_helpers():
+    assert format_score(1.234, 0.5, 3) == "1.23 ± 0.50 (n=3)"
+    assert format_score(1.234, float("nan"), 1) == "1.23 (n=1)"
+    assert format_score(None, None, 0) == "not run"
+    assert markdown_table(["a", "b"], [["1", "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
+    readme = "intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nrest\n"
+    assert replace_marked_block(readme, "new\n") == "intro\n<!-- results:begin -->\nnew\n<!-- results:end -->\nrest\n"
+    with pytest.raises(ValueError, match="markers"):
+        replace_marked_block("no markers here", "x")
