@@ -66,11 +66,9 @@ def random_spans_noise_mask(batch: int, length: int, noise_density: float, mean_
     num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
     noise_lengths = random_segment_lengths(num_noise, num_spans, batch, rng)
     kept_lengths = random_segment_lengths(length - num_noise, num_spans, batch, rng)
-    interleaved = np.stack([kept_lengths, noise_lengths], axis=2).reshape(batch, 2 * num_spans)
-    span_starts = np.cumsum(interleaved, axis=1)[:, :-1]  # where every span after the first begins
-    starts = np.zeros((batch, length), dtype=np.int32)
-    np.put_along_axis(starts, span_starts, 1, axis=1)
-    return np.cumsum(starts, axis=1) % 2 == 1  # odd-numbered spans are noise
+    interleaved = np.stack([kept_lengths, noise_lengths], axis=2).reshape(-1)
+    is_noise = np.tile(np.array([False, True]), batch * num_spans)
+    return np.repeat(is_noise, interleaved).reshape(batch, length)
 
 
 def _replace_spans(tokens: np.ndarray, span_mask: np.ndarray, eos_id: int, first_sentinel_id: int) -> np.ndarray:
@@ -80,7 +78,7 @@ def _replace_spans(tokens: np.ndarray, span_mask: np.ndarray, eos_id: int, first
     before = np.zeros_like(span_mask)
     before[:, 1:] = span_mask[:, :-1]
     run_start = span_mask & ~before
-    sentinels = first_sentinel_id - (np.cumsum(run_start, axis=1) - 1)
+    sentinels = first_sentinel_id + 1 - np.cumsum(run_start, axis=1, dtype=np.int64)  # (int: bool cumsum is slow)
     values = np.where(run_start, sentinels, tokens)
     kept = values[~span_mask | run_start].reshape(len(tokens), -1)
     return np.concatenate([kept, np.full((len(tokens), 1), eos_id, dtype=kept.dtype)], axis=1)
