@@ -153,8 +153,8 @@ def build_probes(cfg, data_dir: Path, tokenizer, raw_length: int, settings: dict
     records, summary = [], {}
     for index, lang in enumerate(tqdm(cfg.probe_languages, desc="probes", unit="language")):
         documents = ((d.url, d.text) for d in corpus.documents(lang, "heldout"))
-        samples = choose(document_samples(documents, tokenizer, budget), n, np.random.default_rng([cfg.seed, 2, index]),
-                         f"probes for {lang}")
+        candidates = document_samples(documents, tokenizer, budget, one_per_document=cfg.source != "offline")
+        samples = choose(candidates, n, np.random.default_rng([cfg.seed, 2, index]), f"probes for {lang}")
         unchanged = 0
         for sample_id, sample in enumerate(samples):
             jumbled = jumble(sample["text"], lang, np.random.default_rng([cfg.seed, 3, index, sample_id]))

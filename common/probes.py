@@ -62,10 +62,9 @@ def jumble(text: str, language: str, rng: np.random.Generator) -> str:
     return "".join(word + separator for word, separator in zip(new_words, separators + [""]))
 
 
-def pack_lines(token_counts: list[int], budget: int) -> list[tuple[int, int]]:
-    """Greedy runs [start, end) of consecutive lines holding at most `budget` tokens, keeping runs of
-    at least budget / 2 tokens (a document's short tail would otherwise make a short sample). A line
-    longer than the budget is a run of its own, cut to the budget later."""
+def pack_lines(token_counts: list[int], budget: int, min_tokens: float = 0) -> list[tuple[int, int]]:
+    """Greedy runs [start, end) of consecutive lines holding at most `budget` tokens, keeping those of at
+    least min_tokens. A line longer than the budget is a run of its own, cut to the budget later."""
     runs, start, total = [], 0, 0
     for i, count in enumerate(token_counts):
         if total and total + count > budget:
@@ -74,16 +73,21 @@ def pack_lines(token_counts: list[int], budget: int) -> list[tuple[int, int]]:
         total += count
     if total:
         runs.append((start, len(token_counts), total))
-    return [(s, e) for s, e, t in runs if t >= budget / 2]
+    return [(s, e) for s, e, t in runs if t >= min_tokens]
 
 
-def document_samples(documents: Iterable[tuple[str, str]], tokenizer, budget: int) -> list[dict]:
-    """Every candidate sample of (source, text) documents: {"text", "source", "tokens"}."""
+def document_samples(documents: Iterable[tuple[str, str]], tokenizer, budget: int,
+                     one_per_document: bool = False) -> list[dict]:
+    """Candidate samples {"text", "source", "tokens"} of (source, text) documents. By default every run
+    of lines with budget / 2 to budget tokens (Bible chapters, source files: a chapter's short tail
+    would make a short sample); with one_per_document, each document's first run whatever its length
+    (mC4: a random document cut to one row, as the paper's random mC4 samples)."""
     samples = []
     for source, text in documents:
         lines = [line for line in text.splitlines() if line.strip()]
         counts = [len(ids) for ids in encode_texts(tokenizer, lines)]
-        for start, end in pack_lines(counts, budget):
+        runs = pack_lines(counts, budget, 0 if one_per_document else budget / 2)
+        for start, end in runs[:1] if one_per_document else runs:
             sample = "\n".join(lines[start:end])
             tokens = sum(counts[start:end])
             if tokens > budget:  # one over-long line: keep its first `budget` tokens

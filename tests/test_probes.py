@@ -47,8 +47,9 @@ def test_japanese_is_cut_into_bunsetsu_like_chunks():
 
 
 def test_pack_lines_by_hand():
-    # counts 3 4 | 5 | 9 (alone, over the budget) | 2 (a tail under budget/2, dropped)
-    assert pack_lines([3, 4, 5, 9, 2], budget=8) == [(0, 2), (2, 3), (3, 4)]
+    # counts 3 4 | 5 | 9 (alone, over the budget) | 2 (a tail under min_tokens, dropped)
+    assert pack_lines([3, 4, 5, 9, 2], budget=8, min_tokens=4) == [(0, 2), (2, 3), (3, 4)]
+    assert pack_lines([3, 4, 5, 9, 2], budget=8) == [(0, 2), (2, 3), (3, 4), (4, 5)]
 
 
 def test_document_samples_fit_the_budget(tokenizer):
@@ -58,6 +59,10 @@ def test_document_samples_fit_the_budget(tokenizer):
     for s in samples:
         assert len(tokenizer(s["text"], add_special_tokens=False).input_ids) <= 40
     assert samples[0]["source"].startswith("doc://1#lines=1-")
+    short = [("doc://2", "just one line"), ("doc://3", text)]
+    firsts = document_samples(short, tokenizer, budget=40, one_per_document=True)
+    assert [s["source"].split("#")[0] for s in firsts] == ["doc://2", "doc://3"]
+    assert firsts[1]["text"] == samples[0]["text"]
     with pytest.raises(ValueError, match="probe_samples_per_language"):
         choose(samples, len(samples) + 1, np.random.default_rng(0), "test")
 
