@@ -1,7 +1,7 @@
 """01_data: everything pre-training and the self-influence analysis read, for one preset.
 
-    python 01_data/prepare_data.py --preset tiny            # embedded corpus, 5 languages: ~1 min, 2 CPU cores
-    python 01_data/prepare_data.py --preset small           # embedded corpus, 22 languages: ~6 min, 2 CPU cores
+    python 01_data/prepare_data.py --preset tiny            # embedded corpus, 5 languages: ~50 s, 2 CPU cores
+    python 01_data/prepare_data.py --preset small           # embedded corpus, 22 languages: ~3 min, 2 CPU cores
     python 01_data/prepare_data.py --preset paper           # mC4 streamed from the hub, mT5's tokenizer
     python 01_data/prepare_data.py --preset tiny --set data.source=local --set data.local_dir=/data/mc4
     python 01_data/prepare_data.py --preset tiny --force    # rebuild every step
@@ -17,6 +17,7 @@ Then results/<preset>/data/corpus_manifest.csv: one row per language, numbers on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -44,6 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="preset override")
     p.add_argument("--force", action="store_true", help="rebuild every step even if its output is complete")
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def timer(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 1)
 
 
 def is_fresh(marker: Path, settings: dict, force: bool) -> bool:
@@ -208,26 +216,26 @@ def main(preset: str = "tiny", overrides: list[str] | None = None, force: bool =
     # each step's settings include those of the steps it reads from, so a change upstream rebuilds it
     corpus_settings = {k: getattr(cfg, k) for k in ("source", "local_dir", "mc4_dataset", "languages", "seed",
                                                     "max_chars_per_language", "translations", "heldout_books")}
-    corpus_settings.update(probe_languages=cfg.probe_languages, probe_samples=cfg.probe_samples_per_language)
+    if cfg.source != "offline":  # mC4's held-out documents are as many as the probe samples
+        corpus_settings.update(probe_languages=cfg.probe_languages, probe_samples=cfg.probe_samples_per_language)
     tokenizer_settings = {**corpus_settings, "alpha": cfg.alpha, "tokenizer": vars(cfg.tokenizer)}
     packed_settings = {**tokenizer_settings, **{k: getattr(cfg, k) for k in (
         "input_length", "noise_density", "mean_noise_span_length", "heldout_fraction")}}
-    probe_settings = {**tokenizer_settings, "raw_length": raw_length, "probe_max_tokens": cfg.probe_max_tokens}
+    probe_settings = {**tokenizer_settings, "raw_length": raw_length, "probe_max_tokens": cfg.probe_max_tokens,
+                      "probe_languages": cfg.probe_languages, "probe_samples": cfg.probe_samples_per_language}
 
-    timings = {}
-    start = time.perf_counter()
-    corpus_manifest = build_corpus(cfg, data_dir / "corpus", corpus_settings, force)
-    timings["corpus_s"] = time.perf_counter() - start
-    tokenizer, tokenizer_ref = build_tokenizer(cfg, data_dir, corpus_manifest, tokenizer_settings, force)
-    timings["tokenizer_s"] = time.perf_counter() - start - sum(timings.values())
-    manifest = build_packed(cfg, data_dir, corpus_manifest, tokenizer, tokenizer_ref, packed_settings, force)
-    timings["packed_s"] = time.perf_counter() - start - sum(timings.values())
-    probes = build_probes(cfg, data_dir, tokenizer, raw_length, probe_settings, force)
-    timings["probes_s"] = time.perf_counter() - start - sum(timings.values())
+    timings: dict[str, float] = {}
+    with timer(timings, "corpus_s"):
+        corpus_manifest = build_corpus(cfg, data_dir / "corpus", corpus_settings, force)
+    with timer(timings, "tokenizer_s"):
+        tokenizer, tokenizer_ref = build_tokenizer(cfg, data_dir, corpus_manifest, tokenizer_settings, force)
+    with timer(timings, "packed_s"):
+        manifest = build_packed(cfg, data_dir, corpus_manifest, tokenizer, tokenizer_ref, packed_settings, force)
+    with timer(timings, "probes_s"):
+        probes = build_probes(cfg, data_dir, tokenizer, raw_length, probe_settings, force)
     summary_path = summary_path or results_dir(config.name, "data") / "corpus_manifest.csv"
     write_summary(summary_path, config.name, cfg, manifest)
-    timings["total_s"] = time.perf_counter() - start
-    print(" | ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    print(" | ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"data: {data_dir}\nsummary: {summary_path}")
     return {"data_dir": str(data_dir), "summary": str(summary_path), "train_rows": manifest["splits"]["train"]["rows"],
             "heldout_rows": manifest["splits"]["heldout"]["rows"], "probe_records": probes["records"], **timings}
