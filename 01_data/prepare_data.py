@@ -192,7 +192,8 @@ def build_probes(cfg, data_dir: Path, tokenizer, raw_length: int, settings: dict
 def write_summary(path: Path, preset_name: str, cfg, manifest: dict) -> None:
     """Numbers only, no text: the committed record of what the corpus held."""
     rows = []
-    for lang, s in manifest["per_language"].items():
+    for lang in manifest["languages"]:
+        s = manifest["per_language"][lang]
         skipped = s.get("skipped", {})
         rows.append({"preset": preset_name, "language": lang, "source": cfg.source,
                      "translation": s.get("translation", ""), "documents": s["documents"],
