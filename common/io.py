@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is deleted."""
@@ -22,6 +31,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes files private (0600); give the result the permissions of a normally created file
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -89,7 +100,8 @@ def write_jsonl_gz(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]
     """Gzipped JSON lines (the mC4 file format). Returns the number of records written."""
     count = 0
     with atomic_path(path) as tmp:
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        # level 6 instead of gzip's 9: several times faster for a few percent larger files
+        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=6) as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False))
                 f.write("\n")

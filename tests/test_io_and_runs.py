@@ -61,3 +61,12 @@ def test_environment_records_versions_and_device():
     info = environment_info()
     for key in ("git_commit", "python", "torch", "transformers", "device"):
         assert key in info
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    write_json(tmp_path / "x.json", {})
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert os.stat(tmp_path / "x.json").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
