@@ -20,6 +20,7 @@ from matplotlib.ticker import ScalarFormatter
 
 from common.io import atomic_path
 from common.run_results import HEADLINE_METRIC
+from common.stats import auroc
 
 DPI = 130
 METHOD_COLORS = {
@@ -618,4 +619,71 @@ def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFram
                for v in variants if v in seeds]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
     fig.suptitle("Per-language scores, baseline vs PRESENCE (bars: mean over seeds; error bars: std)", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def plot_si_layer_sets(scores: pd.DataFrame, out_png: str | Path) -> Figure:
+    """The paper's open question 2: how well each layer set's SI separates noisy from clean text
+    (AUROC per language), with the loss alone as the baseline detector."""
+    rows = []
+    for (layer_set, lang), group in scores.groupby(["layer_set", "lang"], sort=False):
+        for noisy, reference in (("jumbled", "clean"), ("mismatched", "random")):
+            pos, neg = group[group["condition"] == noisy], group[group["condition"] == reference]
+            if len(pos) and len(neg):
+                rows.append({"layer_set": layer_set, "comparison": f"{lang}: {noisy} vs {reference}",
+                             "si": auroc(pos["si"], neg["si"]), "loss": auroc(pos["loss"], neg["loss"])})
+    if not rows:
+        raise MissingInputError("no noisy/reference pairs in the SI scores")
+    table = pd.DataFrame(rows)
+    comparisons = list(dict.fromkeys(table["comparison"]))
+    layer_sets = list(dict.fromkeys(table["layer_set"]))
+    fig = Figure(figsize=(max(8, 1.1 * len(comparisons) + 3), 5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / (len(layer_sets) + 1)
+    palette: dict[str, str] = {}
+    for j, layer_set in enumerate(layer_sets):
+        part = table[table["layer_set"] == layer_set].set_index("comparison").reindex(comparisons)
+        ax.bar(np.arange(len(comparisons)) + (j - len(layer_sets) / 2) * width, part["si"], width,
+               color=color_for(f"SI: {layer_set}", palette), label=f"SI on layer set '{layer_set}'")
+    loss = table.drop_duplicates("comparison").set_index("comparison").reindex(comparisons)
+    ax.bar(np.arange(len(comparisons)) + (len(layer_sets) / 2) * width, loss["loss"], width, color="#cccccc",
+           hatch="//", edgecolor="#888888", label="loss alone (baseline detector)")
+    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="chance (0.5)")
+    ax.set_xticks(np.arange(len(comparisons)), comparisons, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("AUROC: noisy sample scores higher than clean")
+    ax.set_xlabel("probe language and comparison")
+    ax.set_title("Which layers? SI on different layer sets as a detector of noisy / out-of-domain text")
+    ax.legend(fontsize=9, loc="lower right")
+    return save_figure(fig, out_png)
+
+
+def plot_si_reliability(reliability: pd.DataFrame, out_png: str | Path) -> Figure:
+    """How early in training SI scores become reliable (the paper's Appendix C claims ~20%): AUROC of SI
+    for noise, and rank correlation with the final checkpoint's scores, against training progress."""
+    if reliability.empty:
+        raise MissingInputError("no checkpoints to compare")
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    palette: dict[str, str] = {}
+    for key, part in reliability.groupby(["lang", "comparison"], sort=False):
+        part = part.sort_values("fraction_of_training")
+        label = f"{key[0]}: {key[1]}"
+        color = color_for(label, palette)
+        left.plot(100 * part["fraction_of_training"], part["auroc_si"], marker="o", color=color, label=label)
+        right.plot(100 * part["fraction_of_training"], part["spearman_with_final"], marker="o", color=color,
+                   label=label)
+    left.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
+    left.set_ylim(0, 1.05)
+    left.set_ylabel("AUROC of SI (noisy vs reference)")
+    left.set_title("Does SI separate noise at this checkpoint?")
+    right.set_ylim(-0.1, 1.05)
+    right.set_ylabel("Spearman ρ with the final checkpoint's SI")
+    right.set_title("Are the SI rankings those of the final model?")
+    for ax in (left, right):
+        ax.axvline(20, color="#888888", lw=0.8, ls="--")
+        ax.set_xlabel("checkpoint (% of pre-training steps; dashed: the paper's 20%)")
+        ax.set_xlim(0, 105)
+    right.legend(fontsize=8, loc="lower right")
+    fig.suptitle("How early do self-influence scores become reliable? (layer set 'first')")
     return save_figure(fig, out_png)

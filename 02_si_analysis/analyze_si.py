@@ -1,0 +1,189 @@
+"""02_si_analysis: the paper's Figure 1 (self-influence of clean vs word-jumbled text, and of random vs
+domain-mismatched English), tested harder than the paper did: is SI more than loss or length, how
+early in training do SI scores separate noise, and which layer set to use.
+
+    python 02_si_analysis/analyze_si.py --preset tiny                     # scorer: the baseline run, seed 0
+    python 02_si_analysis/analyze_si.py --preset tiny --run presence-s0   # another pre-trained run
+    python 02_si_analysis/analyze_si.py --preset paper --checkpoint google/mt5-base   # hub access needed
+
+Inputs: artefacts/<preset>/data/probes.jsonl.gz (01_data) and the scorer's checkpoints
+artefacts/<preset>/pretrain/<run>/{final, snapshots/step-N} (03_pretrain).
+Outputs in results/<preset>/si_analysis/: si_scores.csv (one row per probe sample, checkpoint and layer
+set), si_summary.csv, si_correlations.csv, si_reliability.csv, metrics.json; PNGs in results/<preset>/figures/.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+from tqdm import tqdm
+from transformers import AutoModelForSeq2SeqLM
+
+from common.config import load_preset
+from common.influence import forward_logits, group_losses, self_influence, token_losses
+from common.io import read_json, write_csv, write_json
+from common.paths import artefacts_dir, results_dir
+from common.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
+from common.probes import span_corrupted_probes
+from common.runinfo import write_run_files
+from common.stats import auroc, bootstrap_mean_ci, mann_whitney_p
+from common.tokenizer import encode_texts, load_tokenizer
+
+NOISY = {"jumbled": "clean", "mismatched": "random"}  # noisy condition -> the condition it is compared with
+SCORE_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "step", "layer_set", "seed"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--run", default="baseline-s0", help="the 03_pretrain run whose checkpoints score the probes")
+    p.add_argument("--checkpoint", help="score with this model folder or hub name instead (no snapshots)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the span-corruption noise of the probes")
+    p.add_argument("--out", help="output folder (default results/<preset>/si_analysis)")
+    p.add_argument("--overwrite", action="store_true", help="replace an analysis made with another scorer")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    return p.parse_args(argv)
+
+
+def read_probes(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing. Fix: run `make data` (01_data/prepare_data.py) first")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return pd.DataFrame(records).rename(columns={"language": "lang"})
+
+
+def checkpoints(args, preset) -> list[tuple[str, int | None, str]]:
+    """(label, step, folder or hub name) of the scorer's snapshots and its final model, oldest first."""
+    if args.checkpoint:
+        return [(args.checkpoint, None, args.checkpoint)]
+    store = artefacts_dir(preset.name, "pretrain", args.run)
+    final = store / "final"
+    if not (final / "presence_run.json").is_file():
+        raise FileNotFoundError(f"{final} holds no finished run. Fix: run `make pretrain` (or 03_pretrain/"
+                                f"pretrain.py --preset {preset.name} --method baseline) first, or pass --run/--checkpoint")
+    found = [(f"{args.run}/{p.name}", int(p.name.split("-")[1]), str(p))
+             for p in sorted(store.glob("snapshots/step-*"), key=lambda p: int(p.name.split("-")[1]))]
+    return found + [(f"{args.run}/final", read_json(final / "presence_run.json")["steps"], str(final))]
+
+
+def score(model, tokenizer, probes: pd.DataFrame, layer_set: str, cfg, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample self-influence and span-corruption loss of every probe, in batches."""
+    sis, losses = [], []
+    for start in tqdm(range(0, len(probes), cfg.si_analysis.batch_size), desc=f"SI ({layer_set})", leave=False):
+        chunk = probes.iloc[start:start + cfg.si_analysis.batch_size]
+        batch = span_corrupted_probes(chunk["text"].tolist(), chunk["sample_id"].tolist(), tokenizer,
+                                      input_length=cfg.data.input_length, seed=seed,
+                                      noise_density=cfg.data.noise_density,
+                                      mean_noise_span_length=cfg.data.mean_noise_span_length)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        sis.append(self_influence(model, batch, layers=layer_set, per="sample").double().cpu())
+        with torch.no_grad():
+            losses.append(group_losses(token_losses(forward_logits(model, batch), batch["labels"]),
+                                       batch["labels"]).double().cpu())
+    return torch.cat(sis).numpy(), torch.cat(losses).numpy()
+
+
+def summary_rows(scores: pd.DataFrame, bootstrap: int) -> list[dict]:
+    """Per checkpoint, layer set, language and condition: n, mean, median and bootstrap CI of the mean;
+    for the noisy conditions also the Mann-Whitney p-value and AUROC of SI (and, as a baseline
+    detector, of the loss) separating them from their reference condition."""
+    rows = []
+    for (checkpoint, layer_set, lang), group in scores.groupby(["checkpoint", "layer_set", "lang"], sort=False):
+        for condition, part in group.groupby("condition", sort=False):
+            low, high = bootstrap_mean_ci(part["si"], n_resamples=bootstrap)
+            row = {"checkpoint": checkpoint, "step": part["step"].iloc[0], "layer_set": layer_set, "lang": lang,
+                   "condition": condition, "n": len(part), "mean": part["si"].mean(), "median": part["si"].median(),
+                   "ci_low": low, "ci_high": high, "reference": "", "mw_p": "", "auroc_si": "", "auroc_loss": ""}
+            reference = group[group["condition"] == NOISY.get(condition, "")]
+            if len(reference):
+                row.update(reference=NOISY[condition], mw_p=mann_whitney_p(part["si"], reference["si"]),
+                           auroc_si=auroc(part["si"], reference["si"]),
+                           auroc_loss=auroc(part["loss"], reference["loss"]))
+            rows.append(row)
+    return rows
+
+
+def correlation_rows(scores: pd.DataFrame) -> list[dict]:
+    """Is SI just loss or length? Spearman correlations per checkpoint, layer set, language, condition."""
+    rows = []
+    for keys, part in scores.groupby(["checkpoint", "layer_set", "lang", "condition"], sort=False):
+        rows.append(dict(zip(["checkpoint", "layer_set", "lang", "condition"], keys), n=len(part),
+                         spearman_si_loss=sps.spearmanr(part["si"], part["loss"]).statistic,
+                         spearman_si_n_tokens=sps.spearmanr(part["si"], part["n_tokens"]).statistic))
+    return rows
+
+
+def reliability_rows(scores: pd.DataFrame) -> list[dict]:
+    """How early do SI scores become reliable? Per checkpoint (layer set "first"): the AUROC of SI for
+    noise, and the rank correlation of each sample's SI with its SI under the final checkpoint."""
+    first = scores[scores["layer_set"] == "first"]
+    final_step = first["step"].max()
+    final = first[first["step"] == final_step].set_index(["lang", "condition", "sample_id"])["si"]
+    rows = []
+    for (checkpoint, step, lang), group in first.groupby(["checkpoint", "step", "lang"], sort=False):
+        here = group.set_index(["lang", "condition", "sample_id"])["si"]
+        for noisy, reference in NOISY.items():
+            pos, neg = group[group["condition"] == noisy]["si"], group[group["condition"] == reference]["si"]
+            if len(pos) and len(neg):
+                rows.append({"checkpoint": checkpoint, "step": step, "fraction_of_training": step / final_step,
+                             "lang": lang, "comparison": f"{noisy} vs {reference}", "auroc_si": auroc(pos, neg),
+                             "spearman_with_final": sps.spearmanr(here, final.loc[here.index]).statistic})
+    return rows
+
+
+def main(args: argparse.Namespace) -> dict:
+    preset = load_preset(args.preset, args.set)
+    out = Path(args.out) if args.out else results_dir(preset.name, "si_analysis")
+    scorer = args.checkpoint or args.run
+    previous = out / "config.json"
+    if previous.is_file() and read_json(previous)["scorer"] != scorer and not args.overwrite:
+        raise FileExistsError(f"{out} holds the analysis of scorer {read_json(previous)['scorer']}. Fix: pass "
+                              "--out for another folder, or --overwrite to replace it")
+    probes = read_probes(artefacts_dir(preset.name, "data", "probes.jsonl.gz"))
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = checkpoints(args, preset)
+
+    frames, started, scored = [], time.perf_counter(), 0
+    for label, step, folder in found:
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder).to(device).eval()  # eval: no dropout noise in SI
+        tokenizer = load_tokenizer(folder)
+        n_tokens = [len(ids) for ids in encode_texts(tokenizer, probes["text"].tolist())]
+        # every layer set on the final checkpoint; the earlier ones only need the paper's set
+        layer_sets = preset.si_analysis.layer_sets if folder == found[-1][2] else ["first"]
+        for layer_set in layer_sets:
+            si, loss = score(model, tokenizer, probes, layer_set, preset, args.seed)
+            scored += len(probes)
+            frames.append(probes[["lang", "condition", "sample_id"]].assign(
+                n_tokens=n_tokens, loss=loss, si=si, checkpoint=label, step=step, layer_set=layer_set, seed=args.seed))
+        print(f"{label}: scored {len(probes)} probes x {len(layer_sets)} layer set(s)")
+    seconds = time.perf_counter() - started
+    scores = pd.concat(frames, ignore_index=True)[SCORE_COLUMNS]
+
+    write_csv(out / "si_scores.csv", scores.to_dict("records"), SCORE_COLUMNS)
+    write_csv(out / "si_summary.csv", summary_rows(scores, preset.si_analysis.bootstrap_samples))
+    write_csv(out / "si_correlations.csv", correlation_rows(scores))
+    write_csv(out / "si_reliability.csv", reliability_rows(scores))
+    figures = results_dir(preset.name, "figures")
+    final_label = found[-1][0]
+    plot_figure1(scores, figures / "figure1_si_noise_domain.png", f" ({preset.name} preset, {final_label})")
+    plot_si_layer_sets(scores[scores["checkpoint"] == final_label], figures / "si_layer_sets.png")
+    if len(found) > 1:
+        plot_si_reliability(pd.DataFrame(reliability_rows(scores)), figures / "si_reliability.png")
+    metrics = {"checkpoints": [label for label, _, _ in found], "probes": len(probes), "scored_samples": scored,
+               "seconds": seconds, "samples_per_second": scored / seconds, "device": str(device)}
+    write_run_files(out, {"scorer": scorer, "args": vars(args), "preset": preset.to_dict()}, metrics)
+    print(f"SI analysis: {scored} samples in {seconds:.1f} s ({scored / seconds:.0f} samples/s) -> {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())
