@@ -24,12 +24,12 @@ in tests/test_influence.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import weakref
 from typing import Iterable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 
 @dataclass(eq=False)
@@ -40,6 +40,7 @@ class _Use:
     inputs: torch.Tensor  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
     output: torch.Tensor  # (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk): what the backward differentiates against
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
+    cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -49,6 +50,50 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 def _has_relative_bias(module: nn.Module) -> bool:
     return bool(getattr(module, "has_relative_attention_bias", False)) and hasattr(module, "compute_bias")
+
+
+# Which modules to hook for a model and parameter set, found once (walking the model every microbatch
+# costs milliseconds).
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _recording_plan(model: nn.Module, params: list[nn.Parameter]):
+    """(attention modules whose relative bias is tracked, [(module, kind, its tracked parameters)])."""
+    key = tuple(map(id, params))
+    plans = _PLANS.setdefault(model, {})
+    if key not in plans:
+        plans.clear()
+        plans[key] = _find_uses(model, set(params))
+    return plans[key]
+
+
+def _find_uses(model: nn.Module, tracked: set):
+    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+    attentions = [m for m in model.modules() if _has_relative_bias(m) and m.relative_attention_bias.weight in tracked]
+    bias_tables = {m.relative_attention_bias for m in attentions}
+    recorded = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = [p for p in module.parameters(recurse=False) if p in tracked]
+        if not own or module in bias_tables:
+            continue
+        if isinstance(module, nn.Linear):
+            kind = "linear"
+        elif isinstance(module, nn.Embedding):
+            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+                raise NotImplementedError(f"{name}: embeddings with max_norm, scale_grad_by_freq or sparse "
+                                          "gradients are not supported by the per-sample engine")
+            kind = "embedding"
+        elif _is_rms_norm(module):
+            kind = "rms_norm"
+        else:
+            raise NotImplementedError(
+                f"{name} ({type(module).__name__}) owns {[names.get(p, '?') for p in own]}, which the "
+                "per-sample engine cannot handle (it knows Linear, Embedding, T5 RMS norm, T5 relative "
+                "attention bias). Fix: leave these parameters out of the layer set")
+        if not all(p.requires_grad for p in own):
+            raise ValueError(f"{name}: its parameters do not require grad; self-influence needs them to")
+        recorded.append((module, kind, own))
+    return attentions, recorded
 
 
 class GradTape:
@@ -65,39 +110,17 @@ class GradTape:
         self.params = list(dict.fromkeys(params))
         self.batch_size = batch_size
         self.uses: dict[nn.Parameter, list[_Use]] = {p: [] for p in self.params}
+        self.per_sample: dict[nn.Parameter, torch.Tensor] = {}  # per-sample gradients formed by sq_norms
         self._handles: list = []
         self._patched: list[nn.Module] = []
 
     # ---- recording ---------------------------------------------------------------------------------
     def __enter__(self) -> "GradTape":
-        tracked = set(self.params)
-        names = {p: n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        bias_tables = set()
-        for module in self.model.modules():
-            if _has_relative_bias(module) and module.relative_attention_bias.weight in tracked:
-                bias_tables.add(module.relative_attention_bias)
-                self._expand_relative_bias(module)
-        for name, module in self.model.named_modules(remove_duplicate=False):
-            own = [p for p in module.parameters(recurse=False) if p in tracked]
-            if not own or module in bias_tables:
-                continue
-            if isinstance(module, nn.Linear):
-                kind = "linear"
-            elif isinstance(module, nn.Embedding):
-                if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-                    raise NotImplementedError(f"{name}: embeddings with max_norm, scale_grad_by_freq or sparse "
-                                              "gradients are not supported by the per-sample engine")
-                kind = "embedding"
-            elif _is_rms_norm(module):
-                kind = "rms_norm"
-            else:
-                raise NotImplementedError(
-                    f"{name} ({type(module).__name__}) owns {[names.get(p, '?') for p in own]}, which the "
-                    "per-sample engine cannot handle (it knows Linear, Embedding, T5 RMS norm, T5 relative "
-                    "attention bias). Fix: leave these parameters out of the layer set")
-            if any(p.requires_grad is False for p in own):
-                raise ValueError(f"{name}: its parameters do not require grad; self-influence needs them to")
-            self._handles.append(module.register_forward_hook(self._recorder(kind)))
+        attentions, recorded = _recording_plan(self.model, self.params)
+        for attention in attentions:
+            self._expand_relative_bias(attention)
+        for module, kind, owned in recorded:
+            self._handles.append(module.register_forward_hook(self._recorder(kind, owned)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -107,12 +130,13 @@ class GradTape:
             del attention.compute_bias  # back to the class method
         self._handles, self._patched = [], []
 
-    def _recorder(self, kind: str):
+    def _recorder(self, kind: str, owned: list[nn.Parameter]):
+        lists = [self.uses[p] for p in owned]  # a Linear's weight and bias share one record
+
         def hook(module, args, output):
             use = _Use(kind, module, args[0], output)
-            for p in module.parameters(recurse=False):
-                if p in self.uses:
-                    self.uses[p].append(use)  # a Linear's weight and bias share one record
+            for uses in lists:
+                uses.append(use)
         return hook
 
     def _expand_relative_bias(self, attention: nn.Module) -> None:
@@ -149,24 +173,34 @@ class GradTape:
     # ---- per-sample squared norms ------------------------------------------------------------------
     def sq_norms(self, params: Iterable[nn.Parameter] | None = None, group_size: int = 1) -> torch.Tensor:
         """Squared gradient norm restricted to `params` (default: all tracked), per contiguous group of
-        `group_size` samples: shape (batch_size // group_size,)."""
+        `group_size` samples: shape (batch_size // group_size,). Per-sample gradients that this forms on
+        the way (small layers: norms, biases, Linear weights when cheaper than the Gram form) are kept
+        for add_weighted_grads."""
         if self.batch_size % group_size:
             raise ValueError(f"group size {group_size} does not divide the batch size {self.batch_size}")
         n_groups = self.batch_size // group_size
         total = None
         for p in (self.params if params is None else params):
-            norms = _param_sq_norms(p, self.uses[p], n_groups)
+            norms, per_group = _param_sq_norms(p, self.uses[p], n_groups)
+            if group_size == 1 and per_group is not None:
+                self.per_sample[p] = per_group
             total = norms if total is None else total + norms
         if total is None:
             raise ValueError("no parameters to take the norm over")
         return total
 
     # ---- weighted gradients ------------------------------------------------------------------------
+    @torch.no_grad()
     def add_weighted_grads(self, weights: torch.Tensor, grads: dict[nn.Parameter, torch.Tensor]) -> None:
         """grads[p] += d/dp sum_j weights[j] * loss_j for every tracked parameter p (weights: (batch_size,))."""
         for p in self.params:
+            out = grads[p]
+            if p in self.per_sample:
+                per_sample = self.per_sample[p]
+                out.add_(torch.mv(per_sample.flatten(1).t(), weights.to(per_sample.dtype)).view_as(out).to(out.dtype))
+                continue
             for use in self.uses[p]:
-                _add_weighted_grad(p, use, weights, grads[p])
+                _add_weighted_grad(p, use, weights, out)
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -178,71 +212,88 @@ def _grouped(t: torch.Tensor, n_groups: int) -> torch.Tensor:
     return t.reshape(n_groups, -1, t.shape[-1])
 
 
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def _linear_factors(use: _Use, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations, output gradients) grouped, in at least float32; the activations as the matmul saw
+    them (autocast casts the input to the output's dtype)."""
     grad = use.grad
-    acts = use.inputs.to(grad.dtype)  # what the matmul saw (autocast casts the input to its dtype)
     dtype = _acc_dtype(grad)
-    return _grouped(acts, n_groups).to(dtype), _grouped(grad, n_groups).to(dtype)
+    return _grouped(use.inputs.to(grad.dtype), n_groups).to(dtype), _grouped(grad, n_groups).to(dtype)
 
 
 def _rms_norm_factor(use: _Use) -> torch.Tensor:
-    """x_hat of the layer norm, recomputed by the module itself with a unit weight, so that it is
-    bit-identical to what the forward multiplied the weight with."""
-    module = use.module
-    with torch.no_grad():
-        return functional_call(module, {"weight": torch.ones_like(module.weight)}, (use.inputs,))
+    """x_hat = the layer norm's output for a unit weight, computed by the module's own forward (so it is
+    bit-identical to what the weight was multiplied with); cached on the use."""
+    if "x_hat" not in use.cache:
+        module = use.module
+        weight = module._parameters["weight"]
+        module._parameters["weight"] = torch.ones_like(weight)
+        try:
+            with torch.no_grad():
+                use.cache["x_hat"] = module.forward(use.inputs)  # .forward: no hooks, nothing recorded
+        finally:
+            module._parameters["weight"] = weight
+    return use.cache["x_hat"]
 
 
-def _relative_bias_tables(use: _Use, n_groups: int) -> torch.Tensor:
-    """Per-group gradient of the bias table: (G, buckets, heads)."""
-    grad = use.grad.to(_acc_dtype(use.grad))
-    grad = grad.reshape(n_groups, -1, *grad.shape[1:]).sum(1)  # (G, H, Tq, Tk)
-    n_buckets = use.module.weight.shape[0]
-    flat = grad.flatten(2).transpose(1, 2)  # (G, Tq*Tk, H)
-    tables = flat.new_zeros(n_groups, n_buckets, flat.shape[-1])
-    return tables.index_add_(1, use.inputs.flatten().to(flat.device), flat)
-
-
-def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> torch.Tensor:
+def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-group squared norms, per-group gradients of shape (G, *p.shape) when they were formed)."""
     if not uses:
-        return torch.zeros(n_groups, device=p.device, dtype=_acc_dtype(p))
+        return torch.zeros(n_groups, device=p.device, dtype=_acc_dtype(p)), None
     kinds = {u.kind for u in uses}
     if kinds == {"rms_norm"}:
-        summed = sum(_grouped(u.grad.to(_acc_dtype(u.grad)) * _rms_norm_factor(u), n_groups).sum(1) for u in uses)
-        return summed.square().sum(1)
+        per_group = sum((u.grad.to(_acc_dtype(u.grad)) * _rms_norm_factor(u)).reshape(n_groups, -1, p.shape[0]).sum(1)
+                        for u in uses)
+        return per_group.square().sum(1), per_group
     if kinds == {"relative_bias"}:
-        return sum(_relative_bias_tables(u, n_groups) for u in uses).square().sum((1, 2))
+        per_group = sum(_relative_bias_tables(u, n_groups) for u in uses)
+        return per_group.square().sum((1, 2)), per_group
     if kinds == {"linear"} and p is uses[0].module.bias:
-        return torch.cat([_linear_factors(u, n_groups)[1] for u in uses], 1).sum(1).square().sum(1)
+        per_group = _cat([_linear_factors(u, n_groups)[1] for u in uses], 1).sum(1)
+        return per_group.square().sum(1), per_group
     if not kinds <= {"linear", "embedding"}:
         raise NotImplementedError(f"a parameter used as {sorted(kinds)} at once is not supported")
     # Uses of the same kind concatenate along the token axis; an embedding tied to the output layer
     # adds the cross term 2 <embedding part, output-layer part>.
     linear = [_linear_factors(u, n_groups) for u in uses if u.kind == "linear"]
     embedding = [u for u in uses if u.kind == "embedding"]
-    total = torch.zeros(n_groups, device=p.device, dtype=_acc_dtype(p))
+    if linear and not embedding:
+        return _linear_sq_norms(_cat([a for a, _ in linear], 1), _cat([g for _, g in linear], 1))
+    ids = _cat([u.inputs.reshape(n_groups, -1) for u in embedding], 1)
+    embedding_grads = _cat([_grouped(_masked_embedding_grad(u), n_groups).to(_acc_dtype(u.grad))
+                            for u in embedding], 1)
+    total = _embedding_sq_norms(ids, embedding_grads, p.shape[0])
     if linear:
-        acts = torch.cat([a for a, _ in linear], 1)
-        linear_grads = torch.cat([g for _, g in linear], 1)
-        total = total + _linear_sq_norms(acts, linear_grads)
-    if embedding:
-        ids = torch.cat([u.inputs.reshape(n_groups, -1) for u in embedding], 1)
-        embedding_grads = torch.cat([_grouped(_masked_embedding_grad(u), n_groups).to(_acc_dtype(u.grad))
-                                     for u in embedding], 1)
-        total = total + _embedding_sq_norms(ids, embedding_grads, p.shape[0])
-    if linear and embedding:
+        acts, linear_grads = _cat([a for a, _ in linear], 1), _cat([g for _, g in linear], 1)
+        total = total + _linear_sq_norms(acts, linear_grads)[0]
         total = total + 2 * _embedding_linear_cross(ids, embedding_grads, acts, linear_grads)
-    return total
+    return total, None
 
 
-def _linear_sq_norms(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """||sum_t grads_t acts_t^T||^2 per group; acts (G, T, d_in), grads (G, T, d_out)."""
+def _linear_sq_norms(acts: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """||sum_t grads_t acts_t^T||^2 per group; acts (G, T, d_in), grads (G, T, d_out). The Gram form costs
+    T^2 (d_in + d_out) per group, the per-group matrices T d_in d_out: take the cheaper."""
     tokens, d_in, d_out = acts.shape[1], acts.shape[2], grads.shape[2]
     if tokens * (d_in + d_out) < d_in * d_out:
         gram_acts = torch.bmm(acts, acts.transpose(1, 2))
         gram_grads = torch.bmm(grads, grads.transpose(1, 2))
-        return (gram_acts * gram_grads).sum((1, 2))
-    return torch.bmm(grads.transpose(1, 2), acts).square().sum((1, 2))
+        return (gram_acts * gram_grads).sum((1, 2)), None
+    per_group = torch.bmm(grads.transpose(1, 2), acts)
+    return per_group.square().sum((1, 2)), per_group
+
+
+def _relative_bias_tables(use: _Use, n_groups: int) -> torch.Tensor:
+    """Per-group gradient of the bias table, (G, buckets, heads): the position-bias gradient summed over
+    the query/key pairs of each bucket (rows indexed by (q, k), so the scatter adds contiguous rows)."""
+    grad = use.grad.to(_acc_dtype(use.grad))
+    if n_groups != grad.shape[0]:
+        grad = grad.reshape(n_groups, -1, *grad.shape[1:]).sum(1)
+    rows = grad.permute(2, 3, 0, 1).reshape(-1, n_groups * grad.shape[1])  # (Tq*Tk, G*H)
+    tables = rows.new_zeros(use.module.weight.shape[0], rows.shape[1]).index_add_(0, use.inputs.flatten(), rows)
+    return tables.view(-1, n_groups, grad.shape[1]).transpose(0, 1)
 
 
 def _masked_embedding_grad(use: _Use) -> torch.Tensor:
@@ -270,25 +321,28 @@ def _embedding_linear_cross(ids, emb_grads, acts, lin_grads) -> torch.Tensor:
 
 
 def _add_weighted_grad(p: nn.Parameter, use: _Use, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """out += the gradient of sum_j weights[j] loss_j that flows through this one use of p."""
     grad = use.grad
+    weights = weights.to(grad.dtype)
     if use.kind == "relative_bias":
-        summed = torch.einsum("b,bhqk->qkh", weights.to(grad.dtype), grad).reshape(-1, grad.shape[1])
-        out.index_add_(0, use.inputs.flatten(), summed.to(out.dtype))
+        rows = torch.einsum("b,bhqk->qkh", weights, grad).reshape(-1, grad.shape[1])  # (Tq*Tk, H)
+        out.index_add_(0, use.inputs.flatten(), rows.to(out.dtype))
         return
-    scaled = grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-    if use.kind == "linear":
-        scaled = scaled.flatten(0, -2)
-        if p is use.module.bias:
-            out.add_(scaled.sum(0).to(out.dtype))
-        else:
-            acts = use.inputs.to(grad.dtype).flatten(0, -2)
-            if out.dtype == grad.dtype:
-                out.addmm_(scaled.t(), acts)
-            else:
-                out.add_(torch.mm(scaled.t(), acts).to(out.dtype))
-    elif use.kind == "embedding":
-        if use.module.padding_idx is not None:
-            scaled = scaled.masked_fill((use.inputs == use.module.padding_idx).unsqueeze(-1), 0)
+    per_token = weights.view(-1, *([1] * (grad.dim() - 1)))
+    if use.kind == "embedding":
+        scaled = _masked_embedding_grad(use) * per_token
         out.index_add_(0, use.inputs.flatten(), scaled.flatten(0, -2).to(out.dtype))
-    else:  # rms_norm
-        out.add_((scaled.to(_acc_dtype(scaled)) * _rms_norm_factor(use)).flatten(0, -2).sum(0).to(out.dtype))
+    elif use.kind == "rms_norm":
+        out.add_((grad * per_token * _rms_norm_factor(use)).flatten(0, -2).sum(0).to(out.dtype))
+    elif p is use.module.bias:
+        out.add_((grad * per_token).flatten(0, -2).sum(0).to(out.dtype))
+    else:  # Linear weight: (weighted output gradients)^T @ activations, scaling the narrower factor
+        acts = use.inputs.to(grad.dtype)
+        if grad.shape[-1] <= acts.shape[-1]:
+            grad = grad * per_token
+        else:
+            acts = acts * per_token
+        if out.dtype == grad.dtype:
+            out.addmm_(grad.flatten(0, -2).t(), acts.flatten(0, -2))
+        else:
+            out.add_(torch.mm(grad.flatten(0, -2).t(), acts.flatten(0, -2)).to(out.dtype))
