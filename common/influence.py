@@ -39,8 +39,15 @@ IGNORE_INDEX = -100  # Hugging Face's label for "no loss here" (padding)
 Layers = str | Sequence[str]
 
 
+def eager(model: nn.Module) -> nn.Module:
+    """The module behind torch.compile's wrapper (same parameters). Per-sample scores need forward hooks
+    inside the model, which a compiled graph does not run, so they always run the eager model."""
+    return getattr(model, "_orig_mod", model)
+
+
 def layer_set(model: nn.Module, layers: Layers = "first") -> list[nn.Parameter]:
     """The parameters of layer set `layers` (see the module docstring), in model order, each once."""
+    model = eager(model)
     if isinstance(layers, str):
         if layers == "all":
             prefixes = None
@@ -104,6 +111,7 @@ def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per:
         group_size = microbatch_size
     else:
         raise ValueError(f"per must be 'sample' or 'microbatch', got {per!r}")
+    model = eager(model)
     params = layer_set(model, layers)
     with torch.enable_grad():
         with GradTape(model, params, batch_size) as tape:

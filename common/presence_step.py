@@ -21,7 +21,8 @@ w_j proportional to b_j * exp(tau * z_j); tau = 0 then reproduces the baseline e
 counts. With packed span corruption every sample has the same number of targets and b_j = 1/B.
 
 Both steps leave the update direction in p.grad for every trainable parameter; the caller clips, steps and
-zeroes. Data parallel: each rank passes its own microbatches (every rank the same number, of the same
+zeroes. The baseline and per="microbatch" run the model as given (torch.compile'd or not); per="sample"
+runs the eager model behind a compiled one, since its forward hooks do not run inside a compiled graph. Data parallel: each rank passes its own microbatches (every rank the same number, of the same
 sizes); the scores are all-gathered so the softmax runs over the global batch, each rank forms its share of
 G and the shares are all-reduced (summed), so every rank holds the single-process G of the global batch.
 The model is not wrapped in DistributedDataParallel: DDP would all-reduce every microbatch gradient
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
-from common.influence import Layers, forward_logits, layer_set, token_losses, IGNORE_INDEX
+from common.influence import IGNORE_INDEX, Layers, eager, forward_logits, layer_set, token_losses
 from common.per_sample_grads import GradTape
 from common.reweighting import presence_weights
 
@@ -100,6 +101,7 @@ def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, e
 
 
 def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps) -> StepStats:
+    model = eager(model)  # hooks do not run inside a compiled graph
     flat = _flat_grads(model, layers, 0)
     k_params = flat.params[:flat.k_count]
     n_global = len(microbatches) * world_size()
@@ -131,7 +133,7 @@ def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps) 
 # ---- helpers --------------------------------------------------------------------------------------------
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+    return [p for p in eager(model).parameters() if p.requires_grad]
 
 
 def _autocast(model: nn.Module, dtype: torch.dtype | None):
@@ -196,6 +198,7 @@ def _flat_grads(model: nn.Module, layers: Layers, n_rows: int) -> _FlatGrads:
     k_params = layer_set(model, layers)
     key = (tuple(map(id, params)), tuple(map(id, k_params)), n_rows,
            tuple((p.dtype, p.device) for p in params[:1]))
+    model = eager(model)
     cached = _BUFFERS.get(model)
     if cached is None or cached[0] != key:
         _BUFFERS.pop(model, None)  # free the old buffer before allocating the new one
