@@ -38,7 +38,7 @@ class _Use:
     kind: str  # "linear" | "embedding" | "rms_norm" | "relative_bias"
     module: nn.Module
     inputs: torch.Tensor  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
-    output: torch.Tensor  # (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk): what the backward differentiates against
+    output: torch.Tensor | None  # (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk): what the backward differentiates against
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
     cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
 
@@ -169,6 +169,7 @@ class GradTape:
         grads = torch.autograd.grad(loss, [u.output for u in uses], allow_unused=True)
         for use, grad in zip(uses, grads):
             use.grad = torch.zeros_like(use.output) if grad is None else grad
+            use.output = None  # no longer needed; the step holds every microbatch's tape until the end
 
     # ---- per-sample squared norms ------------------------------------------------------------------
     def sq_norms(self, params: Iterable[nn.Parameter] | None = None, group_size: int = 1) -> torch.Tensor:

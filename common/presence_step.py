@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -188,9 +189,11 @@ class _FlatGrads:
             p.grad = view
 
 
-# One buffer per model, rebuilt when the parameters, layer set or microbatch count change. Reusing it
-# avoids allocating (and, on the CPU, page-faulting) n x P floats every step.
-_BUFFERS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _FlatGrads]]" = weakref.WeakKeyDictionary()
+# Buffers per model, kept between steps: allocating (and, on the CPU, page-faulting) n x P floats every
+# step would cost more than using them. A few configurations are kept (the benchmark alternates methods);
+# a training run uses one.
+_BUFFERS: "weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, _FlatGrads]]" = weakref.WeakKeyDictionary()
+_BUFFERS_PER_MODEL = 4
 
 
 def _flat_grads(model: nn.Module, layers: Layers, n_rows: int) -> _FlatGrads:
@@ -198,10 +201,10 @@ def _flat_grads(model: nn.Module, layers: Layers, n_rows: int) -> _FlatGrads:
     k_params = layer_set(model, layers)
     key = (tuple(map(id, params)), tuple(map(id, k_params)), n_rows,
            tuple((p.dtype, p.device) for p in params[:1]))
-    model = eager(model)
-    cached = _BUFFERS.get(model)
-    if cached is None or cached[0] != key:
-        _BUFFERS.pop(model, None)  # free the old buffer before allocating the new one
-        cached = (key, _FlatGrads(params, k_params, n_rows))
-        _BUFFERS[model] = cached
-    return cached[1]
+    cache = _BUFFERS.setdefault(eager(model), OrderedDict())
+    if key not in cache:
+        while len(cache) >= _BUFFERS_PER_MODEL:
+            cache.popitem(last=False)  # free the least recently used before allocating
+        cache[key] = _FlatGrads(params, k_params, n_rows)
+    cache.move_to_end(key)
+    return cache[key]
