@@ -1,5 +1,5 @@
-"""Per-sample gradient norms and per-sample-weighted gradients of a T5 / mT5, without ever forming a
-per-sample gradient.
+"""Per-sample gradient norms and per-sample-weighted gradients of a T5 / mT5 from one backward pass,
+without forming per-sample gradients of the whole model.
 
 During one forward pass a `GradTape` records, for every call of a module that owns a tracked
 parameter, the two factors that parameter's gradient is made of: what went into the module (activations,
@@ -9,13 +9,14 @@ interact in T5, so row j of it comes from sample j's loss alone). From the two f
 
 - `sq_norms`: the squared norm of each sample's (or each contiguous group of samples') gradient, exactly.
   Linear weight: the per-sample matrix d^T a, or the Gram form sum_{t,t'} <a_t, a_t'> <d_t, d_t'>
-  ("ghost norm") when T^2 (d_in + d_out) < T d_in d_out. Embedding: a segment sum of the output gradients
+  ("ghost norm") when that is cheaper, T (d_in + d_out) < d_in d_out. Embedding: a segment sum of the output gradients
   over equal token ids. RMS layer norm: sum_t d_t * x_hat_t. Relative attention bias: the gradient of the
   bias *expanded over the batch* (see `_expand_relative_bias`), scattered onto its buckets.
   A parameter used several times (the shared embedding: encoder and decoder inputs, and the output layer
   when tied) gets the norm of the sum of its uses, cross terms included.
 - `add_weighted_grads`: the gradient of sum_j w_j loss_j, by the usual weight-gradient formulas with
-  each sample's output gradient scaled by w_j (backpropagation is linear in the loss).
+  each sample's output gradient scaled by w_j (backpropagation is linear in the loss), or as w @ the
+  per-sample gradients where `sq_norms` formed them anyway.
 
 Only the module kinds of T5 are supported (nn.Linear, nn.Embedding, T5/mT5 RMS layer norm, T5/mT5
 relative attention bias); a tracked parameter owned by anything else is refused with a clear error.
@@ -24,8 +25,8 @@ in tests/test_influence.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import weakref
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch

@@ -125,3 +125,15 @@ def test_unsupported_modules_are_refused():
     with pytest.raises(NotImplementedError, match="LayerNorm"):
         with GradTape(model, model.parameters(), batch_size=2):
             pass
+
+
+def test_mt5_classes_give_exact_scores_too():
+    # The paper preset builds MT5ForConditionalGeneration (its own layer-norm and attention classes).
+    from transformers import MT5Config, MT5ForConditionalGeneration
+    torch.manual_seed(0)
+    config = MT5Config(vocab_size=40, d_model=16, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=8,
+                       dropout_rate=0.0, relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    model = MT5ForConditionalGeneration(config).double()
+    batch = tiny_batch()
+    expected = brute_force_scores(model, batch, layer_set(model, "all"))
+    assert torch.allclose(self_influence(model, batch, "all"), expected, rtol=1e-6, atol=0)
