@@ -4,7 +4,9 @@ Methods, timed round-robin (every repetition runs each once, so clock drift hits
   baseline              gradient accumulation over the microbatches (common.presence_step.baseline_step)
   presence-microbatch   the paper's method: self-influence of each microbatch, softmax-weighted gradient
   presence-sample       the per-sample variant (one backward per microbatch, per-sample norms from hooks)
-  naive-sample          the per-sample reference done naively: one forward/backward per sample
+  naive-sample          the per-sample reference done naively: one forward/backward per sample into a
+                        (B, P) buffer (the per-microbatch method with one-sample microbatches; the same
+                        update as presence-sample here, where every sample has as many target tokens)
 The optimizer update is left out (it is the same for every method). Peak memory is what a step needs on
 top of the model's parameters (gradients, activations, buffers): on CUDA from the allocator's peak; on
 the CPU from the peak resident size of a fresh process running that method alone (Linux only), with

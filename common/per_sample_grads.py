@@ -54,8 +54,9 @@ def _has_relative_bias(module: nn.Module) -> bool:
 
 
 # Which modules to hook for a model and parameter set, found once (walking the model every microbatch
-# costs milliseconds).
+# costs milliseconds); a few parameter sets per model (e.g. the training step's and a scoring layer set).
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_PLANS_PER_MODEL = 4
 
 
 def _recording_plan(model: nn.Module, params: list[nn.Parameter]):
@@ -63,7 +64,8 @@ def _recording_plan(model: nn.Module, params: list[nn.Parameter]):
     key = tuple(map(id, params))
     plans = _PLANS.setdefault(model, {})
     if key not in plans:
-        plans.clear()
+        if len(plans) >= _PLANS_PER_MODEL:
+            plans.pop(next(iter(plans)))
         plans[key] = _find_uses(model, set(params))
     return plans[key]
 
