@@ -9,10 +9,10 @@ Methods, timed round-robin (every repetition runs each once, so clock drift hits
                         update as presence-sample here, where every sample has as many target tokens)
 The optimizer update is left out (it is the same for every method). Peak memory is what a step needs on
 top of the model's parameters (gradients, activations, buffers): on CUDA from the allocator's peak; on
-the CPU from the peak resident size of a fresh process running that method alone (Linux only), with
-glibc told to return freed blocks at once (MALLOC_MMAP_THRESHOLD_=4096).
+the CPU from the peak resident size of a fresh process that runs the methods one after the other, with
+glibc told to return freed blocks at once (MALLOC_MMAP_THRESHOLD_=4096; Linux only).
 
-    python 03_pretrain/bench_si.py --preset tiny                  # CPU, ~2 min on 2 cores
+    python 03_pretrain/bench_si.py --preset tiny                  # CPU, ~1 min on 2 cores
     python 03_pretrain/bench_si.py --preset tiny --threads 1      # CPU shared with other jobs
     python 03_pretrain/bench_si.py --preset small --device cuda   # GPU, bf16 autocast; add --compile
 Writes results/<preset>/bench/si_overhead.csv.
@@ -33,11 +33,10 @@ from torch import nn
 from tqdm import tqdm, trange
 from transformers import T5Config, T5ForConditionalGeneration
 
-from common import presence_step as step_module
 from common.config import load_preset
 from common.io import write_csv
 from common.paths import REPO_ROOT, results_dir
-from common.presence_step import baseline_step, presence_step
+from common.presence_step import baseline_step, presence_step, release_buffers
 from common.seeding import seed_everything
 
 TAU = 1.0  # any non-zero tau costs the same
@@ -93,9 +92,13 @@ def methods(model, eager_model, microbatches, autocast_dtype):
         # Hooks cannot see inside a compiled graph: the per-sample methods run the eager model.
         "presence-sample": lambda: presence_step(eager_model, microbatches, TAU, per="sample",
                                                  autocast_dtype=autocast_dtype),
-        "naive-sample": lambda: presence_step(eager_model, samples, TAU, per="microbatch",
-                                              autocast_dtype=autocast_dtype),
+        "naive-sample": lambda: naive_sample_step(eager_model, samples, autocast_dtype),
     }
+
+
+def naive_sample_step(model, samples, autocast_dtype) -> None:
+    presence_step(model, samples, TAU, per="microbatch", autocast_dtype=autocast_dtype)
+    release_buffers(model)  # its (B, P) buffer (~80 GB at the small preset) must not stay beside the others
 
 
 def sync(device: str) -> None:
@@ -130,7 +133,7 @@ def peak_memory_mb(fn, model, device: str) -> float:
     fn()
     for p in model.parameters():
         p.grad = None
-    step_module._BUFFERS.clear()
+    release_buffers(model)
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()

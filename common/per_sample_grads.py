@@ -38,7 +38,7 @@ class _Use:
     """One call of a module that owns a tracked parameter, batch-first."""
     kind: str  # "linear" | "embedding" | "rms_norm" | "relative_bias"
     module: nn.Module
-    inputs: torch.Tensor  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
+    inputs: torch.Tensor | None  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
     output: torch.Tensor | None  # (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk): what the backward differentiates against
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
     cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
@@ -185,13 +185,26 @@ class GradTape:
         n_groups = self.batch_size // group_size
         total = None
         for p in (self.params if params is None else params):
-            norms, per_group = _param_sq_norms(p, self.uses[p], n_groups)
-            if group_size == 1 and per_group is not None:
-                self.per_sample[p] = per_group
+            if p in self.per_sample:
+                per_group = self.per_sample[p].reshape(n_groups, group_size, -1).sum(1)
+                norms = per_group.square().sum(1)
+            else:
+                norms, per_group = _param_sq_norms(p, self.uses[p], n_groups)
+                if group_size == 1 and per_group is not None:
+                    self.per_sample[p] = per_group
+                    self._release(p)
             total = norms if total is None else total + norms
         if total is None:
             raise ValueError("no parameters to take the norm over")
         return total
+
+    def _release(self, p: nn.Parameter) -> None:
+        """Drop the recorded factors of p, now summarised by its per-sample gradients (a step keeps every
+        microbatch's tape until all scores are in), unless another parameter of the module needs them."""
+        for use in self.uses[p]:
+            if sum(1 for _ in use.module.parameters(recurse=False)) == 1:
+                use.inputs = use.grad = None
+                use.cache.clear()
 
     # ---- weighted gradients ------------------------------------------------------------------------
     @torch.no_grad()

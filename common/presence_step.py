@@ -82,6 +82,12 @@ def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers
     raise ValueError(f"per must be 'microbatch' or 'sample', got {per!r}")
 
 
+def release_buffers(model: nn.Module) -> None:
+    """Free the gradient buffers the steps keep between calls for `model` (n x P floats per microbatch
+    configuration), e.g. before evaluation or when switching to another method for good."""
+    _BUFFERS.pop(eager(model), None)
+
+
 def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, eps) -> StepStats:
     n = len(microbatches)
     flat = _flat_grads(model, layers, n)

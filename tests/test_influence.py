@@ -137,3 +137,21 @@ def test_mt5_classes_give_exact_scores_too():
     batch = tiny_batch()
     expected = brute_force_scores(model, batch, layer_set(model, "all"))
     assert torch.allclose(self_influence(model, batch, "all"), expected, rtol=1e-6, atol=0)
+
+
+def test_norms_can_be_asked_again_after_per_sample_gradients_were_formed(untied):
+    # sq_norms keeps the per-sample gradients it formed and drops their factors; later calls use them.
+    from common.influence import forward_logits, group_losses, token_losses
+    batch = tiny_batch()
+    params = layer_set(untied, "first")
+    with GradTape(untied, params, batch_size=8) as tape:
+        logits = forward_logits(untied, batch)
+    tape.backward(group_losses(token_losses(logits, batch["labels"]), batch["labels"]).sum())
+    per_sample = tape.sq_norms(params)
+    assert torch.allclose(tape.sq_norms(params), per_sample, rtol=1e-12)
+    # Now pairs: ||grad l_a + grad l_b||^2 with l_j the loss of sample j alone.
+    pairs = []
+    for a in range(0, 8, 2):
+        loss = sum(untied(**{k: v[j:j + 1] for k, v in batch.items()}).loss for j in (a, a + 1))
+        pairs.append(sum(g.square().sum() for g in torch.autograd.grad(loss, params)))
+    assert torch.allclose(tape.sq_norms(params, group_size=2), torch.stack(pairs), rtol=1e-6, atol=0)
