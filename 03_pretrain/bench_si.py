@@ -1,0 +1,255 @@
+"""Cost of PRESENCE: time one training step's gradient, side by side, on the same model and batch.
+
+Methods, timed round-robin (every repetition runs each once, so clock drift hits them alike), median:
+  baseline              gradient accumulation over the microbatches (common.presence_step.baseline_step)
+  presence-microbatch   the paper's method: self-influence of each microbatch, softmax-weighted gradient
+  presence-sample       the per-sample variant (one backward per microbatch, per-sample norms from hooks)
+  naive-sample          the per-sample reference done naively: one forward/backward per sample into a
+                        (B, P) buffer (the per-microbatch method with one-sample microbatches; the same
+                        update as presence-sample here, where every sample has as many target tokens)
+The optimizer update is left out (it is the same for every method). Peak memory is what a step needs on
+top of the model's parameters (gradients, activations, buffers): on CUDA from the allocator's peak; on
+the CPU from the peak resident size of a fresh process that runs the methods one after the other, with
+glibc told to return freed blocks at once (MALLOC_MMAP_THRESHOLD_=4096; Linux only).
+
+    python 03_pretrain/bench_si.py --preset tiny                  # CPU, ~1 min on 2 cores
+    python 03_pretrain/bench_si.py --preset tiny --threads 1      # CPU shared with other jobs
+    python 03_pretrain/bench_si.py --preset small --device cuda   # GPU, bf16 autocast; add --compile
+Writes results/<preset>/bench/si_overhead.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm, trange
+from transformers import T5Config, T5ForConditionalGeneration
+
+from common.config import load_preset
+from common.io import write_csv
+from common.paths import REPO_ROOT, results_dir
+from common.presence_step import baseline_step, presence_step, release_buffers
+from common.seeding import seed_everything
+
+TAU = 1.0  # any non-zero tau costs the same
+COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "preset", "cpu_time_ms", "batch_size",
+           "n_microbatches", "microbatch_size", "input_length", "target_length", "vocab_size", "precision",
+           "compiled", "repeats", "threads", "seed"]
+
+
+def target_length(input_length: int, noise_density: float, mean_span: float) -> int:
+    """T5's span-corruption target length for `input_length` encoder tokens (128 -> 29, 512 -> 114)."""
+    try:
+        from common.span_corruption import compute_input_and_target_lengths
+        return compute_input_and_target_lengths(input_length, noise_density, mean_span)[1]
+    except ImportError:  # the data stage's helper; the same formula, for a branch without it
+        def lengths(raw):
+            noise = min(max(round(raw * noise_density), 1), raw - 1)
+            spans = max(round(noise / mean_span), 1)
+            return raw - noise + spans + 1, noise + spans + 1
+        raw = input_length
+        while lengths(raw + 1)[0] <= input_length:
+            raw += 1
+        return lengths(raw)[1]
+
+
+def build_model(cfg, vocab_size: int, device: str) -> nn.Module:
+    config = T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_ff=cfg.d_ff, num_layers=cfg.num_layers,
+                      num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads, d_kv=cfg.d_kv,
+                      feed_forward_proj=cfg.feed_forward_proj, dropout_rate=0.0, tie_word_embeddings=False,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = T5ForConditionalGeneration(config)
+    if not cfg.tie_word_embeddings and model.lm_head.weight is model.shared.weight:
+        # transformers 5.x ties T5's output layer to the embedding whatever the config says; T5 v1.1 /
+        # mT5 (the paper's models) have an untied output layer, initialised N(0, 1) like HF's untied init.
+        model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight))
+    return model.to(device).train()
+
+
+def random_microbatches(batch_size, n_microbatches, input_length, target_len, vocab_size, device):
+    inputs = torch.randint(2, vocab_size, (batch_size, input_length), device=device)
+    labels = torch.randint(2, vocab_size, (batch_size, target_len), device=device)
+    mask = torch.ones_like(inputs)
+    size = batch_size // n_microbatches
+    return [{"input_ids": inputs[i:i + size], "attention_mask": mask[i:i + size], "labels": labels[i:i + size]}
+            for i in range(0, batch_size, size)]
+
+
+def methods(model, eager_model, microbatches, autocast_dtype):
+    samples = [{k: v[j:j + 1] for k, v in mb.items()} for mb in microbatches for j in range(len(mb["labels"]))]
+    return {
+        "baseline": lambda: baseline_step(model, microbatches, autocast_dtype),
+        "presence-microbatch": lambda: presence_step(model, microbatches, TAU, per="microbatch",
+                                                     autocast_dtype=autocast_dtype),
+        # Hooks cannot see inside a compiled graph: the per-sample methods run the eager model.
+        "presence-sample": lambda: presence_step(eager_model, microbatches, TAU, per="sample",
+                                                 autocast_dtype=autocast_dtype),
+        "naive-sample": lambda: naive_sample_step(eager_model, samples, autocast_dtype),
+    }
+
+
+def naive_sample_step(model, samples, autocast_dtype) -> None:
+    presence_step(model, samples, TAU, per="microbatch", autocast_dtype=autocast_dtype)
+    release_buffers(model)  # its (B, P) buffer (~80 GB at the small preset) must not stay beside the others
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(fns: dict, repeats: int, device: str, slow: dict) -> tuple[dict, dict]:
+    """Median wall-clock and process-CPU milliseconds per call. The CPU time (all threads of this process)
+    is what to compare when other jobs share the cores and --threads is 1."""
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for rep in trange(repeats, desc="timing (round-robin)", leave=False):
+        for name, fn in fns.items():
+            if rep >= slow.get(name, repeats):
+                continue
+            sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    median_ms = lambda samples: {name: statistics.median(t) * 1e3 for name, t in samples.items()}  # noqa: E731
+    return median_ms(wall), median_ms(cpu)
+
+
+
+
+def peak_memory_mb(fn, model, device: str) -> float:
+    """Peak memory of one step above the model's parameters (gradients, activations, buffers), measured
+    on the second call (the first allocates lazily initialised library state)."""
+    fn()
+    for p in model.parameters():
+        p.grad = None
+    release_buffers(model)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    fn()
+    return (_status_kb("VmHWM") - before) / 2**10
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_memory_mb(argv: list[str]) -> dict[str, float]:
+    """Measure every method in a fresh process whose glibc serves every block >= 4 KiB with mmap and
+    returns it on free, so that its resident size follows the live tensors (Linux; NaN elsewhere)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    child = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], env=env, capture_output=True,
+                           text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"the memory measurement failed:\n{child.stderr[-2000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: str | None = None,
+         vocab_size: int | None = None, repeats: int = 10, naive_repeats: int = 3, warmup: int = 2,
+         compile_model: bool = False, seed: int = 0, threads: int | None = None,
+         memory_only: bool = False) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    preset = load_preset(preset_name, overrides)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vocab_size = vocab_size or preset.data.tokenizer.vocab_size
+    batch_size, n_micro = preset.pretrain.batch_size, preset.pretrain.num_microbatches
+    input_length = preset.data.input_length
+    target_len = target_length(input_length, preset.data.noise_density, preset.data.mean_noise_span_length)
+    autocast_dtype = torch.bfloat16 if device == "cuda" else None
+
+    seed_everything(seed)
+    eager_model = build_model(preset.model, vocab_size, device)
+    model = torch.compile(eager_model) if compile_model else eager_model
+    microbatches = random_microbatches(batch_size, n_micro, input_length, target_len, vocab_size, device)
+    fns = methods(model, eager_model, microbatches, autocast_dtype)
+    if memory_only:  # the child process of cpu_peak_memory_mb
+        peak = {name: peak_memory_mb(fn, eager_model, device) for name, fn in fns.items()}
+        print(json.dumps(peak))
+        return peak
+    print(f"{preset_name} on {device}: {sum(p.numel() for p in eager_model.parameters()) / 1e6:.1f}M parameters, "
+          f"batch {batch_size} = {n_micro} x {batch_size // n_micro}, {input_length} -> {target_len} tokens, "
+          f"vocab {vocab_size}, {torch.get_num_threads()} threads")
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    step_ms, cpu_ms = time_round_robin(fns, repeats, device, slow={"naive-sample": naive_repeats})
+    if device == "cuda":
+        peak = {name: peak_memory_mb(fn, eager_model, device) for name, fn in fns.items()}
+    else:
+        argv = ["--preset", preset_name, "--device", device, "--vocab-size", str(vocab_size), "--seed", str(seed),
+                "--threads", str(torch.get_num_threads())] + [f"--set={o}" for o in overrides or []]
+        print("measuring peak memory in a fresh process ...")
+        peak = cpu_peak_memory_mb(argv)
+
+    rows = []
+    for name in fns:
+        compiled = compile_model and name in ("baseline", "presence-microbatch")
+        rows.append({"method": name, "step_ms": round(step_ms[name], 2),
+                     "ratio_to_baseline": round(step_ms[name] / step_ms["baseline"], 3),
+                     "peak_mem_mb": round(peak.get(name, float("nan")), 1),
+                     "cpu_time_ms": round(cpu_ms[name], 2) if device == "cpu" else "", "device": device, "preset": preset_name,
+                     "batch_size": batch_size, "n_microbatches": n_micro, "microbatch_size": batch_size // n_micro,
+                     "input_length": input_length, "target_length": target_len, "vocab_size": vocab_size,
+                     "precision": "bf16-autocast" if autocast_dtype else "fp32", "compiled": compiled,
+                     "repeats": naive_repeats if name == "naive-sample" else repeats,
+                     "threads": torch.get_num_threads(), "seed": seed})
+    print(f"{'method':<22}{'step ms':>10}{'x baseline':>12}{'peak MB':>10}{'CPU ms':>10}{'x baseline':>12}")
+    for row in rows:
+        cpu_ratio = cpu_ms[row["method"]] / cpu_ms["baseline"]
+        print(f"{row['method']:<22}{row['step_ms']:>10.1f}{row['ratio_to_baseline']:>12.3f}{row['peak_mem_mb']:>10.1f}"
+              f"{cpu_ms[row['method']]:>10.1f}{cpu_ratio:>12.3f}")
+    naive_speedup = step_ms["naive-sample"] / step_ms["presence-sample"]
+    print(f"per-sample is {naive_speedup:.1f}x faster than the naive per-sample loop")
+    path = results_dir(preset_name, "bench") / "si_overhead.csv"
+    write_csv(path, rows, COLUMNS)
+    print(f"wrote {path}")
+    return {"rows": rows, "path": str(path), "naive_speedup": naive_speedup}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser.add_argument("--vocab-size", type=int, default=None, help="default: the preset tokenizer's")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
+    parser.add_argument("--naive-repeats", type=int, default=3, help="rounds that also time the slow naive loop")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (baseline, per-microbatch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's); use 1 when other jobs share the cores, since "
+                             "oversubscribed OpenMP threads make small matmuls tens of times slower")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # internal, see cpu_peak_memory_mb
+    args = parser.parse_args()
+    main(args.preset, args.overrides, args.device, args.vocab_size, args.repeats, args.naive_repeats,
+         args.warmup, args.compile, args.seed, args.threads, args.memory_only)

@@ -1,0 +1,121 @@
+"""Self-influence of span-corruption samples: TracIn with the current parameters only,
+SI_K(z) = ||grad_K loss(theta, z)||^2, the squared gradient norm restricted to a layer set K.
+
+Layer sets (`layers`):
+- "first" (default): encoder.block.0 + decoder.block.0. The paper's "first layer of the encoder and of
+  the decoder", read as the first transformer blocks; they own the relative attention biases, which every
+  layer of their stack adds to its scores, so the biases' gradients collect every layer's use.
+- "embeddings": the token embedding `shared.weight`, which feeds both the encoder and the decoder. When the
+  output layer is tied to it (transformers 5.x ties T5's output layer by default, see the report) its use as
+  output layer is part of the same parameter and counts; an untied `lm_head` is not included (the paper
+  says nothing about it; pass ["shared", "lm_head"] to include it).
+- "all": every parameter that requires grad.
+- a list of parameter-name prefixes, matched on whole dotted components ("encoder.block.1" does not match
+  "encoder.block.10"); names include tied aliases, so "lm_head" selects the output layer tied or not.
+
+Losses are Hugging Face's span-corruption loss, `model(**batch).loss`: the mean token cross-entropy over
+labels != -100. A sample's loss is the mean over its own target tokens (what the model returns given that
+sample alone); a microbatch's loss is the mean over all of the microbatch's target tokens. A sample without
+target tokens has loss 0 and self-influence 0 (Hugging Face would return 0/0).
+
+Scores come from one forward and one backward pass for the whole batch (common/per_sample_grads.py); the
+model is scored in the mode the caller set (train: with dropout, as in training; eval: deterministic).
+Parameters and their .grad are left untouched.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.per_sample_grads import GradTape
+
+LAYER_SETS = ("first", "embeddings", "all")
+FIRST_BLOCKS = ("encoder.block.0", "decoder.block.0")
+IGNORE_INDEX = -100  # Hugging Face's label for "no loss here" (padding)
+
+Layers = str | Sequence[str]
+
+
+def eager(model: nn.Module) -> nn.Module:
+    """The module behind torch.compile's wrapper (same parameters). Per-sample scores need forward hooks
+    inside the model, which a compiled graph does not run, so they always run the eager model."""
+    return getattr(model, "_orig_mod", model)
+
+
+def layer_set(model: nn.Module, layers: Layers = "first") -> list[nn.Parameter]:
+    """The parameters of layer set `layers` (see the module docstring), in model order, each once."""
+    model = eager(model)
+    if isinstance(layers, str):
+        if layers == "all":
+            prefixes = None
+        elif layers == "first":
+            prefixes = FIRST_BLOCKS
+        elif layers == "embeddings":
+            return [model.get_input_embeddings().weight]
+        else:
+            raise ValueError(f"unknown layer set {layers!r}. Fix: use one of {LAYER_SETS} or a list of "
+                             "parameter-name prefixes")
+    else:
+        prefixes = tuple(prefix.rstrip(".") for prefix in layers)
+    chosen = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad and (prefixes is None or any(name == x or name.startswith(x + ".") for x in prefixes)):
+            chosen[p] = None
+    if not chosen:
+        raise ValueError(f"layer set {layers!r} selects no trainable parameter. Fix: check the prefixes "
+                         "against model.named_parameters()")
+    return list(chosen)
+
+
+def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Logits of the span-corruption targets, (B, T_target, V), without Hugging Face's own loss."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs.setdefault("decoder_input_ids", model.prepare_decoder_input_ids_from_labels(batch["labels"]))
+    return model(**inputs).logits
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every target token, 0 where labels == -100: (B, T). Computed in at least float32,
+    as Hugging Face's loss is under autocast."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    losses = F.cross_entropy(logits.flatten(0, 1).to(dtype), labels.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.view_as(labels)
+
+
+def group_losses(per_token: torch.Tensor, labels: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """The loss of each contiguous group of `group_size` samples: sum of its token losses / its number of
+    target tokens. group_size 1: per-sample losses."""
+    n_groups = labels.shape[0] // group_size
+    counts = (labels != IGNORE_INDEX).reshape(n_groups, -1).sum(1)
+    return per_token.reshape(n_groups, -1).sum(1) / counts.clamp(min=1)
+
+
+def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per: str = "sample",
+                   microbatch_size: int | None = None) -> torch.Tensor:
+    """Self-influence scores of `batch` (input_ids, attention_mask, labels): one per sample (per="sample")
+    or one per contiguous microbatch of `microbatch_size` samples (per="microbatch"); a 1-D tensor on the
+    model's device, in at least float32."""
+    batch_size = batch["input_ids"].shape[0]
+    if per == "sample":
+        if microbatch_size is not None:
+            raise ValueError("microbatch_size is only used with per='microbatch'")
+        group_size = 1
+    elif per == "microbatch":
+        if microbatch_size is None or microbatch_size < 1 or batch_size % microbatch_size:
+            raise ValueError(f"per='microbatch' needs a microbatch_size that divides the batch size "
+                             f"{batch_size}, got {microbatch_size}")
+        group_size = microbatch_size
+    else:
+        raise ValueError(f"per must be 'sample' or 'microbatch', got {per!r}")
+    model = eager(model)
+    params = layer_set(model, layers)
+    with torch.enable_grad():
+        with GradTape(model, params, batch_size) as tape:
+            logits = forward_logits(model, batch)
+        losses = group_losses(token_losses(logits, batch["labels"]), batch["labels"], group_size)
+        tape.backward(losses.sum())
+    return tape.sq_norms(params, group_size).detach()

@@ -1,0 +1,216 @@
+"""The gradient of one optimizer step: the baseline (gradient accumulation) and PRESENCE.
+
+PRESENCE, per microbatch (the paper's method): g_i = gradient of microbatch i's loss, s_i = ||g_i on the
+layer set K||^2, w = softmax(tau * standardised s) over the n microbatches of the (global) batch, and the
+update direction is G = sum_i w_i g_i. With tau = 0, w_i = 1/n and G is the baseline's accumulated mean.
+Since the weights are known only after all n backward passes, every g_i is kept: each microbatch's backward
+writes into its own row of an (n, P) buffer whose columns put K first, so s = squared norms of one column
+slice and G = w @ buffer is a single matrix-vector product written straight into the parameters' .grad
+(views into one flat tensor).
+
+PRESENCE, per sample (an extension; the paper writes the method per sample but ran it per microbatch):
+the same with the B samples of the batch, G = sum_j w_j grad loss_j, where loss_j is sample j's own mean
+token loss and s_j its self-influence. No per-sample gradient is formed: each microbatch runs one forward
+and one backward pass to the module outputs (common/per_sample_grads.py), giving the per-sample scores; once
+all scores are in, every parameter's weighted gradient is formed from the recorded activations and output
+gradients, one matmul per layer. That needs the activations and output gradients of all microbatches until
+the end of the step (about the memory of one forward over the whole batch).
+Normalisation: the baseline weighs sample j by b_j = N_j / (n * N_i), with N_j its target tokens and N_i
+those of its microbatch i (the mean over microbatch means), so the per-sample weights are
+w_j proportional to b_j * exp(tau * z_j); tau = 0 then reproduces the baseline exactly, whatever the token
+counts. With packed span corruption every sample has the same number of targets and b_j = 1/B.
+
+Both steps leave the update direction in p.grad for every trainable parameter; the caller clips, steps and
+zeroes. The baseline and per="microbatch" run the model as given (torch.compile'd or not); per="sample"
+runs the eager model behind a compiled one, since its forward hooks do not run inside a compiled graph. Data parallel: each rank passes its own microbatches (every rank the same number, of the same
+sizes); the scores are all-gathered so the softmax runs over the global batch, each rank forms its share of
+G and the shares are all-reduced (summed), so every rank holds the single-process G of the global batch.
+The model is not wrapped in DistributedDataParallel: DDP would all-reduce every microbatch gradient
+(PRESENCE needs them unreduced and weighted first) and its bucketing would be idle. Call
+common.distributed.broadcast_parameters(model) once so that all ranks start from the same parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
+from common.influence import IGNORE_INDEX, Layers, eager, forward_logits, layer_set, token_losses
+from common.per_sample_grads import GradTape
+from common.reweighting import presence_weights
+
+
+@dataclass
+class StepStats:
+    """Plain floats / CPU tensors, global over ranks."""
+    loss: float  # mean of the microbatch losses (the same quantity for every method)
+    scores: torch.Tensor | None  # the n (or B) raw self-influence scores
+    weights: torch.Tensor | None  # the weights applied
+
+
+def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: torch.dtype | None = None) -> StepStats:
+    """Gradient accumulation: p.grad = mean over the (global) microbatches of their loss gradients."""
+    params = _trainable(model)
+    n_global = len(microbatches) * world_size()
+    for p in params:
+        p.grad = None
+    losses = []
+    for microbatch in microbatches:
+        with _autocast(model, autocast_dtype):
+            loss = model(**microbatch).loss
+        (loss / n_global).backward()
+        losses.append(loss.detach())
+    if is_distributed():
+        _all_reduce_grads(params)
+    return StepStats(loss=_mean_loss(losses, n_global), scores=None, weights=None)
+
+
+def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers: Layers = "first",
+                  per: str = "microbatch", autocast_dtype: torch.dtype | None = None,
+                  eps: float = 1e-6) -> StepStats:
+    """PRESENCE: p.grad = sum_i w_i g_i over the (global) microbatches (per="microbatch") or samples
+    (per="sample"), w = presence_weights(self-influence on `layers`, tau, eps)."""
+    if per == "microbatch":
+        return _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, eps)
+    if per == "sample":
+        return _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps)
+    raise ValueError(f"per must be 'microbatch' or 'sample', got {per!r}")
+
+
+def release_buffers(model: nn.Module) -> None:
+    """Free the gradient buffers the steps keep between calls for `model` (n x P floats per microbatch
+    configuration), e.g. before evaluation or when switching to another method for good."""
+    _BUFFERS.pop(eager(model), None)
+
+
+def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, eps) -> StepStats:
+    n = len(microbatches)
+    flat = _flat_grads(model, layers, n)
+    flat.rows.zero_()
+    losses = []
+    for row_views, microbatch in zip(flat.row_views, microbatches):
+        flat.point_grads(row_views)  # this backward accumulates into row i
+        with _autocast(model, autocast_dtype):
+            loss = model(**microbatch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    scores = all_gather_cat(torch.linalg.vector_norm(flat.rows[:, :flat.k_numel], dim=1).square())
+    weights = presence_weights(scores, tau, eps)
+    torch.mv(flat.rows.t(), weights[rank() * n:(rank() + 1) * n].to(flat.rows.dtype), out=flat.grad)
+    all_reduce_sum_(flat.grad)
+    flat.point_grads(flat.grad_views)
+    return _stats(losses, n * world_size(), scores, weights)
+
+
+def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps) -> StepStats:
+    model = eager(model)  # hooks do not run inside a compiled graph
+    flat = _flat_grads(model, layers, 0)
+    k_params = flat.params[:flat.k_count]
+    n_global = len(microbatches) * world_size()
+    tapes, scores, base_weights, losses = [], [], [], []
+    for microbatch in microbatches:
+        labels = microbatch["labels"]
+        with GradTape(model, flat.params, labels.shape[0]) as tape, _autocast(model, autocast_dtype):
+            logits = forward_logits(model, microbatch)
+        per_token = token_losses(logits, labels).sum(1)
+        counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
+        tape.backward((per_token / counts.clamp(min=1)).sum())
+        tapes.append(tape)
+        scores.append(tape.sq_norms(k_params))
+        base_weights.append(counts / (counts.sum().clamp(min=1) * n_global))
+        losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
+    scores = all_gather_cat(torch.cat(scores))
+    weights = presence_weights(scores, tau, eps, base_weights=all_gather_cat(torch.cat(base_weights)))
+    local = weights[rank() * (weights.numel() // world_size()):]
+    flat.grad.zero_()
+    grads = dict(zip(flat.params, flat.grad_views))
+    for tape in tapes:
+        tape.add_weighted_grads(local[:tape.batch_size], grads)
+        local = local[tape.batch_size:]
+    all_reduce_sum_(flat.grad)
+    flat.point_grads(flat.grad_views)
+    return _stats(losses, n_global, scores, weights)
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in eager(model).parameters() if p.requires_grad]
+
+
+def _autocast(model: nn.Module, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
+
+
+def _mean_loss(losses: list[torch.Tensor], n_global: int) -> float:
+    return all_reduce_sum_(torch.stack(losses).sum()).item() / n_global
+
+
+def _stats(losses, n_global, scores, weights) -> StepStats:
+    scores, weights = scores.cpu(), weights.cpu()
+    loss = _mean_loss(losses, n_global)
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError(f"non-finite self-influence scores {scores.tolist()} (loss {loss}): the "
+                                 "gradients overflowed. Fix: lower the learning rate or use float32")
+    return StepStats(loss=loss, scores=scores, weights=weights)
+
+
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum_(torch.cat([g.flatten() for g in grads]))
+    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = chunk.view_as(p)
+
+
+class _FlatGrads:
+    """The trainable parameters laid out in one flat vector, the layer set K first: `rows` (n, P) holds
+    one gradient per microbatch, `grad` (P,) the update; *_views are per-parameter views into them."""
+
+    def __init__(self, params: list[nn.Parameter], k_params: list[nn.Parameter], n_rows: int):
+        k_set = set(k_params)
+        self.params = k_params + [p for p in params if p not in k_set]
+        self.k_count = len(k_params)
+        self.k_numel = sum(p.numel() for p in k_params)
+        first = self.params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
+            raise ValueError("all trainable parameters must share one dtype and device")
+        total = sum(p.numel() for p in self.params)
+        self.rows = torch.zeros(n_rows, total, dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.row_views = [self._views(row) for row in self.rows]
+        self.grad_views = self._views(self.grad)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [chunk.view_as(p) for p, chunk in zip(self.params, flat.split([p.numel() for p in self.params]))]
+
+    def point_grads(self, views: list[torch.Tensor]) -> None:
+        for p, view in zip(self.params, views):
+            p.grad = view
+
+
+# Buffers per model, kept between steps: allocating (and, on the CPU, page-faulting) n x P floats every
+# step would cost more than using them. A few configurations are kept (the benchmark alternates methods);
+# a training run uses one.
+_BUFFERS: "weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, _FlatGrads]]" = weakref.WeakKeyDictionary()
+_BUFFERS_PER_MODEL = 4
+
+
+def _flat_grads(model: nn.Module, layers: Layers, n_rows: int) -> _FlatGrads:
+    params = _trainable(model)
+    k_params = layer_set(model, layers)
+    key = (tuple(map(id, params)), tuple(map(id, k_params)), n_rows,
+           tuple((p.dtype, p.device) for p in params[:1]))
+    cache = _BUFFERS.setdefault(eager(model), OrderedDict())
+    if key not in cache:
+        while len(cache) >= _BUFFERS_PER_MODEL:
+            cache.popitem(last=False)  # free the least recently used before allocating
+        cache[key] = _FlatGrads(params, k_params, n_rows)
+    cache.move_to_end(key)
+    return cache[key]

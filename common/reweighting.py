@@ -1,0 +1,117 @@
+"""PRESENCE weights and temperature schedules.
+
+Weights: w = softmax(tau * z), z = (s - mean(s)) / sqrt(var(s) + eps) over the n scores of one step,
+with the population variance (divide by n; the paper does not say which). Since |z_i| <= sqrt(n - 1), the
+logits stay bounded and the softmax (computed with its maximum subtracted) is stable for any |tau| <= 100.
+
+Schedules map an optimizer step to tau. Steps are 1-based: step 1 is the first update, so the two-stage
+schedule uses tau1 for steps 1..I and tau2 from step I + 1 on (the paper: "tau = tau1 for step <= I").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Pre-training methods: the paper's (Section 3 and its ablations) and the continuous schedules it
+# names as an open question. "baseline" has no schedule: it does not reweight.
+METHODS = ("baseline", "presence", "presence-D", "presence-I", "presence-I-D", "presence-single",
+           "presence-linear", "presence-cosine")
+
+
+def presence_weights(scores: torch.Tensor, tau: float, eps: float = 1e-6,
+                     base_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(tau * (s - mean) / sqrt(var + eps)), in the dtype of `scores` (computed in float64).
+
+    `base_weights` (positive, summing to 1) are the weights the unweighted method gives each item; the
+    result is then proportional to base_weights * exp(tau * z), so that tau = 0 returns them exactly.
+    The per-sample PRESENCE step needs this when samples have different numbers of target tokens."""
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    s = scores.to(torch.float64)
+    z = (s - s.mean()) / torch.sqrt(s.var(unbiased=False) + eps)
+    logits = tau * z
+    if base_weights is not None:
+        logits = logits + torch.log(base_weights.to(torch.float64))
+    return torch.softmax(logits, dim=0).to(scores.dtype)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """Single-stage: the same tau at every step (PRESENCE-D: +1, PRESENCE-I: -1, the tau ablation)."""
+    tau: float
+
+    def tau_at(self, step: int) -> float:
+        return self.tau
+
+
+@dataclass(frozen=True)
+class TwoStage:
+    """tau1 for steps 1..switch_step, tau2 after. PRESENCE: (+1, -1); PRESENCE-I-D (reversed): (-1, +1)."""
+    tau1: float
+    tau2: float
+    switch_step: int
+
+    def tau_at(self, step: int) -> float:
+        return self.tau1 if step <= self.switch_step else self.tau2
+
+
+@dataclass(frozen=True)
+class Linear:
+    """tau moves linearly from tau1 at step 1 to tau2 at step total_steps (an extension: the paper asks for
+    continuous schedules)."""
+    tau1: float
+    tau2: float
+    total_steps: int
+
+    def tau_at(self, step: int) -> float:
+        return self.tau1 + (self.tau2 - self.tau1) * _progress(step, self.total_steps)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """tau follows half a cosine from tau1 at step 1 to tau2 at step total_steps: it stays near tau1 early,
+    crosses zero mid-run, and settles near tau2 (an extension, like a cosine learning-rate decay)."""
+    tau1: float
+    tau2: float
+    total_steps: int
+
+    def tau_at(self, step: int) -> float:
+        return self.tau2 + (self.tau1 - self.tau2) * (1 + math.cos(math.pi * _progress(step, self.total_steps))) / 2
+
+
+def _progress(step: int, total_steps: int) -> float:
+    """0 at step 1, 1 at step total_steps (clamped outside)."""
+    if total_steps <= 1:
+        return 1.0
+    return min(max((step - 1) / (total_steps - 1), 0.0), 1.0)
+
+
+TauSchedule = Constant | TwoStage | Linear | Cosine
+
+
+def tau_schedule(method: str, *, tau_direct: float = 1.0, tau_inverse: float = -1.0, switch_step: int = 0,
+                 total_steps: int = 1, tau: float | None = None) -> TauSchedule | None:
+    """The schedule of a pre-training method (None for "baseline": no reweighting).
+
+    tau_direct / tau_inverse / switch_step are the paper's tau1 = +1, tau2 = -1 and I (config fields
+    pretrain.tau_direct, tau_inverse, switch_step); `tau` is the constant of "presence-single"."""
+    if method == "presence-single":
+        if tau is None:
+            raise ValueError("method 'presence-single' needs tau (e.g. one of the paper's -2, -1, 1, 2)")
+        return Constant(tau)
+    if tau is not None:
+        raise ValueError(f"tau is only used by 'presence-single', not by {method!r}")
+    schedules = {
+        "baseline": lambda: None,
+        "presence": lambda: TwoStage(tau_direct, tau_inverse, switch_step),
+        "presence-D": lambda: Constant(tau_direct),
+        "presence-I": lambda: Constant(tau_inverse),
+        "presence-I-D": lambda: TwoStage(tau_inverse, tau_direct, switch_step),
+        "presence-linear": lambda: Linear(tau_direct, tau_inverse, total_steps),
+        "presence-cosine": lambda: Cosine(tau_direct, tau_inverse, total_steps),
+    }
+    if method not in schedules:
+        raise ValueError(f"unknown method {method!r}. Fix: use one of {METHODS}")
+    return schedules[method]()

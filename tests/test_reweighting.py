@@ -1,0 +1,86 @@
+"""PRESENCE weights and tau schedules against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from common.reweighting import Constant, Cosine, Linear, TwoStage, presence_weights, tau_schedule
+
+
+def test_weights_match_the_formula_by_hand():
+    # scores 1, 2, 3: mean 2, population variance 2/3, so z = (-1, 0, 1) * sqrt(3/2) (eps = 0 here).
+    z = math.sqrt(1.5)
+    for tau in (1.0, -2.0):
+        e = [math.exp(-tau * z), 1.0, math.exp(tau * z)]
+        expected = torch.tensor([v / sum(e) for v in e], dtype=torch.float64)
+        got = presence_weights(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), tau, eps=0.0)
+        assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+
+
+def test_eps_enters_under_the_square_root():
+    scores = torch.tensor([0.0, 2.0], dtype=torch.float64)  # population variance 1
+    w = presence_weights(scores, 1.0, eps=3.0)  # z = (-1, 1) / 2
+    assert torch.allclose(w[1] / w[0], torch.tensor(math.exp(1.0), dtype=torch.float64), rtol=1e-12)
+
+
+def test_equal_scores_and_a_single_score_give_uniform_weights():
+    assert torch.equal(presence_weights(torch.full((8,), 3.7), 100.0), torch.full((8,), 0.125))
+    assert torch.equal(presence_weights(torch.tensor([5.0]), -100.0), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("tau", [-100.0, 100.0])
+def test_large_tau_and_large_scores_are_stable(tau):
+    scores = torch.tensor([1e30, 3e30, 2e30, 1e-30], dtype=torch.float32)
+    w = presence_weights(scores, tau)
+    assert torch.isfinite(w).all() and w.dtype == torch.float32
+    assert torch.allclose(w.sum(), torch.tensor(1.0))
+    assert w.argmax() == (1 if tau > 0 else 3)
+
+
+def test_base_weights_are_returned_at_tau_zero_and_scaled_otherwise():
+    scores = torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
+    base = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    assert torch.allclose(presence_weights(scores, 0.0, base_weights=base), base, rtol=1e-15)
+    plain = presence_weights(scores, 1.5)
+    expected = base * plain / (base * plain).sum()
+    assert torch.allclose(presence_weights(scores, 1.5, base_weights=base), expected, rtol=1e-12)
+
+
+def test_scores_must_be_a_non_empty_vector():
+    with pytest.raises(ValueError):
+        presence_weights(torch.tensor([]), 1.0)
+    with pytest.raises(ValueError):
+        presence_weights(torch.ones(2, 2), 1.0)
+
+
+def test_two_stage_is_tau1_up_to_and_including_the_switch_step():
+    schedule = TwoStage(1.0, -1.0, switch_step=3)
+    assert [schedule.tau_at(step) for step in range(1, 6)] == [1.0, 1.0, 1.0, -1.0, -1.0]
+
+
+def test_continuous_schedules_by_hand():
+    assert [Linear(1.0, -1.0, 5).tau_at(s) for s in range(1, 6)] == [1.0, 0.5, 0.0, -0.5, -1.0]
+    cosine = [Cosine(1.0, -1.0, 5).tau_at(s) for s in range(1, 6)]
+    assert cosine == pytest.approx([1.0, math.sqrt(0.5), 0.0, -math.sqrt(0.5), -1.0], abs=1e-12)
+    assert Linear(2.0, 0.0, 3).tau_at(99) == 0.0 and Cosine(2.0, 0.0, 3).tau_at(0) == 2.0  # clamped
+
+
+def test_methods_map_to_the_paper_schedules():
+    kwargs = dict(tau_direct=1.0, tau_inverse=-1.0, switch_step=10, total_steps=100)
+    assert tau_schedule("baseline", **kwargs) is None
+    assert tau_schedule("presence", **kwargs) == TwoStage(1.0, -1.0, 10)
+    assert tau_schedule("presence-D", **kwargs) == Constant(1.0)
+    assert tau_schedule("presence-I", **kwargs) == Constant(-1.0)
+    assert tau_schedule("presence-I-D", **kwargs) == TwoStage(-1.0, 1.0, 10)
+    assert tau_schedule("presence-single", tau=-2.0, **kwargs) == Constant(-2.0)
+    assert tau_schedule("presence-linear", **kwargs) == Linear(1.0, -1.0, 100)
+    assert tau_schedule("presence-cosine", **kwargs) == Cosine(1.0, -1.0, 100)
+
+
+def test_method_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="needs tau"):
+        tau_schedule("presence-single")
+    with pytest.raises(ValueError, match="only used by"):
+        tau_schedule("presence", tau=2.0)
+    with pytest.raises(ValueError, match="unknown method"):
+        tau_schedule("presense")
