@@ -31,13 +31,14 @@ import time
 import torch
 from torch import nn
 from tqdm import tqdm, trange
-from transformers import T5Config, T5ForConditionalGeneration
 
 from common.config import load_preset
 from common.io import write_csv
+from common.modeling import build_model as build_fresh_model
 from common.paths import REPO_ROOT, results_dir
 from common.presence_step import baseline_step, presence_step, release_buffers
 from common.seeding import seed_everything
+from common.span_corruption import compute_input_and_target_lengths
 
 TAU = 1.0  # any non-zero tau costs the same
 COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "preset", "cpu_time_ms", "batch_size",
@@ -45,33 +46,8 @@ COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "p
            "compiled", "repeats", "threads", "seed"]
 
 
-def target_length(input_length: int, noise_density: float, mean_span: float) -> int:
-    """T5's span-corruption target length for `input_length` encoder tokens (128 -> 29, 512 -> 114)."""
-    try:
-        from common.span_corruption import compute_input_and_target_lengths
-        return compute_input_and_target_lengths(input_length, noise_density, mean_span)[1]
-    except ImportError:  # the data stage's helper; the same formula, for a branch without it
-        def lengths(raw):
-            noise = min(max(round(raw * noise_density), 1), raw - 1)
-            spans = max(round(noise / mean_span), 1)
-            return raw - noise + spans + 1, noise + spans + 1
-        raw = input_length
-        while lengths(raw + 1)[0] <= input_length:
-            raw += 1
-        return lengths(raw)[1]
-
-
 def build_model(cfg, vocab_size: int, device: str) -> nn.Module:
-    config = T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_ff=cfg.d_ff, num_layers=cfg.num_layers,
-                      num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads, d_kv=cfg.d_kv,
-                      feed_forward_proj=cfg.feed_forward_proj, dropout_rate=0.0, tie_word_embeddings=False,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    model = T5ForConditionalGeneration(config)
-    if not cfg.tie_word_embeddings and model.lm_head.weight is model.shared.weight:
-        # transformers 5.x ties T5's output layer to the embedding whatever the config says; T5 v1.1 /
-        # mT5 (the paper's models) have an untied output layer, initialised N(0, 1) like HF's untied init.
-        model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight))
-    return model.to(device).train()
+    return build_fresh_model(cfg, vocab_size).to(device).train()
 
 
 def random_microbatches(batch_size, n_microbatches, input_length, target_len, vocab_size, device):
@@ -182,7 +158,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     vocab_size = vocab_size or preset.data.tokenizer.vocab_size
     batch_size, n_micro = preset.pretrain.batch_size, preset.pretrain.num_microbatches
     input_length = preset.data.input_length
-    target_len = target_length(input_length, preset.data.noise_density, preset.data.mean_noise_span_length)
+    target_len = compute_input_and_target_lengths(input_length, preset.data.noise_density,
+                                                  preset.data.mean_noise_span_length)[1]
     autocast_dtype = torch.bfloat16 if device == "cuda" else None
 
     seed_everything(seed)

@@ -31,16 +31,21 @@ from tqdm import tqdm
 
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from common.config import ConfigError, load_preset
-from common.io import append_csv_row, read_csv, read_json, write_csv, write_json
+from common.distributed import broadcast_parameters
+from common.io import append_csv_row, read_csv, write_csv, write_json
 from common.modeling import build_model, model_flops_per_sequence, parameter_counts
 from common.optim import build_optimizer
 from common.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
 from common.paths import artefacts_dir, results_dir
 from common.presence_step import baseline_step, presence_step
-from common.reweighting import METHODS, tau_schedule
+from common.reweighting import METHODS as REWEIGHTING_METHODS
+from common.reweighting import tau_schedule
 from common.runinfo import prepare_run_dir, write_run_files
 from common.seeding import seed_everything
 
+# PRESENCE-Sequential filters the data offline and then trains with the baseline recipe.
+SEQUENTIAL_METHODS = ("presence-sequential", "presence-sequential-reverse")
+METHODS = REWEIGHTING_METHODS + SEQUENTIAL_METHODS
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy",
                "tokens_seen", "seconds", "heldout_loss", "seed"]
 GPU_PEAK_TFLOPS = 790.0  # measured bf16 matmul ceiling of the H200 (../shared/docs/PERF.md)
@@ -75,8 +80,10 @@ def get_config(args):
         raise ConfigError(f"--method: unknown method {args.method!r}. Fix: use one of {', '.join(METHODS)}")
     if args.method == "presence-single" and args.tau is None:
         raise ConfigError("--tau: presence-single needs a temperature. Fix: pass e.g. --tau 2")
-    if args.method == "baseline" and args.per == "sample":
-        raise ConfigError("--per: the baseline does not reweight. Fix: drop --per sample")
+    if args.tau is not None and args.method != "presence-single":
+        raise ConfigError(f"--tau: only presence-single takes a temperature, not {args.method}. Fix: drop --tau")
+    if (args.method == "baseline" or args.method in SEQUENTIAL_METHODS) and args.per == "sample":
+        raise ConfigError(f"--per: {args.method} does not reweight online. Fix: drop --per sample")
     return preset
 
 
@@ -111,7 +118,7 @@ def init_distributed():
 def training_rows(args, preset, data_dir: Path, num_rows: int) -> np.ndarray | None:
     """The training-row subset for PRESENCE-Sequential (None = all rows): keep the lowest-SI share
     of the candidates, or, for -reverse, drop it (the paper's Table 2)."""
-    if not args.method.startswith("presence-sequential"):
+    if args.method not in SEQUENTIAL_METHODS:
         return None
     scores_path = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
     if not scores_path.is_file():
@@ -199,9 +206,12 @@ def main(args: argparse.Namespace) -> dict:
     heldout = SpanCorruptionBatches(data_dir, "heldout", cfg.batch_size // cfg.num_microbatches, seed=12345)
     seed_everything(args.seed)
     model = build_model(preset.model, manifest["vocab_size"]).to(device)
+    broadcast_parameters(model)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
-    schedule = tau_schedule(args.method, cfg, tau=args.tau)
+    schedule = None if args.method in SEQUENTIAL_METHODS else tau_schedule(
+        args.method, tau_direct=cfg.tau_direct, tau_inverse=cfg.tau_inverse, switch_step=cfg.switch_step,
+        total_steps=cfg.steps, tau=args.tau)
     use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -232,7 +242,7 @@ def main(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         batch = train.batch(step - 1)
         microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
-        tau = schedule(step)
+        tau = None if schedule is None else schedule.tau_at(step)
         if tau is None:
             stats = baseline_step(step_model, microbatches, autocast_dtype=autocast_dtype)
         else:

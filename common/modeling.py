@@ -16,7 +16,8 @@ def model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     """The HF config: the hub's (e.g. google/mt5-base, for the paper preset) or one built from `cfg`."""
     if cfg.hub_config:
         config = AutoConfig.from_pretrained(cfg.hub_config)
-        if config.vocab_size != vocab_size:
+        # mT5's embedding matrix is padded beyond its tokenizer (250,112 rows for 250,100 tokens)
+        if config.vocab_size < vocab_size:
             raise ValueError(
                 f"model.hub_config {cfg.hub_config} has vocab_size {config.vocab_size} but the tokenizer has "
                 f"{vocab_size}. Fix: use the tokenizer that belongs to {cfg.hub_config} (data.tokenizer.kind: hub)"

