@@ -208,8 +208,10 @@ def load_local(task: str, root: Path, seed: int = 0) -> TaskData:
         train_path = _first_existing(root, "xnli/train-en.tsv")
         if train_path is None:
             train_path = _require(root, "xnli/dev-en.tsv")
-            notes.append("xnli: English training set is XNLI English dev (2,490 pairs), a stand-in for MNLI train")
         train = read_pair_tsv(train_path, NLI_LABELS)
+        if train_path.name == "dev-en.tsv":
+            notes.append(f"xnli: English training set is XNLI English dev ({len(train):,} pairs), "
+                         "a stand-in for MNLI train")
         test = _local_tests(task, root, lambda p: read_pair_tsv(p, NLI_LABELS), lambda l: [f"xnli/test-{l}.tsv"], notes)
     elif task == "pawsx":
         train_path = _first_existing(root, "pawsx/train-en.tsv")
@@ -224,12 +226,11 @@ def load_local(task: str, root: Path, seed: int = 0) -> TaskData:
         train = read_conll_tsv(train_path)
         test = _local_tests(task, root, read_conll_tsv, lambda l: [f"panx/test-{l}.tsv"], notes)
     elif task in ("xquad", "mlqa"):
-        train_path = _first_existing(root, *qa_train)
-        if train_path is None:
-            train_path = _require(root, *tydi_train)
-            notes.append(f"{task}: English training set is TyDi QA-GoldP English train (3,696 questions), "
-                         "a stand-in for SQuAD v1.1 train")
+        train_path = _first_existing(root, *qa_train) or _require(root, *tydi_train)
         train = read_squad_json(train_path)
+        if "tydiqa" in train_path.parts:
+            notes.append(f"{task}: English training set is TyDi QA-GoldP English train ({len(train):,} questions), "
+                         "a stand-in for SQuAD v1.1 train")
         if task == "xquad":
             test = _local_tests(task, root, read_squad_json, lambda l: [f"xquad/xquad.{l}.json"], notes)
         else:
