@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from common.config import FinetuneConfig, load_preset
 from common.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
@@ -120,7 +121,7 @@ def choose_retrieval_pairs(verses: dict[str, dict[str, str]], cfg: FinetuneConfi
     if len(shared) < 2:
         raise ValueError(f"only {len(shared)} verse(s) are aligned across en and {languages}; re-run `make data`")
     if len(shared) < cfg.retrieval_pairs:
-        print(f"retrieval: only {len(shared)} aligned verses, fewer than finetune.retrieval_pairs={cfg.retrieval_pairs}")
+        print(f"retrieval: only {len(shared)} aligned verses (finetune.retrieval_pairs={cfg.retrieval_pairs})")
     return languages, sorted(random.Random(cfg.seed).sample(shared, min(cfg.retrieval_pairs, len(shared))))
 
 
@@ -221,18 +222,20 @@ def finetune(ckpt: Checkpoint, task: str, examples: list, cfg: FinetuneConfig, d
 
 
 def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneConfig, device) -> tuple[dict, dict]:
-    """Scores per language, and timing / diagnostics for the run folder."""
-    bf16, scores, extra = cfg.precision == "bf16", {}, {}
+    """Scores per language, and for the run folder: timing, diagnostics and the first predictions."""
+    bf16, scores, extra = cfg.precision == "bf16", {}, {"first_predictions": {}}
     started = time.perf_counter()
     for lang, examples in test.items():
         if KIND[task] == "tagging":
             encoded = encode_tagged(tokenizer, examples, cfg.input_length)
             predicted = predict_tags(model, encoded, cfg.eval_batch_size, tokenizer.pad_token_id, device, bf16)
-            scores[lang] = span_f1([ex.tags for ex in examples], predicted)
+            gold = [ex.tags for ex in examples]
+            scores[lang] = span_f1(gold, predicted)
         elif KIND[task] == "qa":
             encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in examples], None, cfg.input_length, 0)
             predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size, cfg.target_length, device, bf16)
-            scores[lang] = qa_scores(predicted, [ex.answers for ex in examples], lang if task == "mlqa" else None)
+            gold = [ex.answers for ex in examples]
+            scores[lang] = qa_scores(predicted, gold, lang if task == "mlqa" else None)
             fits = qa_answer_fits(tokenizer, examples, cfg.input_length)
             extra.setdefault("answer_in_input_percent", {})[lang] = 100.0 * sum(fits) / len(fits)
         else:
@@ -241,7 +244,11 @@ def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneCo
                                           cfg.input_length, 0)
             predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size,
                                  max_label_tokens(tokenizer, list(words.values())), device, bf16)
-            scores[lang] = {"accuracy": accuracy(predicted, [words[ex.label] for ex in examples])}
+            gold = [words[ex.label] for ex in examples]
+            scores[lang] = {"accuracy": accuracy(predicted, gold)}
+            valid = sum(p in words.values() for p in predicted)  # the rest are wrong by definition
+            extra.setdefault("valid_label_percent", {})[lang] = 100.0 * valid / len(predicted)
+        extra["first_predictions"][lang] = [{"predicted": p, "gold": g} for p, g in zip(predicted[:3], gold[:3])]
     seconds = time.perf_counter() - started
     n_examples = sum(len(examples) for examples in test.values())
     extra.update({"eval_seconds": seconds, "eval_examples_per_second": n_examples / seconds})
@@ -294,12 +301,13 @@ def save_run(preset, ckpt: Checkpoint, name: str, setting: str, config: dict, me
 def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoints: list[str] | None = None,
          xtreme_folder: str | None = None) -> dict:
     started = time.perf_counter()
+    transformers_logging.disable_progress_bar()  # one bar per model load would bury the log lines
     preset = load_preset(preset_name, overrides)
     cfg = preset.finetune
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpts = find_checkpoints(preset.name, checkpoints or [], cfg.seed)
     out = results_dir(preset.name, "finetune")
-    print(f"04_finetune | preset {preset.name} | {len(ckpts)} checkpoint(s): {', '.join(c.run for c in ckpts)} | {device}")
+    print(f"04_finetune | preset {preset.name} | {device} | checkpoints: {', '.join(c.run for c in ckpts)}")
     summary: dict = {"checkpoints": [asdict(c) for c in ckpts], "retrieval": {}, "xtreme": {}}
 
     if cfg.retrieval:

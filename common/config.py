@@ -199,7 +199,7 @@ class FinetuneConfig:
     log_every: int = 100  # one log line per this many fine-tuning steps
     seed: int = 0  # data sampling (training subset, test subsets, retrieval pairs): the same for every checkpoint
     retrieval: bool = True  # offline verse retrieval on held-out aligned verses (needs `make data`)
-    retrieval_languages: list[str] = field(default_factory=list)  # offline Tatoeba-style check; [] = all corpus languages
+    retrieval_languages: list[str] = field(default_factory=list)  # tested against English; [] = all in the file
     retrieval_pairs: int = 500  # held-out aligned verses per language
 
     def validate(self, where: str) -> None:

@@ -193,8 +193,8 @@ TRANSLATE_TRAIN_FILES = {"xnli": "xnli/translate-train/en-{}-translated.tsv",
 
 def translate_train_files(task: str, root: Path) -> dict[str, Path]:
     """The translate-train files of `task` present under `root`, by language."""
-    found = {lang: Path(root) / TRANSLATE_TRAIN_FILES[task].format(lang) for lang in TEST_LANGUAGES[task] if lang != "en"}
-    return {lang: path for lang, path in found.items() if path.is_file()}
+    found = {lang: Path(root) / TRANSLATE_TRAIN_FILES[task].format(lang) for lang in TEST_LANGUAGES[task]}
+    return {lang: path for lang, path in found.items() if lang != "en" and path.is_file()}
 
 
 def load_local(task: str, root: Path, seed: int = 0) -> TaskData:
@@ -284,7 +284,8 @@ def _hub_split(name: str, config: str | None, split: str):
     except Exception as err:  # the hub raises many kinds (offline, missing config, auth)
         raise XtremeDataError(f"could not load {name} {config or ''} split {split!r} from the Hugging Face hub "
                               f"({type(err).__name__}: {err}). Fix: check the network, or point PRESENCE_XTREME_DIR "
-                              "at a folder with XTREME's download layout and set finetune.xtreme_source=local") from None
+                              "at a folder with XTREME's download layout and set finetune.xtreme_source=local"
+                              ) from None
 
 
 def _label_names(dataset, column: str) -> list[str] | None:
@@ -364,8 +365,8 @@ def load_hub(task: str) -> TaskData:
         train = _hub_qa(_rows_where(_hub_split(HUB_DATASET, "tydiqa", "train"), "id",
                                     lambda value: value.startswith("english")))
         validation = _hub_split(HUB_DATASET, "tydiqa", "validation")
-        test = {lang: _hub_qa(_rows_where(validation, "id", lambda value, name=TYDIQA_NAMES[lang]: value.startswith(name)))
-                for lang in langs}
+        test = {lang: _hub_qa(_rows_where(validation, "id", lambda value, name=name: value.startswith(name)))
+                for lang, name in TYDIQA_NAMES.items()}
         source = "tydiqa train (english)"
     else:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")

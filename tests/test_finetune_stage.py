@@ -110,7 +110,8 @@ def test_two_checkpoints_end_to_end_and_reruns_replace_rows(stage, model_dir, tm
     results = tmp_path / "results" / "tiny" / "finetune"
     rows = _read(results / "xtreme.csv")
     assert {r["run"] for r in rows} == {"baseline-seed0", "presence-seed0"}
-    assert {(r["task"], r["setting"]) for r in rows} == {(t, "zero-shot") for t in stage.KIND} | {("xnli", "translate-train")}
+    settings = {(r["task"], r["setting"]) for r in rows}
+    assert settings == {(task, "zero-shot") for task in stage.KIND} | {("xnli", "translate-train")}
     baseline = [r for r in rows if r["run"] == "baseline-seed0" and r["setting"] == "zero-shot"]
     assert {r["lang"] for r in baseline if r["task"] == "tydiqa"} == {"en", "avg"}
     assert {r["metric"] for r in baseline if r["task"] == "mlqa"} == {"f1", "exact_match"}

@@ -40,8 +40,8 @@ def write_xtreme_folder(root: Path, n: int = 40, languages=("en", "de")) -> Path
 
     pairs = "".join(f"{_sentence(i)}\t{_sentence(i + 1, 4)}\t{NLI[i % 3]}\n" for i in range(n))
     paws = "".join(f"{_sentence(i)}\t{_sentence(i + 2)}\t{i % 2}\n" for i in range(n))
-    tagged = "".join(f"{WORDS[i % 10]}\tB-PER\n{WORDS[(i + 1) % 10]}\tI-PER\nvisits\tO\n{WORDS[(i + 2) % 10]}\tB-LOC\n\n"
-                     for i in range(n))
+    tagged = "".join(f"{WORDS[i % 10]}\tB-PER\n{WORDS[(i + 1) % 10]}\tI-PER\nvisits\tO\n"
+                     f"{WORDS[(i + 2) % 10]}\tB-LOC\n\n" for i in range(n))
     put("xnli/dev-en.tsv", pairs)
     put("pawsx/dev-en.tsv", paws)
     put("panx/train-en.tsv", tagged)
@@ -104,7 +104,8 @@ def test_subsample_is_seeded_and_keeps_parallel_sets_parallel():
     ("xquad/xquad.de.json", '{"data": [{"paragraphs": [{"qas": [{"id": "1", "question": "q", "answers": []}]}]}]}',
      r"xquad\.de\.json, data\[0\]\.paragraphs\[0\]\.qas\[0\]: question '1' has no answer"),
     ("xquad/xquad.de.json", '{"data": [{"paragraphs": [{"qas": [{"id": "1", "question": "q", "answers": '
-     '[{"text": "a", "answer_start": 0}]}]}]}]}', r"xquad\.de\.json: not SQuAD v1\.1 JSON \(missing or wrong field 'context'\)"),
+     '[{"text": "a", "answer_start": 0}]}]}]}]}',
+     r"xquad\.de\.json: not SQuAD v1\.1 JSON \(missing or wrong field 'context'\)"),
 ])
 def test_malformed_files_fail_naming_the_file_and_line(tmp_path, rel, content, expected):
     root = write_xtreme_folder(tmp_path)
