@@ -67,13 +67,14 @@ def _install_checkpoint(model_dir, artefacts, run, method, seed):
     return final
 
 
-def _write_verses(artefacts, languages=("en", "de", "fr"), n=8):
+def _write_verses(artefacts, languages=("en", "de", "fr"), n=8, copies_of_english=False):
     path = artefacts / "tiny" / "data" / "parallel" / "heldout_verses.jsonl.gz"
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for lang_index, lang in enumerate(languages):
             for i in range(n - lang_index):  # fr lacks the last two verses: only aligned ids may be sampled
-                text = " ".join(WORDS[(i * 7 + k + lang_index) % 10] for k in range(6)) + f" number {i}"
+                shift = 0 if copies_of_english else lang_index
+                text = " ".join(WORDS[(i * 7 + k + shift) % 10] for k in range(6)) + f" number {i}"
                 f.write(json.dumps({"verse_id": f"43.3.{i}", "lang": lang, "text": text}) + "\n")
     return path
 
@@ -146,12 +147,14 @@ def test_two_checkpoints_end_to_end_and_reruns_replace_rows(stage, model_dir, tm
 
 def test_without_xtreme_data_only_retrieval_runs(stage, model_dir, tmp_path, capsys):
     _install_checkpoint(model_dir, tmp_path / "artefacts", "baseline-seed1", "baseline", 1)
-    _write_verses(tmp_path / "artefacts", languages=("en", "de"))
+    # "translations" identical to the English verses: every verse must find itself, in both directions
+    _write_verses(tmp_path / "artefacts", languages=("en", "de"), copies_of_english=True)
     summary = stage.main("tiny", FAST, None, None)
     assert "XTREME tasks skipped" in capsys.readouterr().out
     assert summary["xtreme"] == {} and not (tmp_path / "results/tiny/finetune/xtreme.csv").exists()
     rows = _read(tmp_path / "results/tiny/finetune/retrieval.csv")
     assert {r["seed"] for r in rows} == {"1"} and {r["lang"] for r in rows} == {"de", "avg"}
+    assert {float(r["value"]) for r in rows} == {100.0}
 
 
 def test_missing_inputs_say_which_stage_to_run(stage, model_dir, tmp_path):
