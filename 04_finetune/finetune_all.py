@@ -101,6 +101,8 @@ def read_heldout_verses(path: Path) -> dict[str, dict[str, str]]:
     verses: dict[str, dict[str, str]] = {}
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
                 verses.setdefault(str(record["lang"]), {})[str(record["verse_id"])] = str(record["text"])
@@ -178,7 +180,7 @@ def load_tasks(cfg: FinetuneConfig, folder: str | None) -> dict[str, TaskData]:
     return tasks
 
 
-def training_groups(tasks: dict[str, TaskData], setting: str) -> dict[tuple, list[str]]:
+def training_groups(tasks: dict[str, TaskData], setting: str) -> list[list[str]]:
     """Tasks trained on the same data share one fine-tuned model (XTREME trains one SQuAD model for XQuAD
     and MLQA)."""
     groups: dict[tuple, list[str]] = {}
@@ -187,7 +189,7 @@ def training_groups(tasks: dict[str, TaskData], setting: str) -> dict[tuple, lis
             continue
         key = (KIND[name], data.train_source) + ((data.translate_source,) if setting == "translate-train" else ())
         groups.setdefault(key, []).append(name)
-    return groups
+    return list(groups.values())
 
 
 def training_examples(data: TaskData, setting: str, cfg: FinetuneConfig) -> list:
@@ -210,12 +212,11 @@ def finetune(ckpt: Checkpoint, task: str, examples: list, cfg: FinetuneConfig, d
         if not kept:
             raise ValueError(f"no {task} training answer lies within the first finetune.input_length="
                              f"{cfg.input_length} tokens of its input; raise finetune.input_length")
-        encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in kept], [ex.answers[0] for ex in kept],
-                                      cfg.input_length, cfg.target_length)
+        encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in kept], cfg.input_length,
+                                      [ex.answers[0] for ex in kept], cfg.target_length)
     else:
-        encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples],
-                                      [LABEL_WORDS[task][ex.label] for ex in examples], cfg.input_length,
-                                      cfg.target_length)
+        encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], cfg.input_length,
+                                      [LABEL_WORDS[task][ex.label] for ex in examples], cfg.target_length)
     batches = batches_forever(encoded, cfg.batch_size, ckpt.seed, tokenizer.pad_token_id)
     stats.update(train(model, batches, cfg.steps, cfg.lr, device, cfg.precision == "bf16", cfg.log_every, desc))
     return model, tokenizer, stats
@@ -232,7 +233,7 @@ def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneCo
             gold = [ex.tags for ex in examples]
             scores[lang] = span_f1(gold, predicted)
         elif KIND[task] == "qa":
-            encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in examples], None, cfg.input_length, 0)
+            encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in examples], cfg.input_length)
             predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size, cfg.target_length, device, bf16)
             gold = [ex.answers for ex in examples]
             scores[lang] = qa_scores(predicted, gold, lang if task == "mlqa" else None)
@@ -240,8 +241,7 @@ def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneCo
             extra.setdefault("answer_in_input_percent", {})[lang] = 100.0 * sum(fits) / len(fits)
         else:
             words = LABEL_WORDS[task]
-            encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], None,
-                                          cfg.input_length, 0)
+            encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], cfg.input_length)
             predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size,
                                  max_label_tokens(tokenizer, list(words.values())), device, bf16)
             gold = [words[ex.label] for ex in examples]
@@ -253,6 +253,29 @@ def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneCo
     n_examples = sum(len(examples) for examples in test.values())
     extra.update({"eval_seconds": seconds, "eval_examples_per_second": n_examples / seconds})
     return scores, extra
+
+
+def finetune_and_evaluate(preset, ckpt: Checkpoint, setting: str, names: list[str], tasks: dict[str, TaskData],
+                          out: Path, device) -> dict[str, float]:
+    """Fine-tune once for a group of tasks, test each of them on every language, record the results."""
+    cfg, first = preset.finetune, tasks[names[0]]
+    desc = f"{ckpt.run} | {'+'.join(names)} | {setting}"
+    model, tokenizer, train_stats = finetune(ckpt, names[0], training_examples(first, setting, cfg), cfg, device, desc)
+    averages = {}
+    for name in names:
+        data = tasks[name]
+        scores, extra = evaluate(name, model, tokenizer, data.test, cfg, device)
+        n = {lang: len(examples) for lang, examples in data.test.items()}
+        rows = result_rows(ckpt, name, setting, scores, n)
+        upsert_csv(out / "xtreme.csv", rows)
+        config = {"train_source": first.train_source, "trained_with": names, "notes": data.notes,
+                  "translate_train_languages": sorted(first.translate_train) if setting == "translate-train" else []}
+        save_run(preset, ckpt, name, setting, config, {"train": train_stats, **extra, "scores": scores})
+        metric = TASK_METRICS[name][0]
+        averages[name] = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == metric)
+        print(f"{ckpt.run} | {name} | {setting} | {metric} avg {averages[name]:.2f} over {len(n)} languages "
+              f"| {extra['eval_examples_per_second']:.0f} examples/s")
+    return averages
 
 
 # --- results -----------------------------------------------------------------------------------------
@@ -325,24 +348,9 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoi
     tasks = load_tasks(cfg, xtreme_folder)
     for setting in ("zero-shot", "translate-train"):
         for ckpt in ckpts:
-            for (kind, source, *_), names in training_groups(tasks, setting).items():
-                examples = training_examples(tasks[names[0]], setting, cfg)
-                desc = f"{ckpt.run} | {'+'.join(names)} | {setting}"
-                model, tokenizer, train_stats = finetune(ckpt, names[0], examples, cfg, device, desc)
-                for name in names:
-                    data = tasks[name]
-                    scores, extra = evaluate(name, model, tokenizer, data.test, cfg, device)
-                    n = {lang: len(examples) for lang, examples in data.test.items()}
-                    rows = result_rows(ckpt, name, setting, scores, n)
-                    upsert_csv(out / "xtreme.csv", rows)
-                    save_run(preset, ckpt, name, setting, {"train_source": source, "trained_with": names,
-                                                           "notes": data.notes},
-                             {"train": train_stats, **extra, "scores": scores})
-                    main_metric = TASK_METRICS[name][0]
-                    average = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == main_metric)
-                    print(f"{ckpt.run} | {name} | {setting} | {main_metric} avg {average:.2f} over {len(n)} languages "
-                          f"| {extra['eval_examples_per_second']:.0f} examples/s")
-                    summary["xtreme"][f"{ckpt.run}/{name}/{setting}"] = average
+            for names in training_groups(tasks, setting):
+                averages = finetune_and_evaluate(preset, ckpt, setting, names, tasks, out, device)
+                summary["xtreme"].update({f"{ckpt.run}/{name}/{setting}": v for name, v in averages.items()})
     summary["seconds"] = time.perf_counter() - started
     print(f"04_finetune done in {summary['seconds']:.0f} s; results in {out}")
     return summary

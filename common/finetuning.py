@@ -37,9 +37,10 @@ def qa_input(example: QAExample) -> str:
     return f"question: {example.question} context: {example.context}"
 
 
-def encode_text_to_text(tokenizer, inputs: Sequence[str], targets: Sequence[str] | None,
-                        input_length: int, target_length: int) -> list[dict]:
-    """Token ids per example; inputs longer than input_length are cut at the end (the tokenizer keeps EOS)."""
+def encode_text_to_text(tokenizer, inputs: Sequence[str], input_length: int, targets: Sequence[str] | None = None,
+                        target_length: int | None = None) -> list[dict]:
+    """Token ids per example (with labels when targets are given); inputs longer than input_length are cut at
+    the end, keeping EOS."""
     input_ids = tokenizer(list(inputs), truncation=True, max_length=input_length).input_ids
     if targets is None:
         return [{"input_ids": ids} for ids in input_ids]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.finetuning import collate, encode_tagged, predict_tags, qa_answer_fits, EncoderTagger, IGNORE
+from common.finetuning import (IGNORE, EncoderTagger, collate, encode_tagged, encode_text_to_text, generate,
+                               predict_tags, qa_answer_fits)
 from common.paths import REPO_ROOT
 from common.retrieval import mean_pool, retrieval_accuracy
 from common.xtreme import QAExample, TaggedSentence
@@ -227,3 +228,18 @@ def test_answers_cut_off_by_truncation_are_detected(model_dir):
     late = QAExample("2", "what?", context, ("king stone",), (context.index("king stone"),))
     assert qa_answer_fits(tokenizer, [early, late], input_length=32) == [True, False]
     assert qa_answer_fits(tokenizer, [late], input_length=512) == [True]
+
+
+def test_truncated_inputs_keep_eos_and_batched_generation_keeps_input_order(model_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [" ".join(WORDS[: 1 + 2 * i]) for i in range(5)]  # five lengths, batched out of order by length
+    encoded = encode_text_to_text(tokenizer, texts, input_length=5, targets=["alpha"] * 5, target_length=4)
+    assert all(len(ex["input_ids"]) <= 5 and ex["input_ids"][-1] == tokenizer.eos_token_id for ex in encoded)
+    assert encoded[0]["labels"] == tokenizer("alpha").input_ids[:3] + [tokenizer.eos_token_id], "cut to 4, EOS kept"
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    inputs = encode_text_to_text(tokenizer, list(reversed(texts)), input_length=64)
+    batched = generate(model, tokenizer, inputs, 3, 4, torch.device("cpu"))
+    one_by_one = [generate(model, tokenizer, [ex], 1, 4, torch.device("cpu"))[0] for ex in inputs]
+    assert batched == one_by_one
