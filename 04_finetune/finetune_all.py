@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
@@ -226,7 +227,7 @@ def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneCo
     """Scores per language, and for the run folder: timing, diagnostics and the first predictions."""
     bf16, scores, extra = cfg.precision == "bf16", {}, {"first_predictions": {}}
     started = time.perf_counter()
-    for lang, examples in test.items():
+    for lang, examples in tqdm(test.items(), desc=f"evaluate {task}", leave=False, disable=None):
         if KIND[task] == "tagging":
             encoded = encode_tagged(tokenizer, examples, cfg.input_length)
             predicted = predict_tags(model, encoded, cfg.eval_batch_size, tokenizer.pad_token_id, device, bf16)
