@@ -232,7 +232,7 @@ def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneCo
             encoded = encode_tagged(tokenizer, examples, cfg.input_length)
             predicted = predict_tags(model, encoded, cfg.eval_batch_size, tokenizer.pad_token_id, device, bf16)
             gold = [ex.tags for ex in examples]
-            scores[lang] = span_f1(gold, predicted)
+            scores[lang] = {f"span_{name}": value for name, value in span_f1(gold, predicted).items()}
         elif KIND[task] == "qa":
             encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in examples], cfg.input_length)
             predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size, cfg.target_length, device, bf16)
