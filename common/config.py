@@ -226,26 +226,39 @@ class SIAnalysisConfig:
 @dataclass
 class FinetuneConfig:
     tasks: list[str] = field(default_factory=lambda: ["xnli", "panx", "xquad", "mlqa", "tydiqa", "pawsx"])
+    xtreme_source: str = "local"  # local: folder from --xtreme-dir / PRESENCE_XTREME_DIR (tasks skipped if unset) | hub
     steps: int = 20_000  # paper: 20k
     batch_size: int = 128  # paper: 128
-    lr: float = 1e-3  # paper: 0.001 (constant)
+    lr: float = 1e-3  # paper: 0.001 (constant; Adafactor as in T5X)
     dropout_rate: float = 0.1  # paper: 0.1
-    input_length: int = 512
-    target_length: int = 64
+    input_length: int = 512  # longer inputs (QA contexts) are truncated at the end
+    target_length: int = 64  # QA answer tokens generated at most
     max_train_examples: int | None = None  # cap the English training set (debug-sized runs)
     max_eval_examples: int | None = None  # cap the test examples per language
     eval_batch_size: int = 64
-    retrieval_languages: list[str] = field(default_factory=list)  # offline Tatoeba-style check; [] = all corpus languages
+    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
+    log_every: int = 100  # one log line per this many fine-tuning steps
+    seed: int = 0  # data sampling (training subset, test subsets, retrieval pairs): the same for every checkpoint
+    retrieval: bool = True  # offline verse retrieval on held-out aligned verses (needs `make data`)
+    retrieval_languages: list[str] = field(default_factory=list)  # tested against English; [] = all in the file
     retrieval_pairs: int = 500  # held-out aligned verses per language
 
     def validate(self, where: str) -> None:
         known = {"xnli", "panx", "xquad", "mlqa", "tydiqa", "pawsx"}
         bad = sorted(set(self.tasks) - known)
         _require(not bad, f"{where}.tasks", f"unknown tasks {bad}", f"choose from {sorted(known)}")
-        for name in ("steps", "batch_size", "input_length", "target_length", "eval_batch_size", "retrieval_pairs"):
+        _require(self.xtreme_source in ("local", "hub"), f"{where}.xtreme_source",
+                 f"unknown source {self.xtreme_source!r}", "use 'local' (a folder in XTREME's layout) or 'hub'")
+        for name in ("steps", "batch_size", "input_length", "target_length", "eval_batch_size", "retrieval_pairs",
+                     "log_every"):
             _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive", "use a positive value")
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{where}.{name}", "must be positive or null", "e.g. 2000, or null")
         _require(self.lr > 0, f"{where}.lr", "must be positive", "paper: 0.001")
         _require(0 <= self.dropout_rate < 1, f"{where}.dropout_rate", "must be in [0, 1)", "paper: 0.1")
+        _require(self.precision in ("fp32", "bf16"), f"{where}.precision", f"unknown {self.precision!r}",
+                 "use 'fp32' or 'bf16'")
 
 
 @dataclass

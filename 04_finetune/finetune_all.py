@@ -1,0 +1,373 @@
+"""04_finetune: zero-shot cross-lingual evaluation of every pre-trained checkpoint.
+
+For each checkpoint that 03_pretrain finished (or each --checkpoint given):
+  1. verse retrieval: XTREME's Tatoeba protocol on held-out aligned verses of the embedded corpus
+     (mean-pooled encoder states, nearest neighbour, accuracy per language). No fine-tuning; always offline.
+  2. XTREME (when a local folder in XTREME's layout is given, or finetune.xtreme_source=hub): fine-tune on
+     English, test every language (zero-shot); again on English + translate-train data when present.
+Outputs: results/<preset>/finetune/retrieval.csv and xtreme.csv (one row per measurement, re-runs replace
+their rows), and a run folder per (checkpoint, task, setting) under artefacts/<preset>/finetune/.
+
+  python 04_finetune/finetune_all.py --preset tiny                                  # retrieval only, offline
+  PRESENCE_XTREME_DIR=../shared/xtreme python 04_finetune/finetune_all.py --preset tiny   # + XTREME, tiny
+  python 04_finetune/finetune_all.py --preset paper                                 # hub data, paper recipe
+  python 04_finetune/finetune_all.py --preset paper --checkpoint google/mt5-base    # any hub or local model
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+from common.config import FinetuneConfig, load_preset
+from common.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
+                               generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
+from common.io import write_csv
+from common.metrics import accuracy, qa_scores, span_f1
+from common.paths import artefacts_dir, results_dir, xtreme_dir
+from common.retrieval import embed, retrieval_accuracy
+from common.runinfo import prepare_run_dir, write_run_files
+from common.seeding import seed_everything
+from common.xtreme import TASK_METRICS, TaskData, load_hub, load_local, subsample
+
+COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
+ROW_KEY = ("run", "task", "setting", "lang", "metric")  # a re-run replaces the rows with the same key
+KIND = {"xnli": "pair", "pawsx": "pair", "panx": "tagging", "xquad": "qa", "mlqa": "qa", "tydiqa": "qa"}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: str  # a local Hugging Face folder or a hub name
+    run: str
+    method: str
+    seed: int
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def find_checkpoints(preset: str, given: list[str], default_seed: int) -> list[Checkpoint]:
+    if given:
+        return [describe_checkpoint(name, default_seed) for name in given]
+    root = artefacts_dir(preset, "pretrain")
+    found = sorted(root.glob("*/final/presence_run.json"))
+    if not found:
+        raise FileNotFoundError(f"no pre-trained checkpoint under {root} (looked for */final/presence_run.json): "
+                                "run `make pretrain` first, or pass --checkpoint DIR")
+    return [describe_checkpoint(str(p.parent), default_seed) for p in found]
+
+
+def describe_checkpoint(name: str, default_seed: int) -> Checkpoint:
+    """A folder from 03_pretrain carries presence_run.json; any other model (a local folder or a hub name
+    such as google/mt5-small) is evaluated as method 'external'."""
+    folder = Path(name)
+    if not folder.exists():
+        return Checkpoint(name, name.replace("/", "--"), "external", default_seed)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no Hugging Face model (config.json is missing). Fix: pass the "
+                                "'final' folder of a pre-training run")
+    info_path = folder / "presence_run.json"
+    if not info_path.is_file():
+        return Checkpoint(str(folder), folder.name, "external", default_seed)
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        return Checkpoint(str(folder), str(info["run_name"]), str(info["method"]), int(info["seed"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{info_path} is not a valid run description ({err}); it needs run_name, method and seed. "
+                         "Fix: re-run the pre-training that wrote it") from None
+
+
+def load_model(checkpoint: Checkpoint, dropout_rate: float):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint.path, dropout_rate=dropout_rate)
+    return model, tokenizer
+
+
+# --- verse retrieval ---------------------------------------------------------------------------------
+
+def read_heldout_verses(path: Path) -> dict[str, dict[str, str]]:
+    """language -> verse id -> text, from the data stage's gzipped JSON lines."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make data` first (the data stage writes the held-out "
+                                "aligned verses), or set finetune.retrieval=false")
+    verses: dict[str, dict[str, str]] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                verses.setdefault(str(record["lang"]), {})[str(record["verse_id"])] = str(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}, line {line_no}: expected JSON with verse_id, lang and text ({err}). "
+                                 "Fix: re-run `make data`") from None
+    return verses
+
+
+def choose_retrieval_pairs(verses: dict[str, dict[str, str]], cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
+    """The languages to test against English and one seeded sample of verse ids that all of them share."""
+    languages = cfg.retrieval_languages or sorted(lang for lang in verses if lang != "en")
+    missing = sorted(({"en"} | set(languages)) - set(verses))
+    if missing:
+        raise ValueError(f"held-out verses have no {missing}; they have {sorted(verses)}. "
+                         "Fix: choose finetune.retrieval_languages among them")
+    shared = sorted(set(verses["en"]).intersection(*(verses[lang] for lang in languages)))
+    if len(shared) < 2:
+        raise ValueError(f"only {len(shared)} verse(s) are aligned across en and {languages}; re-run `make data`")
+    if len(shared) < cfg.retrieval_pairs:
+        print(f"retrieval: only {len(shared)} aligned verses (finetune.retrieval_pairs={cfg.retrieval_pairs})")
+    return languages, sorted(random.Random(cfg.seed).sample(shared, min(cfg.retrieval_pairs, len(shared))))
+
+
+def evaluate_retrieval(ckpt: Checkpoint, verses, languages, verse_ids, cfg, device) -> tuple[list[dict], dict]:
+    """X -> English accuracy from the final encoder output ('accuracy') and from the middle block
+    ('accuracy_middle_layer'), and English -> X from the final output ('accuracy_en_to_x')."""
+    model, tokenizer = load_model(ckpt, dropout_rate=0.0)
+    encoder = model.get_encoder()
+    layers = {"last": -1, "middle": model.config.num_layers // 2}
+    started = time.perf_counter()
+
+    def vectors(lang):
+        return embed(encoder, tokenizer, [verses[lang][v] for v in verse_ids], list(layers.values()),
+                     cfg.eval_batch_size, cfg.input_length, device)
+
+    english = vectors("en")
+    scores = {}
+    for lang in languages:
+        other = vectors(lang)
+        scores[lang] = {"accuracy": retrieval_accuracy(other[layers["last"]], english[layers["last"]]),
+                        "accuracy_en_to_x": retrieval_accuracy(english[layers["last"]], other[layers["last"]]),
+                        "accuracy_middle_layer": retrieval_accuracy(other[layers["middle"]], english[layers["middle"]])}
+    seconds = time.perf_counter() - started
+    n = {lang: len(verse_ids) for lang in languages}
+    metrics = {"scores": scores, "layers": layers, "pairs_per_language": len(verse_ids), "seconds": seconds,
+               "sentences_per_second": len(verse_ids) * (len(languages) + 1) / seconds}
+    return result_rows(ckpt, "verse_retrieval", "zero-shot", scores, n), metrics
+
+
+# --- XTREME ------------------------------------------------------------------------------------------
+
+def load_tasks(cfg: FinetuneConfig, folder: str | None) -> dict[str, TaskData]:
+    if cfg.xtreme_source == "hub":
+        load = load_hub
+    else:
+        root = xtreme_dir(folder)
+        if root is None:
+            print("XTREME: no local folder (set PRESENCE_XTREME_DIR or --xtreme-dir, or finetune.xtreme_source=hub); "
+                  "XTREME tasks skipped")
+            return {}
+        print(f"XTREME: reading {root}")
+
+        def load(task):
+            return load_local(task, root, cfg.seed)
+    tasks = {}
+    for name in cfg.tasks:
+        data = load(name)
+        data.test = {lang: subsample(examples, cfg.max_eval_examples, cfg.seed) for lang, examples in data.test.items()}
+        for note in data.notes:
+            print(f"  note: {note}")
+        if not data.translate_train:
+            print(f"  {name} translate-train: files not present, skipped")
+        tasks[name] = data
+    return tasks
+
+
+def training_groups(tasks: dict[str, TaskData], setting: str) -> list[list[str]]:
+    """Tasks trained on the same data share one fine-tuned model (XTREME trains one SQuAD model for XQuAD
+    and MLQA)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, data in tasks.items():
+        if setting == "translate-train" and not data.translate_train:
+            continue
+        key = (KIND[name], data.train_source) + ((data.translate_source,) if setting == "translate-train" else ())
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def training_examples(data: TaskData, setting: str, cfg: FinetuneConfig) -> list:
+    examples = list(data.train)
+    if setting == "translate-train":
+        examples += [ex for lang in sorted(data.translate_train) for ex in data.translate_train[lang]]
+    return subsample(examples, cfg.max_train_examples, cfg.seed)
+
+
+def finetune(ckpt: Checkpoint, task: str, examples: list, cfg: FinetuneConfig, device, desc: str):
+    seed_everything(ckpt.seed)
+    model, tokenizer = load_model(ckpt, cfg.dropout_rate)
+    stats = {"n_train_examples": len(examples)}
+    if KIND[task] == "tagging":
+        model = EncoderTagger(model.get_encoder(), model.config.d_model, cfg.dropout_rate)
+        encoded = encode_tagged(tokenizer, examples, cfg.input_length)
+    elif KIND[task] == "qa":  # a target the input no longer contains cannot be learnt: drop it
+        kept = [ex for ex, fits in zip(examples, qa_answer_fits(tokenizer, examples, cfg.input_length)) if fits]
+        stats["dropped_answer_truncated"] = len(examples) - len(kept)
+        if not kept:
+            raise ValueError(f"no {task} training answer lies within the first finetune.input_length="
+                             f"{cfg.input_length} tokens of its input; raise finetune.input_length")
+        encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in kept], cfg.input_length,
+                                      [ex.answers[0] for ex in kept], cfg.target_length)
+    else:
+        encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], cfg.input_length,
+                                      [LABEL_WORDS[task][ex.label] for ex in examples], cfg.target_length)
+    batches = batches_forever(encoded, cfg.batch_size, ckpt.seed, tokenizer.pad_token_id)
+    stats.update(train(model, batches, cfg.steps, cfg.lr, device, cfg.precision == "bf16", cfg.log_every, desc))
+    return model, tokenizer, stats
+
+
+def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneConfig, device) -> tuple[dict, dict]:
+    """Scores per language, and for the run folder: timing, diagnostics and the first predictions."""
+    bf16, scores, extra = cfg.precision == "bf16", {}, {"first_predictions": {}}
+    started = time.perf_counter()
+    for lang, examples in tqdm(test.items(), desc=f"evaluate {task}", leave=False, disable=None):
+        if KIND[task] == "tagging":
+            encoded = encode_tagged(tokenizer, examples, cfg.input_length)
+            predicted = predict_tags(model, encoded, cfg.eval_batch_size, tokenizer.pad_token_id, device, bf16)
+            gold = [ex.tags for ex in examples]
+            scores[lang] = {f"span_{name}": value for name, value in span_f1(gold, predicted).items()}
+        elif KIND[task] == "qa":
+            encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in examples], cfg.input_length)
+            predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size, cfg.target_length, device, bf16)
+            gold = [ex.answers for ex in examples]
+            scores[lang] = qa_scores(predicted, gold, lang if task == "mlqa" else None)
+            fits = qa_answer_fits(tokenizer, examples, cfg.input_length)
+            extra.setdefault("answer_in_input_percent", {})[lang] = 100.0 * sum(fits) / len(fits)
+        else:
+            words = LABEL_WORDS[task]
+            encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], cfg.input_length)
+            predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size,
+                                 max_label_tokens(tokenizer, list(words.values())), device, bf16)
+            gold = [words[ex.label] for ex in examples]
+            scores[lang] = {"accuracy": accuracy(predicted, gold)}
+            valid = sum(p in words.values() for p in predicted)  # the rest are wrong by definition
+            extra.setdefault("valid_label_percent", {})[lang] = 100.0 * valid / len(predicted)
+        extra["first_predictions"][lang] = [{"predicted": p, "gold": g} for p, g in zip(predicted[:3], gold[:3])]
+    seconds = time.perf_counter() - started
+    n_examples = sum(len(examples) for examples in test.values())
+    extra.update({"eval_seconds": seconds, "eval_examples_per_second": n_examples / seconds})
+    return scores, extra
+
+
+def finetune_and_evaluate(preset, ckpt: Checkpoint, setting: str, names: list[str], tasks: dict[str, TaskData],
+                          out: Path, device) -> dict[str, float]:
+    """Fine-tune once for a group of tasks, test each of them on every language, record the results."""
+    cfg, first = preset.finetune, tasks[names[0]]
+    desc = f"{ckpt.run} | {'+'.join(names)} | {setting}"
+    model, tokenizer, train_stats = finetune(ckpt, names[0], training_examples(first, setting, cfg), cfg, device, desc)
+    averages = {}
+    for name in names:
+        data = tasks[name]
+        scores, extra = evaluate(name, model, tokenizer, data.test, cfg, device)
+        n = {lang: len(examples) for lang, examples in data.test.items()}
+        rows = result_rows(ckpt, name, setting, scores, n)
+        upsert_csv(out / "xtreme.csv", rows)
+        config = {"train_source": first.train_source, "trained_with": names, "notes": data.notes,
+                  "translate_train_languages": sorted(first.translate_train) if setting == "translate-train" else []}
+        save_run(preset, ckpt, name, setting, config, {"train": train_stats, **extra, "scores": scores})
+        metric = TASK_METRICS[name][0]
+        averages[name] = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == metric)
+        print(f"{ckpt.run} | {name} | {setting} | {metric} avg {averages[name]:.2f} over {len(n)} languages "
+              f"| {extra['eval_examples_per_second']:.0f} examples/s")
+    return averages
+
+
+# --- results -----------------------------------------------------------------------------------------
+
+def result_rows(ckpt: Checkpoint, task: str, setting: str, scores: dict[str, dict], n: dict[str, int]) -> list[dict]:
+    """One row per (language, metric), plus lang 'avg': the plain mean over the languages, English included
+    for XTREME tasks as XTREME averages them."""
+    rows = []
+    base = {"run": ckpt.run, "method": ckpt.method, "seed": ckpt.seed, "task": task, "setting": setting}
+    metrics = list(next(iter(scores.values())))
+    for lang, values in scores.items():
+        rows += [{**base, "lang": lang, "metric": m, "value": round(values[m], 4), "n_examples": n[lang]}
+                 for m in metrics]
+    rows += [{**base, "lang": "avg", "metric": m, "value": round(sum(v[m] for v in scores.values()) / len(scores), 4),
+              "n_examples": sum(n.values())} for m in metrics]
+    return rows
+
+
+def upsert_csv(path: Path, rows: list[dict]) -> None:
+    """Replace the rows with the same key, keep the others, write atomically."""
+    kept = []
+    if path.exists():
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != COLUMNS:
+                raise ValueError(f"{path} has columns {reader.fieldnames}, expected {COLUMNS}. Fix: move it away")
+            new_keys = {tuple(str(r[k]) for k in ROW_KEY) for r in rows}
+            kept = [r for r in reader if tuple(r[k] for k in ROW_KEY) not in new_keys]
+    merged = kept + rows
+    merged.sort(key=lambda r: (str(r["run"]), str(r["task"]), str(r["setting"]), str(r["lang"]) == "avg",
+                               str(r["lang"]), str(r["metric"])))
+    write_csv(path, merged, COLUMNS)
+
+
+def save_run(preset, ckpt: Checkpoint, name: str, setting: str, config: dict, metrics: dict) -> None:
+    run_dir = artefacts_dir(preset.name, "finetune", ckpt.run, name, setting)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        print(f"  replacing the earlier evaluation in {run_dir}")
+    prepare_run_dir(run_dir, overwrite=True)
+    write_run_files(run_dir, {"preset": preset.to_dict(), "checkpoint": asdict(ckpt), "task": name,
+                              "setting": setting, **config}, metrics)
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoints: list[str] | None = None,
+         xtreme_folder: str | None = None) -> dict:
+    started = time.perf_counter()
+    transformers_logging.disable_progress_bar()  # one bar per model load would bury the log lines
+    preset = load_preset(preset_name, overrides)
+    cfg = preset.finetune
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpts = find_checkpoints(preset.name, checkpoints or [], cfg.seed)
+    out = results_dir(preset.name, "finetune")
+    print(f"04_finetune | preset {preset.name} | {device} | checkpoints: {', '.join(c.run for c in ckpts)}")
+    summary: dict = {"checkpoints": [asdict(c) for c in ckpts], "retrieval": {}, "xtreme": {}}
+
+    if cfg.retrieval:
+        verses = read_heldout_verses(artefacts_dir(preset.name, "data", "parallel", "heldout_verses.jsonl.gz"))
+        languages, verse_ids = choose_retrieval_pairs(verses, cfg)
+        for ckpt in ckpts:
+            rows, metrics = evaluate_retrieval(ckpt, verses, languages, verse_ids, cfg, device)
+            upsert_csv(out / "retrieval.csv", rows)
+            save_run(preset, ckpt, "verse_retrieval", "zero-shot", {"languages": languages}, metrics)
+            average = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == "accuracy")
+            print(f"{ckpt.run} | verse_retrieval | X->en accuracy avg {average:.1f} over {len(languages)} languages "
+                  f"| {metrics['sentences_per_second']:.0f} sentences/s")
+            summary["retrieval"][ckpt.run] = average
+
+    tasks = load_tasks(cfg, xtreme_folder)
+    for setting in ("zero-shot", "translate-train"):
+        for ckpt in ckpts:
+            for names in training_groups(tasks, setting):
+                averages = finetune_and_evaluate(preset, ckpt, setting, names, tasks, out, device)
+                summary["xtreme"].update({f"{ckpt.run}/{name}/{setting}": v for name, v in averages.items()})
+    summary["seconds"] = time.perf_counter() - started
+    print(f"04_finetune done in {summary['seconds']:.0f} s; results in {out}")
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="tiny | small | paper | path to a preset YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a preset field, e.g. --set finetune.steps=50 (repeatable)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="DIR_OR_HUB_NAME",
+                        help="evaluate this model instead of every finished pre-training run (repeatable)")
+    parser.add_argument("--xtreme-dir", help="folder with XTREME's download layout (default: $PRESENCE_XTREME_DIR)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    main(args.preset, args.set, args.checkpoint, args.xtreme_dir)

@@ -1,0 +1,245 @@
+"""04_finetune end to end on throwaway fixtures (a SentencePiece tokenizer trained here, a random 1+1-layer
+T5, a synthetic XTREME folder, synthetic held-out verses), plus the helpers it is built from."""
+import csv
+import gzip
+import importlib.util
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.finetuning import (IGNORE, EncoderTagger, collate, encode_tagged, encode_text_to_text, generate,
+                               predict_tags, qa_answer_fits)
+from common.paths import REPO_ROOT
+from common.retrieval import mean_pool, retrieval_accuracy
+from common.xtreme import QAExample, TaggedSentence
+from test_xtreme import WORDS, write_xtreme_folder
+
+COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
+FAST = ["finetune.steps=3", "finetune.batch_size=4", "finetune.max_train_examples=16", "finetune.max_eval_examples=4",
+        "finetune.eval_batch_size=8", "finetune.input_length=96", "finetune.target_length=5",
+        "finetune.retrieval_pairs=6", "finetune.log_every=1"]
+
+
+def _load_stage():
+    spec = importlib.util.spec_from_file_location("finetune_all", REPO_ROOT / "04_finetune" / "finetune_all.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A T5-style tokenizer (pad 0, eos 1, unk 2, 100 sentinels after the pieces) and a random tiny T5."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    folder = tmp_path_factory.mktemp("model")
+    text = [" ".join(WORDS[(i * 3 + k) % 10] for k in range(8)) + f" number {i}: question context? premise "
+            "hypothesis entailment neutral contradiction paraphrase different xnli pawsx sentence1 sentence2 visits "
+            "Ada Lovelace. seen near the and then was what" for i in range(300)]
+    model_proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model_proto, vocab_size=300,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    processor = spm.SentencePieceProcessor(model_proto=model_proto.getvalue())
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=100)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1,
+                      num_heads=2, d_kv=16, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _install_checkpoint(model_dir, artefacts, run, method, seed):
+    final = artefacts / "tiny" / "pretrain" / run / "final"
+    final.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        (final / path.name).write_bytes(path.read_bytes())
+    (final / "presence_run.json").write_text(json.dumps(
+        {"run_name": run, "method": method, "seed": seed, "preset": "tiny", "steps": 1}))
+    return final
+
+
+def _write_verses(artefacts, languages=("en", "de", "fr"), n=8, copies_of_english=False):
+    path = artefacts / "tiny" / "data" / "parallel" / "heldout_verses.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for lang_index, lang in enumerate(languages):
+            for i in range(n - lang_index):  # fr lacks the last two verses: only aligned ids may be sampled
+                shift = 0 if copies_of_english else lang_index
+                text = " ".join(WORDS[(i * 7 + k + shift) % 10] for k in range(6)) + f" number {i}"
+                f.write(json.dumps({"verse_id": f"43.3.{i}", "lang": lang, "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture
+def stage(tmp_path, monkeypatch):
+    """The stage module with artefacts and results redirected into tmp_path."""
+    module = _load_stage()
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    monkeypatch.delenv("PRESENCE_XTREME_DIR", raising=False)
+    monkeypatch.setattr(module, "results_dir", lambda preset, stage_name: tmp_path / "results" / preset / stage_name)
+    return module
+
+
+def _read(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        return list(reader)
+
+
+@pytest.mark.slow
+def test_two_checkpoints_end_to_end_and_reruns_replace_rows(stage, model_dir, tmp_path):
+    artefacts = tmp_path / "artefacts"
+    _install_checkpoint(model_dir, artefacts, "baseline-seed0", "baseline", 0)
+    _install_checkpoint(model_dir, artefacts, "presence-seed0", "presence", 0)
+    _write_verses(artefacts)
+    xtreme = write_xtreme_folder(tmp_path / "xtreme")
+    (xtreme / "xnli/translate-train").mkdir()
+    (xtreme / "xnli/translate-train/en-de-translated.tsv").write_text(
+        "".join(f"alpha beta {i}\tgamma {i}\tneutral\n" for i in range(8)), encoding="utf-8")
+
+    summary = stage.main("tiny", FAST, None, str(xtreme))
+    results = tmp_path / "results" / "tiny" / "finetune"
+    rows = _read(results / "xtreme.csv")
+    assert {r["run"] for r in rows} == {"baseline-seed0", "presence-seed0"}
+    settings = {(r["task"], r["setting"]) for r in rows}
+    assert settings == {(task, "zero-shot") for task in stage.KIND} | {("xnli", "translate-train")}
+    baseline = [r for r in rows if r["run"] == "baseline-seed0" and r["setting"] == "zero-shot"]
+    assert {r["lang"] for r in baseline if r["task"] == "tydiqa"} == {"en", "avg"}
+    assert {r["metric"] for r in baseline if r["task"] == "mlqa"} == {"f1", "exact_match"}
+    assert {r["metric"] for r in baseline if r["task"] == "panx"} == {"span_f1", "span_precision", "span_recall"}
+    for task in stage.KIND:
+        langs = [r for r in baseline if r["task"] == task and r["lang"] != "avg"
+                 and r["metric"] == stage.TASK_METRICS[task][0]]
+        avg = next(r for r in baseline if r["task"] == task and r["lang"] == "avg"
+                   and r["metric"] == stage.TASK_METRICS[task][0])
+        assert float(avg["value"]) == pytest.approx(np.mean([float(r["value"]) for r in langs]), abs=1e-3)
+        assert int(avg["n_examples"]) == sum(int(r["n_examples"]) for r in langs) == 4 * len(langs)
+        assert langs and all(0 <= float(r["value"]) <= 100 for r in langs)
+    assert {r["seed"] for r in rows} == {"0"} and {r["method"] for r in rows} == {"baseline", "presence"}
+
+    retrieval = _read(results / "retrieval.csv")
+    assert {(r["task"], r["setting"]) for r in retrieval} == {("verse_retrieval", "zero-shot")}
+    assert {r["lang"] for r in retrieval} == {"de", "fr", "avg"}
+    assert {r["metric"] for r in retrieval} == {"accuracy", "accuracy_en_to_x", "accuracy_middle_layer"}
+    assert {r["n_examples"] for r in retrieval if r["lang"] == "de"} == {"6"}, "6 of the 6 verses all share"
+    run_dir = artefacts / "tiny" / "finetune" / "presence-seed0" / "mlqa" / "zero-shot"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval_examples_per_second"] > 0 and set(metrics["scores"]) == {"en", "de"}
+    assert json.loads((run_dir / "config.json").read_text())["trained_with"] == ["xquad", "mlqa", "tydiqa"]
+    assert (run_dir / "environment.json").is_file()
+    assert set(summary["retrieval"]) == {"baseline-seed0", "presence-seed0"}
+
+    stage.main("tiny", FAST + ["finetune.tasks=[pawsx]"], None, str(xtreme))
+    again = _read(results / "xtreme.csv")
+    assert len(again) == len(rows), "a re-run must replace its rows, not add to them"
+    assert _read(results / "retrieval.csv") == retrieval, "retrieval is deterministic"
+
+
+def test_without_xtreme_data_only_retrieval_runs(stage, model_dir, tmp_path, capsys):
+    _install_checkpoint(model_dir, tmp_path / "artefacts", "baseline-seed1", "baseline", 1)
+    # "translations" identical to the English verses: every verse must find itself, in both directions
+    _write_verses(tmp_path / "artefacts", languages=("en", "de"), copies_of_english=True)
+    summary = stage.main("tiny", FAST, None, None)
+    assert "XTREME tasks skipped" in capsys.readouterr().out
+    assert summary["xtreme"] == {} and not (tmp_path / "results/tiny/finetune/xtreme.csv").exists()
+    rows = _read(tmp_path / "results/tiny/finetune/retrieval.csv")
+    assert {r["seed"] for r in rows} == {"1"} and {r["lang"] for r in rows} == {"de", "avg"}
+    assert {float(r["value"]) for r in rows} == {100.0}
+
+
+def test_missing_inputs_say_which_stage_to_run(stage, model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="make pretrain"):
+        stage.main("tiny", FAST, None, None)
+    _install_checkpoint(model_dir, tmp_path / "artefacts", "baseline-seed0", "baseline", 0)
+    with pytest.raises(FileNotFoundError, match="make data"):
+        stage.main("tiny", FAST, None, None)
+    path = _write_verses(tmp_path / "artefacts")
+    with gzip.open(path, "at", encoding="utf-8") as f:
+        f.write('{"verse_id": "1.1.1", "lang": "en"}\n')
+    with pytest.raises(ValueError, match=r"heldout_verses\.jsonl\.gz, line 22: expected JSON"):
+        stage.main("tiny", FAST, None, None)
+
+
+def test_checkpoint_arguments(stage, model_dir, tmp_path):
+    final = _install_checkpoint(model_dir, tmp_path / "artefacts", "presence-seed3", "presence", 3)
+    assert stage.describe_checkpoint(str(final), 0) == stage.Checkpoint(str(final), "presence-seed3", "presence", 3)
+    assert stage.describe_checkpoint(str(model_dir), 7).method == "external"
+    hub = stage.describe_checkpoint("google/mt5-small", 0)
+    assert (hub.path, hub.run, hub.method) == ("google/mt5-small", "google--mt5-small", "external")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        stage.describe_checkpoint(str(tmp_path), 0)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def test_retrieval_accuracy_and_mean_pooling_by_hand():
+    queries = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
+    candidates = np.array([[2.0, 0.0], [0.1, 3.0], [1.0, 1.2]])
+    # cosine nearest neighbours: q0 -> c0 (right), q1 -> c1 (right), q2 -> c0 (wrong, c2 is its match)
+    assert retrieval_accuracy(queries, candidates) == pytest.approx(200 / 3)
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    assert mean_pool(hidden, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 3.0]]
+
+
+def test_tags_sit_on_first_subwords_and_truncated_words_are_predicted_o(model_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sentence = TaggedSentence(("Lovelace", "visits", "alpha", "beta"), ("B-PER", "O", "B-LOC", "I-LOC"))
+    [encoded] = encode_tagged(tokenizer, [sentence], input_length=64)
+    pieces = tokenizer([list(sentence.tokens)], is_split_into_words=True).word_ids(0)
+    assert encoded["first_subword"] == [pieces.index(k) for k in range(4)]
+    labelled = [i for i, label in enumerate(encoded["labels"]) if label != IGNORE]
+    assert labelled == encoded["first_subword"]
+    [short] = encode_tagged(tokenizer, [sentence], input_length=3)
+    assert short["first_subword"][-1] is None
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    tagger = EncoderTagger(model.get_encoder(), model.config.d_model, 0.1)
+    assert torch.equal(tagger.encoder.block[0].layer[0].SelfAttention.q.weight,
+                       model.encoder.block[0].layer[0].SelfAttention.q.weight), "the head sits on pre-trained weights"
+    [tags] = predict_tags(tagger, [short], 4, tokenizer.pad_token_id, torch.device("cpu"))
+    assert len(tags) == 4 and tags[-1] == "O"
+
+
+def test_collate_pads_inputs_and_ignores_padded_labels():
+    batch = collate([{"input_ids": [5, 6, 1], "labels": [7, 1]}, {"input_ids": [5, 1], "labels": [1]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 1], [1, IGNORE]]
+
+
+def test_answers_cut_off_by_truncation_are_detected(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context = " ".join(["alpha beta gamma"] * 30) + " king stone"
+    early = QAExample("1", "what?", context, ("alpha beta",), (0,))
+    late = QAExample("2", "what?", context, ("king stone",), (context.index("king stone"),))
+    assert qa_answer_fits(tokenizer, [early, late], input_length=32) == [True, False]
+    assert qa_answer_fits(tokenizer, [late], input_length=512) == [True]
+
+
+def test_truncated_inputs_keep_eos_and_batched_generation_keeps_input_order(model_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [" ".join(WORDS[: 1 + 2 * i]) for i in range(5)]  # five lengths, batched out of order by length
+    encoded = encode_text_to_text(tokenizer, texts, input_length=5, targets=["alpha"] * 5, target_length=4)
+    assert all(len(ex["input_ids"]) <= 5 and ex["input_ids"][-1] == tokenizer.eos_token_id for ex in encoded)
+    assert encoded[0]["labels"] == tokenizer("alpha").input_ids[:3] + [tokenizer.eos_token_id], "cut to 4, EOS kept"
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    inputs = encode_text_to_text(tokenizer, list(reversed(texts)), input_length=64)
+    batched = generate(model, tokenizer, inputs, 3, 4, torch.device("cpu"))
+    one_by_one = [generate(model, tokenizer, [ex], 1, 4, torch.device("cpu"))[0] for ex in inputs]
+    assert batched == one_by_one
