@@ -95,7 +95,8 @@ def load_model(checkpoint: Checkpoint, dropout_rate: float):
 # --- verse retrieval ---------------------------------------------------------------------------------
 
 def read_heldout_verses(path: Path) -> dict[str, dict[str, str]]:
-    """language -> verse id -> text, from the data stage's gzipped JSON lines."""
+    """language -> verse id ("book.chapter.verse") -> text, from the data stage's gzipped JSON lines
+    {"book", "chapter", "verse", <language>: text, ...} (one line per verse of the held-out books)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `make data` first (the data stage writes the held-out "
                                 "aligned verses), or set finetune.retrieval=false")
@@ -106,10 +107,12 @@ def read_heldout_verses(path: Path) -> dict[str, dict[str, str]]:
                 continue
             try:
                 record = json.loads(line)
-                verses.setdefault(str(record["lang"]), {})[str(record["verse_id"])] = str(record["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}, line {line_no}: expected JSON with verse_id, lang and text ({err}). "
-                                 "Fix: re-run `make data`") from None
+                verse_id = f"{int(record.pop('book'))}.{int(record.pop('chapter'))}.{int(record.pop('verse'))}"
+                for lang, text in record.items():
+                    verses.setdefault(str(lang), {})[verse_id] = str(text)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+                raise ValueError(f"{path}, line {line_no}: expected JSON with book, chapter, verse and one text "
+                                 f"per language ({err!r}). Fix: re-run `make data`") from None
     return verses
 
 
@@ -335,7 +338,7 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoi
     summary: dict = {"checkpoints": [asdict(c) for c in ckpts], "retrieval": {}, "xtreme": {}}
 
     if cfg.retrieval:
-        verses = read_heldout_verses(artefacts_dir(preset.name, "data", "parallel", "heldout_verses.jsonl.gz"))
+        verses = read_heldout_verses(artefacts_dir(preset.name, "data", "heldout_parallel_verses.jsonl.gz"))
         languages, verse_ids = choose_retrieval_pairs(verses, cfg)
         for ckpt in ckpts:
             rows, metrics = evaluate_retrieval(ckpt, verses, languages, verse_ids, cfg, device)

@@ -69,14 +69,17 @@ def _install_checkpoint(model_dir, artefacts, run, method, seed):
 
 
 def _write_verses(artefacts, languages=("en", "de", "fr"), n=8, copies_of_english=False):
-    path = artefacts / "tiny" / "data" / "parallel" / "heldout_verses.jsonl.gz"
+    path = artefacts / "tiny" / "data" / "heldout_parallel_verses.jsonl.gz"
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
-        for lang_index, lang in enumerate(languages):
-            for i in range(n - lang_index):  # fr lacks the last two verses: only aligned ids may be sampled
+        for i in range(n):
+            record = {"book": 43, "chapter": 3, "verse": i}
+            for lang_index, lang in enumerate(languages):
+                if i >= n - lang_index:  # fr lacks the last two verses: only aligned ids may be sampled
+                    continue
                 shift = 0 if copies_of_english else lang_index
-                text = " ".join(WORDS[(i * 7 + k + shift) % 10] for k in range(6)) + f" number {i}"
-                f.write(json.dumps({"verse_id": f"43.3.{i}", "lang": lang, "text": text}) + "\n")
+                record[lang] = " ".join(WORDS[(i * 7 + k + shift) % 10] for k in range(6)) + f" number {i}"
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -166,8 +169,8 @@ def test_missing_inputs_say_which_stage_to_run(stage, model_dir, tmp_path):
         stage.main("tiny", FAST, None, None)
     path = _write_verses(tmp_path / "artefacts")
     with gzip.open(path, "at", encoding="utf-8") as f:
-        f.write('{"verse_id": "1.1.1", "lang": "en"}\n')
-    with pytest.raises(ValueError, match=r"heldout_verses\.jsonl\.gz, line 22: expected JSON"):
+        f.write('{"chapter": 1, "verse": 1, "en": "no book"}\n')
+    with pytest.raises(ValueError, match=r"heldout_parallel_verses\.jsonl\.gz, line 9: expected JSON"):
         stage.main("tiny", FAST, None, None)
 
 
