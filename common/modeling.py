@@ -51,8 +51,9 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> T5ForConditionalGeneration
     if not cfg.tie_word_embeddings:
         # transformers 5 always builds T5 with the output layer tied to the input embedding (its loader
         # unties only when a checkpoint holds different values). T5 v1.1 and mT5 have a separate output
-        # layer, initialised N(0, 1) like the embedding; from_pretrained keeps it separate.
-        std = model.config.initializer_factor
+        # layer; T5X initialises it with variance scaling over fan-in, N(0, 1/d_model), so that the first
+        # logits have unit scale (HF's N(0, 1) gives logits of scale sqrt(d_model) and a huge first loss).
+        std = model.config.initializer_factor * model.config.d_model ** -0.5
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * std)
     return model
 

@@ -39,6 +39,8 @@ def test_model_is_t5_v1_1_and_flops_follow_the_perf_convention():
     assert model.config.feed_forward_proj == "gated-gelu" and not model.config.scale_decoder_outputs
     assert model.lm_head.weight is not model.shared.weight, "T5 v1.1 / mT5 have an untied output layer"
     assert model.encoder.embed_tokens.weight is model.shared.weight is model.decoder.embed_tokens.weight
+    # T5X's fan-in variance scaling for the output layer: std 1/sqrt(d_model) = 0.25 here
+    assert model.lm_head.weight.std().item() == pytest.approx(16 ** -0.5, rel=0.1)
     counts = parameter_counts(model)
     assert counts["total"] == counts["encoder"] + counts["decoder"] + counts["embedding"] + counts["lm_head"]
     assert counts["embedding"] == counts["lm_head"] == 50 * 16
