@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 from tqdm import tqdm
-from transformers import AutoModelForSeq2SeqLM
 
 from common.config import load_preset
 from common.influence import forward_logits, group_losses, self_influence, token_losses
-from common.io import read_json, write_csv, write_json
+from common.io import read_json, write_csv
+from common.modeling import load_pretrained
 from common.paths import artefacts_dir, results_dir
 from common.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
 from common.probes import span_corrupted_probes
@@ -129,10 +129,11 @@ def reliability_rows(scores: pd.DataFrame) -> list[dict]:
     final = first[first["step"] == final_step].set_index(["lang", "condition", "sample_id"])["si"]
     rows = []
     for (checkpoint, step, lang), group in first.groupby(["checkpoint", "step", "lang"], sort=False):
-        here = group.set_index(["lang", "condition", "sample_id"])["si"]
         for noisy, reference in NOISY.items():
-            pos, neg = group[group["condition"] == noisy]["si"], group[group["condition"] == reference]["si"]
+            pair = group[group["condition"].isin([noisy, reference])]
+            pos, neg = pair[pair["condition"] == noisy]["si"], pair[pair["condition"] == reference]["si"]
             if len(pos) and len(neg):
+                here = pair.set_index(["lang", "condition", "sample_id"])["si"]
                 rows.append({"checkpoint": checkpoint, "step": step, "fraction_of_training": step / final_step,
                              "lang": lang, "comparison": f"{noisy} vs {reference}", "auroc_si": auroc(pos, neg),
                              "spearman_with_final": sps.spearmanr(here, final.loc[here.index]).statistic})
@@ -154,7 +155,7 @@ def main(args: argparse.Namespace) -> dict:
 
     frames, started, scored = [], time.perf_counter(), 0
     for label, step, folder in found:
-        model = AutoModelForSeq2SeqLM.from_pretrained(folder).to(device).eval()  # eval: no dropout noise in SI
+        model = load_pretrained(folder).to(device).eval()  # eval: no dropout noise in SI
         tokenizer = load_tokenizer(folder)
         n_tokens = [len(ids) for ids in encode_texts(tokenizer, probes["text"].tolist())]
         # every layer set on the final checkpoint; the earlier ones only need the paper's set

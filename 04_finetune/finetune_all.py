@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from common.config import FinetuneConfig, load_preset
@@ -34,6 +34,7 @@ from common.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, enco
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
 from common.io import write_csv
 from common.metrics import accuracy, qa_scores, span_f1
+from common.modeling import load_pretrained
 from common.paths import artefacts_dir, results_dir, xtreme_dir
 from common.retrieval import embed, retrieval_accuracy
 from common.runinfo import prepare_run_dir, write_run_files
@@ -88,7 +89,7 @@ def describe_checkpoint(name: str, default_seed: int) -> Checkpoint:
 
 def load_model(checkpoint: Checkpoint, dropout_rate: float):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint.path, dropout_rate=dropout_rate)
+    model = load_pretrained(checkpoint.path, dropout_rate=dropout_rate)
     return model, tokenizer
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5Config, T5ForConditionalGeneration
 
+from transformers.utils import logging as hf_logging
+
 from common.config import ModelConfig
 
 # Bucketed relative positions mean T5 has no position embeddings; these ids are T5's conventions
@@ -75,3 +77,15 @@ def model_flops_per_sequence(model, input_length: int, target_length: int) -> fl
     counts = parameter_counts(model)
     decoder_matmul = counts["decoder"] + (counts["lm_head"] or counts["embedding"])
     return 6.0 * (counts["encoder"] * input_length + decoder_matmul * target_length)
+
+
+def load_pretrained(name_or_path, **config_overrides):
+    """A saved model (a folder of ours, or a hub name such as google/mt5-base). transformers 5 warns on
+    every load that our untied output layer differs from the embedding it would tie it to, which is
+    exactly what T5 v1.1 / mT5 want; only that warning is silenced."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
+    finally:
+        hf_logging.set_verbosity(previous)

@@ -1,0 +1,98 @@
+"""PRESENCE-Sequential, step 1 (the paper's Table 2): score the self-influence of every pre-training
+row with a scoring model, here the finished baseline run of the same seed (the paper: mT5-base
+after 200k steps). pretrain.py --method presence-sequential then keeps the lowest-scoring share
+(pretrain.sequential_keep_fraction; the paper does not give it) and -reverse drops it.
+
+    python 03_pretrain/score_candidates.py --preset tiny --seed 0
+    python 03_pretrain/score_candidates.py --preset small --seed 1 --scorer presence-s1
+
+Reads the packed training rows (01_data) and artefacts/<preset>/pretrain/<scorer>/final (03_pretrain).
+Writes artefacts/<preset>/pretrain/sequential/scores-s<seed>.npy (one score per training row, in row
+order) and results/<preset>/pretrain/sequential/scores-s<seed>.csv (per language: score quantiles and
+the share of its rows that Sequential keeps, since one global ranking can favour some languages).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.config import load_preset
+from common.influence import self_influence
+from common.io import atomic_path, write_csv
+from common.modeling import load_pretrained
+from common.packed_data import load_data_manifest, read_rows
+from common.paths import artefacts_dir, results_dir
+from common.span_corruption import span_corrupt
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Sequential runs these scores are for")
+    p.add_argument("--scorer", help="run whose final model scores (default: baseline-s<seed>)")
+    p.add_argument("--batch-size", type=int, help="rows scored at once (default: si_analysis.batch_size)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    return p.parse_args(argv)
+
+
+def language_rows(languages, row_language, scores, keep_fraction) -> list[dict]:
+    kept = np.zeros(len(scores), dtype=bool)
+    kept[np.argsort(scores, kind="stable")[:round(keep_fraction * len(scores))]] = True
+    rows = []
+    for index, lang in enumerate(languages):
+        mine = row_language == index
+        q10, q50, q90 = np.quantile(scores[mine], [0.1, 0.5, 0.9])
+        rows.append({"lang": lang, "rows": int(mine.sum()), "si_q10": q10, "si_median": q50, "si_q90": q90,
+                     "kept_share_sequential": kept[mine].mean(), "kept_share_reverse": (~kept[mine]).mean()})
+    return rows
+
+
+def main(args: argparse.Namespace) -> dict:
+    preset = load_preset(args.preset, args.set)
+    scorer = args.scorer or f"baseline-s{args.seed}"
+    final = artefacts_dir(preset.name, "pretrain", scorer, "final")
+    if not (final / "presence_run.json").is_file():
+        raise FileNotFoundError(f"{final} holds no finished run. Fix: pre-train the scorer first: "
+                                f"03_pretrain/pretrain.py --preset {preset.name} --method baseline --seed {args.seed}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(final).to(device).eval()
+    data_dir = artefacts_dir(preset.name, "data")
+    m = load_data_manifest(data_dir)
+    tokens = read_rows(data_dir, "train", m)
+    batch_size = args.batch_size or preset.si_analysis.batch_size
+
+    started, scores = time.perf_counter(), []
+    for start in tqdm(range(0, len(tokens), batch_size), desc=f"scoring {len(tokens)} rows with {scorer}"):
+        # each chunk's noise is seeded by its position, so the scores do not depend on the batch size's history
+        inputs, targets = span_corrupt(np.asarray(tokens[start:start + batch_size]),
+                                       np.random.default_rng([args.seed, 2, start]), eos_id=m["eos_id"],
+                                       first_sentinel_id=m["first_sentinel_id"], noise_density=m["noise_density"],
+                                       mean_noise_span_length=m["mean_noise_span_length"])
+        batch = {"input_ids": torch.from_numpy(inputs).to(device),
+                 "attention_mask": torch.ones(inputs.shape, dtype=torch.long, device=device),
+                 "labels": torch.from_numpy(targets).to(device)}
+        scores.append(self_influence(model, batch, layers=preset.pretrain.si_layers, per="sample").double().cpu())
+    scores = torch.cat(scores).numpy()
+    seconds = time.perf_counter() - started
+    if not np.isfinite(scores).all():
+        raise FloatingPointError(f"{(~np.isfinite(scores)).sum()} rows got a non-finite score from {scorer}. "
+                                 "Fix: score with an earlier or a healthier checkpoint (--scorer)")
+
+    out = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, scores)
+    row_language = np.load(data_dir / "packed" / "train_language.npy")
+    summary = results_dir(preset.name, "pretrain") / "sequential" / f"scores-s{args.seed}.csv"
+    write_csv(summary, [dict(row, scorer=scorer, seed=args.seed) for row in
+                        language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)])
+    print(f"scored {len(scores)} rows in {seconds:.0f} s ({len(scores) / seconds:.0f} rows/s) -> {out}, {summary}")
+    return {"rows": len(scores), "seconds": seconds, "scores": str(out)}
+
+
+if __name__ == "__main__":
+    main(parse_args())
