@@ -12,6 +12,9 @@ ifneq ($(strip $(XTREME_DIR)),)
 export PRESENCE_XTREME_DIR ?= $(abspath $(XTREME_DIR))
 endif
 
+# Progress bars redraw at most every few seconds, so logs of non-interactive runs stay readable.
+export TQDM_MININTERVAL ?= 5
+
 STAMP := $(VENV)/.installed
 
 .PHONY: help env data pretrain si finetune figures bench reproduce test clean
@@ -19,12 +22,12 @@ STAMP := $(VENV)/.installed
 help:  ## list the targets
 	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
 	@echo "  env        create $(VENV) and install the pinned packages (CPU torch)        ~3 min, network to PyPI"
-	@echo "  data       01_data: corpus, tokenizer, span-corrupted packed data, probes   tiny: ~2 min CPU | small: ~15 min CPU"
-	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~6 min CPU | small: ~10 min/run GPU"
-	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~2 min CPU | small: ~3 min GPU"
-	@echo "  finetune   04_finetune: XTREME zero-shot (+ offline verse retrieval)        tiny: ~4 min CPU | small: ~10 min/run GPU"
+	@echo "  data       01_data: corpus, tokenizer, span-corrupted packed data, probes   tiny: ~40 s CPU | small: ~3 min CPU"
+	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~5 min CPU (3 runs) | small: 1 GPU, ~10 min/run (est.)"
+	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~1 min CPU | small: 1 GPU, minutes (est.)"
+	@echo "  finetune   04_finetune: XTREME zero-shot (+ offline verse retrieval)        tiny: ~4 min CPU | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  figures    05_figures: paper-vs-ours tables and figures from results/        < 1 min CPU"
-	@echo "  bench      SI-engine and data-pipeline benchmarks (side-by-side ratios)    tiny: ~2 min CPU | small: ~2 min GPU"
+	@echo "  bench      SI-engine and data-pipeline benchmarks (side-by-side ratios)    tiny: ~1 min CPU | small: 1 GPU, ~2 min (est.)"
 	@echo "  reproduce  env + every stage in order at PRESET (tiny: <= 20 min, 2 cores, offline)"
 	@echo "  test       env + the whole test suite                                      <= 20 min, 2 cores"
 	@echo "  clean      remove $(VENV) and artefacts/ (results/ is kept)"
