@@ -9,7 +9,8 @@ early in training do SI scores separate noise, and which layer set to use.
 Inputs: artefacts/<preset>/data/probes.jsonl.gz (01_data) and the scorer's checkpoints
 artefacts/<preset>/pretrain/<run>/{final, snapshots/step-N} (03_pretrain).
 Outputs in results/<preset>/si_analysis/: si_scores.csv (one row per probe sample, checkpoint and layer
-set), si_summary.csv, si_correlations.csv, si_reliability.csv, metrics.json; PNGs in results/<preset>/figures/.
+set), si_summary.csv, si_correlations.csv, si_reliability.csv, metrics.json; PNGs in results/<preset>/figures/
+(with --out: in <out>/figures/).
 """
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def main(args: argparse.Namespace) -> dict:
     write_csv(out / "si_summary.csv", summary_rows(scores, preset.si_analysis.bootstrap_samples))
     write_csv(out / "si_correlations.csv", correlation_rows(scores))
     write_csv(out / "si_reliability.csv", reliability_rows(scores))
-    figures = results_dir(preset.name, "figures")
+    figures = out / "figures" if args.out else results_dir(preset.name, "figures")
     final_label = found[-1][0]
     plot_figure1(scores, figures / "figure1_si_noise_domain.png", f" ({preset.name} preset, {final_label})")
     plot_si_layer_sets(scores[scores["checkpoint"] == final_label], figures / "si_layer_sets.png")

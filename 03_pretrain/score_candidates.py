@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the Sequential runs these scores are for")
     p.add_argument("--scorer", help="run whose final model scores (default: baseline-s<seed>)")
     p.add_argument("--batch-size", type=int, help="rows scored at once (default: si_analysis.batch_size)")
+    p.add_argument("--out", help="folder of the per-language summary (default results/<preset>/pretrain/sequential)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     return p.parse_args(argv)
 
@@ -87,7 +89,8 @@ def main(args: argparse.Namespace) -> dict:
         with open(tmp, "wb") as f:
             np.save(f, scores)
     row_language = np.load(data_dir / "packed" / "train_language.npy")
-    summary = results_dir(preset.name, "pretrain") / "sequential" / f"scores-s{args.seed}.csv"
+    summary_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "sequential"
+    summary = summary_dir / f"scores-s{args.seed}.csv"
     write_csv(summary, [dict(row, scorer=scorer, seed=args.seed) for row in
                         language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)])
     print(f"scored {len(scores)} rows in {seconds:.0f} s ({len(scores) / seconds:.0f} rows/s) -> {out}, {summary}")

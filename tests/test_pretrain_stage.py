@@ -92,3 +92,14 @@ def test_two_gloo_processes_train_like_one(tmp_path, mini_artefacts):
     assert [float(l) for _, l, _ in one] == pytest.approx([float(l) for _, l, _ in two], rel=1e-5)
     a, b = final_weights(mini_artefacts, "single"), final_weights(mini_artefacts, "double")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_grid_specs_become_pretrain_arguments_and_names():
+    grid = load_stage("03_pretrain/pretrain_all.py")
+    args = grid.run_arguments("presence-single tau=-2", 1, "small")
+    assert args == ["--preset", "small", "--method", "presence-single", "--seed", "1", "--tau", "-2"]
+    assert grid.run_name(args) == "presence-single-tau-2-s1"
+    assert grid.run_name(grid.run_arguments("presence switch_step=50 per=sample", 0, "tiny")) == \
+        "presence-I50-per-sample-s0"
+    with pytest.raises(SystemExit, match="unknown option"):
+        grid.run_arguments("presence temperature=2", 0, "tiny")

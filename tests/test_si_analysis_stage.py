@@ -1,0 +1,80 @@
+"""02_si_analysis and PRESENCE-Sequential's scoring on the miniature data: a tiny pre-trained run's
+checkpoints are scored end to end, and the tables agree with the per-sample scores they summarise."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.stats import auroc
+from conftest import MINI_DATA, MINI_MODEL, MINI_PRETRAIN, load_stage
+
+pretrain = load_stage("03_pretrain/pretrain.py")
+score_candidates = load_stage("03_pretrain/score_candidates.py")
+analyze_si = load_stage("02_si_analysis/analyze_si.py")
+SETS = [x for item in MINI_DATA + MINI_MODEL + MINI_PRETRAIN for x in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def scorer_run(mini_artefacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+        pretrain.main(pretrain.parse_args(["--preset", "tiny", "--method", "baseline", "--seed", "0",
+                                           "--out", str(out / "baseline-s0"), *SETS]))
+    return out
+
+
+def test_analysis_scores_every_probe_and_summaries_match(scorer_run, mini_artefacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    out = tmp_path / "si"
+    metrics = analyze_si.main(analyze_si.parse_args(["--preset", "tiny", "--out", str(out), *SETS]))
+    scores = pd.read_csv(out / "si_scores.csv")
+    probes = analyze_si.read_probes(mini_artefacts / "tiny" / "data" / "probes.jsonl.gz")
+    # snapshots at 25% and 50% of 6 steps (steps 2 and 3) score the paper's layer set, the final model all three
+    assert metrics["checkpoints"] == ["baseline-s0/step-2", "baseline-s0/step-3", "baseline-s0/final"]
+    assert len(scores) == len(probes) * (1 + 1 + 3)
+    assert (scores["si"] > 0).all() and np.isfinite(scores["loss"]).all()
+    assert set(scores["condition"]) == {"clean", "jumbled", "random", "mismatched"}
+
+    summary = pd.read_csv(out / "si_summary.csv")
+    final = scores[(scores["checkpoint"] == "baseline-s0/final") & (scores["layer_set"] == "first")]
+    for lang in ("en", "hi"):
+        clean = final[(final["lang"] == lang) & (final["condition"] == "clean")]
+        jumbled = final[(final["lang"] == lang) & (final["condition"] == "jumbled")]
+        row = summary[(summary["checkpoint"] == "baseline-s0/final") & (summary["layer_set"] == "first")
+                      & (summary["lang"] == lang) & (summary["condition"] == "jumbled")].iloc[0]
+        assert row["mean"] == pytest.approx(jumbled["si"].mean())
+        assert row["auroc_si"] == pytest.approx(auroc(jumbled["si"], clean["si"]))
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    reliability = pd.read_csv(out / "si_reliability.csv")
+    at_final = reliability[reliability["step"] == 6]["spearman_with_final"]
+    assert len(at_final) == 3 and list(at_final) == pytest.approx([1.0, 1.0, 1.0])  # en x2 comparisons, hi
+    for figure in ("figure1_si_noise_domain.png", "si_layer_sets.png", "si_reliability.png"):
+        assert (out / "figures" / figure).stat().st_size > 0
+
+
+def test_analysis_refuses_to_replace_another_scorers_results(scorer_run, mini_artefacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    out = tmp_path / "si"
+    out.mkdir()
+    (out / "config.json").write_text('{"scorer": "presence-s3"}')
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        analyze_si.main(analyze_si.parse_args(["--preset", "tiny", "--out", str(out), *SETS]))
+
+
+def test_sequential_keeps_the_lowest_scores(scorer_run, mini_artefacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    result = score_candidates.main(score_candidates.parse_args(["--preset", "tiny", "--seed", "0",
+                                                                "--out", str(tmp_path), *SETS]))
+    scores = np.load(result["scores"])
+    assert len(scores) == result["rows"] and np.isfinite(scores).all()
+    args = pretrain.parse_args(["--preset", "tiny", "--method", "presence-sequential", "--seed", "0", *SETS])
+    preset = pretrain.get_config(args)
+    kept = pretrain.training_rows(args, preset, None, len(scores))
+    assert len(kept) == round(0.5 * len(scores))
+    assert scores[kept].max() <= np.delete(scores, kept).min()
+    reverse = pretrain.training_rows(pretrain.parse_args(["--method", "presence-sequential-reverse"]), preset,
+                                     None, len(scores))
+    assert len(reverse) == len(kept) and set(kept) | set(reverse) == set(range(len(scores)))
+    assert scores[reverse].min() >= scores[kept].max()
+    per_language = pd.read_csv(tmp_path / "scores-s0.csv")
+    assert per_language["rows"].sum() == len(scores)
