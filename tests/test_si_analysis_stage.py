@@ -78,3 +78,14 @@ def test_sequential_keeps_the_lowest_scores(scorer_run, mini_artefacts, tmp_path
     assert scores[reverse].min() >= scores[kept].max()
     per_language = pd.read_csv(tmp_path / "scores-s0.csv")
     assert per_language["rows"].sum() == len(scores)
+
+
+def test_any_saved_model_can_score_the_probes(scorer_run, mini_artefacts, tmp_path, monkeypatch):
+    """The path hub users take (--checkpoint google/mt5-base), here with a local model folder."""
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    folder = mini_artefacts / "tiny" / "pretrain" / "baseline-s0" / "final"
+    metrics = analyze_si.main(analyze_si.parse_args(["--preset", "tiny", "--checkpoint", str(folder),
+                                                     "--out", str(tmp_path / "si"), *SETS]))
+    assert metrics["checkpoints"] == [str(folder)]
+    scores = pd.read_csv(tmp_path / "si" / "si_scores.csv")
+    assert set(scores["layer_set"]) == {"first", "embeddings", "all"}
