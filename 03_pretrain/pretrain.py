@@ -237,7 +237,7 @@ def main(args: argparse.Namespace) -> dict:
     snapshot_steps = {max(1, round(f * cfg.steps)) for f in preset.si_analysis.checkpoint_fractions} - {cfg.steps}
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=not main_process,
                desc=run_dir.name, dynamic_ncols=True)
-    timed_steps, timed_seconds, losses = 0, 0.0, []
+    timed_steps, timed_seconds, timed_tokens = 0, 0.0, 0
     for step in bar:
         t0 = time.perf_counter()
         batch = train.batch(step - 1)
@@ -263,10 +263,10 @@ def main(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         elapsed += seconds
-        tokens_seen += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-        losses.append(stats.loss)
+        step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        tokens_seen += step_tokens
         if step > start_step + 3:  # the first steps pay for compilation and warm-up
-            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
+            timed_steps, timed_seconds, timed_tokens = timed_steps + 1, timed_seconds + seconds, timed_tokens + step_tokens
 
         if not main_process:
             continue
@@ -291,20 +291,20 @@ def main(args: argparse.Namespace) -> dict:
         dist.barrier()
 
     metrics = {"run_name": run_dir.name, "method": args.method, "seed": args.seed, "steps": cfg.steps,
-               "final_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None,
                "wall_seconds": elapsed, "tokens_seen": tokens_seen, "device": str(device), "world_size": world,
                "parameters": parameter_counts(model)}
-    if timed_steps:
+    if timed_steps:  # throughput of the steps after warm-up, without evaluation and checkpointing
         step_s = timed_seconds / timed_steps
-        metrics.update(seconds_per_step=step_s, tokens_per_second=tokens_seen / elapsed,
+        metrics.update(seconds_per_step=step_s, tokens_per_second=timed_tokens / timed_seconds,
                        model_tflops=flops_per_step / step_s / 1e12)
         if device.type == "cuda":
             metrics["mfu"] = metrics["model_tflops"] / (GPU_PEAK_TFLOPS * world)
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if main_process:
-        log = read_csv(log_path)
+        log = read_csv(log_path)  # the whole run's, also when it was resumed
         evals = [float(r["heldout_loss"]) for r in log if r["heldout_loss"]]
         metrics["final_heldout_loss"] = evals[-1] if evals else None
+        metrics["final_loss"] = float(np.mean([float(r["loss"]) for r in log[-cfg.log_every:]]))
         save_final(model, tokenizer, store / "final", {"run_name": run_dir.name, "method": args.method,
                                                         "seed": args.seed, "preset": preset.name, "steps": cfg.steps})
         write_json(run_dir / "metrics.json", metrics)
