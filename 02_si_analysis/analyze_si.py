@@ -68,8 +68,8 @@ def checkpoints(args, preset) -> list[tuple[str, int | None, str]]:
     store = artefacts_dir(preset.name, "pretrain", args.run)
     final = store / "final"
     if not (final / "presence_run.json").is_file():
-        raise FileNotFoundError(f"{final} holds no finished run. Fix: run `make pretrain` (or 03_pretrain/"
-                                f"pretrain.py --preset {preset.name} --method baseline) first, or pass --run/--checkpoint")
+        raise FileNotFoundError(f"{final} holds no finished run. Fix: run `make pretrain` (or 03_pretrain/pretrain.py "
+                                f"--preset {preset.name} --method baseline) first, or pass --run / --checkpoint")
     found = [(f"{args.run}/{p.name}", int(p.name.split("-")[1]), str(p))
              for p in sorted(store.glob("snapshots/step-*"), key=lambda p: int(p.name.split("-")[1]))]
     return found + [(f"{args.run}/final", read_json(final / "presence_run.json")["steps"], str(final))]

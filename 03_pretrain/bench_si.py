@@ -30,7 +30,7 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm, trange
+from tqdm import trange
 
 from common.config import load_preset
 from common.io import write_csv

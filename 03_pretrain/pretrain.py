@@ -233,7 +233,8 @@ def main(args: argparse.Namespace) -> dict:
                                   "training_rows": None if rows is None else len(rows),
                                   "preset": preset.to_dict()})
 
-    flops_per_step = model_flops_per_sequence(model, manifest["input_length"], manifest["target_length"]) * cfg.batch_size
+    flops_per_sequence = model_flops_per_sequence(model, manifest["input_length"], manifest["target_length"])
+    flops_per_step = flops_per_sequence * cfg.batch_size
     snapshot_steps = {max(1, round(f * cfg.steps)) for f in preset.si_analysis.checkpoint_fractions} - {cfg.steps}
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=not main_process,
                desc=run_dir.name, dynamic_ncols=True)
@@ -266,7 +267,9 @@ def main(args: argparse.Namespace) -> dict:
         step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
         tokens_seen += step_tokens
         if step > start_step + 3:  # the first steps pay for compilation and warm-up
-            timed_steps, timed_seconds, timed_tokens = timed_steps + 1, timed_seconds + seconds, timed_tokens + step_tokens
+            timed_steps += 1
+            timed_seconds += seconds
+            timed_tokens += step_tokens
 
         if not main_process:
             continue

@@ -22,7 +22,9 @@ counts. With packed span corruption every sample has the same number of targets 
 
 Both steps leave the update direction in p.grad for every trainable parameter; the caller clips, steps and
 zeroes. The baseline and per="microbatch" run the model as given (torch.compile'd or not); per="sample"
-runs the eager model behind a compiled one, since its forward hooks do not run inside a compiled graph. Data parallel: each rank passes its own microbatches (every rank the same number, of the same
+runs the eager model behind a compiled one, since its forward hooks do not run inside a compiled graph.
+
+Data parallel: each rank passes its own microbatches (every rank the same number, of the same
 sizes); the scores are all-gathered so the softmax runs over the global batch, each rank forms its share of
 G and the shares are all-reduced (summed), so every rank holds the single-process G of the global batch.
 The model is not wrapped in DistributedDataParallel: DDP would all-reduce every microbatch gradient

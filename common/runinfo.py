@@ -37,12 +37,13 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
 
 
 def git_commit() -> str:
-    """The repository's commit, with '+dirty' when the tree has uncommitted changes."""
+    """The repository's commit, with '+dirty' when tracked files outside results/ have uncommitted
+    changes (results/ holds the outputs that runs rewrite, not code)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
