@@ -200,11 +200,16 @@ def _mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return mean, half
 
 
+def mark_not_measured(ax) -> None:
+    """An empty panel that says so, instead of blank axes a reader could take for zeros."""
+    ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+
+
 def _si_bars(ax, frame: pd.DataFrame, languages: list[str], conditions: list[str], colors: dict) -> None:
     ax.set_ylabel("mean self-influence ‖∇ℓ‖² (95% CI)")
     ax.set_xlabel("probe language")
     if frame.empty:
-        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        mark_not_measured(ax)
         ax.set_xticks([])
         return
     width = 0.8 / len(conditions)
@@ -234,7 +239,7 @@ def _si_distributions(ax, frame: pd.DataFrame, languages: list[str], conditions:
     ax.set_xlabel("probe language")
     positive = frame[frame["si"] > 0]
     if positive.empty:
-        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        mark_not_measured(ax)
         return
     width = 0.8 / len(conditions)
     for j, condition in enumerate(conditions):
@@ -263,7 +268,7 @@ def _si_histograms(ax, frame: pd.DataFrame, conditions: list[str], colors: dict)
     ax.set_ylabel("share of probe samples per bin")
     positive = frame[frame["si"] > 0]
     if positive.empty:
-        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        mark_not_measured(ax)
         return
     logs = np.log10(positive["si"].to_numpy())
     bins = np.linspace(logs.min(), logs.max(), 30)
