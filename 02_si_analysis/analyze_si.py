@@ -15,8 +15,6 @@ set), si_summary.csv, si_correlations.csv, si_reliability.csv, metrics.json; PNG
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from tqdm import tqdm
 
 from common.config import load_preset
 from common.influence import forward_logits, group_losses, self_influence, token_losses
-from common.io import read_json, write_csv
+from common.io import iter_jsonl_gz, read_json, write_csv
 from common.modeling import load_pretrained
 from common.paths import artefacts_dir, results_dir
 from common.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
@@ -54,10 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_probes(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing. Fix: run `make data` (01_data/prepare_data.py) first")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
+    records = [record for _, record in iter_jsonl_gz(path, "run `make data` (01_data/prepare_data.py)")]
     return pd.DataFrame(records).rename(columns={"language": "lang"})
 
 

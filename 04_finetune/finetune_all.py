@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import random
 import time
@@ -32,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 from common.config import FinetuneConfig, load_preset
 from common.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
-from common.io import write_csv
+from common.io import iter_jsonl_gz, write_csv
 from common.metrics import accuracy, qa_scores, span_f1
 from common.modeling import load_pretrained
 from common.paths import artefacts_dir, results_dir, xtreme_dir
@@ -98,22 +97,16 @@ def load_model(checkpoint: Checkpoint, dropout_rate: float):
 def read_heldout_verses(path: Path) -> dict[str, dict[str, str]]:
     """language -> verse id ("book.chapter.verse") -> text, from the data stage's gzipped JSON lines
     {"book", "chapter", "verse", <language>: text, ...} (one line per verse of the held-out books)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `make data` first (the data stage writes the held-out "
-                                "aligned verses), or set finetune.retrieval=false")
     verses: dict[str, dict[str, str]] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                verse_id = f"{int(record.pop('book'))}.{int(record.pop('chapter'))}.{int(record.pop('verse'))}"
-                for lang, text in record.items():
-                    verses.setdefault(str(lang), {})[verse_id] = str(text)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-                raise ValueError(f"{path}, line {line_no}: expected JSON with book, chapter, verse and one text "
-                                 f"per language ({err!r}). Fix: re-run `make data`") from None
+    fix = "run `make data` first (the data stage writes the held-out aligned verses), or set finetune.retrieval=false"
+    for line_no, record in iter_jsonl_gz(path, fix):
+        try:
+            verse_id = f"{int(record.pop('book'))}.{int(record.pop('chapter'))}.{int(record.pop('verse'))}"
+            for lang, text in record.items():
+                verses.setdefault(str(lang), {})[verse_id] = str(text)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path}, line {line_no}: expected JSON with book, chapter, verse and one text "
+                             f"per language ({err!r}). Fix: re-run `make data`") from None
     return verses
 
 

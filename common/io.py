@@ -96,6 +96,22 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def iter_jsonl_gz(path: str | os.PathLike, missing_fix: str) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of a gzipped JSON-lines file, blank lines skipped; a missing file or a
+    corrupt line is an error naming the file (and line) and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing. Fix: {missing_fix}")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}). Fix: {missing_fix}") from None
+
+
 def write_jsonl_gz(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
     """Gzipped JSON lines (the mC4 file format). Returns the number of records written."""
     count = 0

@@ -70,3 +70,19 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("")
     assert os.stat(tmp_path / "x.json").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_jsonl_reader_names_the_corrupt_line_and_the_missing_file(tmp_path):
+    import gzip as gz
+
+    from common.io import iter_jsonl_gz
+
+    path = tmp_path / "x.jsonl.gz"
+    with gz.open(path, "wt", encoding="utf-8") as f:
+        f.write('{"a": 1}\n\n{"a": 2}\n{broken\n')
+    reader = iter_jsonl_gz(path, "rebuild it")
+    assert [next(reader), next(reader)] == [(1, {"a": 1}), (3, {"a": 2})]
+    with pytest.raises(ValueError, match=r"x\.jsonl\.gz, line 4: not valid JSON .*Fix: rebuild it"):
+        next(reader)
+    with pytest.raises(FileNotFoundError, match="Fix: rebuild it"):
+        list(iter_jsonl_gz(tmp_path / "none.jsonl.gz", "rebuild it"))
