@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 from transformers.modeling_outputs import TokenClassifierOutput
-from transformers.optimization import Adafactor
 
+from common.adafactor import Adafactor
 from common.xtreme import NER_TAGS, PairExample, QAExample, TaggedSentence
 
 IGNORE = -100  # label id the losses skip
@@ -93,8 +93,7 @@ def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float, devi
           bf16: bool = False, log_every: int = 100, desc: str = "fine-tune") -> dict:
     """Adafactor at a constant learning rate. T5X's defaults: decay rate 0.8, update clipping at 1.0, and
     updates scaled by each parameter's RMS ("multiply_by_parameter_scale"); no warm-up, no weight decay."""
-    optimizer = Adafactor(model.parameters(), lr=lr, relative_step=False, scale_parameter=True,
-                          warmup_init=False, decay_rate=-0.8, clip_threshold=1.0)
+    optimizer = Adafactor(model.parameters(), lr=lr, scale_parameter=True, decay_rate=-0.8, clip_threshold=1.0)
     model.to(device).train()
     losses, started = [], time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=None):

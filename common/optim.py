@@ -1,13 +1,14 @@
 """Optimizer and learning-rate schedule. The paper trains with T5X defaults: Adafactor (decay rate
 0.8, update clipping 1.0, parameter-scaled steps, factored second moments) and the inverse-square-root
-schedule 1/sqrt(max(step, 10k)), i.e. a constant 0.01 for 10k steps, then decaying."""
+schedule 1/sqrt(max(step, 10k)), i.e. a constant 0.01 for 10k steps, then decaying. Adafactor is
+common.adafactor: Hugging Face's update rule with the per-parameter loop batched."""
 from __future__ import annotations
 
 import math
 
 import torch
-from transformers.optimization import Adafactor
 
+from common.adafactor import Adafactor
 from common.config import PretrainConfig
 
 
@@ -22,8 +23,7 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig):
     if cfg.optimizer == "adafactor":
         # HF's decay_rate=-0.8 is T5X's decay_rate=0.8: beta2_t = 1 - t^-0.8.
         optimizer = Adafactor(params, lr=cfg.peak_lr, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
-                              beta1=None, weight_decay=cfg.weight_decay, scale_parameter=True,
-                              relative_step=False, warmup_init=False)
+                              weight_decay=cfg.weight_decay, scale_parameter=True)
     else:
         fused = all(p.is_cuda for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=fused or None)
