@@ -1,0 +1,116 @@
+"""Cost of one optimizer step on the preset's model: Hugging Face's Adafactor, ours (common.adafactor, the
+same update batched over same-shaped parameters) and torch's AdamW (fused on CUDA, foreach otherwise).
+
+Random gradients; the optimizers are timed round-robin (every repetition runs each once), median. Ops per
+step are the aten ops called from Python (not from inside another aten op) in one step, counted with the
+profiler: on a GPU each is a kernel launch, and a foreach op is one kernel (on the CPU it loops inside). On
+the CPU ours stacks at most 4 MB at a time (common.adafactor.STACK_ELEMENTS), so it counts more ops there
+than on a GPU (small: 1,907 on the CPU, 267 with the GPU's limit, against HF's 5,428).
+
+    python 03_pretrain/bench_optimizer.py --preset tiny                  # CPU, ~10 s
+    python 03_pretrain/bench_optimizer.py --preset tiny --threads 1      # CPU shared with other jobs
+    python 03_pretrain/bench_optimizer.py --preset small --repeats 5     # CPU, ~1 min (77M parameters)
+    python 03_pretrain/bench_optimizer.py --preset small --device cuda
+Writes results/<preset>/bench/optimizer.csv (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers.optimization import Adafactor as HFAdafactor
+
+from common.adafactor import Adafactor
+from common.config import load_preset
+from common.io import write_csv
+from common.modeling import build_model
+from common.paths import results_dir
+from common.seeding import seed_everything
+
+COLUMNS = ["optimizer", "step_ms", "ratio_to_hf_adafactor", "ops_per_step", "device", "preset", "parameters",
+           "repeats", "threads"]
+# common.optim's settings (T5X's)
+ADAFACTOR = dict(lr=1e-2, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, scale_parameter=True)
+
+
+def optimizers(params: list[torch.Tensor], device: str) -> dict[str, torch.optim.Optimizer]:
+    adamw = "fused" if device == "cuda" else "foreach"
+    return {"hf-adafactor": HFAdafactor(params, relative_step=False, warmup_init=False, **ADAFACTOR),
+            "adafactor": Adafactor(params, **ADAFACTOR),
+            f"adamw-{adamw}": torch.optim.AdamW(params, lr=1e-3, **{adamw: True})}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(opts: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median milliseconds per step."""
+    times = {name: [] for name in opts}
+    for _ in range(repeats):
+        for name, optimizer in opts.items():
+            sync(device)
+            start = time.perf_counter()
+            optimizer.step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def ops_per_step(optimizer) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        optimizer.step()
+    return sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+               for e in prof.events())
+
+
+def main(preset_name: str = "tiny", device: str = "cpu", repeats: int = 10, threads: int | None = None,
+         seed: int = 0, overrides: list[str] | None = None, out: str | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    preset = load_preset(preset_name, overrides)
+    seed_everything(seed)
+    model = build_model(preset.model, preset.data.tokenizer.vocab_size).to(device)
+    params = list(model.parameters())
+    for p in params:  # the optimizers all step the same parameters; only their cost matters here
+        p.grad = torch.randn_like(p)
+    n_params = sum(p.numel() for p in params)
+    print(f"{preset_name} on {device}: {n_params / 1e6:.1f}M parameters in {len(params)} tensors, "
+          f"{torch.get_num_threads()} threads")
+
+    opts = optimizers(params, device)
+    for optimizer in opts.values():  # the first step allocates the states
+        optimizer.step()
+    step_ms = time_round_robin(opts, repeats, device)
+    ops = {name: ops_per_step(optimizer) for name, optimizer in opts.items()}
+
+    rows = [{"optimizer": name, "step_ms": round(step_ms[name], 2),
+             "ratio_to_hf_adafactor": round(step_ms[name] / step_ms["hf-adafactor"], 3), "ops_per_step": ops[name],
+             "device": device, "preset": preset_name, "parameters": n_params, "repeats": repeats,
+             "threads": torch.get_num_threads()} for name in opts]
+    print(f"{'optimizer':<16}{'step ms':>10}{'x HF':>8}{'ops/step':>10}{'x HF':>8}")
+    for row in rows:
+        print(f"{row['optimizer']:<16}{row['step_ms']:>10.1f}{row['ratio_to_hf_adafactor']:>8.3f}"
+              f"{row['ops_per_step']:>10}{row['ops_per_step'] / ops['hf-adafactor']:>8.3f}")
+    path = Path(out) if out else results_dir(preset_name, "bench") / "optimizer.csv"
+    write_csv(path, rows, COLUMNS)
+    print(f"wrote {path}")
+    return {"rows": rows, "path": str(path)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's); use 1 when other jobs share the cores")
+    parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/optimizer.csv)")
+    args = parser.parse_args()
+    main(args.preset, args.device, args.repeats, args.threads, overrides=args.overrides, out=args.out)
