@@ -15,7 +15,7 @@ glibc told to return freed blocks at once (MALLOC_MMAP_THRESHOLD_=4096; Linux on
     python 03_pretrain/bench_si.py --preset tiny                  # CPU, ~1 min on 2 cores
     python 03_pretrain/bench_si.py --preset tiny --threads 1      # CPU shared with other jobs
     python 03_pretrain/bench_si.py --preset small --device cuda   # GPU, bf16 autocast; add --compile
-Writes results/<preset>/bench/si_overhead.csv.
+Writes results/<preset>/bench/si_overhead.csv (or --out).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from tqdm import trange
 from common.config import load_preset
 from common.io import write_csv
 from common.modeling import build_model as build_fresh_model
+from common.modeling import random_microbatches
 from common.paths import REPO_ROOT, results_dir
 from common.presence_step import baseline_step, presence_step, release_buffers
 from common.seeding import seed_everything
@@ -48,15 +50,6 @@ COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "p
 
 def build_model(cfg, vocab_size: int, device: str) -> nn.Module:
     return build_fresh_model(cfg, vocab_size).to(device).train()
-
-
-def random_microbatches(batch_size, n_microbatches, input_length, target_len, vocab_size, device):
-    inputs = torch.randint(2, vocab_size, (batch_size, input_length), device=device)
-    labels = torch.randint(2, vocab_size, (batch_size, target_len), device=device)
-    mask = torch.ones_like(inputs)
-    size = batch_size // n_microbatches
-    return [{"input_ids": inputs[i:i + size], "attention_mask": mask[i:i + size], "labels": labels[i:i + size]}
-            for i in range(0, batch_size, size)]
 
 
 def methods(model, eager_model, microbatches, autocast_dtype):
@@ -99,7 +92,6 @@ def time_round_robin(fns: dict, repeats: int, device: str, slow: dict) -> tuple[
             cpu[name].append(time.process_time() - start_cpu)
     median_ms = lambda samples: {name: statistics.median(t) * 1e3 for name, t in samples.items()}  # noqa: E731
     return median_ms(wall), median_ms(cpu)
-
 
 
 
@@ -150,7 +142,7 @@ def cpu_peak_memory_mb(argv: list[str]) -> dict[str, float]:
 def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: str | None = None,
          vocab_size: int | None = None, repeats: int = 10, naive_repeats: int = 3, warmup: int = 2,
          compile_model: bool = False, seed: int = 0, threads: int | None = None,
-         memory_only: bool = False) -> dict:
+         memory_only: bool = False, out: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     preset = load_preset(preset_name, overrides)
@@ -206,7 +198,7 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
               f"{cpu_ms[row['method']]:>10.1f}{cpu_ratio:>12.3f}")
     naive_speedup = step_ms["naive-sample"] / step_ms["presence-sample"]
     print(f"per-sample is {naive_speedup:.1f}x faster than the naive per-sample loop")
-    path = results_dir(preset_name, "bench") / "si_overhead.csv"
+    path = Path(out) if out else results_dir(preset_name, "bench") / "si_overhead.csv"
     write_csv(path, rows, COLUMNS)
     print(f"wrote {path}")
     return {"rows": rows, "path": str(path), "naive_speedup": naive_speedup}
@@ -226,7 +218,8 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's); use 1 when other jobs share the cores, since "
                              "oversubscribed OpenMP threads make small matmuls tens of times slower")
+    parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/si_overhead.csv)")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # internal, see cpu_peak_memory_mb
     args = parser.parse_args()
     main(args.preset, args.overrides, args.device, args.vocab_size, args.repeats, args.naive_repeats,
-         args.warmup, args.compile, args.seed, args.threads, args.memory_only)
+         args.warmup, args.compile, args.seed, args.threads, args.memory_only, args.out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import shutil
 import time
@@ -33,22 +32,21 @@ from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from common.config import ConfigError, load_preset
 from common.distributed import broadcast_parameters
 from common.io import append_csv_row, read_csv, write_csv, write_json
-from common.modeling import build_model, model_flops_per_sequence, parameter_counts
+from common.modeling import build_model, model_flops_per_sequence, parameter_counts, peak_tflops
 from common.optim import build_optimizer
 from common.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
 from common.paths import artefacts_dir, results_dir
-from common.presence_step import baseline_step, presence_step
 from common.reweighting import METHODS as REWEIGHTING_METHODS
 from common.reweighting import tau_schedule
 from common.runinfo import prepare_run_dir, write_run_files
 from common.seeding import seed_everything
+from common.train_step import train_step
 
 # PRESENCE-Sequential filters the data offline and then trains with the baseline recipe.
 SEQUENTIAL_METHODS = ("presence-sequential", "presence-sequential-reverse")
 METHODS = REWEIGHTING_METHODS + SEQUENTIAL_METHODS
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy",
                "tokens_seen", "seconds", "heldout_loss", "seed"]
-GPU_PEAK_TFLOPS = 790.0  # measured bf16 matmul ceiling of the H200 (../shared/docs/PERF.md)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -244,22 +242,14 @@ def main(args: argparse.Namespace) -> dict:
         batch = train.batch(step - 1)
         microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
         tau = None if schedule is None else schedule.tau_at(step)
-        if tau is None:
-            stats = baseline_step(step_model, microbatches, autocast_dtype=autocast_dtype)
-        else:
-            stats = presence_step(step_model, microbatches, tau, layers=cfg.si_layers, per=args.per,
-                                  autocast_dtype=autocast_dtype)
-        if not math.isfinite(stats.loss):
+        try:
+            stats, lr = train_step(step_model, microbatches, tau, optimizer, scheduler, layers=cfg.si_layers,
+                                   per=args.per, autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip)
+        except FloatingPointError as error:
             raise FloatingPointError(
-                f"loss is {stats.loss} at step {step} of {run_dir.name}; nothing was saved after the last good "
-                f"checkpoint in {store / 'checkpoints'}. Fix: lower pretrain.peak_lr or use --set "
-                "pretrain.grad_clip=1.0, then re-run with --resume")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                f"{error} at step {step} of {run_dir.name}; nothing was saved after the last good checkpoint "
+                f"in {store / 'checkpoints'}. Fix: lower pretrain.peak_lr or use --set pretrain.grad_clip=1.0, "
+                "then re-run with --resume") from error
         if device.type == "cuda" and step % cfg.log_every == 0:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -300,8 +290,9 @@ def main(args: argparse.Namespace) -> dict:
         step_s = timed_seconds / timed_steps
         metrics.update(seconds_per_step=step_s, tokens_per_second=timed_tokens / timed_seconds,
                        model_tflops=flops_per_step / step_s / 1e12)
+        if peak := peak_tflops(device):
+            metrics["mfu"] = metrics["model_tflops"] / (peak * world)
         if device.type == "cuda":
-            metrics["mfu"] = metrics["model_tflops"] / (GPU_PEAK_TFLOPS * world)
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if main_process:
         log = read_csv(log_path)  # the whole run's, also when it was resumed

@@ -89,3 +89,29 @@ def load_pretrained(name_or_path, **config_overrides):
         return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
+
+
+# The bf16 dense-matmul ceiling measured on the lent H200 (../shared/docs/PERF.md), the denominator of MFU.
+# MFU is reported only on that card: another GPU's ceiling has not been measured here.
+MEASURED_PEAK_TFLOPS = {"H200": 790.0}
+
+
+def peak_tflops(device: torch.device | str) -> float | None:
+    """The measured bf16 ceiling of `device`'s GPU, or None (CPU, or a GPU not measured)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for card, tflops in MEASURED_PEAK_TFLOPS.items() if card in name), None)
+
+
+def random_microbatches(batch_size: int, num_microbatches: int, input_length: int, target_length: int,
+                        vocab_size: int, device: torch.device | str) -> list[dict]:
+    """Benchmark inputs: uniformly random token ids in span-corrupted shapes, split into equal microbatches
+    (ids 0 and 1 are pad and end-of-sequence, so every position is a real token)."""
+    inputs = torch.randint(2, vocab_size, (batch_size, input_length), device=device)
+    labels = torch.randint(2, vocab_size, (batch_size, target_length), device=device)
+    mask = torch.ones_like(inputs)
+    size = batch_size // num_microbatches
+    return [{"input_ids": inputs[i:i + size], "attention_mask": mask[i:i + size], "labels": labels[i:i + size]}
+            for i in range(0, batch_size, size)]

@@ -105,3 +105,20 @@ def test_bf16_autocast_runs_and_stays_close_to_float32():
 def test_unknown_granularity_is_refused(model):
     with pytest.raises(ValueError, match="per must be"):
         presence_step(model, split(tiny_batch(), MICROBATCH), 1.0, per="token")
+
+
+def test_compiled_model_gives_the_eager_update():
+    """pretrain.py runs a torch.compile'd model on GPU: its backward must accumulate into the flat-buffer
+    views exactly as the eager model's does. aot_eager traces through dynamo and AOTAutograd like the
+    GPU's inductor backend, without its (minutes-long on this CPU) code generation."""
+    eager_model = tiny_t5()
+    compiled_copy = tiny_t5()
+    compiled = torch.compile(compiled_copy, backend="aot_eager")
+    microbatches = split(tiny_batch(), MICROBATCH)
+    for step in (lambda m: baseline_step(m, microbatches), lambda m: presence_step(m, microbatches, -1.0)):
+        expected, got = step(eager_model), step(compiled)
+        assert got.loss == pytest.approx(expected.loss, rel=1e-12)
+        assert rel_err(flat_grad(compiled_copy), flat_grad(eager_model)) < 1e-12
+        if expected.weights is not None:
+            assert torch.allclose(got.weights, expected.weights, rtol=1e-12, atol=0)
+    torch._dynamo.reset()

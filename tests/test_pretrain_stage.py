@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common.train_step as train_step_module
 from common.checkpoint import latest_checkpoint
 from common.config import ConfigError
 from common.paths import REPO_ROOT
@@ -47,7 +48,7 @@ def test_resume_is_exact(tmp_path, mini_artefacts, monkeypatch):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mini_artefacts, monkeypatch):
     monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
-    real_step = pretrain.presence_step
+    real_step = train_step_module.presence_step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -55,7 +56,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mini_artefa
         stats = real_step(*args, **kwargs)
         return stats if calls["n"] < 5 else type(stats)(float("nan"), stats.scores, stats.weights)
 
-    monkeypatch.setattr(pretrain, "presence_step", poisoned)
+    monkeypatch.setattr(train_step_module, "presence_step", poisoned)
     with pytest.raises(FloatingPointError, match="step 5"):
         pretrain.main(pretrain.parse_args(args_for(tmp_path, "nan", "--method", "presence")))
     checkpoint = latest_checkpoint(mini_artefacts / "tiny" / "pretrain" / "nan" / "checkpoints")

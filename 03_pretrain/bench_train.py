@@ -1,0 +1,170 @@
+"""Throughput of whole pre-training steps, the baseline and PRESENCE side by side in one run.
+
+A step is exactly what 03_pretrain/pretrain.py runs (common/train_step.py): forward and backward over
+every microbatch, for PRESENCE the self-influence scores and the weighted update direction, then the
+optimizer and learning-rate steps. Precision, compilation, optimizer and SI layer set come from the
+preset, as in pretrain.py. Inputs are random token ids in the preset's shapes (as in
+../shared/docs/PERF.md), so no data is needed. For each batch shape (microbatches x sequences each)
+every repetition runs each method once (round-robin: clock drift hits both alike); medians are
+reported with tokens/s (input + target tokens), model TFLOP/s (6 x parameters x tokens per stack,
+PERF.md's convention, common/modeling.py) and, on an H200, MFU against its measured bf16 ceiling.
+
+    python 03_pretrain/bench_train.py --preset tiny                                    # CPU, ~1 min
+    python 03_pretrain/bench_train.py --preset small --device cuda --shapes 8x32 8x64 2x64
+Writes results/<preset>/bench/train_throughput.csv (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import load_preset
+from common.io import write_csv
+from common.modeling import build_model, model_flops_per_sequence, peak_tflops, random_microbatches
+from common.optim import build_optimizer
+from common.paths import results_dir
+from common.presence_step import release_buffers
+from common.seeding import seed_everything
+from common.span_corruption import compute_input_and_target_lengths
+from common.train_step import train_step
+
+METHODS = {"baseline": None, "presence": -1.0}  # every non-zero temperature costs the same
+COLUMNS = ["shape", "method", "step_ms", "ratio_to_baseline", "tokens_per_s", "model_tflops", "mfu",
+           "peak_mem_gb", "first_step_s", "batch_size", "n_microbatches", "microbatch_size", "input_length",
+           "target_length", "parameters", "optimizer", "precision", "compiled", "device", "device_name", "preset",
+           "repeats", "threads", "seed"]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'8x64' -> (8 microbatches, 64 sequences each)."""
+    try:
+        n, size = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected MICROBATCHESxSIZE, e.g. 8x64") from None
+    if n < 1 or size < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: both numbers must be positive")
+    return n, size
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: int) -> list[dict]:
+    cfg = preset.pretrain
+    n_micro, batch_size = cfg.num_microbatches, cfg.batch_size
+    vocab_size = preset.data.tokenizer.vocab_size
+    input_length, target_length = compute_input_and_target_lengths(
+        preset.data.input_length, preset.data.noise_density, preset.data.mean_noise_span_length)
+    use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
+    compiled = cfg.compile and device.type == "cuda"
+    torch._dynamo.reset()  # a new shape compiles afresh rather than turning the compiled graph dynamic
+    seed_everything(seed)
+    model = build_model(preset.model, vocab_size).to(device).train()
+    step_model = torch.compile(model) if compiled else model
+    optimizer, scheduler = build_optimizer(model, cfg)
+    microbatches = random_microbatches(batch_size, n_micro, input_length, target_length, vocab_size, device)
+
+    def run(tau):
+        train_step(step_model, microbatches, tau, optimizer, scheduler, layers=cfg.si_layers,
+                   autocast_dtype=torch.bfloat16 if use_bf16 else None, grad_clip=cfg.grad_clip)
+
+    first_step_s = {}
+    for name, tau in METHODS.items():  # the first call of each compiles (or warms the caches)
+        sync(device)
+        start = time.perf_counter()
+        run(tau)
+        sync(device)
+        first_step_s[name] = time.perf_counter() - start
+    for _ in range(warmup):
+        for tau in METHODS.values():
+            run(tau)
+    seconds = {name: [] for name in METHODS}
+    for _ in range(repeats):
+        for name, tau in METHODS.items():
+            sync(device)
+            start = time.perf_counter()
+            run(tau)
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    peak_gb = {}
+    if device.type == "cuda":
+        for name, tau in METHODS.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            run(tau)
+            peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
+
+    flops_per_step = model_flops_per_sequence(model, input_length, target_length) * batch_size
+    ceiling = peak_tflops(device)
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    rows = []
+    for name in METHODS:
+        tflops = flops_per_step / median[name] / 1e12
+        rows.append({
+            "shape": f"{n_micro}x{batch_size // n_micro}", "method": name, "step_ms": round(median[name] * 1e3, 2),
+            "ratio_to_baseline": round(median[name] / median["baseline"], 3),
+            "tokens_per_s": round(batch_size * (input_length + target_length) / median[name]),
+            "model_tflops": round(tflops, 3), "mfu": round(tflops / ceiling, 4) if ceiling else "",
+            "peak_mem_gb": round(peak_gb[name], 2) if peak_gb else "", "first_step_s": round(first_step_s[name], 1),
+            "batch_size": batch_size, "n_microbatches": n_micro, "microbatch_size": batch_size // n_micro,
+            "input_length": input_length, "target_length": target_length,
+            "parameters": sum(p.numel() for p in model.parameters()), "optimizer": cfg.optimizer,
+            "precision": "bf16-autocast" if use_bf16 else "fp32", "compiled": compiled, "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "preset": preset.name, "repeats": repeats, "threads": torch.get_num_threads(), "seed": seed})
+    release_buffers(model)
+    return rows
+
+
+def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: str | None = None,
+         shapes: list[tuple[int, int]] | None = None, repeats: int = 10, warmup: int = 2, seed: int = 0,
+         threads: int | None = None, out: str | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = list(overrides or [])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = load_preset(preset_name, overrides)
+    shapes = shapes or [(preset.pretrain.num_microbatches, preset.pretrain.batch_size // preset.pretrain.num_microbatches)]
+    rows = []
+    for n_micro, size in shapes:
+        # load_preset validates the shape (e.g. that the microbatches divide the batch)
+        shaped = load_preset(preset_name, overrides + [f"pretrain.batch_size={n_micro * size}",
+                                                       f"pretrain.num_microbatches={n_micro}"])
+        print(f"{preset_name} on {device}: {n_micro} x {size} sequences ...", flush=True)
+        rows += bench_shape(shaped, device, repeats, warmup, seed)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"{'shape':<8}{'method':<10}{'step ms':>10}{'x baseline':>12}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}"
+          f"{'peak GB':>9}{'1st s':>7}")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] != "" else "-"
+        peak = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] != "" else "-"
+        print(f"{r['shape']:<8}{r['method']:<10}{r['step_ms']:>10.1f}{r['ratio_to_baseline']:>12.3f}"
+              f"{r['tokens_per_s']:>12,}{r['model_tflops']:>10.2f}{mfu:>8}{peak:>9}{r['first_step_s']:>7.1f}")
+    path = Path(out) if out else results_dir(preset_name, "bench") / "train_throughput.csv"
+    write_csv(path, rows, COLUMNS)
+    print(f"wrote {path}")
+    return {"rows": rows, "path": str(path)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="NxSIZE",
+                        help="batch shapes, microbatches x sequences each (default: the preset's)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first (compiling) step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/train_throughput.csv)")
+    args = parser.parse_args()
+    main(args.preset, args.overrides, args.device, args.shapes, args.repeats, args.warmup, args.seed, args.threads,
+         args.out)

@@ -1,0 +1,34 @@
+"""One pre-training step, as 03_pretrain/pretrain.py runs it and 03_pretrain/bench_train.py times it:
+the update direction (baseline gradient accumulation, or PRESENCE when a temperature is given), a guard
+against a non-finite loss before anything is applied, optional gradient clipping, then the optimizer and
+learning-rate steps."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from common.influence import Layers
+from common.presence_step import StepStats, baseline_step, presence_step
+
+
+def train_step(model: nn.Module, microbatches: list[dict], tau: float | None, optimizer, scheduler, *,
+               layers: Layers = "first", per: str = "microbatch", autocast_dtype: torch.dtype | None = None,
+               grad_clip: float = 0.0) -> tuple[StepStats, float]:
+    """Returns the step's statistics and the learning rate it used. tau None is the baseline. Raises
+    FloatingPointError, with the parameters and optimizer state untouched, when the loss is not finite."""
+    if tau is None:
+        stats = baseline_step(model, microbatches, autocast_dtype=autocast_dtype)
+    else:
+        stats = presence_step(model, microbatches, tau, layers=layers, per=per, autocast_dtype=autocast_dtype)
+    if not math.isfinite(stats.loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss is {stats.loss}")
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, lr
