@@ -17,7 +17,7 @@ export TQDM_MININTERVAL ?= 5
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help env data pretrain si finetune figures bench reproduce test clean
+.PHONY: help env data pretrain si finetune figures bench device-carry reproduce test clean
 
 help:  ## list the targets
 	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
@@ -28,6 +28,7 @@ help:  ## list the targets
 	@echo "  finetune   04_finetune: XTREME zero-shot (+ offline verse retrieval)        tiny: ~4 min CPU | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  figures    05_figures: paper-vs-ours tables and figures from results/        < 1 min CPU"
 	@echo "  bench      SI-engine and data-pipeline benchmarks (side-by-side ratios)    tiny: ~1 min CPU | small: 1 GPU, ~2 min (est.)"
+	@echo "  device-carry  small-preset data in .device_carry/ for one GPU call of 03_pretrain/gpu_checks.sh  ~2 min CPU"
 	@echo "  reproduce  env + every stage in order at PRESET (tiny: <= 20 min, 2 cores, offline)"
 	@echo "  test       env + the whole test suite                                      <= 20 min, 2 cores"
 	@echo "  clean      remove $(VENV) and artefacts/ (results/ is kept)"
@@ -61,6 +62,13 @@ figures: $(STAMP)
 bench: $(STAMP)
 	@$(call run_stage,01_data/bench_data.py)
 	@$(call run_stage,03_pretrain/bench_si.py)
+
+# The device tool carries at most 64 MiB and cannot read ../shared: the packed small-preset data and its
+# tokenizer (~47 MB) travel in .device_carry/ (git-ignored); the raw corpus text stays here.
+device-carry: $(STAMP)
+	PRESENCE_ARTEFACTS=$(CURDIR)/.device_carry/artefacts $(PY) 01_data/prepare_data.py --preset small
+	cd .device_carry/artefacts/small/data && rm -rf corpus probes.jsonl.gz heldout_parallel_verses.jsonl.gz
+	du -sh .device_carry
 
 # 02 scores probes with a checkpoint from 03, so pre-training runs before the SI analysis.
 REPRODUCE_STAGES := 01_data/prepare_data.py 03_pretrain/pretrain_all.py 02_si_analysis/analyze_si.py \

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU checks of 03_pretrain in one call, for a session that is lent a GPU (about 7 min on an H200,
+# most of it compiling). In order of importance, each step's output saved as soon as it is made:
+#   1. bench_train.py: whole training steps, baseline vs PRESENCE, at the small preset's shape (8 x 64)
+#      and at PERF.md's best plain-HF shape (2 x 64): tokens/s, model TFLOP/s, MFU, PRESENCE/baseline.
+#   2. pretrain.py, baseline and PRESENCE, a few dozen steps on the real packed small-preset data: the
+#      training loop itself on the GPU (bf16, compiled, held-out loss, checkpoint, TFLOP/s and MFU).
+#   3. bench_si.py: the self-influence engine (per microbatch, per sample, the naive per-sample loop).
+#   4. bench_optimizer.py: HF's Adafactor, ours (common/adafactor.py) and fused AdamW, per step.
+#
+# Prepare on the CPU first:  make device-carry   (small-preset data in .device_carry/, git-ignored)
+# then, on the device:       bash 03_pretrain/gpu_checks.sh   with .device_carry carried.
+# Outputs go to $OUT (the device tool's folder; default results/<preset>/gpu): at most 8 files.
+# Knobs for a CPU smoke test (tests/test_gpu_checks.py): PRESET, DEVICE, SHAPES, STEPS, REPEATS, SETS, PYTHON.
+set -euo pipefail
+
+PRESET=${PRESET:-small}
+DEVICE=${DEVICE:-cuda}
+SHAPES=${SHAPES:-8x64 2x64}
+STEPS=${STEPS:-30}
+REPEATS=${REPEATS:-10}       # timed rounds of the benchmarks (median)
+SETS=${SETS:-}              # extra preset overrides, e.g. "--set model.d_model=64"
+PY=${PYTHON:-python3}
+OUT=${OUT:-results/$PRESET/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+export PRESENCE_ARTEFACTS=${PRESENCE_ARTEFACTS:-$PWD/.device_carry/artefacts}
+LOG="$OUT/log.txt"
+RUNS=$(mktemp -d)           # run folders stay here; only their metrics and logs are copied to $OUT
+
+{ date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv || true
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$LOG"
+
+echo "== 1. bench_train ($SHAPES)" | tee -a "$LOG"
+# shellcheck disable=SC2086  # SHAPES and SETS are word lists
+"$PY" 03_pretrain/bench_train.py --preset "$PRESET" --device "$DEVICE" --shapes $SHAPES --repeats "$REPEATS" $SETS \
+  --out "$OUT/train_throughput.csv" 2>&1 | tee -a "$LOG"
+
+for method in baseline presence; do
+  echo "== 2. pretrain $method ($STEPS steps)" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  "$PY" 03_pretrain/pretrain.py --preset "$PRESET" --method "$method" --steps "$STEPS" \
+    --switch-step $((STEPS / 2)) --run-name "gpu-check-$method" --out "$RUNS/$method" --overwrite $SETS \
+    --set pretrain.eval_every=$((STEPS / 2)) --set pretrain.save_every="$STEPS" 2>&1 | tee -a "$LOG"
+  cp "$RUNS/$method/metrics.json" "$OUT/pretrain_${method}_metrics.json"
+  cp "$RUNS/$method/train_log.csv" "$OUT/pretrain_${method}_train_log.csv"
+done
+
+echo "== 3. bench_si" | tee -a "$LOG"
+compile_flag=$([ "$DEVICE" = cuda ] && echo --compile || true)
+# shellcheck disable=SC2086
+"$PY" 03_pretrain/bench_si.py --preset "$PRESET" --device "$DEVICE" $compile_flag --repeats "$REPEATS" --naive-repeats 1 \
+  --warmup 1 $SETS --out "$OUT/si_overhead.csv" 2>&1 | tee -a "$LOG"
+echo "== 4. bench_optimizer" | tee -a "$LOG"
+# shellcheck disable=SC2086
+"$PY" 03_pretrain/bench_optimizer.py --preset "$PRESET" --device "$DEVICE" --repeats "$REPEATS" $SETS \
+  --out "$OUT/optimizer.csv" 2>&1 | tee -a "$LOG"
+echo "== done" | tee -a "$LOG"
