@@ -27,7 +27,7 @@ help:  ## list the targets
 	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~1 min CPU | small: 1 GPU, minutes (est.)"
 	@echo "  finetune   04_finetune: XTREME zero-shot (+ offline verse retrieval)        tiny: ~4 min CPU | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  figures    05_figures: paper-vs-ours tables and figures from results/        < 1 min CPU"
-	@echo "  bench      SI-engine and data-pipeline benchmarks (side-by-side ratios)    tiny: ~1 min CPU | small: 1 GPU, ~2 min (est.)"
+	@echo "  bench      data, SI-engine, training-step and optimizer benchmarks (ratios)  tiny: ~2 min CPU | small: 1 GPU: 03_pretrain/gpu_checks.sh"
 	@echo "  device-carry  small-preset data in .device_carry/ for one GPU call of 03_pretrain/gpu_checks.sh  ~2 min CPU"
 	@echo "  reproduce  env + every stage in order at PRESET (tiny: <= 20 min, 2 cores, offline)"
 	@echo "  test       env + the whole test suite                                      <= 20 min, 2 cores"
@@ -62,6 +62,8 @@ figures: $(STAMP)
 bench: $(STAMP)
 	@$(call run_stage,01_data/bench_data.py)
 	@$(call run_stage,03_pretrain/bench_si.py)
+	@$(call run_stage,03_pretrain/bench_train.py)
+	@$(call run_stage,03_pretrain/bench_optimizer.py)
 
 # The device tool carries at most 64 MiB and cannot read ../shared: the packed small-preset data and its
 # tokenizer (~47 MB) travel in .device_carry/ (git-ignored); the raw corpus text stays here.

@@ -59,8 +59,9 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
     cfg = preset.pretrain
     n_micro, batch_size = cfg.num_microbatches, cfg.batch_size
     vocab_size = preset.data.tokenizer.vocab_size
-    input_length, target_length = compute_input_and_target_lengths(
-        preset.data.input_length, preset.data.noise_density, preset.data.mean_noise_span_length)
+    input_length = preset.data.input_length  # encoder inputs; the raw span the corruption starts from is longer
+    target_length = compute_input_and_target_lengths(
+        input_length, preset.data.noise_density, preset.data.mean_noise_span_length)[1]
     use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
     compiled = cfg.compile and device.type == "cuda"
     torch._dynamo.reset()  # a new shape compiles afresh rather than turning the compiled graph dynamic
@@ -95,6 +96,7 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
     peak_gb = {}
     if device.type == "cuda":
         for name, tau in METHODS.items():
+            release_buffers(model)  # PRESENCE's gradient rows would otherwise count in the baseline's peak
             torch.cuda.reset_peak_memory_stats(device)
             run(tau)
             peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -129,7 +131,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     overrides = list(overrides or [])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = load_preset(preset_name, overrides)
-    shapes = shapes or [(preset.pretrain.num_microbatches, preset.pretrain.batch_size // preset.pretrain.num_microbatches)]
+    n_micro = preset.pretrain.num_microbatches
+    shapes = shapes or [(n_micro, preset.pretrain.batch_size // n_micro)]
     rows = []
     for n_micro, size in shapes:
         # load_preset validates the shape (e.g. that the microbatches divide the batch)

@@ -50,10 +50,25 @@ done
 echo "== 3. bench_si" | tee -a "$LOG"
 compile_flag=$([ "$DEVICE" = cuda ] && echo --compile || true)
 # shellcheck disable=SC2086
-"$PY" 03_pretrain/bench_si.py --preset "$PRESET" --device "$DEVICE" $compile_flag --repeats "$REPEATS" --naive-repeats 1 \
-  --warmup 1 $SETS --out "$OUT/si_overhead.csv" 2>&1 | tee -a "$LOG"
+"$PY" 03_pretrain/bench_si.py --preset "$PRESET" --device "$DEVICE" $compile_flag --repeats "$REPEATS" \
+  --naive-repeats 1 --warmup 1 $SETS --out "$OUT/si_overhead.csv" 2>&1 | tee -a "$LOG"
 echo "== 4. bench_optimizer" | tee -a "$LOG"
 # shellcheck disable=SC2086
 "$PY" 03_pretrain/bench_optimizer.py --preset "$PRESET" --device "$DEVICE" --repeats "$REPEATS" $SETS \
   --out "$OUT/optimizer.csv" 2>&1 | tee -a "$LOG"
+echo "== summary" | tee -a "$LOG"
+"$PY" - "$OUT" <<'SUMMARY' 2>&1 | tee -a "$LOG"
+import csv, json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+def show(name, columns):
+    for row in csv.DictReader(open(out / name)):
+        print(name, " ".join(f"{c}={row[c]}" for c in columns))
+show("train_throughput.csv", ["shape", "method", "step_ms", "ratio_to_baseline", "tokens_per_s", "model_tflops", "mfu"])
+for method in ("baseline", "presence"):
+    m = json.loads((out / f"pretrain_{method}_metrics.json").read_text())
+    print(f"pretrain {method}:", {k: m.get(k) for k in ("seconds_per_step", "tokens_per_second", "model_tflops", "mfu",
+                                                     "peak_memory_gb", "final_heldout_loss")})
+show("si_overhead.csv", ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb"])
+show("optimizer.csv", ["optimizer", "step_ms", "ratio_to_hf_adafactor", "ops_per_step"])
+SUMMARY
 echo "== done" | tee -a "$LOG"

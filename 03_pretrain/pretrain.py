@@ -271,7 +271,8 @@ def main(args: argparse.Namespace) -> dict:
         append_csv_row(log_path, row, LOG_COLUMNS)
         if step % cfg.log_every == 0:
             tok_s = tokens_seen / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            # refresh=False: tqdm redraws at its own interval, with a current step count
+            bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             tqdm.write(f"step {step} | loss {stats.loss:.4f} | lr {lr:.2e} | tau {row['tau']} | "
                        f"{seconds:.3f} s/step")
         if step in snapshot_steps:

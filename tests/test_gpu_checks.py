@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from common.io import read_csv
 from common.paths import REPO_ROOT
 
@@ -15,8 +17,8 @@ SETS = ("--set data.input_length=32 --set data.tokenizer.vocab_size=800 --set mo
 
 def test_gpu_checks_script_runs_on_cpu(tmp_path, mini_artefacts):
     out = tmp_path / "out"
-    env = dict(os.environ, PRESET="tiny", DEVICE="cpu", SHAPES="2x4 4x2", STEPS="4", REPEATS="2", SETS=SETS, OUT=str(out),
-               PRESENCE_ARTEFACTS=str(mini_artefacts), PYTHON=os.environ.get("PYTHON", "python"))
+    env = dict(os.environ, PRESET="tiny", DEVICE="cpu", SHAPES="2x4 4x2", STEPS="4", REPEATS="2", SETS=SETS,
+               OUT=str(out), PRESENCE_ARTEFACTS=str(mini_artefacts), PYTHON=os.environ.get("PYTHON", "python"))
     done = subprocess.run(["bash", "03_pretrain/gpu_checks.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -29,7 +31,10 @@ def test_gpu_checks_script_runs_on_cpu(tmp_path, mini_artefacts):
     assert [(r["shape"], r["method"]) for r in throughput] == [
         ("2x4", "baseline"), ("2x4", "presence"), ("4x2", "baseline"), ("4x2", "presence")]
     for row in throughput:
-        assert int(row["batch_size"]) == 8 and float(row["tokens_per_s"]) > 0
+        tokens_per_step = int(row["batch_size"]) * (int(row["input_length"]) + int(row["target_length"]))
+        assert int(row["batch_size"]) == 8 and (int(row["input_length"]), int(row["target_length"])) == (32, 8)
+        assert float(row["tokens_per_s"]) == pytest.approx(tokens_per_step / (float(row["step_ms"]) / 1e3), rel=1e-3)
+        assert row["mfu"] == ""  # no MFU without a measured ceiling (CPU)
     for method in ("baseline", "presence"):
         metrics = json.loads((out / f"pretrain_{method}_metrics.json").read_text())
         assert metrics["steps"] == 4 and metrics["tokens_per_second"] > 0 and metrics["final_heldout_loss"] > 0
