@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of 03_pretrain in one call, for a session that is lent a GPU (about 7 min on an H200,
+# The GPU checks of 03_pretrain in one call, for a session that is lent a GPU (est. 7 min on an H200,
 # most of it compiling). In order of importance, each step's output saved as soon as it is made:
 #   1. bench_train.py: whole training steps, baseline vs PRESENCE, at the small preset's shape (8 x 64)
 #      and at PERF.md's best plain-HF shape (2 x 64): tokens/s, model TFLOP/s, MFU, PRESENCE/baseline.

@@ -4,6 +4,7 @@ minutes measuring, not debugging."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -18,7 +19,7 @@ SETS = ("--set data.input_length=32 --set data.tokenizer.vocab_size=800 --set mo
 def test_gpu_checks_script_runs_on_cpu(tmp_path, mini_artefacts):
     out = tmp_path / "out"
     env = dict(os.environ, PRESET="tiny", DEVICE="cpu", SHAPES="2x4 4x2", STEPS="4", REPEATS="2", SETS=SETS,
-               OUT=str(out), PRESENCE_ARTEFACTS=str(mini_artefacts), PYTHON=os.environ.get("PYTHON", "python"))
+               OUT=str(out), PRESENCE_ARTEFACTS=str(mini_artefacts), PYTHON=sys.executable)
     done = subprocess.run(["bash", "03_pretrain/gpu_checks.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
