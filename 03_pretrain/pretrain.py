@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -237,9 +238,15 @@ def main(args: argparse.Namespace) -> dict:
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=not main_process,
                desc=run_dir.name, dynamic_ncols=True)
     timed_steps, timed_seconds, timed_tokens = 0, 0.0, 0
+    # The next batch is cut on a thread while the device runs this step (small preset: ~20 ms of CPU
+    # per batch); batches are a pure function of the step, so this changes nothing but the timing.
+    loader = ThreadPoolExecutor(max_workers=1)
+    upcoming = loader.submit(train.batch, start_step)
     for step in bar:
         t0 = time.perf_counter()
-        batch = train.batch(step - 1)
+        batch = upcoming.result()
+        if step < cfg.steps:
+            upcoming = loader.submit(train.batch, step)
         microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
         tau = None if schedule is None else schedule.tau_at(step)
         try:
@@ -281,6 +288,7 @@ def main(args: argparse.Namespace) -> dict:
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(store / "checkpoints", step, model, optimizer, scheduler,
                             {"seconds": elapsed, "tokens_seen": tokens_seen})
+    loader.shutdown()
     if world > 1:
         dist.barrier()
 
