@@ -28,7 +28,10 @@ export PRESENCE_ARTEFACTS=${PRESENCE_ARTEFACTS:-$PWD/.device_carry/artefacts}
 LOG="$OUT/log.txt"
 RUNS=$(mktemp -d)           # run folders stay here; only their metrics and logs are copied to $OUT
 
-{ date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv || true
+# The device's copy of the tree may lack .git: pass COMMIT=<hash> to record which code ran.
+{ date -u
+  echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv || true
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$LOG"
 
