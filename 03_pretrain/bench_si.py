@@ -70,6 +70,22 @@ def naive_sample_step(model, samples, autocast_dtype) -> None:
     release_buffers(model)  # its (B, P) buffer (~80 GB at the small preset) must not stay beside the others
 
 
+def naive_buffer_fits(batch_size: int, model: nn.Module, device: str) -> tuple[bool, str]:
+    """The naive loop keeps one gradient per sample, B x P floats (small preset, batch 512: 157 GB, more
+    than an H200 holds): does that fit in the free memory, with room left for the rest of the step?"""
+    need = batch_size * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else _available_ram_bytes()
+    why = f"its per-sample gradient buffer needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
+    return need <= 0.7 * free, why
+
+
+def _available_ram_bytes() -> float:
+    try:
+        return _status_kb("MemAvailable", "/proc/meminfo") * 1024.0
+    except OSError:
+        return float("inf")  # not Linux: let the loop try
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -117,12 +133,12 @@ def peak_memory_mb(fn, model, device: str) -> float:
     return (_status_kb("VmHWM") - before) / 2**10
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _status_kb(field: str, path: str = "/proc/self/status") -> int:
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
+    raise OSError(f"{field} not in {path}")
 
 
 def cpu_peak_memory_mb(argv: list[str]) -> dict[str, float]:
@@ -159,6 +175,10 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     model = torch.compile(eager_model) if compile_model else eager_model
     microbatches = random_microbatches(batch_size, n_micro, input_length, target_len, vocab_size, device)
     fns = methods(model, eager_model, microbatches, autocast_dtype)
+    fits, why = naive_buffer_fits(batch_size, eager_model, device)
+    if not fits:
+        print(f"naive-sample skipped: {why}. Fix: a smaller batch, e.g. --set pretrain.batch_size=256")
+        del fns["naive-sample"]
     if memory_only:  # the child process of cpu_peak_memory_mb
         peak = {name: peak_memory_mb(fn, eager_model, device) for name, fn in fns.items()}
         print(json.dumps(peak))
@@ -196,8 +216,9 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
         cpu_ratio = cpu_ms[row["method"]] / cpu_ms["baseline"]
         print(f"{row['method']:<22}{row['step_ms']:>10.1f}{row['ratio_to_baseline']:>12.3f}{row['peak_mem_mb']:>10.1f}"
               f"{cpu_ms[row['method']]:>10.1f}{cpu_ratio:>12.3f}")
-    naive_speedup = step_ms["naive-sample"] / step_ms["presence-sample"]
-    print(f"per-sample is {naive_speedup:.1f}x faster than the naive per-sample loop")
+    naive_speedup = step_ms["naive-sample"] / step_ms["presence-sample"] if "naive-sample" in step_ms else None
+    if naive_speedup:
+        print(f"per-sample is {naive_speedup:.1f}x faster than the naive per-sample loop")
     path = Path(out) if out else results_dir(preset_name, "bench") / "si_overhead.csv"
     write_csv(path, rows, COLUMNS)
     print(f"wrote {path}")

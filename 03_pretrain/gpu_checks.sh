@@ -5,7 +5,7 @@
 #      and at PERF.md's best plain-HF shape (2 x 64): tokens/s, model TFLOP/s, MFU, PRESENCE/baseline.
 #   2. pretrain.py, baseline and PRESENCE, a few dozen steps on the real packed small-preset data: the
 #      training loop itself on the GPU (bf16, compiled, held-out loss, checkpoint, TFLOP/s and MFU).
-#   3. bench_si.py: the self-influence engine (per microbatch, per sample, the naive per-sample loop).
+#   3. bench_si.py at 8 x 32: the SI engine (per microbatch, per sample, the naive per-sample loop).
 #   4. bench_optimizer.py: HF's Adafactor, ours (common/adafactor.py) and fused AdamW, per step.
 #
 # Prepare on the CPU first:  make device-carry   (small-preset data in .device_carry/, git-ignored)
@@ -50,11 +50,13 @@ for method in baseline presence; do
   cp "$RUNS/$method/train_log.csv" "$OUT/pretrain_${method}_train_log.csv"
 done
 
-echo "== 3. bench_si" | tee -a "$LOG"
+echo "== 3. bench_si (batch 256 = 8 x 32)" | tee -a "$LOG"
 compile_flag=$([ "$DEVICE" = cuda ] && echo --compile || true)
+# At 8 x 32 the naive loop's per-sample gradients (256 x 77M floats, 79 GB) fit on the H200; at the
+# preset's 512 they would not (bench_si.py then skips the naive loop and says so).
 # shellcheck disable=SC2086
 "$PY" 03_pretrain/bench_si.py --preset "$PRESET" --device "$DEVICE" $compile_flag --repeats "$REPEATS" \
-  --naive-repeats 1 --warmup 1 $SETS --out "$OUT/si_overhead.csv" 2>&1 | tee -a "$LOG"
+  --naive-repeats 1 --warmup 1 --set pretrain.batch_size=256 $SETS --out "$OUT/si_overhead.csv" 2>&1 | tee -a "$LOG"
 echo "== 4. bench_optimizer" | tee -a "$LOG"
 # shellcheck disable=SC2086
 "$PY" 03_pretrain/bench_optimizer.py --preset "$PRESET" --device "$DEVICE" --repeats "$REPEATS" $SETS \
