@@ -16,8 +16,7 @@ Writes results/<preset>/bench/optimizer.csv (or --out).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers.optimization import Adafactor as HFAdafactor
 
 from common.adafactor import Adafactor
+from common.benchmark import time_round_robin
 from common.config import load_preset
 from common.io import write_csv
 from common.modeling import build_model
@@ -44,29 +44,13 @@ def optimizers(params: list[torch.Tensor], device: str) -> dict[str, torch.optim
             f"adamw-{adamw}": torch.optim.AdamW(params, lr=1e-3, **{adamw: True})}
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_round_robin(opts: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median milliseconds per step."""
-    times = {name: [] for name in opts}
-    for _ in range(repeats):
-        for name, optimizer in opts.items():
-            sync(device)
-            start = time.perf_counter()
-            optimizer.step()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
-def ops_per_step(optimizer) -> int:
+def aten_ops_per_step(optimizer) -> Counter:
+    """The aten ops one step calls from Python (not from inside another aten op), by name: on a GPU each
+    launches a kernel (a foreach op one), on the CPU foreach ops loop inside."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         optimizer.step()
-    return sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-               for e in prof.events())
+    return Counter(e.name for e in prof.events()
+                   if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))
 
 
 def main(preset_name: str = "tiny", device: str = "cpu", repeats: int = 10, threads: int | None = None,
@@ -86,8 +70,8 @@ def main(preset_name: str = "tiny", device: str = "cpu", repeats: int = 10, thre
     opts = optimizers(params, device)
     for optimizer in opts.values():  # the first step allocates the states
         optimizer.step()
-    step_ms = time_round_robin(opts, repeats, device)
-    ops = {name: ops_per_step(optimizer) for name, optimizer in opts.items()}
+    step_ms, _ = time_round_robin({name: opt.step for name, opt in opts.items()}, repeats, device)
+    ops = {name: aten_ops_per_step(optimizer).total() for name, optimizer in opts.items()}
 
     rows = [{"optimizer": name, "step_ms": round(step_ms[name], 2),
              "ratio_to_hf_adafactor": round(step_ms[name] / step_ms["hf-adafactor"], 3), "ops_per_step": ops[name],

@@ -23,16 +23,14 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import trange
 
+from common.benchmark import time_round_robin
 from common.config import load_preset
 from common.io import write_csv
 from common.modeling import build_model as build_fresh_model
@@ -84,31 +82,6 @@ def _available_ram_bytes() -> float:
         return _status_kb("MemAvailable", "/proc/meminfo") * 1024.0
     except OSError:
         return float("inf")  # not Linux: let the loop try
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_round_robin(fns: dict, repeats: int, device: str, slow: dict) -> tuple[dict, dict]:
-    """Median wall-clock and process-CPU milliseconds per call. The CPU time (all threads of this process)
-    is what to compare when other jobs share the cores and --threads is 1."""
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    for rep in trange(repeats, desc="timing (round-robin)", leave=False):
-        for name, fn in fns.items():
-            if rep >= slow.get(name, repeats):
-                continue
-            sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            sync(device)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    median_ms = lambda samples: {name: statistics.median(t) * 1e3 for name, t in samples.items()}  # noqa: E731
-    return median_ms(wall), median_ms(cpu)
-
 
 
 def peak_memory_mb(fn, model, device: str) -> float:

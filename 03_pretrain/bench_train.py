@@ -16,12 +16,11 @@ Writes results/<preset>/bench/train_throughput.csv (or --out).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from common.benchmark import time_round_robin
 from common.config import load_preset
 from common.io import write_csv
 from common.modeling import build_model, model_flops_per_sequence, peak_tflops, random_microbatches
@@ -50,11 +49,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     return n, size
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: int) -> list[dict]:
     cfg = preset.pretrain
     n_micro, batch_size = cfg.num_microbatches, cfg.batch_size
@@ -75,35 +69,23 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
         train_step(step_model, microbatches, tau, optimizer, scheduler, layers=cfg.si_layers,
                    autocast_dtype=torch.bfloat16 if use_bf16 else None, grad_clip=cfg.grad_clip)
 
-    first_step_s = {}
-    for name, tau in METHODS.items():  # the first call of each compiles (or warms the caches)
-        sync(device)
-        start = time.perf_counter()
-        run(tau)
-        sync(device)
-        first_step_s[name] = time.perf_counter() - start
+    steps = {name: (lambda tau=tau: run(tau)) for name, tau in METHODS.items()}
+    first_step_ms, _ = time_round_robin(steps, 1, device)  # the first call of each compiles (or warms caches)
     for _ in range(warmup):
-        for tau in METHODS.values():
-            run(tau)
-    seconds = {name: [] for name in METHODS}
-    for _ in range(repeats):
-        for name, tau in METHODS.items():
-            sync(device)
-            start = time.perf_counter()
-            run(tau)
-            sync(device)
-            seconds[name].append(time.perf_counter() - start)
+        for step in steps.values():
+            step()
+    step_ms, _ = time_round_robin(steps, repeats, device)
     peak_gb = {}
     if device.type == "cuda":
-        for name, tau in METHODS.items():
+        for name, step in steps.items():
             release_buffers(model)  # PRESENCE's gradient rows would otherwise count in the baseline's peak
             torch.cuda.reset_peak_memory_stats(device)
-            run(tau)
+            step()
             peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
 
     flops_per_step = model_flops_per_sequence(model, input_length, target_length) * batch_size
     ceiling = peak_tflops(device)
-    median = {name: statistics.median(s) for name, s in seconds.items()}
+    median = {name: ms / 1e3 for name, ms in step_ms.items()}
     rows = []
     for name in METHODS:
         tflops = flops_per_step / median[name] / 1e12
@@ -112,7 +94,7 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
             "ratio_to_baseline": round(median[name] / median["baseline"], 3),
             "tokens_per_s": round(batch_size * (input_length + target_length) / median[name]),
             "model_tflops": round(tflops, 3), "mfu": round(tflops / ceiling, 4) if ceiling else "",
-            "peak_mem_gb": round(peak_gb[name], 2) if peak_gb else "", "first_step_s": round(first_step_s[name], 1),
+            "peak_mem_gb": round(peak_gb[name], 2) if peak_gb else "", "first_step_s": round(first_step_ms[name] / 1e3, 1),
             "batch_size": batch_size, "n_microbatches": n_micro, "microbatch_size": batch_size // n_micro,
             "input_length": input_length, "target_length": target_length,
             "parameters": sum(p.numel() for p in model.parameters()), "optimizer": cfg.optimizer,

@@ -5,13 +5,15 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 from torch.testing import assert_close
 from transformers.optimization import Adafactor as HFAdafactor
 
 from common import adafactor
 from common.adafactor import Adafactor
+from conftest import load_stage
 from tiny_t5 import tiny_t5
+
+bench_optimizer = load_stage("03_pretrain/bench_optimizer.py")
 
 # Three same-shaped matrices share one stacked update; a column, a row, a 3-D tensor, vectors, a scalar.
 SHAPES = [(6, 4), (6, 4), (6, 4), (4, 6), (5, 1), (1, 5), (3, 5, 4), (6,), (6,), (3,), (), (2, 2)]
@@ -103,17 +105,13 @@ def test_rejects_unsupported_settings(setting):
 
 
 def aten_ops_per_step(optimizer_cls) -> Counter:
-    """aten ops called from Python (not from inside another aten op) in one step after the first: what
-    launches kernels on a GPU, where foreach ops run as one kernel (on the CPU they loop inside)."""
+    """The aten ops of one step after the first (which creates the states), as the benchmark counts them."""
     params = list(tiny_t5(seed=0).parameters())
     optimizer = optimizer_cls(params, **SETTINGS)
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        optimizer.step()
-    return Counter(e.name for e in prof.events()
-                   if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))
+    return bench_optimizer.aten_ops_per_step(optimizer)
 
 
 def test_far_fewer_ops_and_no_host_sync():

@@ -3,6 +3,7 @@ import argparse
 
 import pytest
 
+from common import benchmark
 from conftest import load_stage
 from tiny_t5 import tiny_t5
 
@@ -27,3 +28,21 @@ def test_shapes_parse_and_bad_ones_say_the_format():
     for bad in ("8", "8x", "x64", "0x64", "8x-1", "ax b"):
         with pytest.raises(argparse.ArgumentTypeError, match="8x64|positive"):
             bench_train.parse_shape(bad)
+
+
+def test_round_robin_interleaves_caps_slow_variants_and_takes_medians(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["now"])
+    calls = []
+    durations = {"a": iter([3.0, 1.0, 2.0, 9.0]), "b": iter([5.0, 4.0, 6.0, 5.0]), "slow": iter([7.0, 8.0])}
+
+    def variant(name):
+        def call():
+            calls.append(name)
+            clock["now"] += next(durations[name])
+        return call
+
+    wall_ms, _ = benchmark.time_round_robin({name: variant(name) for name in durations}, 4, "cpu",
+                                           slow={"slow": 2})
+    assert calls == ["a", "b", "slow", "a", "b", "slow", "a", "b", "a", "b"]
+    assert wall_ms == {"a": 2500.0, "b": 5000.0, "slow": 7500.0}  # medians of (3, 1, 2, 9), (5, 4, 6, 5), (7, 8)
