@@ -284,13 +284,37 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
-    """Load presets/<name>.yaml (or a YAML path), apply `section.field=value` overrides, validate."""
+    """Load presets/<name>.yaml (or a YAML path), apply `section.field=value` overrides, validate.
+
+    A preset file may start from another with `base: <preset name or path>`: its own fields then
+    replace the base's, section by section (a variant such as presets/variants/tiny_x10.yaml states
+    only what it changes). The variant keeps its own name, so its outputs never mix with the base's."""
+    raw = _read_preset_file(name_or_path, chain=[])
+    for item in overrides or []:
+        _apply_override(raw, item)
+    preset = build_dataclass(Preset, raw, "")
+    preset.validate()
+    return preset
+
+
+def _preset_path(name_or_path: str, relative_to: Path | None = None) -> Path:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = PRESETS_DIR / f"{name_or_path}.yaml"
+        return PRESETS_DIR / f"{name_or_path}.yaml"
+    if relative_to is not None and not path.is_absolute() and not path.is_file():
+        path = relative_to / path
+    return path
+
+
+def _read_preset_file(name_or_path: str, chain: list[Path], relative_to: Path | None = None) -> dict:
+    """The raw mapping of one preset file, with its `base:` chain merged underneath."""
+    path = _preset_path(name_or_path, relative_to)
     if not path.is_file():
         raise ConfigError(f"preset: unknown preset {name_or_path!r}. Fix: use one of {available_presets()} "
                           "or a path to a preset YAML file")
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in [*chain, path.resolve()])
+        raise ConfigError(f"preset: `base:` loops ({cycle}). Fix: make one preset in the chain stand alone")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -298,11 +322,24 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset
     if not isinstance(raw, dict):
         raise ConfigError(f"preset: {path} must hold a mapping of sections. Fix: see presets/tiny.yaml")
     raw.setdefault("name", path.stem)
-    for item in overrides or []:
-        _apply_override(raw, item)
-    preset = build_dataclass(Preset, raw, "")
-    preset.validate()
-    return preset
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"preset: {path}: `base` must be a preset name or path, got {base!r}. Fix: e.g. base: tiny")
+    merged = _read_preset_file(base, [*chain, path.resolve()], relative_to=path.parent)
+    merged.pop("description", None)  # a variant describes itself; the base's text would mislead
+    _merge_into(merged, raw)
+    return merged
+
+
+def _merge_into(target: dict, changes: dict) -> None:
+    """Recursively replace `target`'s values by `changes`' (mappings merge, everything else replaces)."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
 
 
 def _apply_override(raw: dict, item: str) -> None:

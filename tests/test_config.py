@@ -2,6 +2,7 @@
 import pytest
 
 from common.config import ConfigError, available_presets, load_preset
+from common.paths import PRESETS_DIR
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "paper"])
@@ -62,3 +63,36 @@ def test_unknown_preset_lists_the_known_ones():
 def test_overrides_change_values_with_yaml_types():
     p = load_preset("tiny", ["pretrain.steps=10", "pretrain.switch_step=2", "pretrain.peak_lr=0.5"])
     assert p.pretrain.steps == 10 and p.pretrain.switch_step == 2 and p.pretrain.peak_lr == 0.5
+
+
+def test_a_variant_changes_only_what_it_states_and_keeps_its_own_name(tmp_path):
+    tiny = load_preset("tiny")
+    variant_file = tmp_path / "longer.yaml"
+    variant_file.write_text("base: tiny\npretrain:\n  steps: 400\n  switch_step: 40\n"
+                            "data:\n  tokenizer:\n    vocab_size: 3000\n")
+    variant = load_preset(str(variant_file))
+    assert variant.name == "longer"
+    assert (variant.pretrain.steps, variant.pretrain.switch_step) == (400, 40)
+    assert variant.data.tokenizer.vocab_size == 3000
+    assert variant.data.tokenizer.training_chars == tiny.data.tokenizer.training_chars  # merged, not replaced
+    # Everything not stated is tiny's, field by field.
+    expected = tiny.to_dict()
+    expected["name"], expected["description"] = "longer", ""
+    expected["pretrain"].update(steps=400, switch_step=40)
+    expected["data"]["tokenizer"]["vocab_size"] = 3000
+    assert variant.to_dict() == expected
+
+
+def test_a_variant_chain_that_loops_fails_with_a_fix(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_preset(str(tmp_path / "a.yaml"))
+
+
+def test_the_committed_variants_load_and_keep_ten_percent_switch():
+    x10 = load_preset(str(PRESETS_DIR / "variants" / "tiny_x10.yaml"))
+    tiny = load_preset("tiny")
+    assert x10.name == "tiny_x10" and x10.model == tiny.model and x10.data == tiny.data
+    assert x10.pretrain.steps == 10 * tiny.pretrain.steps
+    assert x10.pretrain.switch_step / x10.pretrain.steps == tiny.pretrain.switch_step / tiny.pretrain.steps
