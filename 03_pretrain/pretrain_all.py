@@ -56,18 +56,18 @@ def call(script: str, args: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
-def ensure_run(preset: str, args: list[str]) -> None:
+def ensure_run(preset_name: str, args: list[str]) -> None:
     name = run_name(args)
-    if (artefacts_dir(preset, "pretrain", name, "final") / "presence_run.json").is_file():
+    if (artefacts_dir(preset_name, "pretrain", name, "final") / "presence_run.json").is_file():
         print(f"{name}: finished, skipped")
         return
-    started = (artefacts_dir(preset, "pretrain", name, "checkpoints") / "LATEST").is_file()
+    started = (artefacts_dir(preset_name, "pretrain", name, "checkpoints") / "LATEST").is_file()
     call("pretrain.py", args + (["--resume"] if started else ["--overwrite"]))
 
 
-def summarise(preset: str) -> Path:
+def summarise(preset_name: str) -> Path:
     rows = []
-    for run_dir in sorted((results_dir(preset, "pretrain") / "runs").glob("*")):
+    for run_dir in sorted((results_dir(preset_name, "pretrain") / "runs").glob("*")):
         if not (run_dir / "metrics.json").is_file():
             continue
         config, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
@@ -76,13 +76,13 @@ def summarise(preset: str) -> Path:
                      "per": config["per"], "switch_step": pretrain_cfg["switch_step"],
                      "si_layers": pretrain_cfg["si_layers"], "steps": pretrain_cfg["steps"],
                      **{k: metrics.get(k) for k in SUMMARY_COLUMNS[8:]}})
-    path = results_dir(preset, "pretrain") / "summary.csv"
+    path = results_dir(preset_name, "pretrain") / "summary.csv"
     write_csv(path, rows, SUMMARY_COLUMNS)
     return path
 
 
 def main(args: argparse.Namespace) -> dict:
-    preset = load_preset(args.preset)
+    preset = load_preset(args.preset)  # args.preset may be a YAML path: folders are named by preset.name
     specs = args.runs or preset.pretrain.reproduce_methods
     seeds = args.seeds if args.seeds is not None else preset.pretrain.seeds
     # Sequential runs need the baseline of their seed (the scoring model) and its scores.
@@ -91,12 +91,12 @@ def main(args: argparse.Namespace) -> dict:
         for spec in ordered:
             run_args = run_arguments(spec, seed, args.preset)
             if spec.split()[0].startswith("presence-sequential"):
-                ensure_run(args.preset, run_arguments("baseline", seed, args.preset))
-                scores = artefacts_dir(args.preset, "pretrain", "sequential", f"scores-s{seed}.npy")
+                ensure_run(preset.name, run_arguments("baseline", seed, args.preset))
+                scores = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{seed}.npy")
                 if not scores.is_file():
                     call("score_candidates.py", ["--preset", args.preset, "--seed", str(seed)])
-            ensure_run(args.preset, run_args)
-    path = summarise(args.preset)
+            ensure_run(preset.name, run_args)
+    path = summarise(preset.name)
     print(f"wrote {path}")
     return {"summary": str(path)}
 

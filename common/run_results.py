@@ -86,8 +86,9 @@ def read_table(path: Path, required: list[str], notes: list[str]) -> pd.DataFram
 
 def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
                        notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs, logs): one row per run folder with its config and final metrics, and the concatenated
-    train_log.csv rows tagged with run_name, method, variant and standard."""
+    """(runs, logs): one row per finished run folder with its config and final metrics, and the
+    concatenated train_log.csv rows tagged with run_name, method, variant and standard. Unfinished
+    runs (no metrics.json) are left out, with a note."""
     runs, logs = [], []
     folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     if not folders:
@@ -96,6 +97,12 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
         config = _read_json(folder / "config.json", notes)
         if config is None or "method" not in config:
             notes.append(f"run {folder.name} skipped: no usable config.json")
+            continue
+        if not (folder / "metrics.json").is_file():
+            # pretrain.py writes metrics.json last: without it the run is still going or was stopped, and
+            # its last logged losses are not final ones.
+            notes.append(f"run {folder.name} left out: unfinished (no metrics.json). Fix: let it finish, or "
+                         "resume it with 03_pretrain/pretrain.py --resume")
             continue
         metrics = _read_json(folder / "metrics.json", notes) or {}
         pretrain = config.get("preset", {}).get("pretrain", {})
@@ -114,8 +121,6 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
             log = log.assign(run_name=run["run_name"], method=run["method"], variant=variant,
                              standard=run["standard"], seed=run["seed"])
             logs.append(log)
-            if run["final_heldout_loss"] is None and "heldout_loss" in log and log["heldout_loss"].notna().any():
-                run["final_heldout_loss"] = float(log["heldout_loss"].dropna().iloc[-1])
         runs.append(run)
     runs_frame = pd.DataFrame(runs, columns=["run_name", "method", "seed", "variant", "standard", "tau", "per",
                                              "switch_step", "steps", "num_microbatches", "batch_size", "final_loss",

@@ -1,5 +1,6 @@
 """03_pretrain/pretrain.py end to end on the miniature data: exact resume, NaN handling, and 2-process
 data parallelism giving the single-process run."""
+import argparse
 import csv
 import os
 import socket
@@ -104,3 +105,21 @@ def test_grid_specs_become_pretrain_arguments_and_names():
         "presence-I50-per-sample-s0"
     with pytest.raises(SystemExit, match="unknown option"):
         grid.run_arguments("presence temperature=2", 0, "tiny")
+
+
+def test_grid_finds_the_runs_of_a_preset_given_as_a_yaml_path(tmp_path, monkeypatch):
+    """Folders are named by the preset's name, not by the path the user typed: a finished run of a
+    variant is skipped, not trained again over itself."""
+    grid = load_stage("03_pretrain/pretrain_all.py")
+    variant = tmp_path / "tiny_longer.yaml"
+    variant.write_text("base: tiny\npretrain:\n  steps: 400\n  switch_step: 40\n")
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    finished = tmp_path / "artefacts" / "tiny_longer" / "pretrain" / "baseline-s0" / "final"
+    finished.mkdir(parents=True)
+    (finished / "presence_run.json").write_text("{}")
+    calls, summarised = [], []
+    monkeypatch.setattr(grid, "call", lambda script, args: calls.append((script, args)))
+    monkeypatch.setattr(grid, "summarise", lambda name: summarised.append(name) or tmp_path / "summary.csv")
+    grid.main(argparse.Namespace(preset=str(variant), runs=["baseline", "presence"], seeds=[0]))
+    assert summarised == ["tiny_longer"]
+    assert calls == [("pretrain.py", ["--preset", str(variant), "--method", "presence", "--seed", "0", "--overwrite"])]

@@ -151,10 +151,28 @@ def test_runs_are_grouped_by_config_not_by_name(tmp_path):
     (folder / "config.json").write_text(json.dumps({"run_name": "presence-s0", "method": "presence", "seed": 0,
                                                     "tau": None, "per": "microbatch", "preset": changed}))
     (folder / "train_log.csv").write_text("step,loss,heldout_loss\n1,5.0,\n2,4.0,4.5\n")
+    (folder / "metrics.json").write_text(json.dumps({"final_heldout_loss": 4.5, "final_loss": 4.0}))
     runs, logs = load_pretrain_runs(tmp_path / "runs", reference, [])
     assert runs.iloc[0]["variant"] == "presence (I=50)" and not runs.iloc[0]["standard"]
-    assert runs.iloc[0]["final_heldout_loss"] == 4.5  # no metrics.json: the last logged evaluation
+    assert runs.iloc[0]["final_heldout_loss"] == 4.5
     assert list(logs["loss"]) == [5.0, 4.0]
+
+
+def test_an_unfinished_run_is_left_out_of_tables_and_curves_with_a_note(tmp_path):
+    reference = load_preset("tiny").pretrain
+    preset = load_preset("tiny").to_dict()
+    for name, finished in (("baseline-s0", True), ("baseline-s1", False)):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"run_name": name, "method": "baseline", "seed": int(name[-1]),
+                                                        "tau": None, "per": "microbatch", "preset": preset}))
+        (folder / "train_log.csv").write_text("step,loss,heldout_loss\n1,5.0,\n2,4.0,4.5\n")
+        if finished:  # pretrain.py writes metrics.json when the last step is done
+            (folder / "metrics.json").write_text(json.dumps({"final_heldout_loss": 4.5, "final_loss": 4.0}))
+    notes = []
+    runs, logs = load_pretrain_runs(tmp_path / "runs", reference, notes)
+    assert list(runs["run_name"]) == ["baseline-s0"] and set(logs["run_name"]) == {"baseline-s0"}
+    assert any("baseline-s1" in note and "unfinished" in note and "--resume" in note for note in notes)
 
 
 def test_offline_measures_and_direction_sentence():
