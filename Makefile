@@ -1,5 +1,5 @@
 # PRESENCE reproduction: one target per stage. `make help` lists them with hardware and time.
-# Override the preset with `make <target> PRESET=small`.
+# Override the preset with `make <target> PRESET=small`, or a preset file: PRESET=presets/variants/tiny_x10.yaml.
 PRESET ?= tiny
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,6 +32,7 @@ help:  ## list the targets
 	@echo "  reproduce  env + every stage in order at PRESET (tiny: <= 20 min, 2 cores, offline)"
 	@echo "  test       env + the whole test suite                                      <= 20 min, 2 cores"
 	@echo "  clean      remove $(VENV) and artefacts/ (results/ is kept)"
+	@echo "PRESET may also be a preset file, e.g. PRESET=presets/variants/tiny_x10.yaml (tiny trained 10x longer, ~11 min/run CPU)."
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -24,7 +24,7 @@ from common.config import load_preset
 from common.io import atomic_open, write_csv
 from common.markdown import markdown_table
 from common.paper_results import PAPER_RESULTS_CSV, load_paper_results
-from common.paths import RESULTS_DIR
+from common.paths import REPO_ROOT, RESULTS_DIR
 from common.plotting import (MissingInputError, plot_figure1, plot_presence_vs_sequential, plot_schedules,
                              plot_si_overhead, plot_single_stage_tau, plot_training_loss, plot_weights_over_training,
                              plot_xtreme_per_language)
@@ -50,6 +50,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-root", default=str(RESULTS_DIR), help="the results/ tree to read and write")
     p.add_argument("--paper-results", default=str(PAPER_RESULTS_CSV), help="the paper's numbers")
     return p.parse_args(argv)
+
+
+def preset_argument(given: str) -> str:
+    """--preset as a reader should retype it: a name, or a preset file's path relative to the repository."""
+    path = Path(given)
+    if path.suffix not in (".yaml", ".yml"):
+        return given
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return given
 
 
 def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str]) -> dict:
@@ -190,7 +201,7 @@ def main(args: argparse.Namespace) -> dict:
     made = [(f.file, f.caption, f.in_headline) for f in figures if status[f.file] == "made"]
     with atomic_open(stage_dir("tables") / "headline.md") as f:
         f.write(headline_markdown(preset.name, table3, offline3, tables["scale"], preset.pretrain.steps, made,
-                                  sorted(headline_runs)))
+                                  sorted(headline_runs), preset_argument(args.preset)))
     print(f"wrote {stage_dir('tables') / 'headline.md'}")
     return {"tables": [spec.name for spec in TABLES], "figures": status, "notes": notes}
 

@@ -295,10 +295,12 @@ def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame, our_steps: i
 
 
 def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataFrame, ours_scale: str,
-                      our_steps: int, figures: list[tuple[str, str, bool]], run_names: list[str]) -> str:
+                      our_steps: int, figures: list[tuple[str, str, bool]], run_names: list[str],
+                      preset_arg: str | None = None) -> str:
     """A self-contained block for the top of README.md: the main comparison (paper vs ours), the
     scale caveats, the key figures, the direction sentence and the commands. Links are relative to
-    the repository root. `figures` lists (file name, caption, embed) of figures that exist."""
+    the repository root. `figures` lists (file name, caption, embed) of figures that exist;
+    `preset_arg` is the --preset value the commands need (a variant's YAML path; default the name)."""
     rows = []
     for (setting, task), cells in table3[table3["method"] == "presence"].groupby(["setting", "task"], sort=False):
         by_model = cells.set_index("paper_model")
@@ -343,8 +345,9 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
     out += [f"Full tables with every method and both settings: [Table 2]({tables_dir}/table2_sequential.md), "
             f"[Table 3]({tables_dir}/table3_main.md), [Table 5]({tables_dir}/table5_tau_ablation.md).", "",
             "Made by:", "", "```bash",
-            f"make reproduce PRESET={preset_name}                  # every stage, in order",
-            f"python 05_figures/make_figures.py --preset {preset_name}  # these tables and figures, from results/ only",
+            f"make reproduce PRESET={preset_arg or preset_name}                  # every stage, in order",
+            f"python 05_figures/make_figures.py --preset {preset_arg or preset_name}  # these tables and figures, "
+            "from results/ only",
             "```", ""]
     if run_names:
         out += [f"Pre-training runs behind these numbers (results/{preset_name}/pretrain/runs/): "

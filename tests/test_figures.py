@@ -162,6 +162,17 @@ def test_make_figures_on_an_offline_run_without_finetuning(tmp_path):
     assert "skipped: bench results are missing" in index and "[figure3_training_loss.png]" in index
 
 
+def test_headline_commands_name_a_variant_by_its_file():
+    """A variant has no presets/<name>.yaml, so `--preset tiny_x10` would not load: the headline's
+    commands must give its path, relative to the repository wherever the user typed it from."""
+    make_figures = load_make_figures()
+    variant = REPO_ROOT / "presets" / "variants" / "tiny_x10.yaml"
+    assert make_figures.preset_argument(str(variant)) == "presets/variants/tiny_x10.yaml"
+    assert make_figures.preset_argument("tiny") == "tiny"
+    assert make_figures.preset_argument("/elsewhere/mine.yaml") == "/elsewhere/mine.yaml"
+    assert load_preset(str(REPO_ROOT / make_figures.preset_argument(str(variant)))).name == "tiny_x10"
+
+
 def test_update_readme_replaces_only_the_marked_block(tmp_path, monkeypatch):
     path = REPO_ROOT / "05_figures" / "update_readme.py"
     spec = importlib.util.spec_from_file_location("update_readme", path)
