@@ -301,8 +301,8 @@ def _preset_path(name_or_path: str, relative_to: Path | None = None) -> Path:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         return PRESETS_DIR / f"{name_or_path}.yaml"
-    if relative_to is not None and not path.is_absolute() and not path.is_file():
-        path = relative_to / path
+    if relative_to is not None and not path.is_absolute() and (relative_to / path).is_file():
+        return relative_to / path  # a base named by path is looked up beside the file that names it
     return path
 
 
