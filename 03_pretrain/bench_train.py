@@ -113,8 +113,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     overrides = list(overrides or [])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = load_preset(preset_name, overrides)
-    n_micro = preset.pretrain.num_microbatches
-    shapes = shapes or [(n_micro, preset.pretrain.batch_size // n_micro)]
+    preset_micro = preset.pretrain.num_microbatches
+    shapes = shapes or [(preset_micro, preset.pretrain.batch_size // preset_micro)]
     rows = []
     for n_micro, size in shapes:
         # load_preset validates the shape (e.g. that the microbatches divide the batch)
