@@ -22,9 +22,9 @@ import torch
 
 from common.config import load_preset
 from common.io import write_csv, write_json
-from common.packed_data import MANIFEST, PackedWriter, SpanCorruptionBatches
+from common.data.packed_data import MANIFEST, PackedWriter, SpanCorruptionBatches
 from common.paths import results_dir
-from common.span_corruption import compute_input_and_target_lengths
+from common.data.span_corruption import compute_input_and_target_lengths
 
 GPU_TOKENS_PER_SECOND = 929_000  # PERF.md: best measured consumption, mT5-small dims on one H200
 ROWS = 8192  # synthetic rows in the benchmark's data folder

@@ -27,14 +27,14 @@ import numpy as np
 from tqdm import tqdm
 
 from common.config import load_preset
-from common.corpus import (LocalMC4Corpus, SonofmanCorpus, heldout_parallel_verses, open_corpus, read_corpus_texts,
+from common.data.corpus import (LocalMC4Corpus, SonofmanCorpus, heldout_parallel_verses, open_corpus, read_corpus_texts,
                            sampling_probabilities, write_corpus, write_corpus_manifest)
 from common.io import read_json, write_csv, write_json, write_jsonl_gz
-from common.packed_data import MANIFEST, PackedWriter, heldout_documents, token_dtype
+from common.data.packed_data import MANIFEST, PackedWriter, heldout_documents, token_dtype
 from common.paths import artefacts_dir, results_dir
-from common.probes import choose, document_samples, jumble, mismatched_samples
-from common.span_corruption import compute_input_and_target_lengths
-from common.tokenizer import encode_texts, load_tokenizer, special_ids, train_sentencepiece_tokenizer
+from common.data.probes import choose, document_samples, jumble, mismatched_samples
+from common.data.span_corruption import compute_input_and_target_lengths
+from common.data.tokenizer import encode_texts, load_tokenizer, special_ids, train_sentencepiece_tokenizer
 
 ENCODE_BATCH = 500  # documents tokenized at a time
 

@@ -25,15 +25,15 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from common.config import load_preset
-from common.influence import forward_logits, group_losses, self_influence, token_losses
+from common.presence.influence import forward_logits, group_losses, self_influence, token_losses
 from common.io import iter_jsonl_gz, read_json, write_csv
 from common.modeling import load_pretrained
 from common.paths import artefacts_dir, results_dir
-from common.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
-from common.probes import span_corrupted_probes
+from common.reporting.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
+from common.data.probes import span_corrupted_probes
 from common.runinfo import write_run_files
-from common.stats import auroc, bootstrap_mean_ci, mann_whitney_p
-from common.tokenizer import encode_texts, load_tokenizer
+from common.reporting.stats import auroc, bootstrap_mean_ci, mann_whitney_p
+from common.data.tokenizer import encode_texts, load_tokenizer
 
 NOISY = {"jumbled": "clean", "mismatched": "random"}  # noisy condition -> the condition it is compared with
 SCORE_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "step", "layer_set", "seed"]

@@ -1,7 +1,7 @@
 """Cost of PRESENCE: time one training step's gradient, side by side, on the same model and batch.
 
 Methods, timed round-robin (every repetition runs each once, so clock drift hits them alike), median:
-  baseline              gradient accumulation over the microbatches (common.presence_step.baseline_step)
+  baseline              gradient accumulation over the microbatches (common.presence.presence_step.baseline_step)
   presence-microbatch   the paper's method: self-influence of each microbatch, softmax-weighted gradient
   presence-sample       the per-sample variant (one backward per microbatch, per-sample norms from hooks)
   naive-sample          the per-sample reference done naively: one forward/backward per sample into a
@@ -36,9 +36,9 @@ from common.io import write_csv
 from common.modeling import build_model as build_fresh_model
 from common.modeling import random_microbatches
 from common.paths import REPO_ROOT, results_dir
-from common.presence_step import baseline_step, presence_step, release_buffers
+from common.presence.presence_step import baseline_step, presence_step, release_buffers
 from common.seeding import seed_everything
-from common.span_corruption import compute_input_and_target_lengths
+from common.data.span_corruption import compute_input_and_target_lengths
 
 TAU = 1.0  # any non-zero tau costs the same
 COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "preset", "cpu_time_ms", "batch_size",

@@ -1,6 +1,6 @@
 """Throughput of whole pre-training steps, the baseline and PRESENCE side by side in one run.
 
-A step is exactly what 03_pretrain/pretrain.py runs (common/train_step.py): forward and backward over
+A step is exactly what 03_pretrain/pretrain.py runs (common/presence/train_step.py): forward and backward over
 every microbatch, for PRESENCE the self-influence scores and the weighted update direction, then the
 optimizer and learning-rate steps. Precision, compilation, optimizer and SI layer set come from the
 preset, as in pretrain.py. Inputs are random token ids in the preset's shapes (as in
@@ -26,10 +26,10 @@ from common.io import write_csv
 from common.modeling import build_model, model_flops_per_sequence, peak_tflops, random_microbatches
 from common.optim import build_optimizer
 from common.paths import results_dir
-from common.presence_step import release_buffers
+from common.presence.presence_step import release_buffers
 from common.seeding import seed_everything
-from common.span_corruption import compute_input_and_target_lengths
-from common.train_step import train_step
+from common.data.span_corruption import compute_input_and_target_lengths
+from common.presence.train_step import train_step
 
 METHODS = {"baseline": None, "presence": -1.0}  # every non-zero temperature costs the same
 COLUMNS = ["shape", "method", "step_ms", "ratio_to_baseline", "tokens_per_s", "model_tflops", "mfu",

@@ -5,7 +5,7 @@
     python 03_pretrain/pretrain.py --preset tiny --method presence --steps 100 --resume   # continue a run
     torchrun --nproc_per_node 8 03_pretrain/pretrain.py --preset paper --method presence --seed 0
 
-Methods (common/reweighting.py defines their temperature schedules): baseline, presence (tau=+1 up
+Methods (common/presence/reweighting.py defines their temperature schedules): baseline, presence (tau=+1 up
 to step I, then -1), presence-D, presence-I, presence-I-D, presence-single (--tau), presence-linear,
 presence-cosine, and presence-sequential / presence-sequential-reverse (the baseline recipe on the
 lowest- / highest-self-influence part of the data, scored by 03_pretrain/score_candidates.py).
@@ -35,13 +35,13 @@ from common.distributed import broadcast_parameters
 from common.io import append_csv_row, read_csv, write_csv, write_json
 from common.modeling import build_model, model_flops_per_sequence, parameter_counts, peak_tflops
 from common.optim import build_optimizer
-from common.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
+from common.data.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
 from common.paths import artefacts_dir, results_dir
-from common.reweighting import METHODS as REWEIGHTING_METHODS
-from common.reweighting import tau_schedule
+from common.presence.reweighting import METHODS as REWEIGHTING_METHODS
+from common.presence.reweighting import tau_schedule
 from common.runinfo import prepare_run_dir, write_run_files
 from common.seeding import seed_everything
-from common.train_step import train_step
+from common.presence.train_step import train_step
 
 # PRESENCE-Sequential filters the data offline and then trains with the baseline recipe.
 SEQUENTIAL_METHODS = ("presence-sequential", "presence-sequential-reverse")

@@ -22,12 +22,12 @@ import torch
 from tqdm import tqdm
 
 from common.config import load_preset
-from common.influence import self_influence
+from common.presence.influence import self_influence
 from common.io import atomic_path, write_csv
 from common.modeling import load_pretrained
-from common.packed_data import load_data_manifest, read_rows
+from common.data.packed_data import load_data_manifest, read_rows
 from common.paths import artefacts_dir, results_dir
-from common.span_corruption import span_corrupt
+from common.data.span_corruption import span_corrupt
 
 
 def parse_args(argv=None) -> argparse.Namespace:

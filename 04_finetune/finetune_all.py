@@ -29,16 +29,16 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from common.config import FinetuneConfig, load_preset
-from common.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
+from common.evaluation.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
 from common.io import iter_jsonl_gz, write_csv
-from common.metrics import accuracy, qa_scores, span_f1
+from common.evaluation.metrics import accuracy, qa_scores, span_f1
 from common.modeling import load_pretrained
 from common.paths import artefacts_dir, results_dir, xtreme_dir
-from common.retrieval import embed, retrieval_accuracy
+from common.evaluation.retrieval import embed, retrieval_accuracy
 from common.runinfo import prepare_run_dir, write_run_files
 from common.seeding import seed_everything
-from common.xtreme import TASK_METRICS, TaskData, load_hub, load_local, subsample
+from common.evaluation.xtreme import TASK_METRICS, TaskData, load_hub, load_local, subsample
 
 COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
 ROW_KEY = ("run", "task", "setting", "lang", "metric")  # a re-run replaces the rows with the same key

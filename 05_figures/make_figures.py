@@ -22,15 +22,15 @@ import pandas as pd
 
 from common.config import load_preset
 from common.io import atomic_open, write_csv
-from common.markdown import markdown_table
-from common.paper_results import PAPER_RESULTS_CSV, load_paper_results
+from common.reporting.markdown import markdown_table
+from common.reporting.paper_results import PAPER_RESULTS_CSV, load_paper_results
 from common.paths import REPO_ROOT, RESULTS_DIR
-from common.plotting import (MissingInputError, plot_figure1, plot_presence_vs_sequential, plot_schedules,
+from common.reporting.plotting import (MissingInputError, plot_figure1, plot_presence_vs_sequential, plot_schedules,
                              plot_si_overhead, plot_single_stage_tau, plot_training_loss, plot_weights_over_training,
                              plot_xtreme_per_language)
-from common.result_tables import (TABLES, comparison_markdown, comparison_table, describe_our_scale,
+from common.reporting.result_tables import (TABLES, comparison_markdown, comparison_table, describe_our_scale,
                                   headline_markdown, offline_table)
-from common.run_results import (BENCH_COLUMNS, HEADLINE_METRIC, SI_COLUMNS, attach_variants, language_averages,
+from common.reporting.run_results import (BENCH_COLUMNS, HEADLINE_METRIC, SI_COLUMNS, attach_variants, language_averages,
                                 load_pretrain_runs, load_scores, read_table)
 
 

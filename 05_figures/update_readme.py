@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.config import load_preset
 from common.io import atomic_open
-from common.markdown import replace_marked_block
+from common.reporting.markdown import replace_marked_block
 from common.paths import REPO_ROOT, results_dir
 
 

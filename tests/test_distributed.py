@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common.distributed import broadcast_parameters
-from common.presence_step import baseline_step, presence_step
+from common.presence.presence_step import baseline_step, presence_step
 from tiny_t5 import flat_grad, one_thread, split, tiny_batch, tiny_t5  # noqa: F401 (autouse fixture)
 
 WORLD = 2

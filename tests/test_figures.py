@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-import common.plotting as plotting
+import common.reporting.plotting as plotting
 from common.config import load_preset
 from common.paths import REPO_ROOT
 from synthetic_results import write_synthetic_results

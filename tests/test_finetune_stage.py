@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.finetuning import (IGNORE, EncoderTagger, collate, encode_tagged, encode_text_to_text, generate,
+from common.evaluation.finetuning import (IGNORE, EncoderTagger, collate, encode_tagged, encode_text_to_text, generate,
                                predict_tags, qa_answer_fits)
 from common.paths import REPO_ROOT
-from common.retrieval import mean_pool, retrieval_accuracy
-from common.xtreme import QAExample, TaggedSentence
+from common.evaluation.retrieval import mean_pool, retrieval_accuracy
+from common.evaluation.xtreme import QAExample, TaggedSentence
 from test_xtreme import WORDS, write_xtreme_folder
 
 COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.influence import layer_set, self_influence
-from common.per_sample_grads import GradTape
+from common.presence.influence import layer_set, self_influence
+from common.presence.per_sample_grads import GradTape
 from tiny_t5 import brute_force_scores, one_thread, tiny_batch, tiny_t5  # noqa: F401 (autouse fixture)
 
 LAYER_SETS = ["first", "embeddings", "all", ["lm_head", "encoder.block.1", "decoder.block.0.layer.1"]]
@@ -141,7 +141,7 @@ def test_mt5_classes_give_exact_scores_too():
 
 def test_norms_can_be_asked_again_after_per_sample_gradients_were_formed(untied):
     # sq_norms keeps the per-sample gradients it formed and drops their factors; later calls use them.
-    from common.influence import forward_logits, group_losses, token_losses
+    from common.presence.influence import forward_logits, group_losses, token_losses
     batch = tiny_batch()
     params = layer_set(untied, "first")
     with GradTape(untied, params, batch_size=8) as tape:

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from common.metrics import (accuracy, iob2_entities, mlqa_normalize, qa_example_scores, qa_scores, span_f1,
+from common.evaluation.metrics import (accuracy, iob2_entities, mlqa_normalize, qa_example_scores, qa_scores, span_f1,
                             squad_normalize)
 
 

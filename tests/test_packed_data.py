@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from common.io import write_json
-from common.packed_data import (MANIFEST, PackedWriter, SpanCorruptionBatches, heldout_documents,
+from common.data.packed_data import (MANIFEST, PackedWriter, SpanCorruptionBatches, heldout_documents,
                                 mixture_rows_per_epoch, read_rows)
-from common.span_corruption import compute_input_and_target_lengths
+from common.data.span_corruption import compute_input_and_target_lengths
 
 EOS, VOCAB = 1, 300
 INPUT_LENGTH = 16

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from common.influence import layer_set, self_influence
-from common.presence_step import baseline_step, presence_step
-from common.reweighting import presence_weights
+from common.presence.influence import layer_set, self_influence
+from common.presence.presence_step import baseline_step, presence_step
+from common.presence.reweighting import presence_weights
 from tiny_t5 import flat_grad, loss_grads, one_thread, rel_err, split, tiny_batch, tiny_t5  # noqa: F401
 
 MICROBATCH = 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common.train_step as train_step_module
+import common.presence.train_step as train_step_module
 from common.checkpoint import latest_checkpoint
 from common.config import ConfigError
 from common.paths import REPO_ROOT

@@ -6,10 +6,10 @@ import re
 import numpy as np
 import pytest
 
-from common.probes import (choose, document_samples, jumble, jumble_units, mismatched_samples, pack_lines,
+from common.data.probes import (choose, document_samples, jumble, jumble_units, mismatched_samples, pack_lines,
                            span_corrupted_probes)
-from common.span_corruption import LABEL_PAD
-from common.tokenizer import train_sentencepiece_tokenizer
+from common.data.span_corruption import LABEL_PAD
+from common.data.tokenizer import train_sentencepiece_tokenizer
 
 ENGLISH = "So Boaz took Ruth, and she became his wife;\nand he went in to her, and she bore a son."
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from common.reweighting import Constant, Cosine, Linear, TwoStage, presence_weights, tau_schedule
+from common.presence.reweighting import Constant, Cosine, Linear, TwoStage, presence_weights, tau_schedule
 
 
 def test_weights_match_the_formula_by_hand():

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.stats import auroc
+from common.reporting.stats import auroc
 from conftest import MINI_DATA, MINI_MODEL, MINI_PRETRAIN, load_stage
 
 pretrain = load_stage("03_pretrain/pretrain.py")

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from common.span_corruption import (LABEL_PAD, compute_input_and_target_lengths, random_segment_lengths,
+from common.data.span_corruption import (LABEL_PAD, compute_input_and_target_lengths, random_segment_lengths,
                                     random_spans_noise_mask, span_corrupt, span_corrupted_example)
 
 EOS, FIRST_SENTINEL = 1, 999  # sentinels are 999, 998, ...; the test tokens stay below 899

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from common.stats import auroc, bootstrap_mean_ci, mann_whitney_p
+from common.reporting.stats import auroc, bootstrap_mean_ci, mann_whitney_p
 
 
 def brute_force_auroc(pos, neg):

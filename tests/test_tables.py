@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from common.config import load_preset
-from common.markdown import markdown_table, replace_marked_block
-from common.paper_results import load_paper_results, paper_value
-from common.result_tables import (TABLES, comparison_markdown, comparison_table, direction_summary, format_score,
+from common.reporting.markdown import markdown_table, replace_marked_block
+from common.reporting.paper_results import load_paper_results, paper_value
+from common.reporting.result_tables import (TABLES, comparison_markdown, comparison_table, direction_summary, format_score,
                                   offline_table, summarise_seeds)
-from common.run_results import (attach_variants, language_averages, load_pretrain_runs, load_scores, read_table,
+from common.reporting.run_results import (attach_variants, language_averages, load_pretrain_runs, load_scores, read_table,
                                 variant_label)
 
 SCORE_HEADER = "run,method,seed,task,setting,lang,metric,value,n_examples\n"

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import Unigram
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from common.tokenizer import (encode_texts, load_tokenizer, special_ids, train_sentencepiece_tokenizer,
+from common.data.tokenizer import (encode_texts, load_tokenizer, special_ids, train_sentencepiece_tokenizer,
                               training_pieces)
 
 VOCAB = 700

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.xtreme import (NER_TAGS, TEST_LANGUAGES, PairExample, QAExample, TaggedSentence, XtremeDataError,
+from common.evaluation.xtreme import (NER_TAGS, TEST_LANGUAGES, PairExample, QAExample, TaggedSentence, XtremeDataError,
                            load_hub, load_local, subsample, translate_train_files)
 
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "city", "king", "stone", "light", "house"]

@@ -18,7 +18,7 @@ labels != -100. A sample's loss is the mean over its own target tokens (what the
 sample alone); a microbatch's loss is the mean over all of the microbatch's target tokens. A sample without
 target tokens has loss 0 and self-influence 0 (Hugging Face would return 0/0).
 
-Scores come from one forward and one backward pass for the whole batch (common/per_sample_grads.py); the
+Scores come from one forward and one backward pass for the whole batch (common/presence/per_sample_grads.py); the
 model is scored in the mode the caller set (train: with dropout, as in training; eval: deterministic).
 Parameters and their .grad are left untouched.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.per_sample_grads import GradTape
+from common.presence.per_sample_grads import GradTape
 
 LAYER_SETS = ("first", "embeddings", "all")
 FIRST_BLOCKS = ("encoder.block.0", "decoder.block.0")

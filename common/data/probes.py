@@ -29,8 +29,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from common.span_corruption import compute_input_and_target_lengths, span_corrupted_example
-from common.tokenizer import encode_texts, special_ids
+from common.data.span_corruption import compute_input_and_target_lengths, span_corrupted_example
+from common.data.tokenizer import encode_texts, special_ids
 
 CONDITIONS = ("clean", "jumbled", "random", "mismatched")
 _HIRAGANA = "\u3040-\u309f"

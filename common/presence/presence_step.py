@@ -11,7 +11,7 @@ slice and G = w @ buffer is a single matrix-vector product written straight into
 PRESENCE, per sample (an extension; the paper writes the method per sample but ran it per microbatch):
 the same with the B samples of the batch, G = sum_j w_j grad loss_j, where loss_j is sample j's own mean
 token loss and s_j its self-influence. No per-sample gradient is formed: each microbatch runs one forward
-and one backward pass to the module outputs (common/per_sample_grads.py), giving the per-sample scores; once
+and one backward pass to the module outputs (common/presence/per_sample_grads.py), giving the per-sample scores; once
 all scores are in, every parameter's weighted gradient is formed from the recorded activations and output
 gradients, one matmul per layer. That needs the activations and output gradients of all microbatches until
 the end of the step (about the memory of one forward over the whole batch).
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
-from common.influence import IGNORE_INDEX, Layers, eager, forward_logits, layer_set, token_losses
-from common.per_sample_grads import GradTape
-from common.reweighting import presence_weights
+from common.presence.influence import IGNORE_INDEX, Layers, eager, forward_logits, layer_set, token_losses
+from common.presence.per_sample_grads import GradTape
+from common.presence.reweighting import presence_weights
 
 
 @dataclass

@@ -2,7 +2,7 @@
 (reweighting statistics, SI overhead, per-language scores). The paper gives no numbers for its
 figures, so every figure shows our measurements only.
 
-Each function takes DataFrames as the stages wrote them (see common/run_results.py), writes one PNG
+Each function takes DataFrames as the stages wrote them (see common/reporting/run_results.py), writes one PNG
 and returns the matplotlib Figure (tests read its titles and labels). Figures are built without
 pyplot, so no global state or backend is involved; PNGs are rendered by Agg. A function whose
 inputs hold nothing to draw raises MissingInputError with the reason.
@@ -19,8 +19,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import ScalarFormatter
 
 from common.io import atomic_path
-from common.run_results import HEADLINE_METRIC
-from common.stats import auroc
+from common.reporting.run_results import HEADLINE_METRIC
+from common.reporting.stats import auroc
 
 DPI = 130
 METHOD_COLORS = {

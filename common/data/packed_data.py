@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common.io import atomic_path, read_json
-from common.span_corruption import span_corrupt
+from common.data.span_corruption import span_corrupt
 
 SPLITS = ("train", "heldout")
 MANIFEST = "data_manifest.json"
@@ -116,7 +116,7 @@ def load_data_manifest(data_dir: str | Path) -> dict:
 
 def load_tokenizer_from_data(data_dir: str | Path):
     """The tokenizer the packed data was made with (a folder beside it, or a hub name)."""
-    from common.tokenizer import load_tokenizer
+    from common.data.tokenizer import load_tokenizer
 
     name = load_data_manifest(data_dir)["tokenizer"]
     local = Path(data_dir) / name

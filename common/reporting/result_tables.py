@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.markdown import markdown_table
-from common.paper_results import PAPER_SCALE, paper_value
-from common.run_results import HEADLINE_METRIC
+from common.reporting.markdown import markdown_table
+from common.reporting.paper_results import PAPER_SCALE, paper_value
+from common.reporting.run_results import HEADLINE_METRIC
 
 SETTINGS = ("zero-shot", "translate-train")
 TASK_NAMES = {"xquad": "XQuAD F1", "mlqa": "MLQA F1", "tydiqa": "TyDi QA F1", "xnli": "XNLI acc.",

@@ -9,8 +9,8 @@ import math
 import torch
 from torch import nn
 
-from common.influence import Layers
-from common.presence_step import StepStats, baseline_step, presence_step
+from common.presence.influence import Layers
+from common.presence.presence_step import StepStats, baseline_step, presence_step
 
 
 def train_step(model: nn.Module, microbatches: list[dict], tau: float | None, optimizer, scheduler, *,

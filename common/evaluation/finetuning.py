@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers.modeling_outputs import TokenClassifierOutput
 
 from common.adafactor import Adafactor
-from common.xtreme import NER_TAGS, PairExample, QAExample, TaggedSentence
+from common.evaluation.xtreme import NER_TAGS, PairExample, QAExample, TaggedSentence
 
 IGNORE = -100  # label id the losses skip
 # Label words the model generates. XNLI's labels are already words; PAWS-X's 0/1 are given names.
