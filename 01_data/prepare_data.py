@@ -10,7 +10,9 @@ Steps; each is skipped when its output is complete and was made with the same se
   1. corpus     artefacts/<preset>/data/corpus/: mC4-format files per language, manifest.json
   2. tokenizer  artefacts/<preset>/data/tokenizer/: SentencePiece unigram + T5 sentinels (kind "hub": none)
   3. packed     artefacts/<preset>/data/packed/ and data_manifest.json: tokenized rows for 03_pretrain
-  4. probes     artefacts/<preset>/data/probes.jsonl.gz for 02_si_analysis, and (offline corpus)
+  4. noise      artefacts/<preset>/data/packed/noise-<rate>/ for each of data.noise_rates: the training rows
+                with that share corrupted (jumbled, random tokens, Python source), labels per row
+  5. probes     artefacts/<preset>/data/probes.jsonl.gz for 02_si_analysis, and (offline corpus)
                 heldout_parallel_verses.jsonl.gz for 04_finetune's verse retrieval; probes_manifest.json
 Then results/<preset>/data/corpus_manifest.csv: one row per language, numbers only.
 """
@@ -29,8 +31,9 @@ from tqdm import tqdm
 from common.config import load_preset
 from common.data.corpus import (LocalMC4Corpus, SonofmanCorpus, heldout_parallel_verses, open_corpus, read_corpus_texts,
                            sampling_probabilities, write_corpus, write_corpus_manifest)
-from common.io import read_json, write_csv, write_json, write_jsonl_gz
-from common.data.packed_data import MANIFEST, PackedWriter, heldout_documents, token_dtype
+from common.io import atomic_path, read_json, write_csv, write_json, write_jsonl_gz
+from common.data.noise import choose_noisy_rows, corrupt_rows, noise_dir_name
+from common.data.packed_data import MANIFEST, PackedWriter, heldout_documents, read_rows, token_dtype
 from common.paths import artefacts_dir, results_dir
 from common.data.probes import choose, document_samples, jumble, mismatched_samples
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -151,6 +154,37 @@ def build_packed(cfg, data_dir: Path, corpus_manifest: dict, tokenizer, tokenize
     return manifest
 
 
+def build_noise(cfg, data_dir: Path, manifest: dict, tokenizer, settings: dict, force: bool) -> dict:
+    """For each noise rate: packed/noise-<rate>/train.bin (the training rows, that share corrupted),
+    train_noise.npy (int8 label per row, 0 clean) and noise_manifest.json (rows per kind and language)."""
+    built = {}
+    rows = read_rows(data_dir, "train", manifest)
+    languages = np.load(data_dir / "packed" / "train_language.npy")
+    for index, rate in enumerate(cfg.noise_rates):
+        folder = data_dir / "packed" / noise_dir_name(rate)
+        rate_settings = {**settings, "noise_rate": rate, "noise_kinds": cfg.noise_kinds}
+        if is_fresh(folder / "noise_manifest.json", rate_settings, force):
+            built[rate] = read_json(folder / "noise_manifest.json")
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        rng = np.random.default_rng([cfg.seed, 4, index])
+        labels = choose_noisy_rows(len(rows), rate, len(cfg.noise_kinds), rng)
+        noisy = corrupt_rows(rows, labels, cfg.noise_kinds, tokenizer, special_ids(tokenizer), rng)
+        folder.mkdir(parents=True)
+        with atomic_path(folder / "train.bin") as tmp:
+            noisy.astype(rows.dtype).tofile(tmp)
+        with atomic_path(folder / "train_noise.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, labels)
+        counts = {kind: {lang: int(np.sum((labels == k) & (languages == i)))
+                         for i, lang in enumerate(manifest["languages"])}
+                  for k, kind in enumerate(cfg.noise_kinds, start=1)}
+        built[rate] = {"settings": rate_settings, "rate": rate, "kinds": cfg.noise_kinds, "rows": len(rows),
+                       "noisy_rows": int(np.sum(labels > 0)), "rows_per_kind_and_language": counts}
+        write_json(folder / "noise_manifest.json", built[rate])
+    return built
+
+
 def build_probes(cfg, data_dir: Path, tokenizer, raw_length: int, settings: dict, force: bool) -> dict:
     marker = data_dir / "probes_manifest.json"
     if is_fresh(marker, settings, force):
@@ -232,6 +266,8 @@ def main(preset: str = "tiny", overrides: list[str] | None = None, force: bool =
         tokenizer, tokenizer_ref = build_tokenizer(cfg, data_dir, corpus_manifest, tokenizer_settings, force)
     with timer(timings, "packed_s"):
         manifest = build_packed(cfg, data_dir, corpus_manifest, tokenizer, tokenizer_ref, packed_settings, force)
+    with timer(timings, "noise_s"):
+        build_noise(cfg, data_dir, manifest, tokenizer, packed_settings, force)
     with timer(timings, "probes_s"):
         probes = build_probes(cfg, data_dir, tokenizer, raw_length, probe_settings, force)
     summary_path = summary_path or results_dir(config.name, "data") / "corpus_manifest.csv"

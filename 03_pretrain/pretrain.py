@@ -1,18 +1,24 @@
-"""Pre-train a T5/mT5 model from scratch with span corruption: the baseline, PRESENCE, or an ablation.
+"""Pre-train a T5/mT5 model from scratch with span corruption: the baseline, PRESENCE, a control or an ablation.
 
     python 03_pretrain/pretrain.py --preset tiny --method presence --seed 0
+    python 03_pretrain/pretrain.py --preset tiny --method presence-shuffled          # the information control
     python 03_pretrain/pretrain.py --preset tiny --method presence-single --tau 2
     python 03_pretrain/pretrain.py --preset tiny --method presence --steps 100 --resume   # continue a run
+    python 03_pretrain/pretrain.py --preset presets/variants/tiny_x10.yaml --method noise-oracle --noise-rate 0.2
     torchrun --nproc_per_node 8 03_pretrain/pretrain.py --preset paper --method presence --seed 0
 
 Methods (common/presence/reweighting.py defines their temperature schedules): baseline, presence (tau=+1 up
-to step I, then -1), presence-D, presence-I, presence-I-D, presence-single (--tau), presence-linear,
-presence-cosine, and presence-sequential / presence-sequential-reverse (the baseline recipe on the
-lowest- / highest-self-influence part of the data, scored by 03_pretrain/score_candidates.py).
---per sample reweights samples instead of microbatches; --si-layers picks the layer set.
+to step I, then -1), presence-shuffled (PRESENCE's schedule on scores permuted at random within each step:
+the same weights, no information), presence-D, presence-I, presence-I-D, presence-single (--tau),
+presence-linear, presence-cosine, presence-sequential / presence-sequential-reverse (the baseline recipe on
+the lowest- / highest-self-influence part of the data, scored by 03_pretrain/score_candidates.py), and
+noise-oracle (with --noise-rate: weight 0 on the rows known to be noisy, uniform on the others).
+--per sample reweights samples instead of microbatches; --si-layers picks the layer set; --noise-rate
+trains on the data with that share of the training rows corrupted (01_data, data.noise_rates).
 
-Writes results/<preset>/pretrain/runs/<run>/ (config, environment, train_log.csv, metrics) and
-artefacts/<preset>/pretrain/<run>/ (checkpoints/ to resume, snapshots/ for 02, final/ for 04).
+Writes results/<preset>/pretrain/runs/<run>/ (config, environment, train_log.csv, heldout.csv,
+heldout_rows.csv, noise_log.csv with --noise-rate, metrics.json) and artefacts/<preset>/pretrain/<run>/
+(checkpoints/ to resume, snapshots/ for 02, final/ for 04).
 """
 from __future__ import annotations
 
@@ -22,32 +28,42 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from common.config import ConfigError, load_preset
+from common.data.noise import noise_shares
+from common.data.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
+from common.data.span_corruption import LABEL_PAD
 from common.distributed import broadcast_parameters
+from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
 from common.io import append_csv_row, read_csv, write_csv, write_json
 from common.modeling import build_model, model_flops_per_sequence, parameter_counts, peak_tflops
 from common.optim import build_optimizer
-from common.data.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
 from common.paths import artefacts_dir, results_dir
+from common.presence.influence import self_influence
 from common.presence.reweighting import METHODS as REWEIGHTING_METHODS
-from common.presence.reweighting import tau_schedule
+from common.presence.reweighting import SHUFFLED_METHODS, kish_effective_count, tau_schedule
+from common.reporting.stats import auroc
 from common.runinfo import prepare_run_dir, write_run_files
 from common.seeding import seed_everything
 from common.presence.train_step import train_step
 
 # PRESENCE-Sequential filters the data offline and then trains with the baseline recipe.
 SEQUENTIAL_METHODS = ("presence-sequential", "presence-sequential-reverse")
-METHODS = REWEIGHTING_METHODS + SEQUENTIAL_METHODS
-LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy",
-               "tokens_seen", "seconds", "heldout_loss", "seed"]
+ORACLE_METHODS = ("noise-oracle",)
+METHODS = REWEIGHTING_METHODS + SEQUENTIAL_METHODS + ORACLE_METHODS
+LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
+               "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
+               "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed"]
+NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", "seed"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per", choices=["microbatch", "sample"], default="microbatch",
                    help="reweight microbatches (the paper) or samples (extension)")
     p.add_argument("--si-layers", help="override pretrain.si_layers: first | embeddings | all")
+    p.add_argument("--noise-rate", type=float, default=0.0,
+                   help="train on the rows with this share corrupted (one of data.noise_rates)")
     p.add_argument("--run-name", help="default: derived from the method and options")
     p.add_argument("--out", help="run folder for logs and metrics (default results/<preset>/pretrain/runs/<run>)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
@@ -69,11 +87,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# ---- set-up -------------------------------------------------------------------------------------------------
+
 def get_config(args):
     overrides = list(args.set)
-    for flag, field in ((args.steps, "steps"), (args.switch_step, "switch_step"), (args.si_layers, "si_layers")):
+    for flag, field_name in ((args.steps, "steps"), (args.switch_step, "switch_step"), (args.si_layers, "si_layers")):
         if flag is not None:
-            overrides.append(f"pretrain.{field}={flag}")
+            overrides.append(f"pretrain.{field_name}={flag}")
     preset = load_preset(args.preset, overrides)
     if args.method not in METHODS:
         raise ConfigError(f"--method: unknown method {args.method!r}. Fix: use one of {', '.join(METHODS)}")
@@ -81,8 +101,15 @@ def get_config(args):
         raise ConfigError("--tau: presence-single needs a temperature. Fix: pass e.g. --tau 2")
     if args.tau is not None and args.method != "presence-single":
         raise ConfigError(f"--tau: only presence-single takes a temperature, not {args.method}. Fix: drop --tau")
-    if (args.method == "baseline" or args.method in SEQUENTIAL_METHODS) and args.per == "sample":
-        raise ConfigError(f"--per: {args.method} does not reweight online. Fix: drop --per sample")
+    if args.method in ("baseline",) + SEQUENTIAL_METHODS + ORACLE_METHODS and args.per == "sample":
+        raise ConfigError(f"--per: {args.method} does not reweight by self-influence. Fix: drop --per sample")
+    if args.noise_rate and args.noise_rate not in preset.data.noise_rates:
+        raise ConfigError(f"--noise-rate: {args.noise_rate:g} is not among data.noise_rates "
+                          f"{preset.data.noise_rates}. Fix: add it there and run 01_data/prepare_data.py")
+    if args.method in ORACLE_METHODS and not args.noise_rate:
+        raise ConfigError(f"--method {args.method} needs noisy data to drop. Fix: pass --noise-rate")
+    if args.noise_rate and args.method in SEQUENTIAL_METHODS:
+        raise ConfigError("--noise-rate: PRESENCE-Sequential scores the clean data. Fix: drop --noise-rate")
     return preset
 
 
@@ -96,6 +123,8 @@ def default_run_name(args) -> str:
         parts.append("per-sample")
     if args.si_layers is not None:
         parts.append(f"si-{args.si_layers}")
+    if args.noise_rate:
+        parts.append(f"noise{args.noise_rate:g}")
     parts.append(f"s{args.seed}")
     return "-".join(parts)
 
@@ -114,7 +143,7 @@ def init_distributed():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def training_rows(args, preset, data_dir: Path, num_rows: int) -> np.ndarray | None:
+def training_rows(args, preset, num_rows: int) -> np.ndarray | None:
     """The training-row subset for PRESENCE-Sequential (None = all rows): keep the lowest-SI share
     of the candidates, or, for -reverse, drop it (the paper's Table 2)."""
     if args.method not in SEQUENTIAL_METHODS:
@@ -132,6 +161,195 @@ def training_rows(args, preset, data_dir: Path, num_rows: int) -> np.ndarray | N
     return np.sort(order[:keep] if args.method == "presence-sequential" else order[num_rows - keep:])
 
 
+@dataclass
+class Data:
+    manifest: dict
+    tokenizer: object
+    train: SpanCorruptionBatches
+    heldout: SpanCorruptionBatches
+    heldout_ids: np.ndarray  # the held-out rows every evaluation scores
+    training_rows: int | None  # Sequential's kept rows
+
+
+def get_data(args, preset) -> Data:
+    cfg = preset.pretrain
+    data_dir = artefacts_dir(preset.name, "data")
+    manifest = load_data_manifest(data_dir)
+    train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed, noise_rate=args.noise_rate)
+    rows = training_rows(args, preset, train.num_rows)
+    if rows is not None:
+        train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed, rows=rows)
+    heldout = SpanCorruptionBatches(data_dir, "heldout", 1, seed=HELDOUT_SEED)
+    return Data(manifest, load_tokenizer_from_data(data_dir), train, heldout,
+                heldout_rows(heldout.num_rows, cfg.eval_rows), None if rows is None else len(rows))
+
+
+@dataclass
+class Method:
+    """How a step forms its update: tau schedule (None: unweighted), shuffled scores, or fixed weights."""
+    name: str
+    per: str
+    seed: int
+    schedule: object | None
+    shuffled: bool
+    oracle: bool
+
+    def step_options(self, step: int, noise_labels: np.ndarray | None) -> dict:
+        options = {"tau": None if self.schedule is None else self.schedule.tau_at(step), "per": self.per}
+        if self.shuffled:  # a pure function of (seed, step): a resumed run draws the same permutations
+            options["shuffle_seed"] = int(np.random.SeedSequence([self.seed, 7, step]).generate_state(1)[0])
+        if self.oracle:
+            clean = noise_labels == 0
+            if not clean.any():
+                raise ValueError(f"step {step}: every row of the batch is noisy; the oracle has nothing to keep. "
+                                 "Fix: lower the noise rate or raise pretrain.batch_size")
+            options["sample_weights"] = torch.from_numpy(clean / clean.sum())
+        return options
+
+
+def get_method(args, cfg) -> Method:
+    online = args.method not in SEQUENTIAL_METHODS + ORACLE_METHODS
+    schedule = tau_schedule(args.method, tau_direct=cfg.tau_direct, tau_inverse=cfg.tau_inverse,
+                            switch_step=cfg.switch_step, total_steps=cfg.steps, tau=args.tau) if online else None
+    return Method(args.method, args.per, args.seed, schedule, args.method in SHUFFLED_METHODS,
+                  args.method in ORACLE_METHODS)
+
+
+# ---- logging, evaluation, checkpoints -------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    step: int = 0
+    elapsed: float = 0.0  # training seconds, without evaluation and checkpoint writing
+    tokens_seen: int = 0
+    timed_steps: int = 0  # steps after the warm-up, for the throughput figures
+    timed_seconds: float = 0.0
+    timed_tokens: int = 0
+    si_aurocs: list = field(default_factory=list)
+
+
+def weight_stats(stats) -> dict:
+    if stats.weights is None:
+        return {"si_mean": "", "si_std": "", "max_weight": "", "weight_entropy": "", "kish_n": "",
+                "z_variance_share": ""}
+    w = stats.weights.double()
+    row = {"max_weight": w.max().item(), "weight_entropy": -(w * w.clamp_min(1e-300).log()).sum().item(),
+           "kish_n": kish_effective_count(w), "si_mean": "", "si_std": "",
+           "z_variance_share": "" if stats.variance_share is None else stats.variance_share}
+    if stats.scores is not None:
+        row.update(si_mean=stats.scores.double().mean().item(), si_std=stats.scores.double().std(unbiased=False).item())
+    return row
+
+
+def row_weights(stats, per: str, batch_size: int) -> np.ndarray:
+    """The weight each row of the batch had in the update (summing to 1): uniform without weights, the
+    sample weights as they are, a microbatch's weight shared by its rows."""
+    if stats.weights is None:
+        return np.full(batch_size, 1 / batch_size)
+    w = stats.weights.double().numpy()
+    return w if len(w) == batch_size else np.repeat(w / (batch_size // len(w)), batch_size // len(w))
+
+
+def probe_self_influence(model, microbatches, method: Method, step: int, every: int, layers) -> np.ndarray | None:
+    """Per-sample self-influence of the batch with the parameters the step starts from, every `every`
+    steps (the noise experiment's detector measure); per-sample PRESENCE computes it anyway."""
+    if step % every or method.per == "sample":
+        return None
+    return torch.cat([self_influence(model, mb, layers=layers, per="sample") for mb in microbatches]).cpu().numpy()
+
+
+def noise_row(stats, labels: np.ndarray, kinds: list[str], method: Method, si, step: int, run) -> dict:
+    """The step's noise columns of train_log.csv (si: per-sample self-influence of the batch, or None);
+    the per-kind rows go to noise_log.csv."""
+    weights = row_weights(stats, method.per, len(labels))
+    shares = noise_shares(labels, weights, len(kinds))
+    aurocs = {k: auroc(si[labels == k] if k else si[labels > 0], si[labels == 0]) if si is not None else ""
+              for k in shares}
+    for k, (batch_share, weight_share) in shares.items():
+        append_csv_row(run.dir / "noise_log.csv", {"step": step, "kind": kinds[k - 1] if k else "all",
+                                                   "batch_share": batch_share, "weight_share": weight_share,
+                                                   "si_auroc": aurocs[k], "seed": method.seed}, NOISE_LOG_COLUMNS)
+    spearman = ""
+    if stats.scores is not None and method.per == "microbatch":
+        per_microbatch = (labels > 0).reshape(len(stats.scores), -1).mean(1)
+        if np.ptp(per_microbatch) > 0:
+            spearman = float(spearmanr(stats.scores.numpy(), per_microbatch).statistic)
+    return {"noisy_batch_share": shares[0][0], "noisy_weight_share": shares[0][1], "si_noise_auroc": aurocs[0],
+            "mb_si_noise_spearman": spearman}
+
+
+def evaluate(model, data: Data, cfg, device, autocast, step: int, run, final: bool) -> float:
+    """Held-out loss on the fixed rows: rows of heldout.csv (per language and "all"); at the end also the
+    per-row losses (heldout_rows.csv), so that runs can be compared row by row."""
+    losses, counts = row_losses(model, data.heldout, data.heldout_ids, cfg.eval_batch_size, device, autocast)
+    languages = [data.manifest["languages"][i] for i in data.heldout.row_language[data.heldout_ids]]
+    summary = summarise(losses, counts, languages, data.manifest["sampling_probabilities"])
+    for row in summary:
+        append_csv_row(run.dir / "heldout.csv", {"run": run.name, "method": run.method, "seed": run.seed,
+                                                 "step": step, **row}, HELDOUT_COLUMNS)
+    if final:
+        write_csv(run.dir / "heldout_rows.csv", [{"row": int(r), "lang": lang, "n_tokens": int(c), "loss": loss}
+                                                 for r, lang, c, loss in zip(data.heldout_ids, languages, counts,
+                                                                             losses)])
+    return summary[-1]["loss"]
+
+
+def save_final(model, tokenizer, folder: Path, info: dict) -> None:
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "presence_run.json", info)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def truncate_logs(run_dir: Path, last_step: int) -> None:
+    """A resumed run continues its logs from its checkpoint, dropping rows written after it."""
+    for name, columns in (("train_log.csv", LOG_COLUMNS), ("heldout.csv", HELDOUT_COLUMNS),
+                          ("noise_log.csv", NOISE_LOG_COLUMNS)):
+        path = run_dir / name
+        if path.exists():
+            write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
+
+
+@dataclass
+class Run:
+    name: str
+    dir: Path
+    store: Path  # checkpoints, snapshots, final model
+    method: str
+    seed: int
+    main: bool  # rank 0 writes the logs
+
+
+def prepare_run(args, preset, rank: int) -> Run:
+    run_name = args.run_name or default_run_name(args)
+    run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / run_name
+    run = Run(run_dir.name, run_dir, artefacts_dir(preset.name, "pretrain", run_dir.name), args.method,
+              args.seed, rank == 0)
+    if run.main:
+        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+        if args.overwrite and not args.resume:
+            shutil.rmtree(run.store, ignore_errors=True)
+    return run
+
+
+def maybe_resume(args, run: Run, model, optimizer, scheduler) -> Progress:
+    progress = Progress()
+    if args.resume and (ckpt := latest_checkpoint(run.store / "checkpoints")):
+        progress.step, extra = load_checkpoint(ckpt, model, optimizer, scheduler)
+        progress.elapsed, progress.tokens_seen = extra["seconds"], extra["tokens_seen"]
+        progress.si_aurocs = list(extra.get("si_aurocs", []))
+        if run.main:
+            truncate_logs(run.dir, progress.step)
+            print(f"resumed {run.name} from {ckpt} at step {progress.step}")
+    elif run.main:
+        for name in ("train_log.csv", "heldout.csv", "noise_log.csv", "heldout_rows.csv"):
+            (run.dir / name).unlink(missing_ok=True)
+    return progress
+
+
 def split_microbatches(batch: dict, num_microbatches: int, rank: int, world: int, device) -> list[dict]:
     """This rank's contiguous share of the global batch's microbatches, moved to the device."""
     per_rank = num_microbatches // world
@@ -141,41 +359,119 @@ def split_microbatches(batch: dict, num_microbatches: int, rank: int, world: int
     return [{k: v[i * size:(i + 1) * size] for k, v in local.items()} for i in range(per_rank)]
 
 
-@torch.no_grad()
-def heldout_loss(model, heldout: SpanCorruptionBatches, num_batches: int, device, autocast) -> float:
-    model.eval()
-    losses = []
-    for step in range(num_batches):
-        batch = {k: v.to(device) for k, v in heldout.batch(step).items()}
-        with autocast():
-            losses.append(model(**batch).loss.float())
-    model.train()
-    return torch.stack(losses).mean().item()
+def throughput(progress: Progress, flops_per_step: float, device, world: int) -> dict:
+    """Tokens/s, s/step, model TFLOP/s (and MFU, GPU memory on a GPU) over the steps after the warm-up."""
+    if not progress.timed_steps:
+        return {}
+    step_s = progress.timed_seconds / progress.timed_steps
+    out = {"seconds_per_step": step_s, "tokens_per_second": progress.timed_tokens / progress.timed_seconds,
+           "model_tflops": flops_per_step / step_s / 1e12}
+    if peak := peak_tflops(device):
+        out["mfu"] = out["model_tflops"] / (peak * world)
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
-def weight_stats(stats) -> dict[str, float]:
-    if stats.weights is None:
-        return {"si_mean": "", "si_std": "", "max_weight": "", "weight_entropy": ""}
-    w = stats.weights.double()
-    return {"si_mean": stats.scores.double().mean().item(), "si_std": stats.scores.double().std(unbiased=False).item(),
-            "max_weight": w.max().item(), "weight_entropy": -(w * w.clamp_min(1e-300).log()).sum().item()}
+# ---- the run -------------------------------------------------------------------------------------------------
+
+def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, method: Method, progress: Progress,
+          device, world: int, rank: int) -> None:
+    cfg = preset.pretrain
+    use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    step_model = torch.compile(model) if cfg.compile and device.type == "cuda" and args.per == "microbatch" else model
+    snapshot_steps = {max(1, round(f * cfg.steps)) for f in preset.si_analysis.checkpoint_fractions} - {cfg.steps}
+    train_data = data.train
+    bar = tqdm(range(progress.step + 1, cfg.steps + 1), initial=progress.step, total=cfg.steps,
+               disable=not run.main, desc=run.name, dynamic_ncols=True)
+    # The next batch is cut on a thread while the device runs this step (small preset: ~12 ms of CPU per
+    # batch by 01_data/bench_data.py); batches are a pure function of the step, so only timing changes.
+    loader = ThreadPoolExecutor(max_workers=1)
+    upcoming = loader.submit(train_data.batch, progress.step)
+    first_step = progress.step + 1
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = upcoming.result()
+        if step < cfg.steps:
+            upcoming = loader.submit(train_data.batch, step)
+        labels = None if train_data.noise_labels is None else train_data.noise_labels[train_data.batch_rows(step - 1)]
+        microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
+        probe_start = time.perf_counter()
+        si = probe_self_influence(model, microbatches, method, step, cfg.noise_log_every, cfg.si_layers) \
+            if labels is not None else None
+        t0 += time.perf_counter() - probe_start  # the probe is measurement, not training: untimed
+        options = method.step_options(step, labels)
+        try:
+            stats, lr = train_step(step_model, microbatches, optimizer=optimizer, scheduler=scheduler,
+                                   layers=cfg.si_layers, autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip,
+                                   **options)
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"{error} at step {step} of {run.name}; nothing was saved after the last good checkpoint "
+                f"in {run.store / 'checkpoints'}. Fix: lower pretrain.peak_lr or use --set pretrain.grad_clip=1.0, "
+                "then re-run with --resume") from error
+        if device.type == "cuda" and step % cfg.log_every == 0:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+        progress.step, progress.elapsed, progress.tokens_seen = step, progress.elapsed + seconds, \
+            progress.tokens_seen + step_tokens
+        if step > first_step + 2:  # the first steps pay for compilation and warm-up
+            progress.timed_steps += 1
+            progress.timed_seconds += seconds
+            progress.timed_tokens += step_tokens
+        if not run.main:
+            continue
+        row = {"step": step, "loss": stats.loss, "lr": lr, "tau": "" if options["tau"] is None else options["tau"],
+               **weight_stats(stats), "noisy_batch_share": "", "noisy_weight_share": "", "si_noise_auroc": "",
+               "mb_si_noise_spearman": "", "tokens_seen": progress.tokens_seen, "seconds": round(progress.elapsed, 3),
+               "heldout_loss": "", "seed": args.seed}
+        if labels is not None:
+            if method.per == "sample" and step % cfg.noise_log_every == 0:
+                si = stats.scores.double().numpy()  # the step's own per-sample scores
+            row.update(noise_row(stats, labels, train_data.noise_kinds, method, si, step, run))
+            if row["si_noise_auroc"] != "" and np.isfinite(row["si_noise_auroc"]):
+                progress.si_aurocs.append(row["si_noise_auroc"])
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row["heldout_loss"] = evaluate(model, data, cfg, device, autocast, step, run, final=step == cfg.steps)
+        append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}",
+                            refresh=False)  # tqdm redraws at its own interval
+            tqdm.write(f"step {step} | loss {stats.loss:.4f} | lr {lr:.2e} | tau {row['tau']} | {seconds:.3f} s/step")
+        if step in snapshot_steps:
+            save_final(model, data.tokenizer, run.store / "snapshots" / f"step-{step}",
+                       {"run_name": run.name, "method": run.method, "seed": run.seed, "step": step})
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(run.store / "checkpoints", step, model, optimizer, scheduler,
+                            {"seconds": progress.elapsed, "tokens_seen": progress.tokens_seen,
+                             "si_aurocs": progress.si_aurocs})
+    loader.shutdown()
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """A resumed run continues the per-step log from its checkpoint, dropping rows written after it."""
-    if path.exists():
-        rows = [r for r in read_csv(path) if int(r["step"]) <= last_step]
-        write_csv(path, rows, LOG_COLUMNS)
-
-
-def save_final(model, tokenizer, folder: Path, info: dict) -> None:
-    tmp = folder.with_name(".final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "presence_run.json", info)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+def finish(args, preset, run: Run, data: Data, model, progress: Progress, device, world: int) -> dict:
+    cfg = preset.pretrain
+    flops_per_step = model_flops_per_sequence(model, data.manifest["input_length"],
+                                              data.manifest["target_length"]) * cfg.batch_size
+    metrics = {"run_name": run.name, "method": args.method, "seed": args.seed, "steps": cfg.steps,
+               "noise_rate": args.noise_rate, "wall_seconds": progress.elapsed, "tokens_seen": progress.tokens_seen,
+               "device": str(device), "world_size": world, "parameters": parameter_counts(model),
+               **throughput(progress, flops_per_step, device, world)}
+    if not run.main:
+        return metrics
+    log = read_csv(run.dir / "train_log.csv")  # the whole run's, also when it was resumed
+    evals = [float(r["heldout_loss"]) for r in log if r["heldout_loss"]]
+    metrics["final_heldout_loss"] = evals[-1] if evals else None
+    metrics["final_loss"] = float(np.mean([float(r["loss"]) for r in log[-cfg.log_every:]]))
+    if progress.si_aurocs:
+        metrics["si_noise_auroc_mean"] = float(np.mean(progress.si_aurocs))
+    save_final(model, data.tokenizer, run.store / "final", {"run_name": run.name, "method": args.method,
+                                                             "seed": args.seed, "preset": preset.name,
+                                                             "steps": cfg.steps})
+    write_json(run.dir / "metrics.json", metrics)
+    return metrics
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -185,132 +481,26 @@ def main(args: argparse.Namespace) -> dict:
     if cfg.num_microbatches % world:
         raise ConfigError(f"pretrain.num_microbatches: {cfg.num_microbatches} microbatches cannot be shared by "
                           f"{world} processes. Fix: use a process count that divides it")
-    run_name = args.run_name or default_run_name(args)
-    run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / run_name
-    store = artefacts_dir(preset.name, "pretrain", run_dir.name)
-    main_process = rank == 0
-    if main_process:
-        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
-        if args.overwrite and not args.resume:
-            shutil.rmtree(store, ignore_errors=True)
-
-    # Data, tokenizer, model, optimizer
-    data_dir = artefacts_dir(preset.name, "data")
-    manifest = load_data_manifest(data_dir)
-    tokenizer = load_tokenizer_from_data(data_dir)
-    train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed)
-    rows = training_rows(args, preset, data_dir, train.num_rows)
-    if rows is not None:
-        train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed, rows=rows)
-    heldout = SpanCorruptionBatches(data_dir, "heldout", cfg.batch_size // cfg.num_microbatches, seed=12345)
+    if args.noise_rate and world > 1:
+        raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
+                          "it without torchrun")
+    run = prepare_run(args, preset, rank)
+    data = get_data(args, preset)
     seed_everything(args.seed)
-    model = build_model(preset.model, manifest["vocab_size"]).to(device)
+    model = build_model(preset.model, data.manifest["vocab_size"]).to(device)
     broadcast_parameters(model)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
-    schedule = None if args.method in SEQUENTIAL_METHODS else tau_schedule(
-        args.method, tau_direct=cfg.tau_direct, tau_inverse=cfg.tau_inverse, switch_step=cfg.switch_step,
-        total_steps=cfg.steps, tau=args.tau)
-    use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    step_model = torch.compile(model) if cfg.compile and device.type == "cuda" and args.per == "microbatch" else model
-
-    start_step, elapsed, tokens_seen = 0, 0.0, 0
-    log_path = run_dir / "train_log.csv"
-    if args.resume and (ckpt := latest_checkpoint(store / "checkpoints")):
-        start_step, extra = load_checkpoint(ckpt, model, optimizer, scheduler)
-        elapsed, tokens_seen = extra["seconds"], extra["tokens_seen"]
-        if main_process:
-            truncate_log(log_path, start_step)
-            print(f"resumed {run_dir.name} from {ckpt} at step {start_step}")
-    elif main_process and log_path.exists():
-        log_path.unlink()
-    if main_process:
-        write_run_files(run_dir, {"run_name": run_dir.name, "method": args.method, "seed": args.seed,
-                                  "tau": args.tau, "per": args.per, "world_size": world,
-                                  "training_rows": None if rows is None else len(rows),
-                                  "preset": preset.to_dict()})
-
-    flops_per_sequence = model_flops_per_sequence(model, manifest["input_length"], manifest["target_length"])
-    flops_per_step = flops_per_sequence * cfg.batch_size
-    snapshot_steps = {max(1, round(f * cfg.steps)) for f in preset.si_analysis.checkpoint_fractions} - {cfg.steps}
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=not main_process,
-               desc=run_dir.name, dynamic_ncols=True)
-    timed_steps, timed_seconds, timed_tokens = 0, 0.0, 0
-    # The next batch is cut on a thread while the device runs this step (small preset: ~12 ms of CPU per
-    # batch by 01_data/bench_data.py); batches are a pure function of the step, so only timing changes.
-    loader = ThreadPoolExecutor(max_workers=1)
-    upcoming = loader.submit(train.batch, start_step)
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = upcoming.result()
-        if step < cfg.steps:
-            upcoming = loader.submit(train.batch, step)
-        microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
-        tau = None if schedule is None else schedule.tau_at(step)
-        try:
-            stats, lr = train_step(step_model, microbatches, tau, optimizer, scheduler, layers=cfg.si_layers,
-                                   per=args.per, autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip)
-        except FloatingPointError as error:
-            raise FloatingPointError(
-                f"{error} at step {step} of {run_dir.name}; nothing was saved after the last good checkpoint "
-                f"in {store / 'checkpoints'}. Fix: lower pretrain.peak_lr or use --set pretrain.grad_clip=1.0, "
-                "then re-run with --resume") from error
-        if device.type == "cuda" and step % cfg.log_every == 0:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        elapsed += seconds
-        step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-        tokens_seen += step_tokens
-        if step > start_step + 3:  # the first steps pay for compilation and warm-up
-            timed_steps += 1
-            timed_seconds += seconds
-            timed_tokens += step_tokens
-
-        if not main_process:
-            continue
-        row = {"step": step, "loss": stats.loss, "lr": lr, "tau": "" if tau is None else tau,
-               **weight_stats(stats), "tokens_seen": tokens_seen, "seconds": round(elapsed, 3), "heldout_loss": "",
-               "seed": args.seed}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            row["heldout_loss"] = heldout_loss(model, heldout, cfg.eval_batches, device, autocast)
-        append_csv_row(log_path, row, LOG_COLUMNS)
-        if step % cfg.log_every == 0:
-            tok_s = tokens_seen / max(elapsed, 1e-9)
-            # refresh=False: tqdm redraws at its own interval, with a current step count
-            bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            tqdm.write(f"step {step} | loss {stats.loss:.4f} | lr {lr:.2e} | tau {row['tau']} | "
-                       f"{seconds:.3f} s/step")
-        if step in snapshot_steps:
-            save_final(model, tokenizer, store / "snapshots" / f"step-{step}",
-                       {"run_name": run_dir.name, "method": args.method, "seed": args.seed, "step": step})
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(store / "checkpoints", step, model, optimizer, scheduler,
-                            {"seconds": elapsed, "tokens_seen": tokens_seen})
-    loader.shutdown()
+    method = get_method(args, cfg)
+    progress = maybe_resume(args, run, model, optimizer, scheduler)
+    if run.main:
+        write_run_files(run.dir, {"run_name": run.name, "method": args.method, "seed": args.seed, "tau": args.tau,
+                                  "per": args.per, "noise_rate": args.noise_rate, "world_size": world,
+                                  "training_rows": data.training_rows, "preset": preset.to_dict()})
+    train(args, preset, run, data, model, optimizer, scheduler, method, progress, device, world, rank)
     if world > 1:
         dist.barrier()
-
-    metrics = {"run_name": run_dir.name, "method": args.method, "seed": args.seed, "steps": cfg.steps,
-               "wall_seconds": elapsed, "tokens_seen": tokens_seen, "device": str(device), "world_size": world,
-               "parameters": parameter_counts(model)}
-    if timed_steps:  # throughput of the steps after warm-up, without evaluation and checkpointing
-        step_s = timed_seconds / timed_steps
-        metrics.update(seconds_per_step=step_s, tokens_per_second=timed_tokens / timed_seconds,
-                       model_tflops=flops_per_step / step_s / 1e12)
-        if peak := peak_tflops(device):
-            metrics["mfu"] = metrics["model_tflops"] / (peak * world)
-        if device.type == "cuda":
-            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    if main_process:
-        log = read_csv(log_path)  # the whole run's, also when it was resumed
-        evals = [float(r["heldout_loss"]) for r in log if r["heldout_loss"]]
-        metrics["final_heldout_loss"] = evals[-1] if evals else None
-        metrics["final_loss"] = float(np.mean([float(r["loss"]) for r in log[-cfg.log_every:]]))
-        save_final(model, tokenizer, store / "final", {"run_name": run_dir.name, "method": args.method,
-                                                        "seed": args.seed, "preset": preset.name, "steps": cfg.steps})
-        write_json(run_dir / "metrics.json", metrics)
+    metrics = finish(args, preset, run, data, model, progress, device, world)
     if world > 1:
         dist.destroy_process_group()
     return metrics

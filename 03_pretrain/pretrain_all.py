@@ -8,13 +8,17 @@ repeated. PRESENCE-Sequential runs first score the data with the baseline run of
                "presence-single tau=2" "presence switch_step=100" presence-sequential
 
 A run is a method followed by options of 03_pretrain/pretrain.py written key=value
-(tau, switch_step, per, si_layers). Writes results/<preset>/pretrain/summary.csv.
+(tau, switch_step, per, si_layers, noise_rate). --jobs N trains N runs at once, each on cores / N threads
+(on a CPU, two one-thread runs of the tiny model finish sooner than two two-thread runs in turn); the
+Sequential runs come after the others. Writes results/<preset>/pretrain/summary.csv.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.config import load_preset
@@ -22,10 +26,11 @@ from common.io import read_json, write_csv
 from common.paths import artefacts_dir, results_dir
 
 HERE = Path(__file__).resolve().parent
-OPTION_FLAGS = {"tau": "--tau", "switch_step": "--switch-step", "per": "--per", "si_layers": "--si-layers"}
-SUMMARY_COLUMNS = ["run", "method", "seed", "tau", "per", "switch_step", "si_layers", "steps", "final_loss",
-                   "final_heldout_loss", "tokens_per_second", "seconds_per_step", "model_tflops", "mfu",
-                   "wall_seconds"]
+OPTION_FLAGS = {"tau": "--tau", "switch_step": "--switch-step", "per": "--per", "si_layers": "--si-layers",
+                "noise_rate": "--noise-rate"}
+SUMMARY_COLUMNS = ["run", "method", "seed", "tau", "per", "switch_step", "si_layers", "noise_rate", "steps",
+                   "final_loss", "final_heldout_loss", "si_noise_auroc_mean", "tokens_per_second",
+                   "seconds_per_step", "model_tflops", "mfu", "wall_seconds"]
 
 
 def run_arguments(spec: str, seed: int, preset: str) -> list[str]:
@@ -50,19 +55,34 @@ def run_name(args: list[str]) -> str:
     return pretrain.default_run_name(parsed)
 
 
-def call(script: str, args: list[str]) -> None:
+def call(script: str, args: list[str], threads: int | None = None) -> None:
     command = [sys.executable, str(HERE / script), *args]
     print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(command, check=True, env=env)
 
 
-def ensure_run(preset_name: str, args: list[str]) -> None:
+def ensure_run(preset_name: str, args: list[str], threads: int | None = None) -> None:
     name = run_name(args)
     if (artefacts_dir(preset_name, "pretrain", name, "final") / "presence_run.json").is_file():
         print(f"{name}: finished, skipped")
         return
     started = (artefacts_dir(preset_name, "pretrain", name, "checkpoints") / "LATEST").is_file()
-    call("pretrain.py", args + (["--resume"] if started else ["--overwrite"]))
+    call("pretrain.py", args + (["--resume"] if started else ["--overwrite"]), threads=threads)
+
+
+def ensure_runs(preset_name: str, runs: list[list[str]], jobs: int) -> None:
+    """Every run, `jobs` at a time; a failed run does not stop the others, and is raised at the end."""
+    if jobs <= 1:
+        for args in runs:
+            ensure_run(preset_name, args)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(ensure_run, preset_name, args, threads) for args in runs]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
 
 
 def summarise(preset_name: str) -> Path:
@@ -74,8 +94,8 @@ def summarise(preset_name: str) -> Path:
         pretrain_cfg = config["preset"]["pretrain"]
         rows.append({"run": run_dir.name, "method": config["method"], "seed": config["seed"], "tau": config["tau"],
                      "per": config["per"], "switch_step": pretrain_cfg["switch_step"],
-                     "si_layers": pretrain_cfg["si_layers"], "steps": pretrain_cfg["steps"],
-                     **{k: metrics.get(k) for k in SUMMARY_COLUMNS[8:]}})
+                     "si_layers": pretrain_cfg["si_layers"], "noise_rate": config.get("noise_rate", 0.0),
+                     "steps": pretrain_cfg["steps"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[9:]}})
     path = results_dir(preset_name, "pretrain") / "summary.csv"
     write_csv(path, rows, SUMMARY_COLUMNS)
     return path
@@ -85,17 +105,17 @@ def main(args: argparse.Namespace) -> dict:
     preset = load_preset(args.preset)  # args.preset may be a YAML path: folders are named by preset.name
     specs = args.runs or preset.pretrain.reproduce_methods
     seeds = args.seeds if args.seeds is not None else preset.pretrain.seeds
+    is_sequential = [spec.split()[0].startswith("presence-sequential") for spec in specs]
+    ensure_runs(preset.name, [run_arguments(spec, seed, args.preset) for seed in seeds
+                              for spec, seq in zip(specs, is_sequential) if not seq], args.jobs)
     # Sequential runs need the baseline of their seed (the scoring model) and its scores.
-    ordered = sorted(specs, key=lambda s: s.split()[0].startswith("presence-sequential"))
     for seed in seeds:
-        for spec in ordered:
-            run_args = run_arguments(spec, seed, args.preset)
-            if spec.split()[0].startswith("presence-sequential"):
-                ensure_run(preset.name, run_arguments("baseline", seed, args.preset))
-                scores = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{seed}.npy")
-                if not scores.is_file():
-                    call("score_candidates.py", ["--preset", args.preset, "--seed", str(seed)])
-            ensure_run(preset.name, run_args)
+        for spec in (s for s, seq in zip(specs, is_sequential) if seq):
+            ensure_run(preset.name, run_arguments("baseline", seed, args.preset))
+            scores = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{seed}.npy")
+            if not scores.is_file():
+                call("score_candidates.py", ["--preset", args.preset, "--seed", str(seed)])
+            ensure_run(preset.name, run_arguments(spec, seed, args.preset))
     path = summarise(preset.name)
     print(f"wrote {path}")
     return {"summary": str(path)}
@@ -106,4 +126,5 @@ if __name__ == "__main__":
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--runs", nargs="+", help="run specs (default: pretrain.reproduce_methods)")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: pretrain.seeds")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU: e.g. the core count)")
     main(parser.parse_args())

@@ -17,6 +17,9 @@ import yaml
 
 from common.paths import PRESETS_DIR
 
+# The kinds of known noise 01_data can put into the training rows (common/data/noise.py).
+NOISE_KINDS = ("jumbled", "random", "python")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the field and the fix."""
@@ -90,6 +93,10 @@ class DataConfig:
     heldout_books: list[int] = field(default_factory=lambda: [8, 21, 25, 32, 44, 45, 66])
     mc4_dataset: str = "allenai/c4"  # source mc4: the hub dataset (or a local folder laid out like it)
     probe_max_tokens: int = 0  # tokens per probe sample, whole verses/lines up to this; 0 = one raw row
+    # The known-noise experiment (common/data/noise.py): for each rate, a copy of the training rows with that
+    # share corrupted, the kinds in equal shares; 03 trains on one with --noise-rate. [] builds none.
+    noise_rates: list[float] = field(default_factory=list)
+    noise_kinds: list[str] = field(default_factory=lambda: ["jumbled", "random", "python"])
 
     def validate(self, where: str) -> None:
         _require(self.source in ("offline", "mc4", "local"), f"{where}.source", f"unknown source {self.source!r}",
@@ -119,6 +126,12 @@ class DataConfig:
         _require(books <= set(range(1, BIBLE_BOOKS + 1)) and 0 < len(books) < BIBLE_BOOKS, f"{where}.heldout_books",
                  f"{self.heldout_books} must be some, not all, of the book numbers 1-{BIBLE_BOOKS}",
                  "keep the default [8, 21, 25, 32, 44, 45, 66]")
+        _require(all(0 < r < 1 for r in self.noise_rates), f"{where}.noise_rates",
+                 f"{self.noise_rates} must lie in (0, 1)", "e.g. [0.2]; the clean data need no entry")
+        bad_kinds = sorted(set(self.noise_kinds) - set(NOISE_KINDS))
+        _require(self.noise_kinds and not bad_kinds and len(set(self.noise_kinds)) == len(self.noise_kinds),
+                 f"{where}.noise_kinds", f"{self.noise_kinds} must be distinct kinds among {list(NOISE_KINDS)}",
+                 "keep the default [jumbled, random, python]")
         _require(self.probe_max_tokens >= 0, f"{where}.probe_max_tokens", "must be >= 0",
                  "use 0 for one raw row, or a token count")
         missing = sorted(set(self.probe_languages) - set(self.languages))
@@ -177,7 +190,9 @@ class PretrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
     log_every: int = 10
     eval_every: int = 100  # held-out span-corruption loss interval
-    eval_batches: int = 4
+    eval_rows: int | None = None  # held-out rows scored (a fixed subset); null: the whole held-out split
+    eval_batch_size: int = 32  # held-out rows per forward pass
+    noise_log_every: int = 10  # with --noise-rate: per-sample SI of the batch every this many steps (AUROC)
     save_every: int = 100
     seeds: list[int] = field(default_factory=lambda: [0])
     reproduce_methods: list[str] = field(default_factory=lambda: ["baseline", "presence"])  # what `make pretrain` runs
@@ -200,7 +215,9 @@ class PretrainConfig:
         _require(self.warmup_steps >= 1, f"{where}.warmup_steps", "must be >= 1", "T5X uses 10000")
         _require(self.precision in ("fp32", "bf16"), f"{where}.precision", f"unknown {self.precision!r}",
                  "use 'fp32' or 'bf16'")
-        for name in ("log_every", "eval_every", "eval_batches", "save_every"):
+        _require(self.eval_rows is None or self.eval_rows > 0, f"{where}.eval_rows", "must be positive or null",
+                 "use null for the whole held-out split")
+        for name in ("log_every", "eval_every", "eval_batch_size", "save_every", "noise_log_every"):
             _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive", "use a positive interval")
         _require(len(self.seeds) > 0, f"{where}.seeds", "no seeds", "list at least one seed")
         _require(0 < self.sequential_keep_fraction < 1, f"{where}.sequential_keep_fraction",

@@ -11,11 +11,12 @@ from common.paths import REPO_ROOT
 
 MINI_DATA = ["data.languages=[en, hi]", "data.probe_languages=[en, hi]", "data.max_chars_per_language=40000",
              "data.input_length=32", "data.probe_samples_per_language=6", "data.heldout_books=[8, 32]",
-             "data.heldout_fraction=0.05", "data.tokenizer.vocab_size=800", "data.tokenizer.training_chars=60000"]
+             "data.heldout_fraction=0.05", "data.tokenizer.vocab_size=800", "data.tokenizer.training_chars=60000",
+             "data.noise_rates=[0.3]"]
 MINI_MODEL = ["model.d_model=16", "model.d_ff=32", "model.num_layers=1", "model.num_decoder_layers=1",
               "model.num_heads=2", "model.d_kv=8"]
 MINI_PRETRAIN = ["pretrain.batch_size=8", "pretrain.num_microbatches=4", "pretrain.steps=6", "pretrain.switch_step=2",
-                 "pretrain.save_every=2", "pretrain.eval_every=3", "pretrain.eval_batches=1", "pretrain.log_every=2",
+                 "pretrain.save_every=2", "pretrain.eval_every=3", "pretrain.eval_batch_size=4", "pretrain.log_every=2",
                  "pretrain.warmup_steps=2"]
 
 
@@ -26,6 +27,7 @@ def load_stage(relative_path: str):
     sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up there
     spec.loader.exec_module(module)
     return module
 

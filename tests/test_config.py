@@ -1,4 +1,5 @@
 """Presets load into validated configs; impossible configurations fail at once, naming the field."""
+import dataclasses
 import pytest
 
 from common.config import ConfigError, available_presets, load_preset
@@ -93,6 +94,8 @@ def test_a_variant_chain_that_loops_fails_with_a_fix(tmp_path):
 def test_the_committed_variants_load_and_keep_ten_percent_switch():
     x10 = load_preset(str(PRESETS_DIR / "variants" / "tiny_x10.yaml"))
     tiny = load_preset("tiny")
-    assert x10.name == "tiny_x10" and x10.model == tiny.model and x10.data == tiny.data
+    assert x10.name == "tiny_x10" and x10.model == tiny.model
+    # the same data, plus a noisy copy of the training rows for the known-noise experiment
+    assert x10.data.noise_rates == [0.2] and dataclasses.replace(x10.data, noise_rates=[]) == tiny.data
     assert x10.pretrain.steps == 10 * tiny.pretrain.steps
     assert x10.pretrain.switch_step / x10.pretrain.steps == tiny.pretrain.switch_step / tiny.pretrain.steps

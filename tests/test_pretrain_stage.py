@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 import common.presence.train_step as train_step_module
 from common.checkpoint import latest_checkpoint
 from common.config import ConfigError
+from common.data.packed_data import SpanCorruptionBatches
 from common.paths import REPO_ROOT
 from conftest import MINI_MODEL, MINI_PRETRAIN, load_stage
 
 pretrain = load_stage("03_pretrain/pretrain.py")
 SCRIPT = str(REPO_ROOT / "03_pretrain" / "pretrain.py")
+NOISY = ["--noise-rate", "0.3", "--set", "data.noise_rates=[0.3]"]  # the rate tests/conftest.py's data build has
 
 
 def args_for(tmp_path, name, *extra):
@@ -35,16 +37,77 @@ def final_weights(artefacts, name):
     return load_file(artefacts / "tiny" / "pretrain" / name / "final" / "model.safetensors")
 
 
-def test_resume_is_exact(tmp_path, mini_artefacts, monkeypatch):
+@pytest.mark.parametrize("method", [["--method", "presence"],
+                                    ["--method", "presence-shuffled", "--per", "sample", *NOISY]],
+                         ids=["presence", "shuffled-per-sample-noisy"])
+def test_resume_is_exact(tmp_path, mini_artefacts, monkeypatch, method):
     monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "whole", "--method", "presence")))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", "--method", "presence", "--steps", "3")))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", "--method", "presence", "--resume")))
-    assert losses(tmp_path / "whole") == losses(tmp_path / "halves")
+    pretrain.main(pretrain.parse_args(args_for(tmp_path, "whole", *method)))
+    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--steps", "3")))
+    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--resume")))
+    for log in ("train_log.csv", "heldout.csv", "heldout_rows.csv") + (("noise_log.csv",) if NOISY[1] in method else ()):
+        assert rows(tmp_path / "whole" / log, drop=["seconds", "run"]) == rows(tmp_path / "halves" / log, drop=["seconds", "run"]), log
     assert [step for step, _, _ in losses(tmp_path / "whole")] == [1, 2, 3, 4, 5, 6]
     whole, halves = final_weights(mini_artefacts, "whole"), final_weights(mini_artefacts, "halves")
     assert whole.keys() == halves.keys()
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
+
+
+def rows(path, drop=()):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def test_heldout_files_cover_the_split_per_language(tmp_path, mini_artefacts, monkeypatch):
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    pretrain.main(pretrain.parse_args(args_for(tmp_path, "run", "--method", "baseline")))
+    heldout = rows(tmp_path / "run" / "heldout.csv")
+    assert sorted({(r["step"], r["lang"]) for r in heldout}) == [(s, lang) for s in ("3", "6") for lang in ("all", "en", "hi")]
+    per_row = rows(tmp_path / "run" / "heldout_rows.csv")
+    split_rows = SpanCorruptionBatches(mini_artefacts / "tiny" / "data", "heldout", 1, seed=0).num_rows
+    assert len(per_row) == split_rows
+    final = {r["lang"]: r for r in heldout if r["step"] == "6"}
+    for lang in ("en", "hi"):
+        mine = [float(r["loss"]) for r in per_row if r["lang"] == lang]
+        assert float(final[lang]["loss"]) == pytest.approx(sum(mine) / len(mine), rel=1e-12)
+        assert int(final[lang]["n_rows"]) == len(mine)
+    logged = [r for r in rows(tmp_path / "run" / "train_log.csv") if r["heldout_loss"]]
+    assert [float(r["heldout_loss"]) for r in logged] == [float(r["loss"]) for r in heldout if r["lang"] == "all"]
+
+
+def test_noise_run_logs_what_the_labels_say(tmp_path, mini_artefacts, monkeypatch):
+    """The noisy shares of batch and weight are recomputed here from the loader's rows and the labels."""
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    pretrain.main(pretrain.parse_args(args_for(tmp_path, "noisy", "--method", "presence", *NOISY,
+                                               "--set", "pretrain.noise_log_every=2")))
+    loader = SpanCorruptionBatches(mini_artefacts / "tiny" / "data", "train", 8, seed=0, noise_rate=0.3)
+    log = rows(tmp_path / "noisy" / "train_log.csv")
+    for r in log:
+        labels = loader.noise_labels[loader.batch_rows(int(r["step"]) - 1)]
+        assert float(r["noisy_batch_share"]) == pytest.approx((labels > 0).mean())
+        assert 0 <= float(r["noisy_weight_share"]) <= 1 and float(r["kish_n"]) <= 4 + 1e-9
+        assert 0 < float(r["z_variance_share"]) <= 1
+        assert (r["si_noise_auroc"] != "") == (int(r["step"]) % 2 == 0 and 0 < (labels > 0).sum() < 8)
+    kinds = rows(tmp_path / "noisy" / "noise_log.csv")
+    assert {r["kind"] for r in kinds} == {"all", "jumbled", "random", "python"}
+    for step in ("1", "4"):
+        mine = {r["kind"]: r for r in kinds if r["step"] == step}
+        assert sum(float(mine[k]["weight_share"]) for k in ("jumbled", "random", "python")) == \
+            pytest.approx(float(mine["all"]["weight_share"]))
+    metrics = __import__("json").loads((tmp_path / "noisy" / "metrics.json").read_text())
+    assert metrics["noise_rate"] == 0.3
+
+
+def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, mini_artefacts, monkeypatch):
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    pretrain.main(pretrain.parse_args(args_for(tmp_path, "oracle", "--method", "noise-oracle", *NOISY)))
+    log = rows(tmp_path / "oracle" / "train_log.csv")
+    assert all(float(r["noisy_weight_share"]) == 0 for r in log)
+    assert any(float(r["noisy_batch_share"]) > 0 for r in log)
+    with pytest.raises(ConfigError, match="noisy data"):
+        pretrain.get_config(pretrain.parse_args(["--method", "noise-oracle"]))
+    with pytest.raises(ConfigError, match="noise_rates"):
+        pretrain.get_config(pretrain.parse_args(["--method", "presence", "--noise-rate", "0.4"]))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mini_artefacts, monkeypatch):
@@ -118,8 +181,22 @@ def test_grid_finds_the_runs_of_a_preset_given_as_a_yaml_path(tmp_path, monkeypa
     finished.mkdir(parents=True)
     (finished / "presence_run.json").write_text("{}")
     calls, summarised = [], []
-    monkeypatch.setattr(grid, "call", lambda script, args: calls.append((script, args)))
+    monkeypatch.setattr(grid, "call", lambda script, args, threads=None: calls.append((script, args)))
     monkeypatch.setattr(grid, "summarise", lambda name: summarised.append(name) or tmp_path / "summary.csv")
-    grid.main(argparse.Namespace(preset=str(variant), runs=["baseline", "presence"], seeds=[0]))
+    grid.main(argparse.Namespace(preset=str(variant), runs=["baseline", "presence"], seeds=[0], jobs=1))
     assert summarised == ["tiny_longer"]
     assert calls == [("pretrain.py", ["--preset", str(variant), "--method", "presence", "--seed", "0", "--overwrite"])]
+
+
+def test_grid_trains_jobs_at_once_and_sequential_runs_last(tmp_path, monkeypatch):
+    grid = load_stage("03_pretrain/pretrain_all.py")
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    calls = []
+    monkeypatch.setattr(grid, "call", lambda script, args, threads=None: calls.append(
+        (script, args[args.index("--method") + 1] if "--method" in args else None, threads)))
+    monkeypatch.setattr(grid, "summarise", lambda name: tmp_path / "summary.csv")
+    monkeypatch.setattr(grid.os, "cpu_count", lambda: 4)
+    grid.main(argparse.Namespace(preset="tiny", runs=["presence-sequential", "baseline", "presence"], seeds=[0],
+                                 jobs=2))
+    assert sorted(calls[:2]) == [("pretrain.py", "baseline", 2), ("pretrain.py", "presence", 2)]
+    assert calls[-2:] == [("score_candidates.py", None, None), ("pretrain.py", "presence-sequential", None)]

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from common.presence.reweighting import Constant, Cosine, Linear, TwoStage, presence_weights, tau_schedule
+from common.presence.reweighting import (Constant, Cosine, Linear, TwoStage, kish_effective_count, presence_weights,
+                                        shuffle, standardise, tau_schedule)
 
 
 def test_weights_match_the_formula_by_hand():
@@ -18,8 +19,8 @@ def test_weights_match_the_formula_by_hand():
 
 
 def test_eps_enters_under_the_square_root():
-    scores = torch.tensor([0.0, 2.0], dtype=torch.float64)  # population variance 1
-    w = presence_weights(scores, 1.0, eps=3.0)  # z = (-1, 1) / 2
+    scores = torch.tensor([0.0, 2.0], dtype=torch.float64)  # population variance 1, mean(|s|) 1
+    w = presence_weights(scores, 1.0, eps=3.0)  # z = (-1, 1) / sqrt(1 + 3 * 1^2)
     assert torch.allclose(w[1] / w[0], torch.tensor(math.exp(1.0), dtype=torch.float64), rtol=1e-12)
 
 
@@ -84,3 +85,40 @@ def test_method_errors_say_what_to_do():
         tau_schedule("presence", tau=2.0)
     with pytest.raises(ValueError, match="unknown method"):
         tau_schedule("presense")
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_weights_do_not_depend_on_the_scores_scale(scale):
+    """Self-influence shrinks with the target tokens per microbatch; an absolute eps of 1e-6 would make
+    the weights of scores ~1e-6 nearly uniform. The relative eps leaves them unchanged."""
+    scores = torch.tensor([0.3, 1.2, 0.7, 2.5, 0.1], dtype=torch.float64)
+    for tau in (1.0, -1.0):
+        assert torch.allclose(presence_weights(scores * scale, tau), presence_weights(scores, tau), rtol=1e-12)
+    assert standardise(scores * scale)[1] == pytest.approx(standardise(scores)[1], rel=1e-12)
+
+
+def test_variance_share_by_hand():
+    # scores (0, 2): variance 1, eps * mean(|s|)^2 = 3 * 1, so a quarter of the variance survives
+    z, share = standardise(torch.tensor([0.0, 2.0], dtype=torch.float64), eps=3.0)
+    assert share == pytest.approx(0.25, rel=1e-12)
+    assert torch.allclose(z, torch.tensor([-0.5, 0.5], dtype=torch.float64), rtol=1e-12)
+    assert standardise(torch.zeros(4))[1] == 1.0 and torch.equal(standardise(torch.zeros(4))[0], torch.zeros(4, dtype=torch.float64))
+
+
+def test_shuffle_is_a_seeded_permutation():
+    scores = torch.arange(16.0)
+    a, b, c = shuffle(scores, 7), shuffle(scores, 7), shuffle(scores, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a.sort().values, scores) and not torch.equal(a, scores)
+
+
+def test_kish_effective_count_by_hand():
+    assert kish_effective_count(torch.full((8,), 0.125)) == pytest.approx(8.0)
+    assert kish_effective_count(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert kish_effective_count(torch.tensor([0.5, 0.25, 0.25])) == pytest.approx(1 / 0.375)
+
+
+def test_the_shuffled_control_has_presence_schedule():
+    for step in (1, 20, 21, 200):
+        assert tau_schedule("presence-shuffled", switch_step=20).tau_at(step) == \
+            tau_schedule("presence", switch_step=20).tau_at(step)

@@ -69,11 +69,11 @@ def test_sequential_keeps_the_lowest_scores(scorer_run, mini_artefacts, tmp_path
     assert len(scores) == result["rows"] and np.isfinite(scores).all()
     args = pretrain.parse_args(["--preset", "tiny", "--method", "presence-sequential", "--seed", "0", *SETS])
     preset = pretrain.get_config(args)
-    kept = pretrain.training_rows(args, preset, None, len(scores))
+    kept = pretrain.training_rows(args, preset, len(scores))
     assert len(kept) == round(0.5 * len(scores))
     assert scores[kept].max() <= np.delete(scores, kept).min()
     reverse = pretrain.training_rows(pretrain.parse_args(["--method", "presence-sequential-reverse"]), preset,
-                                     None, len(scores))
+                                     len(scores))
     assert len(reverse) == len(kept) and set(kept) | set(reverse) == set(range(len(scores)))
     assert scores[reverse].min() >= scores[kept].max()
     per_language = pd.read_csv(tmp_path / "scores-s0.csv")

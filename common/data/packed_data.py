@@ -5,6 +5,9 @@ On disk (artefacts/<preset>/data/, written by 01_data/prepare_data.py):
   packed/<split>.bin           (rows, raw_length) token ids, raw uint16/uint32 (manifest["token_dtype"]),
                                memory-mapped when read (read_rows)
   packed/<split>_language.npy  (rows,) int16 index into manifest["languages"]
+  packed/noise-<rate>/         when data.noise_rates asks for it: train.bin with that share of the rows
+                               corrupted, train_noise.npy (rows,) int8 labels, noise_manifest.json
+                               (common/data/noise.py)
   data_manifest.json           everything a consumer needs (ids, lengths, row counts, sampling)
 Splits: "train", and "heldout" (rows of a seeded share of the pre-training documents, for the
 held-out loss; not to be confused with the held-out books of the probe sets).
@@ -25,8 +28,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from common.io import atomic_path, read_json
+from common.data.noise import noise_dir_name
 from common.data.span_corruption import span_corrupt
+from common.io import atomic_path, read_json
 
 SPLITS = ("train", "heldout")
 MANIFEST = "data_manifest.json"
@@ -82,10 +86,19 @@ class PackedWriter:
         os.replace(self._tmp, self.path)
 
 
-def read_rows(data_dir: str | Path, split: str, manifest: dict) -> np.ndarray:
+def read_rows(data_dir: str | Path, split: str, manifest: dict, folder: str = "packed") -> np.ndarray:
     """The (rows, raw_length) token matrix of a split, memory-mapped read-only."""
-    return np.memmap(Path(data_dir) / "packed" / f"{split}.bin", dtype=manifest["token_dtype"], mode="r",
+    return np.memmap(Path(data_dir) / folder / f"{split}.bin", dtype=manifest["token_dtype"], mode="r",
                      shape=(manifest["splits"][split]["rows"], manifest["raw_length"]))
+
+
+def noise_folder(data_dir: str | Path, rate: float) -> Path:
+    """packed/noise-<rate>/ of a data build, checked to be complete."""
+    folder = Path(data_dir) / "packed" / noise_dir_name(rate)
+    if not (folder / "noise_manifest.json").is_file():
+        raise FileNotFoundError(f"{folder} is missing or incomplete: the data were not built with noise rate "
+                                f"{rate:g}. Fix: add {rate:g} to data.noise_rates and run 01_data/prepare_data.py")
+    return folder
 
 
 def heldout_documents(num_documents: int, fraction: float, seed) -> np.ndarray:
@@ -129,14 +142,25 @@ class SpanCorruptionBatches:
     labels (batch, target_length). Packed rows are full, so nothing is padded.
 
     rows: restrict the data to these row ids (e.g. PRESENCE-Sequential's kept rows); every epoch is
-    then a seeded permutation of them, without language resampling."""
+    then a seeded permutation of them, without language resampling.
+    noise_rate: read the training rows with that share corrupted (packed/noise-<rate>/); `noise_labels`
+    then holds each row's label (0 clean), else it is None. The rows served are the same at every rate."""
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seed: int,
-                 rows: np.ndarray | None = None):
+                 rows: np.ndarray | None = None, noise_rate: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if noise_rate and split != "train":
+            raise ValueError("only the training split has noisy versions: the held-out split stays clean")
         self.manifest = m = load_data_manifest(data_dir)
-        self.tokens = read_rows(data_dir, split, m)
+        self.noise_labels = None
+        if noise_rate:
+            folder = noise_folder(data_dir, noise_rate)
+            self.tokens = read_rows(folder, split, m, folder=".")
+            self.noise_labels = np.load(folder / "train_noise.npy")
+            self.noise_kinds = read_json(folder / "noise_manifest.json")["kinds"]
+        else:
+            self.tokens = read_rows(data_dir, split, m)
         self.row_language = np.load(Path(data_dir) / "packed" / f"{split}_language.npy")
         self.num_rows = len(self.tokens)
         self.split, self.batch_size, self.seed = split, batch_size, seed
@@ -198,6 +222,21 @@ class SpanCorruptionBatches:
                                        mean_noise_span_length=m["mean_noise_span_length"])
         assert inputs.shape[1] == self.input_length and targets.shape[1] == self.target_length
         # numpy builds the mask: torch's own fill costs milliseconds when its thread pool is contended
+        return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(np.ones_like(inputs)),
+                "labels": torch.from_numpy(targets)}
+
+    def fixed_rows(self, row_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """A batch of the given rows whose span-corruption noise is seeded by (seed, row id) alone, so a
+        row reads the same in any batch: the fixed yardstick of the held-out evaluation."""
+        inputs, targets = [], []
+        m = self.manifest
+        for row in row_ids:
+            i, t = span_corrupt(np.asarray(self.tokens[row:row + 1]), np.random.default_rng([self.seed, 2, int(row)]),
+                                eos_id=m["eos_id"], first_sentinel_id=m["first_sentinel_id"],
+                                noise_density=m["noise_density"], mean_noise_span_length=m["mean_noise_span_length"])
+            inputs.append(i)
+            targets.append(t)
+        inputs, targets = np.concatenate(inputs), np.concatenate(targets)
         return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(np.ones_like(inputs)),
                 "labels": torch.from_numpy(targets)}
 

@@ -44,15 +44,16 @@ from torch import nn
 from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
 from common.presence.influence import IGNORE_INDEX, Layers, eager, forward_logits, layer_set, token_losses
 from common.presence.per_sample_grads import GradTape
-from common.presence.reweighting import presence_weights
+from common.presence.reweighting import shuffle, softmax_weights, standardise
 
 
 @dataclass
 class StepStats:
     """Plain floats / CPU tensors, global over ranks."""
     loss: float  # mean of the microbatch losses (the same quantity for every method)
-    scores: torch.Tensor | None  # the n (or B) raw self-influence scores
-    weights: torch.Tensor | None  # the weights applied
+    scores: torch.Tensor | None  # the n (or B) raw self-influence scores, in item order (also when shuffled)
+    weights: torch.Tensor | None  # the weights applied, in item order
+    variance_share: float | None = None  # share of the scores' variance the standardisation kept
 
 
 def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: torch.dtype | None = None) -> StepStats:
@@ -74,14 +75,41 @@ def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: to
 
 def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers: Layers = "first",
                   per: str = "microbatch", autocast_dtype: torch.dtype | None = None,
-                  eps: float = 1e-6) -> StepStats:
+                  eps: float = 1e-6, shuffle_seed: int | None = None) -> StepStats:
     """PRESENCE: p.grad = sum_i w_i g_i over the (global) microbatches (per="microbatch") or samples
-    (per="sample"), w = presence_weights(self-influence on `layers`, tau, eps)."""
-    if per == "microbatch":
-        return _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, eps)
-    if per == "sample":
-        return _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps)
-    raise ValueError(f"per must be 'microbatch' or 'sample', got {per!r}")
+    (per="sample"), w = presence_weights(self-influence on `layers`, tau, eps). With `shuffle_seed` the
+    scores are permuted at random (seeded) before the weights are formed: the information control."""
+    if per not in ("microbatch", "sample"):
+        raise ValueError(f"per must be 'microbatch' or 'sample', got {per!r}")
+    run = _presence_per_microbatch if per == "microbatch" else _presence_per_sample
+    return run(model, microbatches, tau, layers, autocast_dtype, _Weighting(eps, shuffle_seed))
+
+
+def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weights: torch.Tensor,
+                       autocast_dtype: torch.dtype | None = None) -> StepStats:
+    """p.grad = sum_j w_j grad loss_j over the samples of the (global) batch, for given weights (summing
+    to 1; loss_j is sample j's mean token loss): one backward pass of the weighted loss per microbatch,
+    since the gradient is linear in the loss. The noise oracle gives noisy rows weight 0."""
+    params = _trainable(model)
+    for p in params:
+        p.grad = None
+    n_global = len(microbatches) * world_size()
+    local = sample_weights[rank() * (sample_weights.numel() // world_size()):]
+    losses = []
+    for microbatch in microbatches:
+        labels = microbatch["labels"]
+        with _autocast(model, autocast_dtype):
+            logits = forward_logits(model, microbatch)
+        per_token = token_losses(logits, labels).sum(1)
+        counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
+        size = labels.shape[0]
+        weights = local[:size].to(device=per_token.device, dtype=per_token.dtype)
+        local = local[size:]
+        (weights * per_token / counts.clamp(min=1)).sum().backward()
+        losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
+    if is_distributed():
+        _all_reduce_grads(params)
+    return StepStats(loss=_mean_loss(losses, n_global), scores=None, weights=sample_weights.detach().cpu())
 
 
 def release_buffers(model: nn.Module) -> None:
@@ -90,7 +118,7 @@ def release_buffers(model: nn.Module) -> None:
     _BUFFERS.pop(eager(model), None)
 
 
-def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, eps) -> StepStats:
+def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, weighting) -> StepStats:
     n = len(microbatches)
     flat = _flat_grads(model, layers, n)
     flat.rows.zero_()
@@ -101,15 +129,15 @@ def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, e
             loss = model(**microbatch).loss
         loss.backward()
         losses.append(loss.detach())
-    scores = all_gather_cat(torch.linalg.vector_norm(flat.rows[:, :flat.k_numel], dim=1).square())
-    weights = presence_weights(scores, tau, eps)
+    scores = all_gather_cat(_squared_row_norms(flat.rows[:, :flat.k_numel]))
+    weights, share = weighting(scores, tau)
     torch.mv(flat.rows.t(), weights[rank() * n:(rank() + 1) * n].to(flat.rows.dtype), out=flat.grad)
     all_reduce_sum_(flat.grad)
     flat.point_grads(flat.grad_views)
-    return _stats(losses, n * world_size(), scores, weights)
+    return _stats(losses, n * world_size(), scores, weights, share)
 
 
-def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps) -> StepStats:
+def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, weighting) -> StepStats:
     model = eager(model)  # hooks do not run inside a compiled graph
     flat = _flat_grads(model, layers, 0)
     k_params = flat.params[:flat.k_count]
@@ -127,7 +155,7 @@ def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps) 
         base_weights.append(counts / (counts.sum().clamp(min=1) * n_global))
         losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
     scores = all_gather_cat(torch.cat(scores))
-    weights = presence_weights(scores, tau, eps, base_weights=all_gather_cat(torch.cat(base_weights)))
+    weights, share = weighting(scores, tau, base_weights=all_gather_cat(torch.cat(base_weights)))
     local = weights[rank() * (weights.numel() // world_size()):]
     flat.grad.zero_()
     grads = dict(zip(flat.params, flat.grad_views))
@@ -136,10 +164,34 @@ def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, eps) 
         local = local[tape.batch_size:]
     all_reduce_sum_(flat.grad)
     flat.point_grads(flat.grad_views)
-    return _stats(losses, n_global, scores, weights)
+    return _stats(losses, n_global, scores, weights, share)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Weighting:
+    """From the step's scores to its weights: standardise (eps), optionally shuffle (the control), softmax."""
+    eps: float
+    shuffle_seed: int | None
+
+    def __call__(self, scores: torch.Tensor, tau: float, base_weights: torch.Tensor | None = None):
+        used = scores if self.shuffle_seed is None else shuffle(scores, self.shuffle_seed)
+        z, share = standardise(used, self.eps)
+        return softmax_weights(z, tau, base_weights).to(scores.dtype), share
+
+
+# Columns summed at a time in float64: bounded extra memory, and a sum of millions of float32 squares
+# exact to float64 rounding (a float32 norm of a 2.4M-element row is off by ~1e-4 relative).
+_NORM_CHUNK = 1 << 20
+
+
+def _squared_row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean norm of each row, accumulated in float64; returned in float64."""
+    total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    for chunk in rows.split(_NORM_CHUNK, dim=1):
+        total += chunk.to(torch.float64).square().sum(1)
+    return total
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in eager(model).parameters() if p.requires_grad]
@@ -155,13 +207,13 @@ def _mean_loss(losses: list[torch.Tensor], n_global: int) -> float:
     return all_reduce_sum_(torch.stack(losses).sum()).item() / n_global
 
 
-def _stats(losses, n_global, scores, weights) -> StepStats:
-    scores, weights = scores.cpu(), weights.cpu()
+def _stats(losses, n_global, scores, weights, variance_share) -> StepStats:
+    scores, weights = scores.detach().cpu(), weights.detach().cpu()
     loss = _mean_loss(losses, n_global)
     if not torch.isfinite(scores).all():
         raise FloatingPointError(f"non-finite self-influence scores {scores.tolist()} (loss {loss}): the "
                                  "gradients overflowed. Fix: lower the learning rate or use float32")
-    return StepStats(loss=loss, scores=scores, weights=weights)
+    return StepStats(loss=loss, scores=scores, weights=weights, variance_share=variance_share)
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:

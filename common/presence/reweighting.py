@@ -1,8 +1,15 @@
 """PRESENCE weights and temperature schedules.
 
-Weights: w = softmax(tau * z), z = (s - mean(s)) / sqrt(var(s) + eps) over the n scores of one step,
-with the population variance (divide by n; the paper does not say which). Since |z_i| <= sqrt(n - 1), the
-logits stay bounded and the softmax (computed with its maximum subtracted) is stable for any |tau| <= 100.
+Weights: w = softmax(tau * z), z = (s - mean(s)) / sqrt(var(s) + eps * mean(|s|)^2) over the n scores of
+one step, with the population variance (divide by n; the paper does not say which). The paper gives no eps;
+ours is relative to the scores' own scale, so that multiplying every score by any c > 0 leaves z and the
+weights unchanged: self-influence shrinks with the number of target tokens per microbatch (~29k at the
+paper's scale), and an absolute eps would flatten the weights there. `variance_share` says how much of
+the scores' variance survives the eps (1 when eps is negligible). Since |z_i| <= sqrt(n - 1), the logits
+stay bounded and the softmax (computed with its maximum subtracted) is stable for any |tau| <= 100.
+
+The information control ("presence-shuffled") forms the weights from the same scores permuted at random
+(`shuffle`): the same weight distribution every step, no link between a weight and its item's influence.
 
 Schedules map an optimizer step to tau. Steps are 1-based: step 1 is the first update, so the two-stage
 schedule uses tau1 for steps 1..I and tau2 from step I + 1 on (the paper: "tau = tau1 for step <= I").
@@ -16,25 +23,59 @@ import torch
 
 # Pre-training methods: the paper's (Section 3 and its ablations) and the continuous schedules it
 # names as an open question. "baseline" has no schedule: it does not reweight.
-METHODS = ("baseline", "presence", "presence-D", "presence-I", "presence-I-D", "presence-single",
-           "presence-linear", "presence-cosine")
+METHODS = ("baseline", "presence", "presence-shuffled", "presence-D", "presence-I", "presence-I-D",
+           "presence-single", "presence-linear", "presence-cosine")
+# Controls: PRESENCE's schedule with the scores shuffled within each step before the weights are formed.
+SHUFFLED_METHODS = ("presence-shuffled",)
+
+
+def standardise(scores: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, float]:
+    """(z, variance share) in float64: z = (s - mean) / sqrt(var + eps * mean(|s|)^2), and the share
+    var / (var + eps * mean(|s|)^2) of the scores' variance that the standardisation keeps (1 when the
+    scores are all equal: z is 0 either way)."""
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    s = scores.to(torch.float64)
+    centred = s - s.mean()
+    variance = centred.square().mean()
+    floor = eps * s.abs().mean().square()
+    denominator = variance + floor
+    if denominator == 0:
+        return torch.zeros_like(s), 1.0
+    return centred / denominator.sqrt(), (variance / denominator).item()
 
 
 def presence_weights(scores: torch.Tensor, tau: float, eps: float = 1e-6,
                      base_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(tau * (s - mean) / sqrt(var + eps)), in the dtype of `scores` (computed in float64).
+    """softmax(tau * standardise(scores, eps)), in the dtype of `scores` (computed in float64).
 
     `base_weights` (positive, summing to 1) are the weights the unweighted method gives each item; the
     result is then proportional to base_weights * exp(tau * z), so that tau = 0 returns them exactly.
     The per-sample PRESENCE step needs this when samples have different numbers of target tokens."""
-    if scores.dim() != 1 or scores.numel() == 0:
-        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
-    s = scores.to(torch.float64)
-    z = (s - s.mean()) / torch.sqrt(s.var(unbiased=False) + eps)
-    logits = tau * z
+    z, _ = standardise(scores, eps)
+    return softmax_weights(z, tau, base_weights).to(scores.dtype)
+
+
+def softmax_weights(z: torch.Tensor, tau: float, base_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(tau * z), times `base_weights` and renormalised when given; float64."""
+    logits = tau * z.to(torch.float64)
     if base_weights is not None:
         logits = logits + torch.log(base_weights.to(torch.float64))
-    return torch.softmax(logits, dim=0).to(scores.dtype)
+    return torch.softmax(logits, dim=0)
+
+
+def shuffle(scores: torch.Tensor, seed: int) -> torch.Tensor:
+    """`scores` in a random order that is a pure function of `seed` (a run seeds it with its own seed and
+    the step, so a resumed run draws the permutations an uninterrupted one would)."""
+    generator = torch.Generator().manual_seed(seed)
+    return scores[torch.randperm(scores.numel(), generator=generator).to(scores.device)]
+
+
+def kish_effective_count(weights: torch.Tensor) -> float:
+    """Kish's effective sample size 1 / sum(w^2) of weights summing to 1: n for uniform weights, 1 when
+    one item has all the weight."""
+    w = weights.to(torch.float64)
+    return (w.sum().square() / w.square().sum()).item()
 
 
 @dataclass(frozen=True)
@@ -106,6 +147,7 @@ def tau_schedule(method: str, *, tau_direct: float = 1.0, tau_inverse: float = -
     schedules = {
         "baseline": lambda: None,
         "presence": lambda: TwoStage(tau_direct, tau_inverse, switch_step),
+        "presence-shuffled": lambda: TwoStage(tau_direct, tau_inverse, switch_step),
         "presence-D": lambda: Constant(tau_direct),
         "presence-I": lambda: Constant(tau_inverse),
         "presence-I-D": lambda: TwoStage(tau_inverse, tau_direct, switch_step),

@@ -10,18 +10,24 @@ import torch
 from torch import nn
 
 from common.presence.influence import Layers
-from common.presence.presence_step import StepStats, baseline_step, presence_step
+from common.presence.presence_step import StepStats, baseline_step, fixed_weights_step, presence_step
 
 
 def train_step(model: nn.Module, microbatches: list[dict], tau: float | None, optimizer, scheduler, *,
                layers: Layers = "first", per: str = "microbatch", autocast_dtype: torch.dtype | None = None,
-               grad_clip: float = 0.0) -> tuple[StepStats, float]:
-    """Returns the step's statistics and the learning rate it used. tau None is the baseline. Raises
-    FloatingPointError, with the parameters and optimizer state untouched, when the loss is not finite."""
-    if tau is None:
+               grad_clip: float = 0.0, shuffle_seed: int | None = None,
+               sample_weights: torch.Tensor | None = None) -> tuple[StepStats, float]:
+    """Returns the step's statistics and the learning rate it used. tau None is the baseline, or, with
+    `sample_weights`, the given weighting of the samples (the noise oracle); `shuffle_seed` makes PRESENCE
+    the information control. Raises FloatingPointError, with the parameters and optimizer state untouched,
+    when the loss is not finite."""
+    if sample_weights is not None:
+        stats = fixed_weights_step(model, microbatches, sample_weights, autocast_dtype=autocast_dtype)
+    elif tau is None:
         stats = baseline_step(model, microbatches, autocast_dtype=autocast_dtype)
     else:
-        stats = presence_step(model, microbatches, tau, layers=layers, per=per, autocast_dtype=autocast_dtype)
+        stats = presence_step(model, microbatches, tau, layers=layers, per=per, autocast_dtype=autocast_dtype,
+                              shuffle_seed=shuffle_seed)
     if not math.isfinite(stats.loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"loss is {stats.loss}")

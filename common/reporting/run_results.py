@@ -27,7 +27,7 @@ HEADLINE_METRIC = {"xquad": "f1", "mlqa": "f1", "tydiqa": "f1", "xnli": "accurac
                    "panx": "span_f1", "verse_retrieval": "accuracy"}
 
 # Methods whose temperature changes at step I, so a different I makes a different recipe.
-TWO_STAGE_METHODS = ("presence", "presence-I-D", "presence-linear", "presence-cosine")
+TWO_STAGE_METHODS = ("presence", "presence-shuffled", "presence-I-D", "presence-linear", "presence-cosine")
 
 
 def recipe_changes(config: dict, reference: PretrainConfig) -> list[str]:
@@ -43,6 +43,8 @@ def recipe_changes(config: dict, reference: PretrainConfig) -> list[str]:
         changes.append(f"SI on {pretrain['si_layers']}")
     if pretrain.get("steps", reference.steps) != reference.steps:
         changes.append(f"{pretrain['steps']} steps")
+    if config.get("noise_rate"):
+        changes.append(f"noise {config['noise_rate']:g}")
     return changes
 
 
