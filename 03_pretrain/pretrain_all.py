@@ -10,7 +10,8 @@ repeated. PRESENCE-Sequential runs first score the data with the baseline run of
 A run is a method followed by options of 03_pretrain/pretrain.py written key=value
 (tau, switch_step, per, si_layers, noise_rate). --jobs N trains N runs at once, each on cores / N threads
 (on a CPU, two one-thread runs of the tiny model finish sooner than two two-thread runs in turn); the
-Sequential runs come after the others. Writes results/<preset>/pretrain/summary.csv.
+Sequential runs come after the others. Writes results/<preset>/pretrain/summary.csv and heldout.csv (every
+run's held-out losses: run, method, seed, step, lang, n_rows, n_tokens, loss, se).
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.config import load_preset
+from common.evaluation.heldout import HELDOUT_COLUMNS
 from common.io import read_json, write_csv
 from common.paths import artefacts_dir, results_dir
+from common.reporting.run_results import collect_heldout
 
 HERE = Path(__file__).resolve().parent
 OPTION_FLAGS = {"tau": "--tau", "switch_step": "--switch-step", "per": "--per", "si_layers": "--si-layers",
@@ -98,6 +101,8 @@ def summarise(preset_name: str) -> Path:
                      "steps": pretrain_cfg["steps"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[9:]}})
     path = results_dir(preset_name, "pretrain") / "summary.csv"
     write_csv(path, rows, SUMMARY_COLUMNS)
+    write_csv(path.with_name("heldout.csv"), collect_heldout(results_dir(preset_name, "pretrain") / "runs"),
+              HELDOUT_COLUMNS)
     return path
 
 

@@ -28,10 +28,11 @@ from common.paths import REPO_ROOT, RESULTS_DIR
 from common.reporting.plotting import (MissingInputError, plot_figure1, plot_presence_vs_sequential, plot_schedules,
                              plot_si_overhead, plot_single_stage_tau, plot_training_loss, plot_weights_over_training,
                              plot_xtreme_per_language)
-from common.reporting.result_tables import (TABLES, comparison_markdown, comparison_table, describe_our_scale,
-                                  headline_markdown, offline_table)
-from common.reporting.run_results import (BENCH_COLUMNS, HEADLINE_METRIC, SI_COLUMNS, attach_variants, language_averages,
-                                load_pretrain_runs, load_scores, read_table)
+from common.reporting.result_tables import (CONTROL, TABLES, comparison_markdown, comparison_table,
+                                            describe_our_scale, headline_markdown, offline_table)
+from common.reporting.run_results import (BENCH_COLUMNS, HEADLINE_METRIC, SI_COLUMNS, attach_variants,
+                                          language_averages, language_weights, load_pretrain_runs, load_scores,
+                                          paired_heldout_deltas, read_table)
 
 
 @dataclass
@@ -67,6 +68,11 @@ def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str]) -> d
     """Every CSV the stages wrote, read defensively (absent inputs are None, with a note)."""
     runs, logs = load_pretrain_runs(stage_dir("pretrain") / "runs", preset.pretrain, notes)
     inputs = {"runs": runs, "logs": logs}
+    weights = language_weights(stage_dir("data") / "corpus_manifest.csv", notes)
+    methods = sorted({m for spec in TABLES for m in spec.methods} - {"baseline"})
+    pairs = [(m, "baseline") for m in methods] + [("presence", CONTROL)]
+    inputs["paired"] = paired_heldout_deltas(stage_dir("pretrain") / "runs", runs, pairs, weights, notes) \
+        if weights else None
     for name in ("xtreme", "retrieval"):
         scores = load_scores(stage_dir("finetune") / f"{name}.csv", notes)
         inputs[name] = None if scores is None else attach_variants(scores, runs, notes)
@@ -92,7 +98,7 @@ def write_tables(inputs: dict, paper: pd.DataFrame, preset, tables_dir: Path, no
     built = {}
     for spec in TABLES:
         table = comparison_table(spec, paper, scores, preset.name)
-        offline = offline_table(spec, inputs["runs"], inputs["retrieval_avg"], preset.name)
+        offline = offline_table(spec, inputs["runs"], inputs["retrieval_avg"], preset.name, inputs["paired"])
         both = pd.concat([table, offline], ignore_index=True).round(4).astype(object)
         write_csv(tables_dir / f"{spec.name}.csv", both.where(both.notna(), "").to_dict("records"), list(table.columns))
         with atomic_open(tables_dir / f"{spec.name}.md") as f:
@@ -186,7 +192,8 @@ def main(args: argparse.Namespace) -> dict:
     notes: list[str] = []
     paper = load_paper_results(args.paper_results)
     inputs = load_inputs(stage_dir, preset, notes)
-    notes = [note.replace(f"{root.parent}/", "") for note in notes]  # paths as seen from the repository
+    # paths as seen from the repository; a note met twice (a baseline paired with several methods) once
+    notes = list(dict.fromkeys(note.replace(f"{root.parent}/", "") for note in notes))
     for note in notes:
         print(f"note: {note}")
 
@@ -197,7 +204,7 @@ def main(args: argparse.Namespace) -> dict:
 
     table3, offline3 = tables["table3_main"]
     runs = inputs["runs"]
-    headline_runs = runs[runs["standard"] & runs["method"].isin(["baseline", "presence"])]["run_name"].tolist()
+    headline_runs = runs[runs["standard"] & runs["method"].isin(["baseline", CONTROL, "presence"])]["run_name"].tolist()
     made = [(f.file, f.caption, f.in_headline) for f in figures if status[f.file] == "made"]
     with atomic_open(stage_dir("tables") / "headline.md") as f:
         f.write(headline_markdown(preset.name, table3, offline3, tables["scale"], preset.pretrain.steps, made,

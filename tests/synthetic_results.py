@@ -12,11 +12,14 @@ import pandas as pd
 from common.config import load_preset
 
 LANGS = ["en", "hi", "bn", "ru", "zh"]
+HELDOUT_LANGS = np.array(["en"] * 4 + ["hi"] * 6)
+HELDOUT_ROW_BASE = np.array([3.0, 3.4, 3.1, 3.5, 2.9, 3.3, 3.2, 3.6, 3.0, 3.0])  # mean 3.2 per language
 TASKS = {"xquad": ["f1", "em"], "mlqa": ["f1", "em"], "tydiqa": ["f1", "em"], "xnli": ["accuracy"],
          "pawsx": ["accuracy"], "panx": ["span_f1"]}
 
 # (method, tau, switch_step override, seeds)
-RUNS = [("baseline", None, None, (0, 1)), ("presence", None, None, (0, 1)), ("presence-D", None, None, (0,)),
+RUNS = [("baseline", None, None, (0, 1)), ("presence", None, None, (0, 1)), ("presence-shuffled", None, None, (0, 1)),
+        ("presence-D", None, None, (0,)),
         ("presence-I", None, None, (0,)), ("presence-I-D", None, None, (0,)),
         ("presence-single", -2.0, None, (0,)), ("presence-single", 2.0, None, (0,)),
         ("presence-sequential", None, None, (0,)), ("presence-sequential-reverse", None, None, (0,)),
@@ -25,7 +28,8 @@ RUNS = [("baseline", None, None, (0, 1)), ("presence", None, None, (0, 1)), ("pr
 
 def tau_at(method: str, tau: float | None, step: int, switch: int) -> float | None:
     return {"baseline": None, "presence-sequential": None, "presence-sequential-reverse": None,
-            "presence": 1.0 if step <= switch else -1.0, "presence-I-D": -1.0 if step <= switch else 1.0,
+            "presence": 1.0 if step <= switch else -1.0, "presence-shuffled": 1.0 if step <= switch else -1.0,
+            "presence-I-D": -1.0 if step <= switch else 1.0,
             "presence-D": 1.0, "presence-I": -1.0, "presence-single": tau}[method]
 
 
@@ -43,7 +47,7 @@ def write_run(runs_dir: Path, preset: dict, method: str, tau, switch, seed: int,
         preset["pretrain"]["switch_step"] = switch
     cfg = preset["pretrain"]
     steps, switch_step, n = cfg["steps"], cfg["switch_step"], cfg["num_microbatches"]
-    offset = {"baseline": 0.0, "presence": -0.05, "presence-sequential": -0.03}.get(method, 0.02)
+    offset = {"baseline": 0.0, "presence": -0.05, "presence-sequential": -0.03, "presence-shuffled": -0.01}.get(method, 0.02)
     rows = []
     for step in range(1, steps + 1):
         t = tau_at(method, tau, step, switch_step)
@@ -63,7 +67,19 @@ def write_run(runs_dir: Path, preset: dict, method: str, tau, switch, seed: int,
     config = {"run_name": name, "method": method, "seed": seed, "tau": tau, "per": "microbatch", "world_size": 1,
               "preset": preset}
     (folder / "config.json").write_text(json.dumps(config))
+    (runs_dir.parent.parent / "data").mkdir(exist_ok=True)
+    pd.DataFrame({"language": ["en", "hi"], "sampling_probability": [0.25, 0.75]}).to_csv(
+        runs_dir.parent.parent / "data" / "corpus_manifest.csv", index=False)
     heldout = [r["heldout_loss"] for r in rows if r["heldout_loss"] != ""]
+    # held-out rows: the run's offset shifts every row's loss, so a paired Δ is the offsets' difference
+    row_losses = HELDOUT_ROW_BASE + heldout[-1] - 3.2
+    pd.DataFrame({"row": np.arange(len(HELDOUT_LANGS)), "lang": HELDOUT_LANGS, "n_tokens": 29,
+                  "loss": row_losses}).to_csv(folder / "heldout_rows.csv", index=False)
+    summary = [{"run": name, "method": method, "seed": seed, "step": steps, "lang": lang,
+                "n_rows": int((HELDOUT_LANGS == lang).sum()), "n_tokens": int((HELDOUT_LANGS == lang).sum()) * 29,
+                "loss": float(row_losses[HELDOUT_LANGS == lang].mean()), "se": 0.05} for lang in ("en", "hi")]
+    summary.append({**summary[0], "lang": "all", "n_rows": len(HELDOUT_LANGS), "loss": heldout[-1], "se": 0.04})
+    pd.DataFrame(summary).to_csv(folder / "heldout.csv", index=False)
     metrics = {"run_name": name, "method": method, "seed": seed, "steps": steps, "final_loss": rows[-1]["loss"],
                "final_heldout_loss": heldout[-1], "tokens_per_second": 40960.0, "seconds_per_step": 0.1,
                "model_tflops": 0.01, "wall_seconds": steps * 0.1, "parameters": {"total": 1_234_567}}

@@ -72,6 +72,16 @@ def test_figure3_marks_the_stages(inputs, tmp_path):
     assert any("direct stage" in label and "I = 20" in label for label in labels)
     assert any("inverse stage" in label for label in labels)
     assert any(label.startswith("baseline (n=2 seeds") for label in labels)
+    bottom = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert any("direct stage" in label for label in bottom)
+    assert any("PRESENCE − presence-shuffled, held-out loss" in label for label in bottom)
+
+
+def test_smoothing_leaves_the_ends_out_instead_of_shortening_the_window():
+    values = pd.Series([10.0, 0, 0, 0, 0, 0])
+    smoothed = plotting.smooth(values, 3)
+    assert smoothed.isna().tolist() == [True, False, False, False, False, True]
+    assert smoothed.tolist()[1:5] == pytest.approx([10 / 3, 0, 0, 0])
 
 
 def test_figure4(inputs, tmp_path):
@@ -160,6 +170,24 @@ def test_make_figures_on_an_offline_run_without_finetuning(tmp_path):
     assert "figure1_si_noise_domain.png" not in headline  # skipped figures are not linked
     index = (tmp_path / "tiny" / "figures" / "README.md").read_text()
     assert "skipped: bench results are missing" in index and "[figure3_training_loss.png]" in index
+    assert "the information control (PRESENCE-shuffled) was not run" in headline
+
+
+@pytest.mark.slow
+def test_make_figures_compares_presence_with_its_control(tmp_path):
+    """The synthetic runs' held-out rows differ by their offsets: PRESENCE −0.05, the control −0.01, so
+    the paired Δ PRESENCE − control is −0.04 in every seed (seed std 0)."""
+    write_synthetic_results(tmp_path, "tiny", finetune=False, si=False, bench=False,
+                            methods=("baseline", "presence", "presence-shuffled"))
+    make_figures = load_make_figures()
+    make_figures.main(make_figures.parse_args(["--preset", "tiny", "--results-root", str(tmp_path)]))
+    table3 = pd.read_csv(tmp_path / "tiny" / "tables" / "table3_main.csv", keep_default_na=False)
+    loss = table3[(table3["task"] == "heldout_loss") & (table3["method"] == "presence")].iloc[0]
+    assert float(loss["ours_delta_vs_control"]) == pytest.approx(-0.04)
+    assert float(loss["ours_delta_vs_control_seed_std"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(loss["ours_delta_vs_baseline"]) == pytest.approx(-0.05)
+    text = (tmp_path / "tiny" / "tables" / "table3_main.md").read_text()
+    assert "| PRESENCE-shuffled (control) | ours (tiny) |" in text and "Δ PRESENCE − PRESENCE-shuffled" in text
 
 
 def test_headline_commands_name_a_variant_by_its_file():

@@ -9,10 +9,10 @@ import pytest
 from common.config import load_preset
 from common.reporting.markdown import markdown_table, replace_marked_block
 from common.reporting.paper_results import load_paper_results, paper_value
-from common.reporting.result_tables import (TABLES, comparison_markdown, comparison_table, direction_summary, format_score,
-                                  offline_table, summarise_seeds)
-from common.reporting.run_results import (attach_variants, language_averages, load_pretrain_runs, load_scores, read_table,
-                                variant_label)
+from common.reporting.result_tables import (TABLES, comparison_markdown, comparison_table, direction_summary,
+                                            format_score, offline_markdown, offline_table, summarise_seeds)
+from common.reporting.run_results import (attach_variants, language_averages, load_pretrain_runs, load_scores,
+                                          paired_heldout_delta, read_table, variant_label)
 
 SCORE_HEADER = "run,method,seed,task,setting,lang,metric,value,n_examples\n"
 TABLE3 = next(spec for spec in TABLES if spec.paper_table == "table3")
@@ -200,3 +200,37 @@ def test_format_and_markdown_helpers():
     assert replace_marked_block(readme, "new\n") == "intro\n<!-- results:begin -->\nnew\n<!-- results:end -->\nrest\n"
     with pytest.raises(ValueError, match="markers"):
         replace_marked_block("no markers here", "x")
+
+
+def test_paired_heldout_delta_by_hand():
+    rows_b = pd.DataFrame({"row": range(5), "lang": ["en", "en", "hi", "hi", "hi"], "loss": [3.0, 3.0, 4.0, 4.0, 4.0]})
+    rows_a = rows_b.assign(loss=rows_b["loss"] + [0.1, 0.3, 0.0, 0.2, 0.4])
+    delta, se = paired_heldout_delta(rows_a, rows_b, {"en": 0.25, "hi": 0.75, "zh": 0.5})
+    # zh has no rows: en and hi keep their 1 : 3 ratio. Per language the mean differences are 0.2 and 0.2;
+    # their standard errors 0.1414 / sqrt(2) = 0.1 and 0.2 / sqrt(3)
+    assert delta == pytest.approx(0.2)
+    assert se == pytest.approx(math.sqrt(0.25 ** 2 * 0.1 ** 2 + 0.75 ** 2 * 0.2 ** 2 / 3))
+    with pytest.raises(ValueError, match="different held-out rows"):
+        paired_heldout_delta(rows_a.iloc[:4], rows_b, {"en": 1.0, "hi": 1.0})
+
+
+def test_offline_table_reports_the_control_and_both_noises():
+    runs = pd.DataFrame({"run_name": ["b0", "b1", "c0", "c1", "p0", "p1"],
+                         "method": ["baseline"] * 2 + ["presence-shuffled"] * 2 + ["presence"] * 2,
+                         "seed": [0, 1] * 3, "standard": [True] * 6,
+                         "final_heldout_loss": [4.0, 4.2, 4.1, 4.3, 3.9, 4.0], "final_heldout_se": [0.05] * 6})
+    paired = pd.DataFrame({"variant": ["presence"] * 4, "reference": ["baseline"] * 2 + ["presence-shuffled"] * 2,
+                           "seed": [0, 1, 0, 1], "delta": [-0.1, -0.2, -0.2, -0.3], "eval_se": [0.01, 0.03, 0.02, 0.02]})
+    offline = offline_table(TABLE3, runs, None, "tiny", paired).set_index(["task", "method"])
+    presence = offline.loc[("heldout_loss", "presence")]
+    assert presence["ours_delta_vs_baseline"] == pytest.approx(-0.15)
+    assert presence["ours_delta_seed_std"] == pytest.approx(math.sqrt(0.005))  # sample std of -0.1, -0.2
+    assert presence["ours_delta_eval_se"] == pytest.approx(0.02)
+    assert presence["ours_delta_vs_control"] == pytest.approx(-0.25)
+    assert presence["ours_delta_vs_control_eval_se"] == pytest.approx(0.02)
+    assert offline.loc[("heldout_loss", "baseline"), "ours_eval_se"] == pytest.approx(0.05)
+    text = "\n".join(offline_markdown(TABLE3, offline.reset_index()))
+    assert "-0.150 (seed std 0.071) [eval SE 0.020]" in text and "-0.250 (seed std 0.071) [eval SE 0.020]" in text
+    sentence = direction_summary(comparison_table(TABLE3, load_paper_results(), pd.DataFrame(
+        columns=["variant", "seed", "task", "setting", "metric", "value"]), "tiny"), offline.reset_index(), 200)
+    assert "against the information control" in sentence and "Δ -0.250" in sentence

@@ -24,7 +24,8 @@ from common.reporting.stats import auroc
 
 DPI = 130
 METHOD_COLORS = {
-    "baseline": "#4d4d4d", "presence": "#1f77b4", "presence-D": "#ff7f0e", "presence-I": "#2ca02c",
+    "baseline": "#4d4d4d", "presence": "#1f77b4", "presence-shuffled": "#b0b0b0", "noise-oracle": "#2ca02c",
+    "presence-D": "#ff7f0e", "presence-I": "#2ca02c",
     "presence-I-D": "#9467bd", "presence-sequential": "#d62728", "presence-sequential-reverse": "#8c564b",
     "presence-linear": "#e377c2", "presence-cosine": "#17becf",
 }
@@ -53,8 +54,9 @@ def save_figure(fig: Figure, out_png: str | Path) -> Figure:
 
 
 def smooth(values: pd.Series, window: int) -> pd.Series:
-    """Centred rolling mean over `window` points (shorter at the ends)."""
-    return values.rolling(window, center=True, min_periods=1).mean()
+    """Centred rolling mean over `window` points; NaN where the window does not fit (the ends), since a
+    shortened window there mixes in a different part of the curve (e.g. the steep start)."""
+    return values.rolling(window, center=True, min_periods=window).mean()
 
 
 def smoothing_window(num_steps: int) -> int:
@@ -284,39 +286,62 @@ def _si_histograms(ax, frame: pd.DataFrame, conditions: list[str], colors: dict)
 
 
 def plot_training_loss(logs: pd.DataFrame, out_png: str | Path, switch_step: int,
-                       taus: tuple[float, float] = (1.0, -1.0),
-                       variants: tuple[str, str] = ("baseline", "presence")) -> Figure:
-    """The paper's Figure 3: training loss of the baseline and PRESENCE with the direct stage
-    [0, I] and the inverse stage (I, end] marked; below, the difference of the smoothed curves."""
-    logs = logs[logs["variant"].isin(variants)]
-    missing = [v for v in variants if v not in set(logs["variant"])]
+                       taus: tuple[float, float] = (1.0, -1.0)) -> Figure:
+    """The paper's Figure 3: training loss of the baseline and PRESENCE (and of the information control,
+    PRESENCE-shuffled, when run) with the direct stage [0, I] and the inverse stage (I, end] marked; below,
+    PRESENCE minus each of them: the smoothed training losses (lines) and the held-out losses (points,
+    mean over seeds of each seed's difference, bars: std over seeds)."""
+    variants = [v for v in ("baseline", "presence-shuffled", "presence") if v in set(logs["variant"])]
+    missing = [v for v in ("baseline", "presence") if v not in variants]
     if missing:
         raise MissingInputError(f"no training logs of {missing}")
+    logs = logs[logs["variant"].isin(variants)]
     last_step = int(logs["step"].max())
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
+    fig = Figure(figsize=(11, 8.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.6])
     palette: dict = {}
     shade_stages(top, switch_step, last_step, taus)
-    curves = draw_loss_curves(top, logs, list(variants), palette)
-    draw_heldout_points(top, logs, list(variants), palette)
+    draw_loss_curves(top, logs, variants, palette)
+    draw_heldout_points(top, logs, variants, palette)
     loss_axis(top)
     top.set_ylabel(LOSS_LABEL + ", log scale")
     top.set_title("Training loss (faint: raw per step, mean over seeds) and held-out loss (points)")
-    top.legend(fontsize=8.5, loc="upper right")
-    shade_stages(bottom, switch_step, last_step, taus, label=False)
-    difference = (curves[variants[1]] - curves[variants[0]]).dropna()
-    window = max(1, round(len(difference) / 10))
-    bottom.plot(difference.index, difference.to_numpy(), color=color_for(variants[1], palette), lw=0.8, alpha=0.35)
-    heavy = smooth(difference, window)
-    bottom.plot(heavy.index, heavy.to_numpy(), color=color_for(variants[1], palette), lw=1.8,
-                label=f"{variants[1]} − {variants[0]} (faint: as above; bold: smoothed over {window} steps)")
+    top.legend(fontsize=8, loc="upper right")
+    shade_stages(bottom, switch_step, last_step, taus)
+    raw = {v: seed_curves(logs[logs["variant"] == v], "loss").mean(axis=1) for v in variants}
+    for reference in variants[:-1]:
+        color = color_for(reference, palette) if reference != "baseline" else "#1f77b4"
+        difference = (raw["presence"] - raw[reference]).dropna()
+        window = max(1, round(len(difference) / 10))
+        smoothed = smooth(difference, window).dropna()
+        bottom.plot(smoothed.index, smoothed.to_numpy(), color=color, lw=1.6,
+                    label=f"PRESENCE − {reference}, training loss (mean over seeds, smoothed over {window} steps)")
+        points = paired_heldout_differences(logs, "presence", reference)
+        if len(points):
+            bottom.errorbar(points.index, points["mean"], yerr=points["std"], fmt="o", ms=4, capsize=2, color=color,
+                            mec="white", mew=0.6, label=f"PRESENCE − {reference}, held-out loss (same seed; bars: "
+                                                        "std over seeds)")
     bottom.axhline(0, color="black", lw=0.8)
     bottom.set_ylabel("Δ loss (nats / token)")
     bottom.set_xlabel("optimizer step")
-    bottom.set_title("Difference of the smoothed training losses (below 0: PRESENCE lower)")
-    bottom.legend(fontsize=8.5, loc="lower left")
-    fig.suptitle("Figure 3: training loss, baseline vs PRESENCE, with the two temperature stages", fontsize=12)
+    bottom.set_title("Differences (below 0: PRESENCE lower)")
+    bottom.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
+    fig.suptitle("Figure 3: training loss, baseline vs PRESENCE (and the shuffled control), with the two "
+                 "temperature stages", fontsize=12)
     return save_figure(fig, out_png)
+
+
+def paired_heldout_differences(logs: pd.DataFrame, variant: str, reference: str) -> pd.DataFrame:
+    """Per evaluation step: mean and std over seeds of (variant − reference) held-out loss, each seed
+    paired with the same seed of the reference."""
+    if "heldout_loss" not in logs:
+        return pd.DataFrame(columns=["mean", "std"])
+    evals = logs.dropna(subset=["heldout_loss"]).pivot_table(index=["step", "seed"], columns="variant",
+                                                            values="heldout_loss", aggfunc="mean")
+    if variant not in evals or reference not in evals:
+        return pd.DataFrame(columns=["mean", "std"])
+    differences = (evals[variant] - evals[reference]).dropna()
+    return differences.groupby(level="step").agg(["mean", "std"])
 
 
 def plot_presence_vs_sequential(logs: pd.DataFrame, downstream: pd.DataFrame, out_png: str | Path) -> Figure:

@@ -2,8 +2,14 @@
 
 Ours are the mean ± sample standard deviation over seeds of the language-averaged score of each
 seed's run; Δ is a method's mean minus the baseline's mean, for the paper and for us alike, so a
-reader sees at a glance whether our direction agrees with the paper's. A cell we did not measure
-says "not run"; nothing is filled in.
+reader sees at a glance whether our direction agrees with the paper's. Tables 3 and 5 also carry the
+information control (PRESENCE-shuffled: PRESENCE's weights formed from scores shuffled within each
+step) and PRESENCE − control, which the paper does not have. A cell we did not measure says "not run";
+nothing is filled in.
+
+The held-out loss (our offline yardstick) comes with two noises reported apart: the spread over seeds
+(training noise) and the standard error over held-out rows (evaluation noise; for a difference, paired
+row by row between runs of the same seed).
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ SETTINGS = ("zero-shot", "translate-train")
 TASK_NAMES = {"xquad": "XQuAD F1", "mlqa": "MLQA F1", "tydiqa": "TyDi QA F1", "xnli": "XNLI acc.",
               "panx": "WikiAnn F1", "pawsx": "PAWS-X acc.", "verse_retrieval": "verse retrieval acc.",
               "heldout_loss": "held-out loss"}
-METHOD_NAMES = {"baseline": "Baseline", "presence": "PRESENCE", "presence-D": "PRESENCE-D",
+CONTROL = "presence-shuffled"  # the information control: PRESENCE's weights without PRESENCE's information
+METHOD_NAMES = {"baseline": "Baseline", "presence": "PRESENCE", CONTROL: "PRESENCE-shuffled (control)",
+                "presence-D": "PRESENCE-D",
                 "presence-I": "PRESENCE-I", "presence-I-D": "PRESENCE-I-D",
                 "presence-sequential": "PRESENCE-Sequential",
                 "presence-sequential-reverse": "PRESENCE-Sequential-reverse"}
@@ -32,7 +40,9 @@ OFFLINE_MEASURES = {
 }
 COMPARISON_COLUMNS = ["table", "setting", "task", "metric", "method", "paper_model", "paper_pretrain_steps",
                       "paper_value", "paper_delta_vs_baseline", "ours_preset", "ours_mean", "ours_std",
-                      "ours_n_seeds", "ours_seeds", "ours_delta_vs_baseline", "direction_agrees", "note"]
+                      "ours_n_seeds", "ours_seeds", "ours_eval_se", "ours_delta_vs_baseline",
+                      "ours_delta_seed_std", "ours_delta_eval_se", "ours_delta_vs_control",
+                      "ours_delta_vs_control_seed_std", "ours_delta_vs_control_eval_se", "direction_agrees", "note"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class TableSpec:
     tasks: tuple[str, ...]
     paper_models: tuple[str, ...]
     paper_steps: int
+    control: str | None = None  # our information control, compared with PRESENCE (no paper counterpart)
 
 
 TABLES = (
@@ -51,11 +62,11 @@ TABLES = (
               ("baseline", "presence-sequential-reverse", "presence-sequential"),
               ("xquad", "mlqa", "tydiqa", "xnli", "panx"), ("mt5-base",), 200_000),
     TableSpec("table3_main", "table3", "Table 3: PRESENCE vs the baseline (main comparison)",
-              ("baseline", "presence"), ("xquad", "mlqa", "tydiqa", "xnli", "panx"), ("mt5-base", "mt5-large"),
-              1_000_000),
+              ("baseline", CONTROL, "presence"), ("xquad", "mlqa", "tydiqa", "xnli", "panx"),
+              ("mt5-base", "mt5-large"), 1_000_000, CONTROL),
     TableSpec("table5_tau_ablation", "table5", "Table 5: temperature ablations",
-              ("baseline", "presence-D", "presence-I", "presence-I-D", "presence"), ("mlqa", "tydiqa", "xnli"),
-              ("mt5-base",), 200_000),
+              ("baseline", CONTROL, "presence-D", "presence-I", "presence-I-D", "presence"), ("mlqa", "tydiqa", "xnli"),
+              ("mt5-base",), 200_000, CONTROL),
 )
 
 
@@ -88,10 +99,14 @@ def comparison_table(spec: TableSpec, paper: pd.DataFrame, scores: pd.DataFrame,
     for setting in SETTINGS:
         for task in spec.tasks:
             base_ours = None if summary is None else _lookup(summary, variant="baseline", task=task, setting=setting)
+            control = None if summary is None or spec.control is None else _lookup(
+                summary, variant=spec.control, task=task, setting=setting)
             for method in spec.methods:
                 mine = None if summary is None else _lookup(summary, variant=method, task=task, setting=setting)
                 ours_delta = (mine["mean"] - base_ours["mean"]) if (
                     mine is not None and base_ours is not None and method != "baseline") else None
+                vs_control = (mine["mean"] - control["mean"]) if (
+                    mine is not None and control is not None and method == "presence") else None
                 for model in spec.paper_models:
                     theirs = paper_value(paper, spec.paper_table, model, method, setting, task)
                     theirs_base = paper_value(paper, spec.paper_table, model, "baseline", setting, task)
@@ -107,47 +122,70 @@ def comparison_table(spec: TableSpec, paper: pd.DataFrame, scores: pd.DataFrame,
                         "ours_std": None if mine is None else mine["std"],
                         "ours_n_seeds": 0 if mine is None else int(mine["n"]),
                         "ours_seeds": "" if mine is None else mine["seeds"],
-                        "ours_delta_vs_baseline": ours_delta, "direction_agrees": agrees,
-                        "note": "not run" if mine is None else ""})
+                        "ours_delta_vs_baseline": ours_delta, "ours_delta_vs_control": vs_control,
+                        "direction_agrees": agrees, "note": "not run" if mine is None else ""})
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
-def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame | None,
-                  preset_name: str) -> pd.DataFrame:
+def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame | None, preset_name: str,
+                  paired: pd.DataFrame | None = None) -> pd.DataFrame:
     """Our measures without a paper counterpart, per method of the table: final held-out
     span-corruption loss (pre-training) and offline verse-retrieval accuracy. Same columns as
-    comparison_table, paper columns empty."""
+    comparison_table, paper columns empty. For the held-out loss, `paired` (from
+    run_results.paired_heldout_deltas) gives each seed's row-paired Δ and its evaluation standard error:
+    the Δ rows then carry the seed std of the paired Δs and the mean of their evaluation errors."""
     per_run = []
-    standard = runs[runs["standard"] & runs["method"].isin(spec.methods)]
+    standard = runs[runs["standard"].astype(bool) & runs["method"].isin(spec.methods)]
     for run in standard.itertuples():
         if pd.notna(run.final_heldout_loss):
             per_run.append({"variant": run.method, "seed": run.seed, "task": "heldout_loss",
-                            "value": float(run.final_heldout_loss)})
+                            "value": float(run.final_heldout_loss),
+                            "eval_se": getattr(run, "final_heldout_se", None)})
     if retrieval is not None:
         rows = retrieval[(retrieval["task"] == "verse_retrieval") & retrieval["variant"].isin(spec.methods)]
-        per_run += [{"variant": r.variant, "seed": r.seed, "task": "verse_retrieval", "value": r.value}
-                    for r in rows.itertuples()]
+        per_run += [{"variant": r.variant, "seed": r.seed, "task": "verse_retrieval", "value": r.value,
+                     "eval_se": None} for r in rows.itertuples()]
     if not per_run:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
-    summary = summarise_seeds(pd.DataFrame(per_run), ["variant", "task"])
+    frame = pd.DataFrame(per_run)
+    summary = summarise_seeds(frame, ["variant", "task"])
+    eval_se = pd.to_numeric(frame["eval_se"], errors="coerce").groupby([frame["variant"], frame["task"]]).mean()
     out = []
     for task, (metric, _) in OFFLINE_MEASURES.items():
         base = _lookup(summary, variant="baseline", task=task)
+        control = _lookup(summary, variant=spec.control, task=task) if spec.control else None
         for method in spec.methods:
             mine = _lookup(summary, variant=method, task=task)
-            compared = mine is not None and base is not None and method != "baseline"
-            delta = mine["mean"] - base["mean"] if compared else None
+            delta = mine["mean"] - base["mean"] if mine is not None and base is not None and method != "baseline" else None
+            vs_control = (mine["mean"] - control["mean"]) if (
+                mine is not None and control is not None and method == "presence") else None
+            vs_base_spread = _paired_spread(paired, method, "baseline") if task == "heldout_loss" else (None, None)
+            vs_control_spread = (_paired_spread(paired, method, spec.control)
+                                 if task == "heldout_loss" and vs_control is not None else (None, None))
             out.append({"table": spec.paper_table, "setting": "pre-training" if task == "heldout_loss" else "offline",
                         "task": task, "metric": metric, "method": method, "paper_model": "",
                         "paper_pretrain_steps": None, "paper_value": None, "paper_delta_vs_baseline": None,
                         "ours_preset": preset_name, "ours_mean": None if mine is None else mine["mean"],
                         "ours_std": None if mine is None else mine["std"],
                         "ours_n_seeds": 0 if mine is None else int(mine["n"]),
-                        "ours_seeds": "" if mine is None else mine["seeds"], "ours_delta_vs_baseline": delta,
-                        "direction_agrees": None,
+                        "ours_seeds": "" if mine is None else mine["seeds"],
+                        "ours_eval_se": eval_se.get((method, task)), "ours_delta_vs_baseline": delta,
+                        "ours_delta_seed_std": vs_base_spread[0], "ours_delta_eval_se": vs_base_spread[1],
+                        "ours_delta_vs_control": vs_control, "ours_delta_vs_control_seed_std": vs_control_spread[0],
+                        "ours_delta_vs_control_eval_se": vs_control_spread[1], "direction_agrees": None,
                         "note": ("not run; " if mine is None else "") + "ours only, not comparable to the paper's "
                                                                         "tasks"})
     return pd.DataFrame(out, columns=COMPARISON_COLUMNS)
+
+
+def _paired_spread(paired: pd.DataFrame | None, variant: str, reference: str | None) -> tuple:
+    """(sample std over seeds of the paired Δs, mean evaluation standard error of a Δ), or Nones."""
+    if paired is None or reference is None or variant == reference:
+        return None, None
+    rows = paired[(paired["variant"] == variant) & (paired["reference"] == reference)]
+    if rows.empty:
+        return None, None
+    return (float(rows["delta"].std()) if len(rows) > 1 else None), float(rows["eval_se"].mean())
 
 
 def format_score(mean, std, n, digits: int = 2) -> str:
@@ -185,10 +223,12 @@ def comparison_markdown(spec: TableSpec, table: pd.DataFrame, offline: pd.DataFr
         block = table[table["setting"] == setting]
         rows = []
         for method in spec.methods:
-            for i, model in enumerate(spec.paper_models):
+            ours_only = method == spec.control  # the paper has no such row
+            for i, model in enumerate(() if ours_only else spec.paper_models):
                 cells = [_cell(block, method, task, model, "paper_value") for task in spec.tasks]
                 rows.append([METHOD_NAMES[method] if i == 0 else "", f"paper ({MODEL_NAMES[model]})"] + cells)
-            rows.append(["", f"ours ({preset})"] + [_our_cell(block, method, task) for task in spec.tasks])
+            rows.append([METHOD_NAMES[method] if ours_only else "", f"ours ({preset})"]
+                        + [_our_cell(block, method, task) for task in spec.tasks])
         for method in spec.methods[1:]:
             label = f"Δ {METHOD_NAMES[method]} − Baseline"
             for i, model in enumerate(spec.paper_models):
@@ -201,26 +241,57 @@ def comparison_markdown(spec: TableSpec, table: pd.DataFrame, offline: pd.DataFr
             rows.append(["", "same sign"] + [
                 format_agreement(list(block[(block["method"] == method) & (block["task"] == t)]["direction_agrees"]))
                 for t in spec.tasks])
+            if method == "presence" and spec.control:
+                rows.append([f"Δ PRESENCE − {METHOD_NAMES[spec.control]}", f"ours ({preset}); no paper counterpart"]
+                            + [format_delta(first[first["task"] == t]["ours_delta_vs_control"].iloc[0])
+                               for t in spec.tasks])
         lines += [f"### {setting}", "", markdown_table(header, rows), ""]
     if len(offline):
-        lines += ["### Our offline measures (no paper counterpart)", "",
-                  "Not comparable to the paper's tasks: the final held-out span-corruption loss of pre-training "
-                  "and the accuracy of retrieving held-out aligned Bible verses across languages (a Tatoeba-style "
-                  "check, see 04_finetune/README.md).", ""]
-        header = ["method"] + [f"{OFFLINE_MEASURES[t][1]}" for t in OFFLINE_MEASURES] + [
-            f"Δ {TASK_NAMES[t]} vs Baseline" for t in OFFLINE_MEASURES]
-        rows = []
-        for method in spec.methods:
-            mine = offline[offline["method"] == method].set_index("task")
-            rows.append([METHOD_NAMES[method]]
-                        + [format_score(mine.at[t, "ours_mean"], mine.at[t, "ours_std"], mine.at[t, "ours_n_seeds"],
-                                        3 if t == "heldout_loss" else 2) for t in OFFLINE_MEASURES]
-                        + [format_delta(mine.at[t, "ours_delta_vs_baseline"], 3 if t == "heldout_loss" else 2)
-                           for t in OFFLINE_MEASURES])
-        lines += [markdown_table(header, rows), ""]
+        lines += offline_markdown(spec, offline)
     if notes:
         lines += ["### Notes from reading the inputs", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def offline_markdown(spec: TableSpec, offline: pd.DataFrame, heading: bool = True) -> list[str]:
+    """The offline measures: each method's held-out loss and retrieval accuracy, then the held-out Δs
+    against the baseline and the control with both their noises."""
+    lines = ["### Our offline measures (no paper counterpart)", ""] if heading else []
+    lines += ["Not comparable to the paper's tasks: the final held-out span-corruption loss of pre-training "
+             "(every held-out row, languages weighted as in training; [eval SE] = standard error over held-out "
+             "rows) and the accuracy of retrieving held-out aligned Bible verses across languages (a "
+             "Tatoeba-style check, see 04_finetune/README.md; chance is 1 / the number of candidates).", ""]
+    header = ["method"] + [OFFLINE_MEASURES[t][1] for t in OFFLINE_MEASURES] + [
+        "Δ held-out loss vs Baseline", f"Δ held-out loss vs {METHOD_NAMES.get(spec.control, 'control')}"]
+    rows = []
+    for method in spec.methods:
+        mine = offline[offline["method"] == method].set_index("task")
+        loss = mine.loc["heldout_loss"]
+        rows.append([METHOD_NAMES[method]]
+                    + [format_score(loss["ours_mean"], loss["ours_std"], loss["ours_n_seeds"], 3)
+                       + format_eval_se(loss["ours_eval_se"])]
+                    + [format_score(mine.at[t, "ours_mean"], mine.at[t, "ours_std"], mine.at[t, "ours_n_seeds"])
+                       for t in OFFLINE_MEASURES if t != "heldout_loss"]
+                    + [format_delta_spread(loss["ours_delta_vs_baseline"], loss["ours_delta_seed_std"],
+                                           loss["ours_delta_eval_se"]),
+                       format_delta_spread(loss["ours_delta_vs_control"], loss["ours_delta_vs_control_seed_std"],
+                                           loss["ours_delta_vs_control_eval_se"])])
+    return lines + [markdown_table(header, rows), "",
+                    "Δ: difference of the means over seeds; (seed std …) is the sample std over seeds of each "
+                    "seed's Δ, [eval SE …] the standard error of a Δ from the held-out rows, paired row by row "
+                    "(mean over seeds). A Δ is beyond the noise when it is large against both.", ""]
+
+
+def format_eval_se(se, digits: int = 3) -> str:
+    return "" if se is None or pd.isna(se) else f" [eval SE {se:.{digits}f}]"
+
+
+def format_delta_spread(delta, seed_std, eval_se, digits: int = 3) -> str:
+    """'+0.123 (seed std 0.020) [eval SE 0.004]', the parts that are known."""
+    if delta is None or pd.isna(delta):
+        return "–"
+    spread = "" if seed_std is None or pd.isna(seed_std) else f" (seed std {seed_std:.{digits}f})"
+    return f"{delta:+.{digits}f}{spread}{format_eval_se(eval_se, digits)}"
 
 
 def _steps_text(steps: int) -> str:
@@ -283,10 +354,16 @@ def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame, our_steps: i
     loss = offline3[(offline3["task"] == "heldout_loss") & offline3["ours_mean"].notna()].set_index("method")
     if {"baseline", "presence"} <= set(loss.index):
         b, p = loss.loc["baseline"], loss.loc["presence"]
-        parts.append(f"Final held-out span-corruption loss: PRESENCE {p['ours_mean']:.3f} vs baseline "
-                     f"{b['ours_mean']:.3f} nats/token (Δ {p['ours_mean'] - b['ours_mean']:+.3f}; "
-                     f"n = {int(p['ours_n_seeds'])} / {int(b['ours_n_seeds'])} seeds); the paper reports no loss "
-                     "values.")
+        text = (f"Final held-out span-corruption loss: PRESENCE {p['ours_mean']:.3f} vs baseline "
+                f"{b['ours_mean']:.3f} nats/token (Δ {format_delta_spread(p['ours_delta_vs_baseline'], p['ours_delta_seed_std'], p['ours_delta_eval_se'])}; "
+                f"n = {int(p['ours_n_seeds'])} / {int(b['ours_n_seeds'])} seeds)")
+        if CONTROL in loss.index:
+            c = loss.loc[CONTROL]
+            text += (f"; against the information control (PRESENCE-shuffled, {c['ours_mean']:.3f}, "
+                     f"n = {int(c['ours_n_seeds'])}): Δ {format_delta_spread(p['ours_delta_vs_control'], p['ours_delta_vs_control_seed_std'], p['ours_delta_vs_control_eval_se'])}")
+        else:
+            text += "; the information control (PRESENCE-shuffled) was not run"
+        parts.append(text + ". The paper reports no loss values.")
     if our_steps < 1_000_000:
         parts.append(f"Our runs are {our_steps:,} steps against the paper's 1M (Table 3) on a far smaller model and "
                      "corpus, so agreement or disagreement here tests the method's mechanics, not the paper's "
@@ -322,16 +399,9 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
            "PRESENCE − Baseline (Δ, points), paper Table 3 beside ours (mean ± sample std over seeds, "
            "n seeds):", "",
            markdown_table(header, rows), ""]
-    loss = offline3[offline3["method"].isin(["baseline", "presence"])]
-    if len(loss) and loss["ours_mean"].notna().any():
-        offline_rows = []
-        for method in ("baseline", "presence"):
-            mine = loss[loss["method"] == method].set_index("task")
-            offline_rows.append([METHOD_NAMES[method]] + [
-                format_score(mine.at[t, "ours_mean"], mine.at[t, "ours_std"], mine.at[t, "ours_n_seeds"],
-                             3 if t == "heldout_loss" else 2) for t in OFFLINE_MEASURES])
-        out += ["Our offline measures (no paper counterpart, not comparable to the tasks above):", "",
-                markdown_table(["method"] + [OFFLINE_MEASURES[t][1] for t in OFFLINE_MEASURES], offline_rows), ""]
+    if len(offline3) and offline3["ours_mean"].notna().any():
+        out += ["Our offline measures (no paper counterpart, not comparable to the tasks above):", ""]
+        out += offline_markdown(next(spec for spec in TABLES if spec.paper_table == "table3"), offline3, heading=False)
     out += [f"**Direction.** {direction_summary(table3, offline3, our_steps)}", ""]
     figure_dir = f"results/{preset_name}/figures"
     embedded = [f"![{caption}]({figure_dir}/{name})" for name, caption, embed in figures if embed]

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common.config import PretrainConfig
+from common.evaluation.heldout import HELDOUT_COLUMNS
 
-LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy",
-               "tokens_seen", "seconds", "heldout_loss", "seed"]
+LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
+               "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
+               "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed"]
+HELDOUT_ROW_COLUMNS = ["row", "lang", "n_tokens", "loss"]
 SCORE_COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
 SI_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "seed"]
 BENCH_COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "preset"]
@@ -116,6 +120,7 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
                "switch_step": pretrain.get("switch_step"), "steps": pretrain.get("steps"),
                "num_microbatches": pretrain.get("num_microbatches"), "batch_size": pretrain.get("batch_size"),
                "final_loss": metrics.get("final_loss"), "final_heldout_loss": metrics.get("final_heldout_loss"),
+               "final_heldout_se": final_heldout_se(folder / "heldout.csv"), "noise_rate": config.get("noise_rate", 0.0),
                "seconds_per_step": metrics.get("seconds_per_step"),
                "parameters": (metrics.get("parameters") or {}).get("total")}
         log = read_table(folder / "train_log.csv", ["step", "loss"], notes)
@@ -126,12 +131,76 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
         runs.append(run)
     runs_frame = pd.DataFrame(runs, columns=["run_name", "method", "seed", "variant", "standard", "tau", "per",
                                              "switch_step", "steps", "num_microbatches", "batch_size", "final_loss",
-                                             "final_heldout_loss", "seconds_per_step", "parameters"])
-    for column in ("final_loss", "final_heldout_loss", "seconds_per_step", "tau"):
+                                             "final_heldout_loss", "final_heldout_se", "noise_rate",
+                                             "seconds_per_step", "parameters"])
+    for column in ("final_loss", "final_heldout_loss", "final_heldout_se", "seconds_per_step", "tau"):
         runs_frame[column] = pd.to_numeric(runs_frame[column], errors="coerce")
     tags = ["run_name", "method", "variant", "standard"]
     logs_frame = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=LOG_COLUMNS + tags)
     return runs_frame, logs_frame
+
+
+def final_heldout_se(path: Path) -> float | None:
+    """Standard error over rows of the run's last overall held-out loss (heldout.csv), None if absent."""
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    overall = table[table["lang"] == "all"]
+    return None if overall.empty else float(overall.loc[overall["step"].idxmax(), "se"])
+
+
+def collect_heldout(runs_dir: Path) -> list[dict]:
+    """Every finished run's heldout.csv rows, for the preset's results/<preset>/pretrain/heldout.csv."""
+    rows = []
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
+        if (folder / "metrics.json").is_file() and (folder / "heldout.csv").is_file():
+            rows += pd.read_csv(folder / "heldout.csv")[HELDOUT_COLUMNS].to_dict("records")
+    return rows
+
+
+def paired_heldout_delta(rows_a: pd.DataFrame, rows_b: pd.DataFrame, weights: dict[str, float]) -> tuple[float, float]:
+    """(delta, standard error) of the overall held-out loss a - b, pairing the two runs row by row (both
+    scored the same rows, corrupted the same way): per language the mean and standard error of the row
+    differences, combined with the overall row's language weights. Pairing removes the rows' own
+    difficulty, so this error is far smaller than either run's own."""
+    merged = rows_a.merge(rows_b, on=["row", "lang"], suffixes=("_a", "_b"))
+    if len(merged) != len(rows_a) or len(merged) != len(rows_b):
+        raise ValueError("the two runs were evaluated on different held-out rows; they cannot be paired")
+    difference = (merged["loss_a"] - merged["loss_b"]).groupby(merged["lang"])
+    per_language = difference.agg(["mean", "std", "count"])
+    total = sum(weights.get(lang, 0.0) for lang in per_language.index)
+    if total <= 0:
+        raise ValueError(f"no language weights for {list(per_language.index)}")
+    p = pd.Series({lang: weights.get(lang, 0.0) / total for lang in per_language.index})
+    delta = float((p * per_language["mean"]).sum())
+    se = float(np.sqrt((p ** 2 * per_language["std"] ** 2 / per_language["count"]).sum()))
+    return delta, se
+
+
+def paired_heldout_deltas(runs_dir: Path, runs: pd.DataFrame, pairs: list[tuple[str, str]],
+                          weights: dict[str, float], notes: list[str]) -> pd.DataFrame:
+    """One row per (variant, reference, seed) where both standard runs have heldout_rows.csv: the paired
+    delta of the final overall held-out loss and its evaluation standard error."""
+    standard = runs[runs["standard"].astype(bool)].set_index(["variant", "seed"])["run_name"]
+    out = []
+    for variant, reference in pairs:
+        for seed in sorted(set(runs["seed"])):
+            if (variant, seed) not in standard.index or (reference, seed) not in standard.index:
+                continue
+            paths = [runs_dir / standard[(v, seed)] / "heldout_rows.csv" for v in (variant, reference)]
+            tables = [read_table(path, HELDOUT_ROW_COLUMNS, notes) for path in paths]
+            if any(table is None for table in tables):
+                continue
+            delta, se = paired_heldout_delta(tables[0], tables[1], weights)
+            out.append({"variant": variant, "reference": reference, "seed": seed, "delta": delta, "eval_se": se})
+    return pd.DataFrame(out, columns=["variant", "reference", "seed", "delta", "eval_se"])
+
+
+def language_weights(corpus_manifest: Path, notes: list[str]) -> dict[str, float]:
+    """The training sampling probability of each language (results/<preset>/data/corpus_manifest.csv),
+    the weights of the overall held-out loss."""
+    table = read_table(corpus_manifest, ["language", "sampling_probability"], notes)
+    return {} if table is None else dict(zip(table["language"], table["sampling_probability"]))
 
 
 def load_scores(path: Path, notes: list[str]) -> pd.DataFrame | None:
