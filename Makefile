@@ -6,18 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Extra pip arguments for torch, e.g. --index-url https://download.pytorch.org/whl/cpu for a CPU build
 TORCH_PIP_ARGS ?=
-# Local XTREME data in XTREME's download layout (optional; see 04_finetune/README.md)
-XTREME_DIR ?= $(wildcard ../shared/xtreme)
-ifneq ($(strip $(XTREME_DIR)),)
-export PRESENCE_XTREME_DIR ?= $(abspath $(XTREME_DIR))
-endif
+# 04_finetune reads local XTREME data (XTREME's download layout) from $PRESENCE_XTREME_DIR when it is set:
+#   make finetune PRESENCE_XTREME_DIR=/data/xtreme      (see 04_finetune/README.md)
 
 # Progress bars redraw at most every few seconds, so logs of non-interactive runs stay readable.
 export TQDM_MININTERVAL ?= 5
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help env data pretrain si finetune figures bench device-carry reproduce test clean
+.PHONY: help env data pretrain si finetune figures bench gpu-bundle reproduce test clean
 
 help:  ## list the targets
 	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
@@ -28,7 +25,7 @@ help:  ## list the targets
 	@echo "  finetune   04_finetune: XTREME zero-shot (+ offline verse retrieval)        tiny: ~4 min CPU | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  figures    05_figures: paper-vs-ours tables and figures from results/        < 1 min CPU"
 	@echo "  bench      data, SI-engine, training-step and optimizer benchmarks (ratios)  tiny: ~2 min CPU | small: 1 GPU: 03_pretrain/gpu_checks.sh"
-	@echo "  device-carry  small-preset data in .device_carry/ for one GPU call of 03_pretrain/gpu_checks.sh  ~2 min CPU"
+	@echo "  gpu-bundle small-preset packed data + tokenizer in gpu_bundle/ for 03_pretrain/gpu_checks.sh  ~2 min CPU"
 	@echo "  reproduce  env + every stage in order at PRESET (tiny: <= 20 min, 2 cores, offline)"
 	@echo "  test       env + the whole test suite                                      <= 20 min, 2 cores"
 	@echo "  clean      remove $(VENV) and artefacts/ (results/ is kept)"
@@ -66,12 +63,13 @@ bench: $(STAMP)
 	@$(call run_stage,03_pretrain/bench_train.py)
 	@$(call run_stage,03_pretrain/bench_optimizer.py)
 
-# The device tool carries at most 64 MiB and cannot read ../shared: the packed small-preset data and its
-# tokenizer (~47 MB) travel in .device_carry/ (git-ignored); the raw corpus text stays here.
-device-carry: $(STAMP)
-	PRESENCE_ARTEFACTS=$(CURDIR)/.device_carry/artefacts $(PY) 01_data/prepare_data.py --preset small
-	cd .device_carry/artefacts/small/data && rm -rf corpus probes.jsonl.gz heldout_parallel_verses.jsonl.gz
-	du -sh .device_carry
+# What a GPU machine needs for 03_pretrain/gpu_checks.sh: the small preset's packed data and tokenizer
+# (~47 MB, git-ignored), without the corpus text, so the GPU machine needs neither the corpus package
+# nor the corpus build.
+gpu-bundle: $(STAMP)
+	PRESENCE_ARTEFACTS=$(CURDIR)/gpu_bundle/artefacts $(PY) 01_data/prepare_data.py --preset small
+	cd gpu_bundle/artefacts/small/data && rm -rf corpus probes.jsonl.gz heldout_parallel_verses.jsonl.gz
+	du -sh gpu_bundle
 
 # 02 scores probes with a checkpoint from 03, so pre-training runs before the SI analysis.
 REPRODUCE_STAGES := 01_data/prepare_data.py 03_pretrain/pretrain_all.py 02_si_analysis/analyze_si.py \

@@ -3,11 +3,11 @@
 A step is exactly what 03_pretrain/pretrain.py runs (common/presence/train_step.py): forward and backward over
 every microbatch, for PRESENCE the self-influence scores and the weighted update direction, then the
 optimizer and learning-rate steps. Precision, compilation, optimizer and SI layer set come from the
-preset, as in pretrain.py. Inputs are random token ids in the preset's shapes (as in
-../shared/docs/PERF.md), so no data is needed. For each batch shape (microbatches x sequences each)
+preset, as in pretrain.py. Inputs are random token ids in the preset's shapes, so no data is needed. For each batch shape (microbatches x sequences each)
 every repetition runs each method once (round-robin: clock drift hits both alike); medians are
 reported with tokens/s (input + target tokens), model TFLOP/s (6 x parameters x tokens per stack,
-PERF.md's convention, common/modeling.py) and, on an H200, MFU against its measured bf16 ceiling.
+common/modeling.py) and, on a GPU, MFU against the bf16 matmul rate measured on the same card in the same
+run (common/benchmark.py).
 
     python 03_pretrain/bench_train.py --preset tiny                                    # CPU, ~1 min
     python 03_pretrain/bench_train.py --preset small --device cuda --shapes 8x32 8x64 2x64
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from common.benchmark import time_round_robin
+from common.benchmark import mfu_ceiling_tflops, time_round_robin
 from common.config import load_preset
 from common.io import write_csv
-from common.modeling import build_model, model_flops_per_sequence, peak_tflops, random_microbatches
+from common.modeling import build_model, model_flops_per_sequence, random_microbatches
 from common.optim import build_optimizer
 from common.paths import results_dir
 from common.presence.presence_step import release_buffers
@@ -33,6 +33,7 @@ from common.presence.train_step import train_step
 
 METHODS = {"baseline": None, "presence": -1.0}  # every non-zero temperature costs the same
 COLUMNS = ["shape", "method", "step_ms", "ratio_to_baseline", "tokens_per_s", "model_tflops", "mfu",
+           "matmul_ceiling_tflops",
            "peak_mem_gb", "first_step_s", "batch_size", "n_microbatches", "microbatch_size", "input_length",
            "target_length", "parameters", "optimizer", "precision", "compiled", "device", "device_name", "preset",
            "repeats", "threads", "seed"]
@@ -84,7 +85,7 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
             peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
 
     flops_per_step = model_flops_per_sequence(model, input_length, target_length) * batch_size
-    ceiling = peak_tflops(device)
+    ceiling = mfu_ceiling_tflops(device)
     median = {name: ms / 1e3 for name, ms in step_ms.items()}
     rows = []
     for name in METHODS:
@@ -94,6 +95,7 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
             "ratio_to_baseline": round(median[name] / median["baseline"], 3),
             "tokens_per_s": round(batch_size * (input_length + target_length) / median[name]),
             "model_tflops": round(tflops, 3), "mfu": round(tflops / ceiling, 4) if ceiling else "",
+            "matmul_ceiling_tflops": round(ceiling, 1) if ceiling else "",
             "peak_mem_gb": round(peak_gb[name], 2) if peak_gb else "", "first_step_s": round(first_step_ms[name] / 1e3, 1),
             "batch_size": batch_size, "n_microbatches": n_micro, "microbatch_size": batch_size // n_micro,
             "input_length": input_length, "target_length": target_length,

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks of 03_pretrain in one call, for a session that is lent a GPU (est. 7 min on an H200,
+# The GPU checks of 03_pretrain in one script, for any machine with a GPU (about 7 minutes on an H200,
 # most of it compiling). In order of importance, each step's output saved as soon as it is made:
 #   1. bench_train.py: whole training steps, baseline vs PRESENCE, at the small preset's shape (8 x 64)
-#      and at PERF.md's best plain-HF shape (2 x 64): tokens/s, model TFLOP/s, MFU, PRESENCE/baseline.
+#      and with two large microbatches (2 x 64): tokens/s, model TFLOP/s, MFU (against a bf16 matmul
+#      measured on the card in the same run), PRESENCE / baseline.
 #   2. pretrain.py, baseline and PRESENCE, a few dozen steps on the real packed small-preset data: the
 #      training loop itself on the GPU (bf16, compiled, held-out loss, checkpoint, TFLOP/s and MFU).
 #   3. bench_si.py at 8 x 32: the SI engine (per microbatch, per sample, the naive per-sample loop).
 #   4. bench_optimizer.py: HF's Adafactor, ours (common/adafactor.py) and fused AdamW, per step.
 #
-# Prepare on the CPU first:  make device-carry   (small-preset data in .device_carry/, git-ignored)
-# then, on the device:       bash 03_pretrain/gpu_checks.sh   with .device_carry carried.
-# Outputs go to $OUT (the device tool's folder; default results/<preset>/gpu): at most 8 files.
+# The GPU machine needs no corpus: prepare the small preset's packed data and tokenizer anywhere with
+#   make gpu-bundle        (writes gpu_bundle/, ~47 MB, git-ignored)
+# copy the repository with gpu_bundle/ to the GPU machine and run there
+#   bash 03_pretrain/gpu_checks.sh
+# Outputs go to $OUT (default results/<preset>/gpu): log.txt, train_throughput.csv, the two runs' metrics
+# and train logs, si_overhead.csv, optimizer.csv.
 # Knobs for a CPU smoke test (tests/test_gpu_checks.py): PRESET, DEVICE, SHAPES, STEPS, REPEATS, SETS, PYTHON.
 set -euo pipefail
 
@@ -24,11 +28,11 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-results/$PRESET/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-export PRESENCE_ARTEFACTS=${PRESENCE_ARTEFACTS:-$PWD/.device_carry/artefacts}
+export PRESENCE_ARTEFACTS=${PRESENCE_ARTEFACTS:-$PWD/gpu_bundle/artefacts}
 LOG="$OUT/log.txt"
 RUNS=$(mktemp -d)           # run folders stay here; only their metrics and logs are copied to $OUT
 
-# The device's copy of the tree may lack .git: pass COMMIT=<hash> to record which code ran.
+# A copy of the tree without .git cannot say which code ran: pass COMMIT=<hash> to record it.
 { date -u
   echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv || true
@@ -68,7 +72,8 @@ out = pathlib.Path(sys.argv[1])
 def show(name, columns):
     for row in csv.DictReader(open(out / name)):
         print(name, " ".join(f"{c}={row[c]}" for c in columns))
-show("train_throughput.csv", ["shape", "method", "step_ms", "ratio_to_baseline", "tokens_per_s", "model_tflops", "mfu"])
+show("train_throughput.csv", ["shape", "method", "step_ms", "ratio_to_baseline", "tokens_per_s", "model_tflops", "mfu",
+                              "matmul_ceiling_tflops"])
 for method in ("baseline", "presence"):
     m = json.loads((out / f"pretrain_{method}_metrics.json").read_text())
     print(f"pretrain {method}:", {k: m.get(k) for k in ("seconds_per_step", "tokens_per_second", "model_tflops", "mfu",

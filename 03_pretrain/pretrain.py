@@ -45,7 +45,8 @@ from common.data.span_corruption import LABEL_PAD
 from common.distributed import broadcast_parameters
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
 from common.io import append_csv_row, read_csv, write_csv, write_json
-from common.modeling import build_model, model_flops_per_sequence, parameter_counts, peak_tflops
+from common.benchmark import mfu_ceiling_tflops
+from common.modeling import build_model, model_flops_per_sequence, parameter_counts
 from common.optim import build_optimizer
 from common.paths import artefacts_dir, results_dir
 from common.presence.influence import self_influence
@@ -366,8 +367,8 @@ def throughput(progress: Progress, flops_per_step: float, device, world: int) ->
     step_s = progress.timed_seconds / progress.timed_steps
     out = {"seconds_per_step": step_s, "tokens_per_second": progress.timed_tokens / progress.timed_seconds,
            "model_tflops": flops_per_step / step_s / 1e12}
-    if peak := peak_tflops(device):
-        out["mfu"] = out["model_tflops"] / (peak * world)
+    if peak := mfu_ceiling_tflops(device):  # measured on this card now
+        out.update(mfu=out["model_tflops"] / (peak * world), matmul_ceiling_tflops=peak)
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out

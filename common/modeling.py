@@ -73,7 +73,8 @@ def parameter_counts(model) -> dict[str, int]:
 
 def model_flops_per_sequence(model, input_length: int, target_length: int) -> float:
     """Training FLOPs of one sequence: 6 x matmul parameters x tokens, per stack (attention score
-    FLOPs excluded), the convention of ../shared/docs/PERF.md. The output layer runs on target tokens."""
+    FLOPs excluded), the usual model-FLOPs convention (Kaplan et al. 2020; Chowdhery et al. 2022's MFU). The
+    output layer runs on target tokens."""
     counts = parameter_counts(model)
     decoder_matmul = counts["decoder"] + (counts["lm_head"] or counts["embedding"])
     return 6.0 * (counts["encoder"] * input_length + decoder_matmul * target_length)
@@ -89,20 +90,6 @@ def load_pretrained(name_or_path, **config_overrides):
         return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
-
-
-# The bf16 dense-matmul ceiling measured on the lent H200 (../shared/docs/PERF.md), the denominator of MFU.
-# MFU is reported only on that card: another GPU's ceiling has not been measured here.
-MEASURED_PEAK_TFLOPS = {"H200": 790.0}
-
-
-def peak_tflops(device: torch.device | str) -> float | None:
-    """The measured bf16 ceiling of `device`'s GPU, or None (CPU, or a GPU not measured)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops for card, tflops in MEASURED_PEAK_TFLOPS.items() if card in name), None)
 
 
 def random_microbatches(batch_size: int, num_microbatches: int, input_length: int, target_length: int,

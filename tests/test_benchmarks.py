@@ -2,6 +2,7 @@
 import argparse
 
 import pytest
+import torch
 
 from common import benchmark
 from conftest import load_stage
@@ -46,3 +47,11 @@ def test_round_robin_interleaves_caps_slow_variants_and_takes_medians(monkeypatc
                                            slow={"slow": 2})
     assert calls == ["a", "b", "slow", "a", "b", "slow", "a", "b", "a", "b"]
     assert wall_ms == {"a": 2500.0, "b": 5000.0, "slow": 7500.0}  # medians of (3, 1, 2, 9), (5, 4, 6, 5), (7, 8)
+
+
+def test_matmul_rate_is_two_n_cubed_over_the_fastest_product(monkeypatch):
+    """A fake clock: the products take 4, 2 and 3 s; 2 x 16^3 FLOPs over the fastest (2 s)."""
+    times = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0])
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(times))
+    assert benchmark.matmul_tflops("cpu", torch.float32, size=16, repeats=3) == pytest.approx(2 * 16 ** 3 / 2.0 / 1e12)
+    assert benchmark.mfu_ceiling_tflops("cpu") is None  # MFU only on GPUs

@@ -1,6 +1,5 @@
-"""03_pretrain/gpu_checks.sh, the one prepared script for a lent GPU, run end to end on the CPU with the
-miniature data: every step runs and every promised output comes back, so a GPU session spends its
-minutes measuring, not debugging."""
+"""03_pretrain/gpu_checks.sh, the GPU checks in one script, run end to end on the CPU with the miniature
+data: every step runs and every promised output is written."""
 import json
 import os
 import subprocess
@@ -27,15 +26,17 @@ def test_gpu_checks_script_runs_on_cpu(tmp_path, mini_artefacts):
     assert files == ["log.txt", "optimizer.csv", "pretrain_baseline_metrics.json", "pretrain_baseline_train_log.csv",
                      "pretrain_presence_metrics.json", "pretrain_presence_train_log.csv", "si_overhead.csv",
                      "train_throughput.csv"]
-    assert len(files) <= 8  # the device tool returns at most 8 files
     throughput = read_csv(out / "train_throughput.csv")
     assert [(r["shape"], r["method"]) for r in throughput] == [
         ("2x4", "baseline"), ("2x4", "presence"), ("4x2", "baseline"), ("4x2", "presence")]
     for row in throughput:
         tokens_per_step = int(row["batch_size"]) * (int(row["input_length"]) + int(row["target_length"]))
         assert int(row["batch_size"]) == 8 and (int(row["input_length"]), int(row["target_length"])) == (32, 8)
-        assert float(row["tokens_per_s"]) == pytest.approx(tokens_per_step / (float(row["step_ms"]) / 1e3), rel=1e-3)
-        assert row["mfu"] == ""  # no MFU without a measured ceiling (CPU)
+        # tokens/s is written rounded to an integer and step_ms to 0.01 ms: equal within those roundings
+        step_ms = float(row["step_ms"])
+        low, high = (tokens_per_step / ((step_ms + d) / 1e3) for d in (0.005, -0.005))
+        assert low - 0.5 <= float(row["tokens_per_s"]) <= high + 0.5
+        assert row["mfu"] == "" and row["matmul_ceiling_tflops"] == ""  # MFU is reported on GPUs only
     for method in ("baseline", "presence"):
         metrics = json.loads((out / f"pretrain_{method}_metrics.json").read_text())
         assert metrics["steps"] == 4 and metrics["tokens_per_second"] > 0 and metrics["final_heldout_loss"] > 0
