@@ -38,15 +38,14 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from common.config import ConfigError, load_preset
+from common.config import LAYER_SETS, ConfigError, load_preset
 from common.data.noise import noise_shares
 from common.data.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
-from common.data.span_corruption import LABEL_PAD
 from common.distributed import broadcast_parameters
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
 from common.io import append_csv_row, read_csv, write_csv, write_json
 from common.benchmark import mfu_ceiling_tflops
-from common.modeling import build_model, model_flops_per_sequence, parameter_counts
+from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import build_optimizer
 from common.paths import artefacts_dir, results_dir
 from common.presence.influence import self_influence
@@ -77,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", type=float, help="temperature of presence-single")
     p.add_argument("--per", choices=["microbatch", "sample"], default="microbatch",
                    help="reweight microbatches (the paper) or samples (extension)")
-    p.add_argument("--si-layers", help="override pretrain.si_layers: first | embeddings | all")
+    p.add_argument("--si-layers", choices=LAYER_SETS, help="override pretrain.si_layers (the layer set K)")
     p.add_argument("--noise-rate", type=float, default=0.0,
                    help="train on the rows with this share corrupted (one of data.noise_rates)")
     p.add_argument("--run-name", help="default: derived from the method and options")
@@ -416,7 +415,7 @@ def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, metho
         if device.type == "cuda" and step % cfg.log_every == 0:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+        step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
         progress.step, progress.elapsed, progress.tokens_seen = step, progress.elapsed + seconds, \
             progress.tokens_seen + step_tokens
         if step > first_step + 2:  # the first steps pay for compilation and warm-up

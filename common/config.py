@@ -19,6 +19,10 @@ from common.paths import PRESETS_DIR
 
 # The kinds of known noise 01_data can put into the training rows (common/data/noise.py).
 NOISE_KINDS = ("jumbled", "random", "python")
+# The named layer sets K of self-influence (common/presence/influence.py says what each holds).
+LAYER_SETS = ("first", "embeddings", "all")
+# The XTREME tasks 04_finetune runs (common/evaluation/xtreme.py reads them).
+XTREME_TASKS = ("xnli", "pawsx", "panx", "xquad", "mlqa", "tydiqa")
 
 
 class ConfigError(ValueError):
@@ -207,7 +211,7 @@ class PretrainConfig:
                  "choose a microbatch count that divides the batch size")
         _require(0 <= self.switch_step <= self.steps, f"{where}.switch_step",
                  f"{self.switch_step} is outside [0, steps={self.steps}]", "set I between 0 and steps")
-        _require(self.si_layers in ("first", "embeddings", "all"), f"{where}.si_layers",
+        _require(self.si_layers in LAYER_SETS, f"{where}.si_layers",
                  f"unknown layer set {self.si_layers!r}", "use 'first', 'embeddings' or 'all'")
         _require(self.optimizer in ("adafactor", "adamw"), f"{where}.optimizer", f"unknown {self.optimizer!r}",
                  "use 'adafactor' or 'adamw'")
@@ -227,13 +231,13 @@ class PretrainConfig:
 @dataclass
 class SIAnalysisConfig:
     batch_size: int = 32  # probe samples scored per batched pass
-    layer_sets: list[str] = field(default_factory=lambda: ["first", "embeddings", "all"])
+    layer_sets: list[str] = field(default_factory=lambda: list(LAYER_SETS))
     checkpoint_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.5, 1.0])
     bootstrap_samples: int = 1000  # resamples for the 95% CI of the mean
 
     def validate(self, where: str) -> None:
         _require(self.batch_size > 0, f"{where}.batch_size", "must be positive", "use e.g. 32")
-        bad = sorted(set(self.layer_sets) - {"first", "embeddings", "all"})
+        bad = sorted(set(self.layer_sets) - set(LAYER_SETS))
         _require(not bad, f"{where}.layer_sets", f"unknown {bad}", "use first, embeddings, all")
         _require(all(0 < f <= 1 for f in self.checkpoint_fractions), f"{where}.checkpoint_fractions",
                  "fractions must be in (0, 1]", "e.g. [0.1, 0.2, 0.5, 1.0]")
@@ -242,7 +246,7 @@ class SIAnalysisConfig:
 
 @dataclass
 class FinetuneConfig:
-    tasks: list[str] = field(default_factory=lambda: ["xnli", "panx", "xquad", "mlqa", "tydiqa", "pawsx"])
+    tasks: list[str] = field(default_factory=lambda: list(XTREME_TASKS))
     xtreme_source: str = "local"  # local: folder from --xtreme-dir / PRESENCE_XTREME_DIR (tasks skipped if unset) | hub
     steps: int = 20_000  # paper: 20k
     batch_size: int = 128  # paper: 128
@@ -261,9 +265,8 @@ class FinetuneConfig:
     retrieval_pairs: int = 500  # held-out aligned verses per language
 
     def validate(self, where: str) -> None:
-        known = {"xnli", "panx", "xquad", "mlqa", "tydiqa", "pawsx"}
-        bad = sorted(set(self.tasks) - known)
-        _require(not bad, f"{where}.tasks", f"unknown tasks {bad}", f"choose from {sorted(known)}")
+        bad = sorted(set(self.tasks) - set(XTREME_TASKS))
+        _require(not bad, f"{where}.tasks", f"unknown tasks {bad}", f"choose from {list(XTREME_TASKS)}")
         _require(self.xtreme_source in ("local", "hub"), f"{where}.xtreme_source",
                  f"unknown source {self.xtreme_source!r}", "use 'local' (a folder in XTREME's layout) or 'hub'")
         for name in ("steps", "batch_size", "input_length", "target_length", "eval_batch_size", "retrieval_pairs",

@@ -9,6 +9,8 @@ from transformers.utils import logging as hf_logging
 
 from common.config import ModelConfig
 
+IGNORE_INDEX = -100  # the label Hugging Face's losses skip (padding); every label tensor here uses it
+
 # Bucketed relative positions mean T5 has no position embeddings; these ids are T5's conventions
 # (decoding starts from the pad id) and our tokenizer's.
 PAD_ID, EOS_ID = 0, 1

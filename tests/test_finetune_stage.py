@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.evaluation.finetuning import (IGNORE, EncoderTagger, collate, encode_tagged, encode_text_to_text, generate,
+from common.modeling import IGNORE_INDEX
+from common.evaluation.finetuning import (EncoderTagger, collate, encode_tagged, encode_text_to_text, generate,
                                predict_tags, qa_answer_fits)
 from common.paths import REPO_ROOT
 from common.evaluation.retrieval import mean_pool, retrieval_accuracy
@@ -203,7 +204,7 @@ def test_tags_sit_on_first_subwords_and_truncated_words_are_predicted_o(model_di
     [encoded] = encode_tagged(tokenizer, [sentence], input_length=64)
     pieces = tokenizer([list(sentence.tokens)], is_split_into_words=True).word_ids(0)
     assert encoded["first_subword"] == [pieces.index(k) for k in range(4)]
-    labelled = [i for i, label in enumerate(encoded["labels"]) if label != IGNORE]
+    labelled = [i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX]
     assert labelled == encoded["first_subword"]
     [short] = encode_tagged(tokenizer, [sentence], input_length=3)
     assert short["first_subword"][-1] is None
@@ -219,7 +220,7 @@ def test_collate_pads_inputs_and_ignores_padded_labels():
     batch = collate([{"input_ids": [5, 6, 1], "labels": [7, 1]}, {"input_ids": [5, 1], "labels": [1]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert batch["labels"].tolist() == [[7, 1], [1, IGNORE]]
+    assert batch["labels"].tolist() == [[7, 1], [1, IGNORE_INDEX]]
 
 
 def test_answers_cut_off_by_truncation_are_detected(model_dir):

@@ -8,7 +8,7 @@ import pytest
 
 from common.data.probes import (choose, document_samples, jumble, jumble_units, mismatched_samples, pack_lines,
                            span_corrupted_probes)
-from common.data.span_corruption import LABEL_PAD
+from common.modeling import IGNORE_INDEX
 from common.data.tokenizer import train_sentencepiece_tokenizer
 
 ENGLISH = "So Boaz took Ruth, and she became his wife;\nand he went in to her, and she bore a son."
@@ -80,7 +80,7 @@ def test_probe_examples_are_padded_and_twins_share_noise(tokenizer):
     jumbled = jumble(clean, "en", np.random.default_rng(3))
     batch = span_corrupted_probes([clean, jumbled, "a"], [7, 7, 8], tokenizer, input_length=32, seed=0)
     assert batch["input_ids"].shape == (3, 32) and batch["labels"].shape[0] == 3
-    assert ((batch["labels"] == LABEL_PAD) == (batch["labels"] < 0)).all()
+    assert ((batch["labels"] == IGNORE_INDEX) == (batch["labels"] < 0)).all()
     n_in = batch["attention_mask"].sum(dim=1)
     assert (batch["input_ids"][0, n_in[0]:] == 0).all()
     sentinel = batch["input_ids"] >= len(tokenizer) - 100

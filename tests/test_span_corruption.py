@@ -5,7 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from common.data.span_corruption import (LABEL_PAD, compute_input_and_target_lengths, random_segment_lengths,
+from common.modeling import IGNORE_INDEX
+from common.data.span_corruption import (compute_input_and_target_lengths, random_segment_lengths,
                                     random_spans_noise_mask, span_corrupt, span_corrupted_example)
 
 EOS, FIRST_SENTINEL = 1, 999  # sentinels are 999, 998, ...; the test tokens stay below 899
@@ -87,8 +88,8 @@ def test_single_example_is_padded_and_labels_ignore_padding():
                                      pad_id=0, eos_id=EOS, first_sentinel_id=FIRST_SENTINEL)
     ids, mask, labels = example["input_ids"], example["attention_mask"], example["labels"]
     assert ids.shape == (128,) and labels.shape == (32,)
-    n_in, n_out = int(mask.sum()), int((labels != LABEL_PAD).sum())
-    assert (ids[n_in:] == 0).all() and (labels[n_out:] == LABEL_PAD).all()
+    n_in, n_out = int(mask.sum()), int((labels != IGNORE_INDEX).sum())
+    assert (ids[n_in:] == 0).all() and (labels[n_out:] == IGNORE_INDEX).all()
     assert reconstruct(ids[:n_in].tolist(), labels[:n_out].tolist()) == list(range(10, 60))
     with pytest.raises(ValueError, match="truncate"):
         span_corrupted_example(list(range(200)), np.random.default_rng(0), input_length=128, target_length=32,

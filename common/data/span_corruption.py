@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-LABEL_PAD = -100  # positions torch's cross-entropy ignores
+from common.modeling import IGNORE_INDEX
+
 
 
 def noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
@@ -101,7 +102,7 @@ def span_corrupted_example(token_ids: list[int] | np.ndarray, rng: np.random.Gen
                            noise_density: float = 0.15,
                            mean_noise_span_length: float = 3.0) -> dict[str, torch.Tensor]:
     """One variable-length token sequence as one padded training example: 1-D LongTensors
-    input_ids and attention_mask (input_length) and labels (target_length, LABEL_PAD on padding).
+    input_ids and attention_mask (input_length) and labels (target_length, IGNORE_INDEX on padding).
     The sequence must not be longer than the raw row length that input_length implies."""
     raw_length, _ = compute_input_and_target_lengths(input_length, noise_density, mean_noise_span_length)
     if len(token_ids) > raw_length:
@@ -115,6 +116,6 @@ def span_corrupted_example(token_ids: list[int] | np.ndarray, rng: np.random.Gen
     input_ids = torch.full((input_length,), pad_id, dtype=torch.long)
     input_ids[:inputs.shape[1]] = torch.from_numpy(inputs[0])
     attention_mask = (torch.arange(input_length) < inputs.shape[1]).long()
-    labels = torch.full((target_length,), LABEL_PAD, dtype=torch.long)
+    labels = torch.full((target_length,), IGNORE_INDEX, dtype=torch.long)
     labels[:targets.shape[1]] = torch.from_numpy(targets[0])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

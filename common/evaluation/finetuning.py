@@ -18,8 +18,8 @@ from transformers.modeling_outputs import TokenClassifierOutput
 
 from common.adafactor import Adafactor
 from common.evaluation.xtreme import NER_TAGS, PairExample, QAExample, TaggedSentence
+from common.modeling import IGNORE_INDEX
 
-IGNORE = -100  # label id the losses skip
 # Label words the model generates. XNLI's labels are already words; PAWS-X's 0/1 are given names.
 LABEL_WORDS = {"xnli": {"entailment": "entailment", "neutral": "neutral", "contradiction": "contradiction"},
                "pawsx": {"0": "different", "1": "paraphrase"}}
@@ -64,7 +64,7 @@ def max_label_tokens(tokenizer, words: Sequence[str]) -> int:
 # --- batching and training ---------------------------------------------------------------------------
 
 def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids (attention mask 0 on padding) and labels (IGNORE on padding)."""
+    """Right-pad input_ids (attention mask 0 on padding) and labels (IGNORE_INDEX on padding)."""
     width = max(len(ex["input_ids"]) for ex in examples)
     batch = {"input_ids": torch.tensor([ex["input_ids"] + [pad_id] * (width - len(ex["input_ids"]))
                                         for ex in examples]),
@@ -72,7 +72,7 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
                                              for ex in examples])}
     if "labels" in examples[0]:
         label_width = max(len(ex["labels"]) for ex in examples)
-        batch["labels"] = torch.tensor([ex["labels"] + [IGNORE] * (label_width - len(ex["labels"]))
+        batch["labels"] = torch.tensor([ex["labels"] + [IGNORE_INDEX] * (label_width - len(ex["labels"]))
                                         for ex in examples])
     return batch
 
@@ -152,12 +152,12 @@ class EncoderTagger(nn.Module):
         logits = self.classifier(self.dropout(states))
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return TokenClassifierOutput(loss=loss, logits=logits)
 
 
 def encode_tagged(tokenizer, sentences: Sequence[TaggedSentence], input_length: int) -> list[dict]:
-    """Sub-word ids per sentence; the tag of each original token sits on its first sub-word (IGNORE on the
+    """Sub-word ids per sentence; the tag of each original token sits on its first sub-word (IGNORE_INDEX on the
     others). `first_subword[k]` is the position of token k, or None when truncation cut it off."""
     tag_id = {tag: i for i, tag in enumerate(NER_TAGS)}
     encoded = tokenizer([list(s.tokens) for s in sentences], is_split_into_words=True, truncation=True,
@@ -166,7 +166,7 @@ def encode_tagged(tokenizer, sentences: Sequence[TaggedSentence], input_length: 
     for index, sentence in enumerate(sentences):
         word_ids = encoded.word_ids(index)
         first_subword: list[int | None] = [None] * len(sentence.tokens)
-        labels = [IGNORE] * len(word_ids)
+        labels = [IGNORE_INDEX] * len(word_ids)
         for position, word in enumerate(word_ids):
             if word is not None and first_subword[word] is None:
                 first_subword[word] = position

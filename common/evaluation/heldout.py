@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from common.data.packed_data import SpanCorruptionBatches
-from common.presence.influence import IGNORE_INDEX, eager, forward_logits, token_losses
+from common.modeling import IGNORE_INDEX
+from common.presence.influence import eager, forward_logits, token_losses
 
 HELDOUT_SEED = 12345  # span-corruption noise of the held-out rows: the same for every run and seed
 HELDOUT_COLUMNS = ["run", "method", "seed", "step", "lang", "n_rows", "n_tokens", "loss", "se"]

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-TASKS = ("xnli", "pawsx", "panx", "xquad", "mlqa", "tydiqa")
+from common.config import XTREME_TASKS
+
+TASKS = XTREME_TASKS
 TASK_METRICS = {"xnli": ("accuracy",), "pawsx": ("accuracy",), "panx": ("span_f1", "span_precision", "span_recall"),
                 "xquad": ("f1", "exact_match"), "mlqa": ("f1", "exact_match"), "tydiqa": ("f1", "exact_match")}
 # XTREME's test languages per task; XTREME's per-task score is the mean over all of them, English included.

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import LAYER_SETS
+from common.modeling import IGNORE_INDEX
 from common.presence.per_sample_grads import GradTape
 
-LAYER_SETS = ("first", "embeddings", "all")
 FIRST_BLOCKS = ("encoder.block.0", "decoder.block.0")
-IGNORE_INDEX = -100  # Hugging Face's label for "no loss here" (padding)
 
 Layers = str | Sequence[str]
 

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
-from common.presence.influence import IGNORE_INDEX, Layers, eager, forward_logits, layer_set, token_losses
+from common.modeling import IGNORE_INDEX
+from common.presence.influence import Layers, eager, forward_logits, layer_set, token_losses
 from common.presence.per_sample_grads import GradTape
 from common.presence.reweighting import shuffle, softmax_weights, standardise
 
