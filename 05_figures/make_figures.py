@@ -25,9 +25,10 @@ from common.io import atomic_open, write_csv
 from common.reporting.markdown import markdown_table
 from common.reporting.paper_results import PAPER_RESULTS_CSV, load_paper_results
 from common.paths import REPO_ROOT, RESULTS_DIR
-from common.reporting.plotting import (MissingInputError, plot_figure1, plot_presence_vs_sequential, plot_schedules,
-                             plot_si_overhead, plot_single_stage_tau, plot_training_loss, plot_weights_over_training,
-                             plot_xtreme_per_language)
+from common.reporting.plotting import (MissingInputError, plot_figure1, plot_noise_experiment, plot_noise_granularity,
+                                       plot_presence_vs_sequential, plot_schedules, plot_si_layer_sets,
+                                       plot_si_overhead, plot_si_reliability, plot_single_stage_tau,
+                                       plot_training_loss, plot_weights_over_training, plot_xtreme_per_language)
 from common.reporting.result_tables import (CONTROL, TABLES, comparison_markdown, comparison_table,
                                             describe_our_scale, headline_markdown, offline_table)
 from common.reporting.run_results import (BENCH_COLUMNS, HEADLINE_METRIC, SI_COLUMNS, attach_variants,
@@ -78,6 +79,13 @@ def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str]) -> d
         inputs[name] = None if scores is None else attach_variants(scores, runs, notes)
         inputs[f"{name}_avg"] = None if scores is None else attach_variants(language_averages(scores), runs, notes)
     inputs["si_scores"] = read_table(stage_dir("si_analysis") / "si_scores.csv", SI_COLUMNS, notes)
+    inputs["si_reliability"] = read_table(stage_dir("si_analysis") / "si_reliability.csv",
+                                          ["step", "lang", "comparison", "auroc_si"], notes)
+    if preset.data.noise_rates:  # the known-noise experiment (02_si_analysis/analyze_noise.py)
+        inputs["noise_runs"] = read_table(stage_dir("noise") / "noise_runs.csv", ["method", "clean_heldout_loss"], notes)
+        inputs["granularity"] = read_table(stage_dir("noise") / "granularity.csv", ["microbatch_size"], notes)
+    else:
+        inputs["noise_runs"] = inputs["granularity"] = None
     inputs["bench"] = read_table(stage_dir("bench") / "si_overhead.csv", BENCH_COLUMNS, notes)
     averages = [f for f in (inputs["xtreme_avg"], inputs["retrieval_avg"]) if f is not None]
     downstream = pd.concat(averages, ignore_index=True) if averages else None
@@ -110,10 +118,17 @@ def write_tables(inputs: dict, paper: pd.DataFrame, preset, tables_dir: Path, no
     return built
 
 
+def final_checkpoint(scores: pd.DataFrame) -> pd.DataFrame:
+    """The SI scores of the scorer's last checkpoint."""
+    return scores[scores["step"] == scores["step"].max()]
+
+
 def figure_list(inputs: dict, preset) -> list[FigureJob]:
     """The figures in reading order, each with the call that draws it from the inputs."""
     logs, runs, switch = inputs["logs"], inputs["runs"], preset.pretrain.switch_step
     standard_logs = logs[logs["standard"].astype(bool)] if len(logs) else logs
+    clean = runs[runs["noise_rate"].fillna(0) == 0]["run_name"]  # the noise experiment has figures of its own
+    clean_logs = logs[logs["run_name"].isin(clean)] if len(logs) else logs
 
     def need(name: str):
         if inputs[name] is None:
@@ -140,13 +155,30 @@ def figure_list(inputs: dict, preset) -> list[FigureJob]:
                lambda out: plot_single_stage_tau(standard_logs, runs, inputs["downstream"], out)),
         FigureJob("schedules_lr_tau.png", "learning-rate and τ schedules",
                "the learning rate and the temperature τ over steps, as logged", False,
-               lambda out: plot_schedules(logs, out, switch)),
+               lambda out: plot_schedules(clean_logs, out, switch)),
         FigureJob("weights_over_training.png", "weight entropy and max weight over training",
                "entropy and largest PRESENCE weight per step against uniform (ln n, 1/n), and mean raw SI", False,
-               lambda out: plot_weights_over_training(logs, runs, out, switch)),
+               lambda out: plot_weights_over_training(clean_logs, runs, out, switch)),
         FigureJob("si_overhead.png", "SI overhead benchmark",
                "step time of each SI engine relative to the baseline, with the paper's ~1.30× and our targets",
                False, lambda out: plot_si_overhead(need("bench"), out)),
+        FigureJob("si_layer_sets.png", "self-influence per layer set",
+               "SI of the probe conditions under each layer set K (first blocks, embeddings, all parameters), "
+               "final checkpoint", False,
+               lambda out: plot_si_layer_sets(final_checkpoint(need("si_scores")), out)),
+        FigureJob("si_reliability.png", "how early SI separates noise",
+               "AUROC of SI for jumbled vs clean and mismatched vs random probes at each checkpoint, and the rank "
+               "correlation of each probe's SI with its final SI", False,
+               lambda out: plot_si_reliability(need("si_reliability"), out)),
+        FigureJob("noise_experiment.png", "the known-noise experiment",
+               "weight on known-noisy training rows over training per method, the within-step AUROC of SI for "
+               "noisy vs clean rows, and the final clean held-out loss per method and noise rate", True,
+               lambda out: plot_noise_experiment(logs, runs, need("noise_runs"), out, switch,
+                                                 (preset.pretrain.tau_direct, preset.pretrain.tau_inverse))),
+        FigureJob("noise_granularity.png", "noise signal vs microbatch size",
+               "rank correlation of microbatch SI with the microbatch's noisy share, and PRESENCE's weight on the "
+               "noisy rows, for microbatches of 1 to 64 sequences", False,
+               lambda out: plot_noise_granularity(need("granularity"), out)),
         FigureJob("xtreme_per_language.png", "per-language XTREME and retrieval scores",
                "per-language scores of every fine-tuning task and setting and the offline verse-retrieval "
                "accuracy, baseline vs PRESENCE", False,

@@ -146,3 +146,39 @@ def write_synthetic_results(root: Path, preset_name: str = "tiny", finetune: boo
                                   "device": "cpu", "preset": preset_name} for m, ms, r in bench_rows])
         overhead.to_csv(base / "bench" / "si_overhead.csv", index=False)
     return base
+
+
+def write_synthetic_noise_results(root: Path, preset_name: str = "tiny", seed: int = 0) -> Path:
+    """Runs on noisy data (config noise_rate 0.2) with the noise columns of train_log.csv, and the
+    noise_runs.csv and granularity.csv of 02_si_analysis/analyze_noise.py, all made up."""
+    rng = np.random.default_rng(seed)
+    base = Path(root) / preset_name
+    preset = load_preset(preset_name).to_dict()
+    noise_rows = []
+    for method, per, share in (("baseline", "microbatch", 0.2), ("presence", "microbatch", 0.15),
+                               ("presence", "sample", 0.1), ("noise-oracle", "microbatch", 0.0)):
+        for s in (0, 1):
+            name = write_run(base / "pretrain" / "runs", preset, method if method != "noise-oracle" else "baseline",
+                             None, None, s, rng)
+            folder = base / "pretrain" / "runs" / name
+            renamed = folder.with_name(f"{method}{'-per-sample' if per == 'sample' else ''}-noise0.2-s{s}")
+            folder.rename(renamed)
+            config = json.loads((renamed / "config.json").read_text())
+            config.update(run_name=renamed.name, method=method, per=per, noise_rate=0.2)
+            (renamed / "config.json").write_text(json.dumps(config))
+            log = pd.read_csv(renamed / "train_log.csv")
+            log["noisy_batch_share"] = 0.2
+            log["noisy_weight_share"] = share + rng.normal(0, 0.01, len(log))
+            log["si_noise_auroc"] = np.where(log["step"] % 10 == 0, 0.7, np.nan)
+            log.to_csv(renamed / "train_log.csv", index=False)
+            noise_rows.append({"run": renamed.name, "method": method, "per": per, "noise_kind": "mixed",
+                               "noise_rate": 0.2, "seed": s, "clean_heldout_loss": 4.0 + share, "se": 0.01,
+                               "noisy_weight_share": share, "noisy_batch_share": 0.2})
+    (base / "noise").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(noise_rows).to_csv(base / "noise" / "noise_runs.csv", index=False)
+    granularity = [{"run": f"baseline-noise0.2-s{s}", "seed": s, "checkpoint_step": step, "microbatch_size": m,
+                    "noisy_batch_share": 0.2, "noisy_weight_share_tau_minus1": 0.2 - 0.1 / m,
+                    "noisy_weight_share_tau_plus1": 0.2 + 0.1 / m, "spearman_mean": 0.8 / m ** 0.5}
+                   for s in (0, 1) for step in (100, 200) for m in (1, 4, 16, 64)]
+    pd.DataFrame(granularity).to_csv(base / "noise" / "granularity.csv", index=False)
+    return base

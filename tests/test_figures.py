@@ -10,7 +10,7 @@ import pytest
 import common.reporting.plotting as plotting
 from common.config import load_preset
 from common.paths import REPO_ROOT
-from synthetic_results import write_synthetic_results
+from synthetic_results import write_synthetic_noise_results, write_synthetic_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -215,3 +215,35 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path, monkeypatch):
     module.main(module.parse_args(["--preset", "tiny", "--readme", str(readme)]))
     expected = "# Title\n<!-- results:begin -->\n### Results\n| a |\n<!-- results:end -->\n## Set-up\n"
     assert readme.read_text() == expected
+
+
+def test_score_error_bars_stay_inside_0_to_100():
+    yerr = plotting.score_yerr([0.03, 50.0, 99.0], [0.04, 5.0, 3.0])
+    assert yerr.ravel().tolist() == pytest.approx([0.03, 5.0, 3.0, 0.04, 5.0, 1.0])
+
+
+def test_chance_levels_are_drawn_where_a_task_has_one(inputs, tmp_path):
+    fig = plotting.plot_xtreme_per_language(inputs["xtreme"], inputs["retrieval"], tmp_path / "x.png")
+    lines = {ax.get_title().split(" ")[0]: [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+             for ax in fig.axes}
+    assert lines["XNLI"] == [pytest.approx(100 / 3)] and lines["PAWS-X"] == [pytest.approx(50.0)]
+    assert lines["verse"] == [pytest.approx(100 / 200)]  # 1 of n_examples = 200 candidates
+    assert lines["XQuAD"] == []  # F1: no chance level
+
+
+def test_noise_figures(tmp_path):
+    write_synthetic_noise_results(tmp_path, "tiny")
+    make_figures = load_make_figures()
+    notes = []
+    inputs = make_figures.load_inputs(lambda stage: tmp_path / "tiny" / stage,
+                                      load_preset("tiny", ["data.noise_rates=[0.2]"]), notes)
+    out = tmp_path / "noise.png"
+    fig = plotting.plot_noise_experiment(inputs["logs"], inputs["runs"], inputs["noise_runs"], out, switch_step=20)
+    assert_readable(fig, out, "known-noise experiment", ["Weight on the noisy rows", "self-influence rank the noisy",
+                                                         "Final held-out loss"])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(label.startswith("presence (per-sample) (n=2 seeds") for label in labels)
+    assert any("noisy share of the batch (mean 0.200)" in label for label in labels)
+    out = tmp_path / "granularity.png"
+    fig = plotting.plot_noise_granularity(inputs["granularity"], out)
+    assert_readable(fig, out, "Granularity", ["still track the noise", "Weight on the noisy rows"])

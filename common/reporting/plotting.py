@@ -202,6 +202,33 @@ def _mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return mean, half
 
 
+# Chance levels of the accuracy tasks (a uniformly random valid answer): XNLI has 3 labels, PAWS-X 2. Verse
+# retrieval picks 1 of n candidates, so its chance level is 100 / n (n_examples of the scores).
+CHANCE_PERCENT = {"xnli": 100 / 3, "pawsx": 50.0}
+
+
+def chance_percent(task: str, rows: pd.DataFrame | None = None) -> float | None:
+    """The task's chance level in percent, or None (F1 tasks have no single chance level)."""
+    if rows is not None and "chance" in rows and rows["chance"].notna().any():
+        return float(pd.to_numeric(rows["chance"], errors="coerce").mean())
+    if task == "verse_retrieval" and rows is not None and "n_examples" in rows and len(rows):
+        return 100.0 / float(rows["n_examples"].median())
+    return CHANCE_PERCENT.get(task)
+
+
+def score_yerr(mean, std, low: float = 0.0, high: float = 100.0) -> np.ndarray:
+    """Error bars of a score (mean ± std over seeds) clipped to the score's range, so that a bar never
+    suggests a score below 0 (or above 100): a (2, n) array of lower and upper lengths."""
+    mean = np.asarray(mean, dtype=float)
+    std = np.nan_to_num(np.asarray(std, dtype=float))
+    return np.vstack([np.clip(np.minimum(std, mean - low), 0, None), np.clip(np.minimum(std, high - mean), 0, None)])
+
+
+def mark_chance(ax, level: float | None, label: bool = True) -> None:
+    if level is not None:
+        ax.axhline(level, color="#d62728", ls="--", lw=1, label=f"chance ({level:.3g}%)" if label else None)
+
+
 def mark_not_measured(ax) -> None:
     """An empty panel that says so, instead of blank axes a reader could take for zeros."""
     ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
@@ -392,8 +419,15 @@ def draw_downstream_bars(ax, downstream: pd.DataFrame, variants: list[str], pale
         stats = frame[frame["variant"] == variant].groupby("task")["value"].agg(["mean", "std", "count"])
         stats = stats.reindex(tasks)
         x = np.arange(len(tasks)) + (j - (len(shown) - 1) / 2) * width
-        ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0), capsize=2,
+        ax.bar(x, stats["mean"], width, yerr=score_yerr(stats["mean"], stats["std"]), capsize=2,
                color=color_for(variant, palette), label=f"{variant} (n={int(stats['count'].max())})")
+    labelled = False
+    for i, task in enumerate(tasks):  # chance per task, over its own group of bars
+        level = chance_percent(task, frame[frame["task"] == task])
+        if level is not None:
+            ax.hlines(level, i - 0.45, i + 0.45, color="#d62728", ls="--", lw=1,
+                      label=None if labelled else "chance level")
+            labelled = True
     ax.set_xticks(np.arange(len(tasks)), [t.replace("_", " ") for t in tasks], rotation=20)
     ax.set_xlabel("task (zero-shot; verse retrieval: our offline check)")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
@@ -433,7 +467,7 @@ def plot_single_stage_tau(logs: pd.DataFrame, runs: pd.DataFrame, downstream: pd
         per_run = chosen.groupby("run", as_index=False)["value"].mean()
         scores = table.merge(per_run, left_on="run_name", right_on="run")
     if scores is not None and not scores.empty:
-        _metric_vs_tau(score_ax, scores, "value")
+        _metric_vs_tau(score_ax, scores, "value", scores=True)
         score_ax.set_ylabel(label)
         score_ax.set_title("Downstream score vs τ")
     else:
@@ -466,15 +500,17 @@ def _tau_colors(taus: list[float]) -> dict[float, str]:
     return {t: ("#4d4d4d" if t == 0 else cmap(0.5 + 0.5 * t / span)) for t in taus}
 
 
-def _metric_vs_tau(ax, table: pd.DataFrame, column: str) -> None:
+def _metric_vs_tau(ax, table: pd.DataFrame, column: str, scores: bool = False) -> None:
+    """Per temperature: each seed's value and the mean ± std; `scores` (percentages) clips the bars."""
     data = table.dropna(subset=[column])
     if data.empty:
         ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="#888888")
         return
     ax.scatter(data["tau"], data[column], color="#888888", s=18, zorder=3, label="one seed")
     means = data.groupby("tau")[column].agg(["mean", "std"]).reset_index()
-    ax.errorbar(means["tau"], means["mean"], yerr=means["std"].fillna(0), fmt="-o", color="#1f77b4", capsize=3,
-                label="mean ± std over seeds")
+    yerr = score_yerr(means["mean"], means["std"]) if scores else means["std"].fillna(0)
+    ax.errorbar(means["tau"], means["mean"], yerr=yerr, fmt="-o", color="#1f77b4", capsize=3,
+                label="mean ± std over seeds" + (" (clipped at 0)" if scores else ""))
     base = means[means["tau"] == 0]
     if not base.empty:
         ax.axhline(float(base["mean"].iloc[0]), color="#4d4d4d", ls="--", lw=1, label="baseline (τ = 0)")
@@ -526,14 +562,17 @@ def plot_weights_over_training(logs: pd.DataFrame, runs: pd.DataFrame, out_png: 
     logs = logs[logs["weight_entropy"].notna()] if "weight_entropy" in logs else logs.iloc[0:0]
     if logs.empty:
         raise MissingInputError("no reweighted runs with weight statistics in the training logs")
-    fig = Figure(figsize=(13, 10), layout="constrained")
-    entropy_ax, max_ax, si_ax = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(13, 12.5), layout="constrained")
+    entropy_ax, max_ax, kish_ax, si_ax = fig.subplots(4, 1, sharex=True)
     palette: dict = {}
     window = smoothing_window(int(logs["step"].nunique())) * 3
     for variant in sorted(logs["variant"].unique()):
         rows = logs[logs["variant"] == variant]
         color = color_for(variant, palette)
-        for ax, column in ((entropy_ax, "weight_entropy"), (max_ax, "max_weight"), (si_ax, "si_mean")):
+        for ax, column in ((entropy_ax, "weight_entropy"), (max_ax, "max_weight"), (kish_ax, "kish_n"),
+                           (si_ax, "si_mean")):
+            if column not in rows:
+                continue
             table = seed_curves(rows, column)
             if not table.empty:
                 line = thin(smooth(table.mean(axis=1), window).reset_index())
@@ -548,7 +587,12 @@ def plot_weights_over_training(logs: pd.DataFrame, runs: pd.DataFrame, out_png: 
         max_ax.axhline(1 / n, color="black", ls="--", lw=1)
         max_ax.annotate(f"uniform over {n}: 1/{n} = {1 / n:.3f}", (0, 1 / n), xycoords=("axes fraction", "data"),
                         xytext=(4, 4), textcoords="offset points", fontsize=8)
-    for ax in (entropy_ax, max_ax, si_ax):
+        kish_ax.axhline(n, color="black", ls="--", lw=1)
+        kish_ax.annotate(f"uniform over {n}: {n}", (0, n), xycoords=("axes fraction", "data"), xytext=(4, -12),
+                         textcoords="offset points", fontsize=8)
+    kish_ax.set_ylabel("Kish effective count")
+    kish_ax.set_title("Kish effective number of units, 1 / Σ w² (n means uniform: no shrinking of the batch)")
+    for ax in (entropy_ax, max_ax, kish_ax, si_ax):
         ax.axvline(switch_step, color="#555555", ls=":", lw=1)
     entropy_ax.set_ylabel("weight entropy (nats)")
     entropy_ax.set_title("Entropy of the weights (the maximum, ln n, means uniform weights)")
@@ -612,9 +656,11 @@ METRIC_TITLES = {"f1": "F1", "em": "exact match", "accuracy": "accuracy", "span_
 
 
 def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFrame | None, out_png: str | Path,
-                             variants: tuple[str, ...] = ("baseline", "presence")) -> Figure:
-    """Per-language scores of each fine-tuning task and setting (the paper's metric per task), and
-    the offline verse-retrieval accuracy per language: bars per variant, mean ± std over seeds."""
+                             variants: tuple[str, ...] = ("baseline", "presence-shuffled", "presence")) -> Figure:
+    """Per-language scores of each fine-tuning task and setting (the paper's metric per task), and the
+    offline verse-retrieval accuracy per language: bars per variant, mean over seeds, error bars the std
+    over seeds clipped to [0, 100], chance levels where a task has one. One panel per row, page-width,
+    so that every language label stays legible."""
     frames = [f for f in (scores, retrieval) if f is not None and not f.empty]
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["variant", "lang"])
     data = data[data["variant"].isin(variants) & (data["lang"] != "avg")]
@@ -622,11 +668,8 @@ def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFram
         raise MissingInputError(f"no per-language scores of {list(variants)}")
     data = data[data["metric"] == data["task"].map(HEADLINE_METRIC).fillna(data["metric"])]
     panels = list(data.groupby(["task", "setting"], sort=False))
-    columns = 2 if len(panels) > 2 else 1
-    grid_rows = math.ceil(len(panels) / columns)
-    most_languages = int(data.groupby(["task", "setting"])["lang"].nunique().max())
-    fig = Figure(figsize=(max(12, 0.4 * most_languages * columns + 3), 3.3 * grid_rows + 1), layout="constrained")
-    axes = fig.subplots(grid_rows, columns, squeeze=False).ravel()
+    fig = Figure(figsize=(11, 2.6 * len(panels) + 0.8), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False).ravel()
     palette: dict = {}
     for ax, ((task, setting), rows) in zip(axes, panels):
         languages = sorted(rows["lang"].unique())
@@ -635,20 +678,24 @@ def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFram
         for j, variant in enumerate(shown):
             stats = rows[rows["variant"] == variant].groupby("lang")["value"].agg(["mean", "std"]).reindex(languages)
             ax.bar(np.arange(len(languages)) + (j - (len(shown) - 1) / 2) * width, stats["mean"], width,
-                   yerr=stats["std"].fillna(0), capsize=2, color=color_for(variant, palette), label=variant)
+                   yerr=score_yerr(stats["mean"], stats["std"]), capsize=1.5, color=color_for(variant, palette),
+                   error_kw={"lw": 0.8})
+        mark_chance(ax, chance_percent(task, rows))
         metric = METRIC_TITLES.get(rows["metric"].iloc[0], rows["metric"].iloc[0])
-        ax.set_xticks(np.arange(len(languages)), languages, rotation=90 if len(languages) > 15 else 0)
+        ax.set_xticks(np.arange(len(languages)), languages, rotation=90 if len(languages) > 20 else 0, fontsize=9)
+        ax.set_xlim(-0.6, len(languages) - 0.4)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_xlabel("language")
         where = "offline check, no paper counterpart" if task == "verse_retrieval" else setting
-        ax.set_title(f"{TASK_TITLES.get(task, task)} {metric} ({where})")
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+        ax.set_title(f"{TASK_TITLES.get(task, task)} {metric} ({where})", fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right")
     seeds = data.groupby("variant")["seed"].nunique()
     handles = [Patch(color=color_for(v, palette), label=f"{v} (n={seeds[v]} seed{'s' if seeds[v] > 1 else ''})")
                for v in variants if v in seeds]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
-    fig.suptitle("Per-language scores, baseline vs PRESENCE (bars: mean over seeds; error bars: std)", fontsize=12)
+    fig.suptitle("Per-language scores (bars: mean over seeds; error bars: std over seeds, clipped to 0–100)",
+                 fontsize=12)
     return save_figure(fig, out_png)
 
 
@@ -716,4 +763,125 @@ def plot_si_reliability(reliability: pd.DataFrame, out_png: str | Path) -> Figur
         ax.set_xlim(0, 105)
     right.legend(fontsize=8, loc="lower right")
     fig.suptitle("How early do self-influence scores become reliable? (layer set 'first')")
+    return save_figure(fig, out_png)
+
+
+NOISE_VARIANTS = ("baseline", "presence", "presence (per-sample)", "presence-shuffled",
+                  "presence-shuffled (per-sample)", "noise-oracle")
+
+
+def noise_variant(method: str, per: str) -> str:
+    return f"{method} (per-sample)" if per == "sample" else method
+
+
+def plot_noise_experiment(logs: pd.DataFrame, runs: pd.DataFrame, noise_runs: pd.DataFrame, out_png: str | Path,
+                          switch_step: int, taus: tuple[float, float] = (1.0, -1.0)) -> Figure:
+    """The known-noise experiment: (a) the noisy rows' share of the update's weight over training, per
+    method, against their share of the batch; (b) the within-step AUROC of per-sample SI for noisy vs
+    clean rows; (c) the final clean held-out loss per method and noise rate, every seed and mean ± std."""
+    noisy_runs = runs[runs["noise_rate"].fillna(0) > 0]
+    if noisy_runs.empty or noise_runs is None or noise_runs.empty:
+        raise MissingInputError("no runs on noisy data (pretrain.py --noise-rate) or no noise_runs.csv")
+    tags = noisy_runs.assign(label=[noise_variant(m, p) for m, p in zip(noisy_runs["method"], noisy_runs["per"])])
+    logs = logs.merge(tags[["run_name", "label"]], on="run_name")
+    rate = float(noisy_runs["noise_rate"].iloc[0])
+    fig = Figure(figsize=(13, 12), layout="constrained")
+    share_ax, auroc_ax, loss_ax = fig.subplots(3, 1, height_ratios=[1.2, 1, 1])
+    palette: dict = {}
+    last_step = int(logs["step"].max())
+    window = max(1, round(logs["step"].nunique() / 20))
+    for ax in (share_ax, auroc_ax):
+        shade_stages(ax, switch_step, last_step, taus, label=ax is share_ax)
+    labels = [v for v in NOISE_VARIANTS if v in set(logs["label"])]
+    for label in labels:
+        rows = logs[logs["label"] == label]
+        color = color_for(label.split(" ")[0], palette) if "per-sample" not in label else color_for(label, palette)
+        style = "--" if "per-sample" in label else "-"
+        for ax, column in ((share_ax, "noisy_weight_share"), (auroc_ax, "si_noise_auroc")):
+            table = seed_curves(rows, column)
+            if table.empty:
+                continue
+            line = smooth(table.mean(axis=1), window if column == "noisy_weight_share" else max(1, window // 10))
+            line = thin(line.dropna().reset_index())
+            ax.plot(line["step"], line[0], color=color, ls=style, lw=1.6,
+                    label=f"{label} (n={table.shape[1]} seed{'s' if table.shape[1] > 1 else ''})")
+    batch = seed_curves(logs, "noisy_batch_share").mean(axis=1)
+    share_ax.axhline(float(batch.mean()), color="black", ls=":", lw=1.2,
+                     label=f"noisy share of the batch (mean {batch.mean():.3f})")
+    share_ax.set_ylabel("noisy rows' share of the weight")
+    share_ax.set_xlabel("optimizer step")
+    share_ax.set_title(f"Weight on the noisy rows ({rate:.0%} of the training rows; curves: mean over seeds, smoothed "
+                       f"over {window} steps); below the dotted line: PRESENCE moves weight off them")
+    share_ax.legend(fontsize=8, loc="upper right", ncol=2)
+    auroc_ax.axhline(0.5, color="black", ls=":", lw=1, label="no separation (0.5)")
+    auroc_ax.set_ylim(0, 1)
+    auroc_ax.set_ylabel("AUROC of per-sample SI")
+    auroc_ax.set_title("Does self-influence rank the noisy rows above the clean ones within a step? (1: always, "
+                       "0.5: no better than chance)")
+    auroc_ax.set_xlabel("optimizer step")
+    auroc_ax.legend(fontsize=8, loc="lower right", ncol=2)
+    _noise_loss_panel(loss_ax, noise_runs, palette)
+    fig.suptitle("The known-noise experiment: where PRESENCE puts its weight, and what it does to the clean "
+                 "held-out loss", fontsize=12)
+    return save_figure(fig, out_png)
+
+
+def _noise_loss_panel(ax, noise_runs: pd.DataFrame, palette: dict) -> None:
+    frame = noise_runs.assign(label=[noise_variant(m, p) for m, p in zip(noise_runs["method"], noise_runs["per"])])
+    labels = [v for v in NOISE_VARIANTS if v in set(frame["label"])]
+    rates = sorted(frame["noise_rate"].unique())
+    width = 0.8 / len(rates)
+    for k, rate in enumerate(rates):
+        for i, label in enumerate(labels):
+            values = frame[(frame["label"] == label) & (frame["noise_rate"] == rate)]["clean_heldout_loss"]
+            if values.empty:
+                continue
+            x = i + (k - (len(rates) - 1) / 2) * width
+            color = color_for(label.split(" ")[0], palette)
+            ax.scatter(np.full(len(values), x), values, s=14, color=color, alpha=0.6, zorder=3,
+                       marker="o" if rate else "s")
+            ax.errorbar(x, values.mean(), yerr=values.std() if len(values) > 1 else 0, fmt="_", ms=14, mew=2,
+                        capsize=4, color=color, zorder=4)
+    ax.set_xticks(np.arange(len(labels)), labels, fontsize=9)
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_xlabel("method (squares: clean data; circles: noisy data; bar: mean ± std over seeds)")
+    ax.set_title("Final held-out loss on clean rows (lower is better), per noise rate: "
+                 + ", ".join(f"{r:g}" for r in rates) + " (left to right within a method)")
+
+
+def plot_noise_granularity(granularity: pd.DataFrame, out_png: str | Path) -> Figure:
+    """How the signal survives as microbatches grow: the rank correlation of microbatch SI with the
+    microbatch's noisy share, and the noisy weight share at tau = -1 and +1 against the batch share."""
+    if granularity is None or granularity.empty:
+        raise MissingInputError("no granularity.csv (02_si_analysis/analyze_noise.py)")
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    rho_ax, share_ax = fig.subplots(1, 2)
+    steps = sorted(granularity["checkpoint_step"].unique())
+    colors = dict(zip(steps, ["#9ecae1", "#4292c6", "#08519c", "#08306b"][-len(steps):] if len(steps) <= 4
+                      else EXTRA_COLORS))
+    for step in steps:
+        rows = granularity[granularity["checkpoint_step"] == step].groupby("microbatch_size")
+        rho = rows["spearman_mean"].agg(["mean", "std"])
+        rho_ax.errorbar(rho.index, rho["mean"], yerr=rho["std"].fillna(0), fmt="-o", capsize=3, color=colors[step],
+                        label=f"checkpoint at step {step:,} (bars: std over seeds)")
+        share = rows[["noisy_weight_share_tau_minus1", "noisy_weight_share_tau_plus1", "noisy_batch_share"]].mean()
+        share_ax.plot(share.index, share["noisy_weight_share_tau_minus1"], "-o", color=colors[step],
+                      label=f"τ = −1, step {step:,}")
+        share_ax.plot(share.index, share["noisy_weight_share_tau_plus1"], "--^", color=colors[step],
+                      label=f"τ = +1, step {step:,}")
+    batch = granularity.groupby("microbatch_size")["noisy_batch_share"].mean()
+    share_ax.plot(batch.index, batch.to_numpy(), ":", color="black", label="noisy share of the batch")
+    for ax in (rho_ax, share_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(granularity["microbatch_size"].unique()))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("sequences per microbatch (8 microbatches per draw)")
+        ax.legend(fontsize=7.5)
+    rho_ax.axhline(0, color="black", lw=0.8)
+    rho_ax.set_ylabel("Spearman ρ, microbatch SI vs noisy share")
+    rho_ax.set_title("Does microbatch SI still track the noise in it?")
+    share_ax.set_ylabel("noisy rows' share of the weight")
+    share_ax.set_title("Weight on the noisy rows if PRESENCE weighted these microbatches")
+    fig.suptitle("Granularity: self-influence of microbatches of 1 to 64 noisy-data sequences, scored with the "
+                 "noisy baseline's checkpoints", fontsize=12)
     return save_figure(fig, out_png)
