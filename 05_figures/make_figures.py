@@ -14,6 +14,7 @@ inputs is skipped with the reason (and a stale PNG of it removed). No number is 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,8 @@ from common.config import load_preset
 from common.io import atomic_open, write_csv
 from common.reporting.markdown import markdown_table
 from common.reporting.paper_results import PAPER_RESULTS_CSV, load_paper_results
-from common.paths import REPO_ROOT, RESULTS_DIR
+from common.paths import REPO_ROOT, RESULTS_DIR, artefacts_dir
+from common.reporting.provenance import made_since, mark_runs, mark_scores, parse_time, provenance_markdown
 from common.reporting.plotting import (MissingInputError, plot_figure1, plot_noise_experiment, plot_noise_granularity,
                                        plot_presence_vs_sequential, plot_schedules, plot_si_layer_sets,
                                        plot_si_overhead, plot_si_reliability, plot_single_stage_tau,
@@ -51,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="preset override")
     p.add_argument("--results-root", default=str(RESULTS_DIR), help="the results/ tree to read and write")
     p.add_argument("--paper-results", default=str(PAPER_RESULTS_CSV), help="the paper's numbers")
+    p.add_argument("--since", help="when a `make reproduce` started (ISO time, UTC): numbers made before it are "
+                                   "marked reused in the tables, and tables/provenance.md lists what was which")
     return p.parse_args(argv)
 
 
@@ -65,10 +69,14 @@ def preset_argument(given: str) -> str:
         return given
 
 
-def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str]) -> dict:
-    """Every CSV the stages wrote, read defensively (absent inputs are None, with a note)."""
+def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str], since: dt.datetime | None = None) -> dict:
+    """Every CSV the stages wrote, read defensively (absent inputs are None, with a note). With `since` (the
+    start of a `make reproduce`), every run and score is marked reused or regenerated (inputs["provenance"])."""
     runs, logs = load_pretrain_runs(stage_dir("pretrain") / "runs", preset.pretrain, notes)
-    inputs = {"runs": runs, "logs": logs}
+    inputs = {"runs": runs, "logs": logs, "provenance": []}
+    if since is not None:
+        fast_path = {(m, s) for m in preset.pretrain.reproduce_methods for s in preset.pretrain.seeds}
+        inputs["provenance"] += mark_runs(runs, stage_dir("pretrain") / "runs", since, fast_path)
     weights = language_weights(stage_dir("data") / "corpus_manifest.csv", notes)
     methods = sorted({m for spec in TABLES for m in spec.methods} - {"baseline"})
     pairs = [(m, "baseline") for m in methods] + [("presence", CONTROL)]
@@ -76,9 +84,16 @@ def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str]) -> d
         if weights else None
     for name in ("xtreme", "retrieval"):
         scores = load_scores(stage_dir("finetune") / f"{name}.csv", notes)
+        if scores is not None and since is not None:
+            inputs["provenance"] += mark_scores(scores, artefacts_dir(preset.name, "finetune"), since, runs)
         inputs[name] = None if scores is None else attach_variants(scores, runs, notes)
-        inputs[f"{name}_avg"] = None if scores is None else attach_variants(language_averages(scores), runs, notes)
+        inputs[f"{name}_avg"] = None if scores is None else attach_variants(with_reused(language_averages(scores), scores),
+                                                                             runs, notes)
     inputs["si_scores"] = read_table(stage_dir("si_analysis") / "si_scores.csv", SI_COLUMNS, notes)
+    if since is not None and inputs["si_scores"] is not None:
+        fresh = made_since(stage_dir("si_analysis") / "environment.json", since)
+        inputs["provenance"].append({"what": "SI analysis", "item": "si_analysis/", "status": "regenerated" if fresh
+                                     else "reused", "reason": "" if fresh else "not rerun by this reproduction"})
     inputs["si_reliability"] = read_table(stage_dir("si_analysis") / "si_reliability.csv",
                                           ["step", "lang", "comparison", "auroc_si"], notes)
     if preset.data.noise_rates:  # the known-noise experiment (02_si_analysis/analyze_noise.py)
@@ -116,6 +131,15 @@ def write_tables(inputs: dict, paper: pd.DataFrame, preset, tables_dir: Path, no
               f"{len(table)} comparisons with our numbers)")
     built["scale"] = scale
     return built
+
+
+def with_reused(averages: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Language averages carry the `reused` mark of the scores they average (when marked)."""
+    if "reused" not in scores:
+        return averages
+    marks = scores.groupby(["run", "task", "setting"])["reused"].any()
+    return averages.assign(reused=[marks.get(k, False) for k in zip(averages["run"], averages["task"],
+                                                                     averages["setting"])])
 
 
 def final_checkpoint(scores: pd.DataFrame) -> pd.DataFrame:
@@ -203,7 +227,7 @@ def draw_figures(figures: list[FigureJob], figures_dir: Path) -> dict[str, str]:
 
 
 def write_figure_index(figures: list[FigureJob], status: dict[str, str], figures_dir: Path, preset_name: str,
-                       notes: list[str]) -> None:
+                       notes: list[str], provenance: list[dict] | None = None) -> None:
     rows = [[f"[{f.file}]({f.file})" if status[f.file] == "made" else f.file, f.shows, status[f.file]]
             for f in figures]
     text = [f"# Figures at preset `{preset_name}`", "",
@@ -211,10 +235,31 @@ def write_figure_index(figures: list[FigureJob], status: dict[str, str], figures
             f"PRESET={preset_name}`) from the CSVs under `results/{preset_name}/` only; do not edit by hand. The "
             "paper reports no numbers for its figures, so every figure shows our runs.", "",
             markdown_table(["figure", "what it shows", "status"], rows), ""]
+    reused = sorted({r["item"].split(" / ")[0] for r in provenance or [] if r["status"] == "reused"})
+    if reused:
+        text += [f"Drawn partly from outputs this `make reproduce` reused rather than regenerated ({len(reused)}: "
+                 f"{', '.join(reused)}); see ../tables/provenance.md.", ""]
     if notes:
         text += ["Notes from reading the inputs:", ""] + [f"- {n}" for n in notes] + [""]
     with atomic_open(figures_dir / "README.md") as f:
         f.write("\n".join(text))
+
+
+def report_provenance(rows: list[dict], since, path: Path) -> None:
+    """Print, and write beside the tables, what this reproduction made and what it reused, and why."""
+    with atomic_open(path) as f:
+        f.write(provenance_markdown(rows, since))
+    regenerated = [r["item"] for r in rows if r["status"] == "regenerated"]
+    reused = [r for r in rows if r["status"] == "reused"]
+    print(f"\nmake reproduce regenerated {len(regenerated)} outputs: {', '.join(regenerated) or 'none'}")
+    reasons: dict[str, list[str]] = {}
+    for r in reused:
+        reasons.setdefault(f"{r['what']}: {r['reason']}", []).append(r["item"].split(" / ")[0])
+    print(f"and reused {len(reused)} from the committed results (marked † in the tables):")
+    for reason, items in reasons.items():
+        names = sorted(set(items))
+        print(f"  - {reason} ({len(items)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")
+    print(f"details: {path}")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -223,7 +268,8 @@ def main(args: argparse.Namespace) -> dict:
     stage_dir = lambda stage: root / preset.name / stage  # noqa: E731
     notes: list[str] = []
     paper = load_paper_results(args.paper_results)
-    inputs = load_inputs(stage_dir, preset, notes)
+    since = parse_time(args.since) if args.since else None
+    inputs = load_inputs(stage_dir, preset, notes, since)
     # paths as seen from the repository; a note met twice (a baseline paired with several methods) once
     notes = list(dict.fromkeys(note.replace(f"{root.parent}/", "") for note in notes))
     for note in notes:
@@ -232,7 +278,7 @@ def main(args: argparse.Namespace) -> dict:
     tables = write_tables(inputs, paper, preset, stage_dir("tables"), notes)
     figures = figure_list(inputs, preset)
     status = draw_figures(figures, stage_dir("figures"))
-    write_figure_index(figures, status, stage_dir("figures"), preset.name, notes)
+    write_figure_index(figures, status, stage_dir("figures"), preset.name, notes, inputs["provenance"])
 
     table3, offline3 = tables["table3_main"]
     runs = inputs["runs"]
@@ -242,6 +288,8 @@ def main(args: argparse.Namespace) -> dict:
         f.write(headline_markdown(preset.name, table3, offline3, tables["scale"], preset.pretrain.steps, made,
                                   sorted(headline_runs), preset_argument(args.preset)))
     print(f"wrote {stage_dir('tables') / 'headline.md'}")
+    if since is not None:
+        report_provenance(inputs["provenance"], since, stage_dir("tables") / "provenance.md")
     return {"tables": [spec.name for spec in TABLES], "figures": status, "notes": notes}
 
 

@@ -2,6 +2,7 @@
 expected title, labelled axes and a legend; missing inputs skip a figure with its reason; and
 make_figures.py runs end to end on a small synthetic results tree."""
 import importlib.util
+import json
 import sys
 
 import pandas as pd
@@ -247,3 +248,33 @@ def test_noise_figures(tmp_path):
     out = tmp_path / "granularity.png"
     fig = plotting.plot_noise_granularity(inputs["granularity"], out)
     assert_readable(fig, out, "Granularity", ["still track the noise", "Weight on the noisy rows"])
+
+
+@pytest.mark.slow
+def test_make_figures_marks_what_a_reproduction_reused(tmp_path, monkeypatch):
+    """Runs and evaluations made before --since are reused: their cells get †, provenance.md and the
+    figure index say which and why; the ones made after are regenerated."""
+    write_synthetic_results(tmp_path, "tiny", si=False, bench=False, methods=("baseline", "presence"))
+    runs_dir = tmp_path / "tiny" / "pretrain" / "runs"
+    artefacts = tmp_path / "artefacts"
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(artefacts))
+    monkeypatch.delenv("PRESENCE_XTREME_DIR", raising=False)
+    for name, when in (("baseline-s0", "2026-01-02T00:00:00+00:00"), ("presence-s0", "2026-01-02T00:00:00+00:00"),
+                       ("baseline-s1", "2025-12-31T00:00:00+00:00"), ("presence-s1", "2025-12-31T00:00:00+00:00")):
+        (runs_dir / name / "environment.json").write_text(json.dumps({"time_utc": when}))
+    for run in ("baseline-s0", "presence-s0"):  # retrieval re-evaluated for the retrained runs only
+        folder = artefacts / "tiny" / "finetune" / run / "verse_retrieval" / "zero-shot"
+        folder.mkdir(parents=True)
+        (folder / "environment.json").write_text(json.dumps({"time_utc": "2026-01-02T01:00:00+00:00"}))
+    make_figures = load_make_figures()
+    make_figures.main(make_figures.parse_args(["--preset", "tiny", "--results-root", str(tmp_path),
+                                               "--since", "2026-01-01T00:00:00"]))
+    provenance = (tmp_path / "tiny" / "tables" / "provenance.md").read_text()
+    assert "| pre-training run | baseline-s0 | regenerated |  |" in provenance
+    assert "| pre-training run | baseline-s1 | reused | not in make reproduce's fast path" in provenance
+    assert "| fine-tuning | presence-s0 / verse_retrieval / zero-shot | regenerated |" in provenance
+    assert "presence-s0 / xnli / zero-shot | reused | XTREME data absent" in provenance
+    table3 = (tmp_path / "tiny" / "tables" / "table3_main.md").read_text()
+    assert "(n=2) †" in table3 and "† includes numbers reused" in table3
+    index = (tmp_path / "tiny" / "figures" / "README.md").read_text()
+    assert "reused rather than regenerated" in index and "baseline-s1" in index
