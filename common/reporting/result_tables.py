@@ -395,7 +395,10 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
     the repository root. `figures` lists (file name, caption, embed) of figures that exist;
     `preset_arg` is the --preset value the commands need (a variant's YAML path; default the name)."""
     rows = []
-    for (setting, task), cells in table3[table3["method"] == "presence"].groupby(["setting", "task"], sort=False):
+    measured = table3[table3["ours_n_seeds"] > 0]["setting"].unique()
+    skipped = [s for s in SETTINGS if s not in measured]
+    shown = table3[table3["setting"].isin(measured) if len(measured) else table3["setting"] == SETTINGS[0]]
+    for (setting, task), cells in shown[shown["method"] == "presence"].groupby(["setting", "task"], sort=False):
         by_model = cells.set_index("paper_model")
         base = table3[(table3["method"] == "baseline") & (table3["setting"] == setting)
                       & (table3["task"] == task)].iloc[0]
@@ -415,6 +418,8 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
            "PRESENCE − Baseline (Δ, points), paper Table 3 beside ours (mean ± sample std over seeds, "
            "n seeds):", "",
            markdown_table(header, rows), ""]
+    if skipped and len(measured):
+        out += [f"Not run: {', '.join(skipped)} (the paper's cells are in the full Table 3).", ""]
     if len(offline3) and offline3["ours_mean"].notna().any():
         out += ["Our offline measures (no paper counterpart, not comparable to the tasks above):", ""]
         out += offline_markdown(next(spec for spec in TABLES if spec.paper_table == "table3"), offline3, heading=False)
