@@ -57,7 +57,16 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> T5ForConditionalGeneration
         # logits have unit scale (HF's N(0, 1) gives logits of scale sqrt(d_model) and a huge first loss).
         std = model.config.initializer_factor * model.config.d_model ** -0.5
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * std)
+        say_untied(model)
     return model
+
+
+def say_untied(model) -> None:
+    """Make the config say what the model is. transformers 5 sets tie_word_embeddings to true for every T5;
+    saved so, transformers 4.x ties the output layer to the embedding again and rescales the decoder output
+    (T5 v1.0's recipe) and computes other logits without a warning. google/mt5's configs say false."""
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        model.config.tie_word_embeddings = False
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -86,9 +95,11 @@ def load_pretrained(name_or_path, **config_overrides):
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
+    say_untied(model)
+    return model
 
 
 # The bf16 dense-matmul ceiling measured on the lent H200 (../shared/docs/PERF.md), the denominator of MFU.
