@@ -61,8 +61,8 @@ def find_checkpoints(preset: str, given: list[str], default_seed: int) -> list[C
     root = artefacts_dir(preset, "pretrain")
     found = sorted(root.glob("*/final/presence_run.json"))
     if not found:
-        raise FileNotFoundError(f"no pre-trained checkpoint under {root} (looked for */final/presence_run.json): "
-                                "run `make pretrain` first, or pass --checkpoint DIR")
+        raise FileNotFoundError(f"no pre-trained checkpoint under {root} (looked for */final/presence_run.json). "
+                                "Fix: run `make pretrain` first, or pass --checkpoint DIR")
     return [describe_checkpoint(str(p.parent), default_seed) for p in found]
 
 
@@ -119,7 +119,7 @@ def choose_retrieval_pairs(verses: dict[str, dict[str, str]], cfg: FinetuneConfi
                          "Fix: choose finetune.retrieval_languages among them")
     shared = sorted(set(verses["en"]).intersection(*(verses[lang] for lang in languages)))
     if len(shared) < 2:
-        raise ValueError(f"only {len(shared)} verse(s) are aligned across en and {languages}; re-run `make data`")
+        raise ValueError(f"only {len(shared)} verse(s) are aligned across en and {languages}. Fix: re-run `make data`")
     if len(shared) < cfg.retrieval_pairs:
         print(f"retrieval: only {len(shared)} aligned verses (finetune.retrieval_pairs={cfg.retrieval_pairs})")
     return languages, sorted(random.Random(cfg.seed).sample(shared, min(cfg.retrieval_pairs, len(shared))))
@@ -209,7 +209,7 @@ def finetune(ckpt: Checkpoint, task: str, examples: list, cfg: FinetuneConfig, d
         stats["dropped_answer_truncated"] = len(examples) - len(kept)
         if not kept:
             raise ValueError(f"no {task} training answer lies within the first finetune.input_length="
-                             f"{cfg.input_length} tokens of its input; raise finetune.input_length")
+                             f"{cfg.input_length} tokens of its input. Fix: raise finetune.input_length")
         encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in kept], cfg.input_length,
                                       [ex.answers[0] for ex in kept], cfg.target_length)
     else:
@@ -366,5 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    from common.cli import exit_on_known_errors
+
     args = parse_args()
-    main(args.preset, args.set, args.checkpoint, args.xtreme_dir)
+    with exit_on_known_errors():
+        main(args.preset, args.set, args.checkpoint, args.xtreme_dir)

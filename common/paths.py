@@ -37,7 +37,7 @@ def xtreme_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     path = Path(chosen).expanduser().resolve()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"XTREME folder {path} does not exist; point {XTREME_ENV} (or --xtreme-dir) at a folder "
+            f"XTREME folder {path} does not exist. Fix: point {XTREME_ENV} (or --xtreme-dir) at a folder "
             "with XTREME's download layout, or unset it to use the hub."
         )
     return path
