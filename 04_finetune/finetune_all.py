@@ -4,9 +4,12 @@ For each checkpoint that 03_pretrain finished (or each --checkpoint given):
   1. verse retrieval: XTREME's Tatoeba protocol on held-out aligned verses of the embedded corpus
      (mean-pooled encoder states, nearest neighbour, accuracy per language). No fine-tuning; always offline.
   2. XTREME (when a local folder in XTREME's layout is given, or finetune.xtreme_source=hub): fine-tune on
-     English, test every language (zero-shot); again on English + translate-train data when present.
-Outputs: results/<preset>/finetune/retrieval.csv and xtreme.csv (one row per measurement, re-runs replace
-their rows), and a run folder per (checkpoint, task, setting) under artefacts/<preset>/finetune/.
+     English, test every language with a test file (zero-shot; finetune.test_languages restricts them, and
+     the XTREME average stays over XTREME's own languages); again on English + translate-train data when
+     present. The data is read and checked first, before any model runs.
+Outputs: results/<preset>/finetune/retrieval.csv and xtreme.csv (one row per measurement with its chance
+level, re-runs replace their rows), and a run folder per (checkpoint, task, setting) under
+artefacts/<preset>/finetune/.
 
   python 04_finetune/finetune_all.py --preset tiny                                  # retrieval only, offline
   PRESENCE_XTREME_DIR=../shared/xtreme python 04_finetune/finetune_all.py --preset tiny   # + XTREME, tiny
