@@ -61,7 +61,8 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist. Fix: run the stage that writes it first") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}). Fix: delete it and re-run the stage that writes it") from None
+        raise ValueError(f"{path} is not valid JSON ({err}). "
+                         "Fix: delete it and re-run the stage that writes it") from None
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> int:

@@ -197,7 +197,7 @@ def _require(root: Path, *candidates: str) -> Path:
 
 
 @dataclass(frozen=True)
-class TestFiles:
+class FilePattern:
     """Test files of a task in XTREME's layout: the files `glob` finds whose name fully matches `name`; the
     regex's group is the language. `layout` is the form the notes quote."""
     glob: str
@@ -207,25 +207,25 @@ class TestFiles:
 
 # In order of preference: the first file found for a language is its test set.
 TEST_FILES = {
-    "xnli": (TestFiles("xnli/test-*.tsv", r"test-([^.]+)\.tsv", "xnli/test-<l>.tsv"),),
-    "pawsx": (TestFiles("pawsx/test-*.tsv", r"test-([^.]+)\.tsv", "pawsx/test-<l>.tsv"),),
-    "panx": (TestFiles("panx/test-*.tsv", r"test-([^.]+)\.tsv", "panx/test-<l>.tsv"),),
-    "xquad": (TestFiles("xquad/xquad.*.json", r"xquad\.([^.]+)\.json", "xquad/xquad.<l>.json"),),
+    "xnli": (FilePattern("xnli/test-*.tsv", r"test-([^.]+)\.tsv", "xnli/test-<l>.tsv"),),
+    "pawsx": (FilePattern("pawsx/test-*.tsv", r"test-([^.]+)\.tsv", "pawsx/test-<l>.tsv"),),
+    "panx": (FilePattern("panx/test-*.tsv", r"test-([^.]+)\.tsv", "panx/test-<l>.tsv"),),
+    "xquad": (FilePattern("xquad/xquad.*.json", r"xquad\.([^.]+)\.json", "xquad/xquad.<l>.json"),),
     # XTREME's MLQA score takes context and question in one language; the mixed pairs are MLQA's G-XLT task
-    "mlqa": (TestFiles("mlqa/MLQA_V1/test/*.json", r"test-context-([^.-]+)-question-\1\.json",
+    "mlqa": (FilePattern("mlqa/MLQA_V1/test/*.json", r"test-context-([^.-]+)-question-\1\.json",
                        "mlqa/MLQA_V1/test/test-context-<l>-question-<l>.json"),
-             TestFiles("mlqa/MLQA_V1/dev/*.json", r"dev-context-([^.-]+)-question-\1\.json",
+             FilePattern("mlqa/MLQA_V1/dev/*.json", r"dev-context-([^.-]+)-question-\1\.json",
                        "mlqa/MLQA_V1/dev/dev-context-<l>-question-<l>.json")),
-    "tydiqa": (TestFiles("tydiqa/tydiqa-goldp-v1.1-dev/tydiqa-goldp-dev-*.json", r"tydiqa-goldp-dev-([a-z]+)\.json",
+    "tydiqa": (FilePattern("tydiqa/tydiqa-goldp-v1.1-dev/tydiqa-goldp-dev-*.json", r"tydiqa-goldp-dev-([a-z]+)\.json",
                          "tydiqa/tydiqa-goldp-v1.1-dev/tydiqa-goldp-dev-<language name>.json"),
-               TestFiles("tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.goldp.*.dev.json", r"tydiqa\.goldp\.([^.]+)\.dev\.json",
+               FilePattern("tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.goldp.*.dev.json", r"tydiqa\.goldp\.([^.]+)\.dev\.json",
                          "tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.goldp.<l>.dev.json")),
 }
-PAWSX_DEV_FILES = (TestFiles("pawsx/dev-*.tsv", r"dev-([^.]+)\.tsv", "pawsx/dev-<l>.tsv"),)
+PAWSX_DEV_FILES = (FilePattern("pawsx/dev-*.tsv", r"dev-([^.]+)\.tsv", "pawsx/dev-<l>.tsv"),)
 UNMATCHED_WHY = {"mlqa": " (XTREME's MLQA score takes context and question in one language)"}
 
 
-def find_test_files(root: Path, patterns: tuple[TestFiles, ...]) -> tuple[dict[str, Path], list[Path]]:
+def find_test_files(root: Path, patterns: tuple[FilePattern, ...]) -> tuple[dict[str, Path], list[Path]]:
     """language -> its test file, and the files the globs found whose names fit no pattern."""
     found: dict[str, Path] = {}
     unmatched = []
@@ -279,7 +279,7 @@ def _check_parallel(task: str, files: dict[str, Path], tests: dict[str, list]) -
                                   "by example, so this one was cut short or is another set. Fix: re-download it")
 
 
-def _local_tests(task: str, root: Path, read: Callable[[Path], list], patterns: tuple[TestFiles, ...],
+def _local_tests(task: str, root: Path, read: Callable[[Path], list], patterns: tuple[FilePattern, ...],
                  notes: list[str], languages: list[str] | None) -> dict[str, list]:
     files, unmatched = find_test_files(root, patterns)
     if unmatched:
@@ -289,9 +289,10 @@ def _local_tests(task: str, root: Path, read: Callable[[Path], list], patterns: 
                      f"{UNMATCHED_WHY.get(task, '')}: {shown}")
     files = _choose_languages(task, files, languages, notes)
     if not files:
-        raise XtremeDataError(f"no test file of {task} to evaluate under {root} ({' or '.join(p.layout for p in patterns)}"
-                              f"{', languages ' + ', '.join(languages) if languages else ''}). "
-                              "Fix: download the task, check finetune.test_languages, or drop the task from finetune.tasks")
+        chosen = f", languages {', '.join(languages)}" if languages else ""
+        raise XtremeDataError(f"no test file of {task} to evaluate under {root} "
+                              f"({' or '.join(p.layout for p in patterns)}{chosen}). Fix: download the task, check "
+                              "finetune.test_languages, or drop the task from finetune.tasks")
     tests = {lang: read(path) for lang, path in files.items()}
     if task in PARALLEL_TASKS:
         _check_parallel(task, files, tests)
