@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -37,8 +36,8 @@ from common.evaluation.finetuning import (LABEL_WORDS, EncoderTagger, batches_fo
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
 from common.io import iter_jsonl_gz
 from common.evaluation.metrics import accuracy, qa_scores, span_f1
-from common.modeling import load_pretrained
-from common.paths import artefacts_dir, results_dir, xtreme_dir
+from common.modeling import load_pretrained, require_model
+from common.paths import artefacts_dir, finished_pretrain_runs, results_dir, xtreme_dir
 from common.evaluation.retrieval import embed, retrieval_accuracy
 from common.evaluation.score_rows import chance_level, upsert_rows
 from common.runinfo import write_run_files
@@ -46,8 +45,6 @@ from common.seeding import seed_everything
 from common.evaluation.xtreme import TASK_METRICS, TaskData, in_xtreme_average, load_hub, load_local, subsample
 
 KIND = {"xnli": "pair", "pawsx": "pair", "panx": "tagging", "xquad": "qa", "mlqa": "qa", "tydiqa": "qa"}
-# A Hugging Face hub model id: owner/name, each part letters, digits, "_", "." or "-" (at most 96 characters)
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 @dataclass(frozen=True)
@@ -63,35 +60,19 @@ class Checkpoint:
 def find_checkpoints(preset: str, given: list[str], default_seed: int) -> list[Checkpoint]:
     if given:
         return [describe_checkpoint(name, default_seed, preset) for name in given]
-    found = finished_runs(preset)
+    found = finished_pretrain_runs(preset)
     if not found:
         raise FileNotFoundError(f"no pre-trained checkpoint under {artefacts_dir(preset, 'pretrain')} (looked for "
                                 "*/final/presence_run.json). Fix: run `make pretrain` first, or pass --checkpoint DIR")
     return [describe_checkpoint(str(folder), default_seed, preset) for folder in found]
 
 
-def finished_runs(preset: str) -> list[Path]:
-    """The final/ folders of the pre-training runs of `preset` that finished."""
-    return [p.parent for p in sorted(artefacts_dir(preset, "pretrain").glob("*/final/presence_run.json"))]
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """owner/name whose owner is no local folder: anything else that does not exist is a mistyped path, and
-    would cost a minute of network retries before failing."""
-    return (HUB_ID.fullmatch(name) is not None and "--" not in name and ".." not in name
-            and not Path(name.split("/")[0]).is_dir())
-
-
 def describe_checkpoint(name: str, default_seed: int, preset: str) -> Checkpoint:
     """A folder from 03_pretrain carries presence_run.json; any other model (a local folder or a hub name
     such as google/mt5-small) is evaluated as method 'external'."""
+    require_model(name, finished_pretrain_runs(preset), preset)
     folder = Path(name)
     if not folder.exists():
-        if not looks_like_hub_id(name):
-            runs = [str(run) for run in finished_runs(preset)] or [f"none under {artefacts_dir(preset, 'pretrain')}"]
-            raise FileNotFoundError(f"--checkpoint {name}: no such folder, and not a hub model id (owner/name). "
-                                    f"Finished pre-training runs of preset {preset}: {', '.join(runs)}. Fix: pass "
-                                    "one of these folders, or a hub id such as google/mt5-small")
         return Checkpoint(name, name.replace("/", "--"), "external", default_seed)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no Hugging Face model (config.json is missing). Fix: pass the "

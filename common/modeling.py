@@ -2,6 +2,9 @@
 throughput and MFU figures."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5Config, T5ForConditionalGeneration
 
@@ -86,6 +89,27 @@ def model_flops_per_sequence(model, input_length: int, target_length: int) -> fl
     counts = parameter_counts(model)
     decoder_matmul = counts["decoder"] + (counts["lm_head"] or counts["embedding"])
     return 6.0 * (counts["encoder"] * input_length + decoder_matmul * target_length)
+
+
+# A Hugging Face hub model id: owner/name, each part letters, digits, "_", "." or "-" (at most 96 characters)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name whose owner is no local folder; a name of any other form that does not exist is a
+    mistyped path, which the hub client would retry for a minute before failing."""
+    return (HUB_ID.fullmatch(name) is not None and "--" not in name and ".." not in name
+            and not Path(name.split("/")[0]).is_dir())
+
+
+def require_model(name: str, local_runs: list[Path], preset: str) -> None:
+    """Fail at once, listing `local_runs`, when `name` is neither an existing folder nor a hub model id."""
+    if Path(name).exists() or looks_like_hub_id(name):
+        return
+    runs = ", ".join(str(run) for run in local_runs) or "none"
+    raise FileNotFoundError(f"--checkpoint {name}: no such folder, and not a hub model id (owner/name). Finished "
+                            f"pre-training runs of preset {preset}: {runs}. Fix: pass one of these folders, or a hub "
+                            "id such as google/mt5-small")
 
 
 def load_pretrained(name_or_path, **config_overrides):

@@ -28,6 +28,12 @@ def results_dir(preset: str, stage: str) -> Path:
     return RESULTS_DIR / preset / stage
 
 
+def finished_pretrain_runs(preset: str) -> list[Path]:
+    """The final/ folders of the pre-training runs of `preset` that finished (03_pretrain writes
+    presence_run.json into final/ last)."""
+    return [p.parent for p in sorted(artefacts_dir(preset, "pretrain").glob("*/final/presence_run.json"))]
+
+
 def xtreme_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     """The local XTREME folder (XTREME's download layout): an explicit path, else $PRESENCE_XTREME_DIR,
     else None (callers then use the hub or the offline fallback)."""
