@@ -4,7 +4,14 @@ PRESET ?= tiny
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extra pip arguments for torch, e.g. --index-url https://download.pytorch.org/whl/cpu for a CPU build
+# Which torch build `env` installs. On Linux without an NVIDIA driver (no nvidia-smi on the PATH) the CPU
+# wheel, through PyTorch's CPU index (about 200 MB; PyPI's Linux wheel is the CUDA build, several GB with
+# its nvidia-* packages). Elsewhere PyPI's default: Linux with a GPU gets CUDA, macOS the CPU build.
+# Choose another: make env TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128" (or "" for PyPI).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+ifeq ($(shell uname -s)$(shell command -v nvidia-smi),Linux)
+TORCH_PIP_ARGS ?= --extra-index-url $(TORCH_CPU_INDEX)
+endif
 TORCH_PIP_ARGS ?=
 # 04_finetune reads local XTREME data (XTREME's download layout) from $PRESENCE_XTREME_DIR when it is set:
 #   make finetune PRESENCE_XTREME_DIR=/data/xtreme      (see 04_finetune/README.md)
@@ -18,7 +25,9 @@ STAMP := $(VENV)/.installed
 
 help:  ## list the targets
 	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
-	@echo "  env        create $(VENV) and install the pinned packages (CPU torch)        ~3 min, network to PyPI"
+	@echo "  env        create $(VENV) and install the pinned packages                    ~3 min, network to PyPI"
+	@echo "             torch: $(if $(strip $(TORCH_PIP_ARGS)),pip install torch==2.13.0 $(TORCH_PIP_ARGS),PyPI's torch==2.13.0 (Linux: the CUDA build, several GB)); set TORCH_PIP_ARGS to choose"
+	@echo "             scripts run directly need the environment: . $(VENV)/bin/activate (or $(VENV)/bin/python SCRIPT)"
 	@echo "  data       01_data: corpus, tokenizer, span-corrupted packed data, probes   tiny: ~40 s CPU | small: ~3 min CPU"
 	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~5 min CPU (3 runs) | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~1 min CPU | small: 1 GPU, minutes (est.)"
@@ -27,13 +36,15 @@ help:  ## list the targets
 	@echo "  bench      data, SI-engine, training-step and optimizer benchmarks (ratios)  tiny: ~2 min CPU | small: 1 GPU: 03_pretrain/gpu_checks.sh"
 	@echo "  gpu-bundle small-preset packed data + tokenizer in gpu_bundle/ for 03_pretrain/gpu_checks.sh  ~2 min CPU"
 	@echo "  reproduce  env + every stage in order at PRESET (tiny: <= 20 min, 2 cores, offline)"
-	@echo "  test       env + the whole test suite                                      <= 20 min, 2 cores"
+	@echo "  test       env + transformers 4.x in $(VENV)/transformers4 + the whole test suite   <= 20 min, 2 cores"
 	@echo "  clean      remove $(VENV) and artefacts/ (results/ is kept)"
 	@echo "PRESET may also be a preset file, e.g. PRESET=presets/variants/tiny_x10.yaml (tiny trained 10x longer, ~11 min/run CPU)."
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PYTHON) is missing or older than \
+	Python 3.11, which the pinned numpy, pandas, scipy and matplotlib need. Fix: make env PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet --no-deps "torch==2.13.0" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
@@ -83,8 +94,18 @@ reproduce: $(STAMP)
 	echo "== 05_figures/make_figures.py (preset $(PRESET))"; \
 	$(PY) 05_figures/make_figures.py --preset $(PRESET) --since $$started
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# transformers 4.x beside the pinned 5.x, without dependencies (torch and numpy come from $(VENV)):
+# tests/test_portable_checkpoint.py loads a saved checkpoint with it and compares the logits.
+TRANSFORMERS4_DIR := $(VENV)/transformers4
+TRANSFORMERS4_PACKAGES := transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.0 requests==2.32.5 \
+                          urllib3==2.5.0 charset_normalizer==3.4.4
+
+$(TRANSFORMERS4_DIR)/.installed: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $(TRANSFORMERS4_DIR) $(TRANSFORMERS4_PACKAGES)
+	touch $@
+
+test: $(STAMP) $(TRANSFORMERS4_DIR)/.installed
+	PRESENCE_TRANSFORMERS4_DIR=$(abspath $(TRANSFORMERS4_DIR)) $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) artefacts

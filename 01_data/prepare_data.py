@@ -279,5 +279,8 @@ def main(preset: str = "tiny", overrides: list[str] | None = None, force: bool =
 
 
 if __name__ == "__main__":
+    from common.cli import exit_on_known_errors
+
     args = parse_args()
-    main(args.preset, args.set, args.force)
+    with exit_on_known_errors():
+        main(args.preset, args.set, args.force)

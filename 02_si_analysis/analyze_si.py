@@ -27,8 +27,8 @@ from tqdm import tqdm
 from common.config import load_preset
 from common.presence.influence import forward_logits, group_losses, self_influence, token_losses
 from common.io import iter_jsonl_gz, read_json, write_csv
-from common.modeling import load_pretrained
-from common.paths import artefacts_dir, results_dir
+from common.modeling import load_pretrained, require_model
+from common.paths import artefacts_dir, finished_pretrain_runs, results_dir
 from common.reporting.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
 from common.data.probes import span_corrupted_probes
 from common.runinfo import write_run_files
@@ -59,6 +59,7 @@ def read_probes(path: Path) -> pd.DataFrame:
 def checkpoints(args, preset) -> list[tuple[str, int | None, str]]:
     """(label, step, folder or hub name) of the scorer's snapshots and its final model, oldest first."""
     if args.checkpoint:
+        require_model(args.checkpoint, finished_pretrain_runs(preset.name), preset.name)
         return [(args.checkpoint, None, args.checkpoint)]
     store = artefacts_dir(preset.name, "pretrain", args.run)
     final = store / "final"
@@ -183,4 +184,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from common.cli import exit_on_known_errors
+
+    with exit_on_known_errors():
+        main(parse_args())

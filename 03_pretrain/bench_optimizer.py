@@ -88,6 +88,8 @@ def main(preset_name: str = "tiny", device: str = "cpu", repeats: int = 10, thre
 
 
 if __name__ == "__main__":
+    from common.cli import exit_on_known_errors
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -97,4 +99,5 @@ if __name__ == "__main__":
                         help="CPU threads (default: torch's); use 1 when other jobs share the cores")
     parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/optimizer.csv)")
     args = parser.parse_args()
-    main(args.preset, args.device, args.repeats, args.threads, overrides=args.overrides, out=args.out)
+    with exit_on_known_errors():
+        main(args.preset, args.device, args.repeats, args.threads, overrides=args.overrides, out=args.out)

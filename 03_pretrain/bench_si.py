@@ -199,6 +199,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
 
 
 if __name__ == "__main__":
+    from common.cli import exit_on_known_errors
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -215,5 +217,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/si_overhead.csv)")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # internal, see cpu_peak_memory_mb
     args = parser.parse_args()
-    main(args.preset, args.overrides, args.device, args.vocab_size, args.repeats, args.naive_repeats,
-         args.warmup, args.compile, args.seed, args.threads, args.memory_only, args.out)
+    with exit_on_known_errors():
+        main(args.preset, args.overrides, args.device, args.vocab_size, args.repeats, args.naive_repeats,
+             args.warmup, args.compile, args.seed, args.threads, args.memory_only, args.out)

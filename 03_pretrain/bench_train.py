@@ -141,6 +141,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
 
 
 if __name__ == "__main__":
+    from common.cli import exit_on_known_errors
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -153,5 +155,6 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/train_throughput.csv)")
     args = parser.parse_args()
-    main(args.preset, args.overrides, args.device, args.shapes, args.repeats, args.warmup, args.seed, args.threads,
-         args.out)
+    with exit_on_known_errors():
+        main(args.preset, args.overrides, args.device, args.shapes, args.repeats, args.warmup, args.seed, args.threads,
+             args.out)

@@ -127,9 +127,12 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from common.cli import exit_on_known_errors
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--runs", nargs="+", help="run specs (default: pretrain.reproduce_methods)")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: pretrain.seeds")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU: e.g. the core count)")
-    main(parser.parse_args())
+    with exit_on_known_errors():
+        main(parser.parse_args())

@@ -4,21 +4,24 @@ For each checkpoint that 03_pretrain finished (or each --checkpoint given):
   1. verse retrieval: XTREME's Tatoeba protocol on held-out aligned verses of the embedded corpus
      (mean-pooled encoder states, nearest neighbour, accuracy per language). No fine-tuning; always offline.
   2. XTREME (when a local folder in XTREME's layout is given, or finetune.xtreme_source=hub): fine-tune on
-     English, test every language (zero-shot); again on English + translate-train data when present.
-Outputs: results/<preset>/finetune/retrieval.csv and xtreme.csv (one row per measurement, re-runs replace
-their rows), and a run folder per (checkpoint, task, setting) under artefacts/<preset>/finetune/.
+     English, test every language with a test file (zero-shot; finetune.test_languages restricts them, and
+     the XTREME average stays over XTREME's own languages); again on English + translate-train data when
+     present. The data is read and checked first, before any model runs.
+Outputs: results/<preset>/finetune/retrieval.csv and xtreme.csv (one row per measurement with its chance
+level, re-runs replace their rows), and a run folder per (checkpoint, task, setting) under
+artefacts/<preset>/finetune/.
 
   python 04_finetune/finetune_all.py --preset tiny                                  # retrieval only, offline
-  PRESENCE_XTREME_DIR=../shared/xtreme python 04_finetune/finetune_all.py --preset tiny   # + XTREME, tiny
+  PRESENCE_XTREME_DIR=/data/xtreme python 04_finetune/finetune_all.py --preset tiny      # + XTREME, tiny
   python 04_finetune/finetune_all.py --preset paper                                 # hub data, paper recipe
   python 04_finetune/finetune_all.py --preset paper --checkpoint google/mt5-base    # any hub or local model
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,17 +34,16 @@ from transformers.utils import logging as transformers_logging
 from common.config import FinetuneConfig, load_preset
 from common.evaluation.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
-from common.io import iter_jsonl_gz, write_csv
+from common.io import iter_jsonl_gz
 from common.evaluation.metrics import accuracy, qa_scores, span_f1
-from common.modeling import load_pretrained
-from common.paths import artefacts_dir, results_dir, xtreme_dir
+from common.modeling import load_pretrained, require_model
+from common.paths import artefacts_dir, finished_pretrain_runs, results_dir, xtreme_dir
 from common.evaluation.retrieval import embed, retrieval_accuracy
-from common.runinfo import prepare_run_dir, write_run_files
+from common.evaluation.score_rows import chance_level, upsert_rows
+from common.runinfo import write_run_files
 from common.seeding import seed_everything
-from common.evaluation.xtreme import TASK_METRICS, TaskData, load_hub, load_local, subsample
+from common.evaluation.xtreme import TASK_METRICS, TaskData, in_xtreme_average, load_hub, load_local, subsample
 
-COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
-ROW_KEY = ("run", "task", "setting", "lang", "metric")  # a re-run replaces the rows with the same key
 KIND = {"xnli": "pair", "pawsx": "pair", "panx": "tagging", "xquad": "qa", "mlqa": "qa", "tydiqa": "qa"}
 
 
@@ -57,18 +59,18 @@ class Checkpoint:
 
 def find_checkpoints(preset: str, given: list[str], default_seed: int) -> list[Checkpoint]:
     if given:
-        return [describe_checkpoint(name, default_seed) for name in given]
-    root = artefacts_dir(preset, "pretrain")
-    found = sorted(root.glob("*/final/presence_run.json"))
+        return [describe_checkpoint(name, default_seed, preset) for name in given]
+    found = finished_pretrain_runs(preset)
     if not found:
-        raise FileNotFoundError(f"no pre-trained checkpoint under {root} (looked for */final/presence_run.json): "
-                                "run `make pretrain` first, or pass --checkpoint DIR")
-    return [describe_checkpoint(str(p.parent), default_seed) for p in found]
+        raise FileNotFoundError(f"no pre-trained checkpoint under {artefacts_dir(preset, 'pretrain')} (looked for "
+                                "*/final/presence_run.json). Fix: run `make pretrain` first, or pass --checkpoint DIR")
+    return [describe_checkpoint(str(folder), default_seed, preset) for folder in found]
 
 
-def describe_checkpoint(name: str, default_seed: int) -> Checkpoint:
+def describe_checkpoint(name: str, default_seed: int, preset: str) -> Checkpoint:
     """A folder from 03_pretrain carries presence_run.json; any other model (a local folder or a hub name
     such as google/mt5-small) is evaluated as method 'external'."""
+    require_model(name, finished_pretrain_runs(preset), preset)
     folder = Path(name)
     if not folder.exists():
         return Checkpoint(name, name.replace("/", "--"), "external", default_seed)
@@ -119,7 +121,7 @@ def choose_retrieval_pairs(verses: dict[str, dict[str, str]], cfg: FinetuneConfi
                          "Fix: choose finetune.retrieval_languages among them")
     shared = sorted(set(verses["en"]).intersection(*(verses[lang] for lang in languages)))
     if len(shared) < 2:
-        raise ValueError(f"only {len(shared)} verse(s) are aligned across en and {languages}; re-run `make data`")
+        raise ValueError(f"only {len(shared)} verse(s) are aligned across en and {languages}. Fix: re-run `make data`")
     if len(shared) < cfg.retrieval_pairs:
         print(f"retrieval: only {len(shared)} aligned verses (finetune.retrieval_pairs={cfg.retrieval_pairs})")
     return languages, sorted(random.Random(cfg.seed).sample(shared, min(cfg.retrieval_pairs, len(shared))))
@@ -148,14 +150,16 @@ def evaluate_retrieval(ckpt: Checkpoint, verses, languages, verse_ids, cfg, devi
     n = {lang: len(verse_ids) for lang in languages}
     metrics = {"scores": scores, "layers": layers, "pairs_per_language": len(verse_ids), "seconds": seconds,
                "sentences_per_second": len(verse_ids) * (len(languages) + 1) / seconds}
-    return result_rows(ckpt, "verse_retrieval", "zero-shot", scores, n), metrics
+    return result_rows(ckpt, "verse_retrieval", "zero-shot", scores, n, languages), metrics
 
 
 # --- XTREME ------------------------------------------------------------------------------------------
 
 def load_tasks(cfg: FinetuneConfig, folder: str | None) -> dict[str, TaskData]:
+    languages = cfg.test_languages or None
     if cfg.xtreme_source == "hub":
-        load = load_hub
+        def load(task):
+            return load_hub(task, languages)
     else:
         root = xtreme_dir(folder)
         if root is None:
@@ -165,7 +169,7 @@ def load_tasks(cfg: FinetuneConfig, folder: str | None) -> dict[str, TaskData]:
         print(f"XTREME: reading {root}")
 
         def load(task):
-            return load_local(task, root, cfg.seed)
+            return load_local(task, root, cfg.seed, languages)
     tasks = {}
     for name in cfg.tasks:
         data = load(name)
@@ -209,7 +213,7 @@ def finetune(ckpt: Checkpoint, task: str, examples: list, cfg: FinetuneConfig, d
         stats["dropped_answer_truncated"] = len(examples) - len(kept)
         if not kept:
             raise ValueError(f"no {task} training answer lies within the first finetune.input_length="
-                             f"{cfg.input_length} tokens of its input; raise finetune.input_length")
+                             f"{cfg.input_length} tokens of its input. Fix: raise finetune.input_length")
         encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in kept], cfg.input_length,
                                       [ex.answers[0] for ex in kept], cfg.target_length)
     else:
@@ -264,57 +268,59 @@ def finetune_and_evaluate(preset, ckpt: Checkpoint, setting: str, names: list[st
         data = tasks[name]
         scores, extra = evaluate(name, model, tokenizer, data.test, cfg, device)
         n = {lang: len(examples) for lang, examples in data.test.items()}
-        rows = result_rows(ckpt, name, setting, scores, n)
-        upsert_csv(out / "xtreme.csv", rows)
+        rows = result_rows(ckpt, name, setting, scores, n, [lang for lang in scores if in_xtreme_average(name, lang)])
+        upsert_rows(out / "xtreme.csv", rows)
         config = {"train_source": first.train_source, "trained_with": names, "notes": data.notes,
                   "translate_train_languages": sorted(first.translate_train) if setting == "translate-train" else []}
         save_run(preset, ckpt, name, setting, config, {"train": train_stats, **extra, "scores": scores})
         metric = TASK_METRICS[name][0]
-        averages[name] = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == metric)
-        print(f"{ckpt.run} | {name} | {setting} | {metric} avg {averages[name]:.2f} over {len(n)} languages "
+        averages[name] = next((r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == metric), None)
+        print(f"{ckpt.run} | {name} | {setting} | {describe_average(name, metric, averages[name], list(scores))} "
               f"| {extra['eval_examples_per_second']:.0f} examples/s")
     return averages
 
 
+def describe_average(task: str, metric: str, average: float | None, languages: list[str]) -> str:
+    """The log line's score: the XTREME average beside chance, and the languages reported apart from it."""
+    extra = [lang for lang in languages if not in_xtreme_average(task, lang)]
+    chance = chance_level(task, metric, 1)  # XTREME's chance levels do not depend on the example count
+    text = f"no {metric} avg" if average is None else f"{metric} avg {average:.2f}"
+    text += "" if chance is None else f" (chance {chance:.2f})"
+    text += f" over {len(languages) - len(extra)} languages"
+    return text + (f" (+ {', '.join(extra)} in rows of their own)" if extra else "")
+
+
 # --- results -----------------------------------------------------------------------------------------
 
-def result_rows(ckpt: Checkpoint, task: str, setting: str, scores: dict[str, dict], n: dict[str, int]) -> list[dict]:
-    """One row per (language, metric), plus lang 'avg': the plain mean over the languages, English included
-    for XTREME tasks as XTREME averages them."""
+def result_rows(ckpt: Checkpoint, task: str, setting: str, scores: dict[str, dict], n: dict[str, int],
+                averaged: list[str]) -> list[dict]:
+    """One row per (language, metric), plus lang 'avg': the plain mean over the `averaged` languages (for XTREME
+    tasks XTREME's own, English included, as XTREME averages them); no 'avg' row when that list is empty."""
     rows = []
     base = {"run": ckpt.run, "method": ckpt.method, "seed": ckpt.seed, "task": task, "setting": setting}
     metrics = list(next(iter(scores.values())))
     for lang, values in scores.items():
         rows += [{**base, "lang": lang, "metric": m, "value": round(values[m], 4), "n_examples": n[lang]}
                  for m in metrics]
-    rows += [{**base, "lang": "avg", "metric": m, "value": round(sum(v[m] for v in scores.values()) / len(scores), 4),
-              "n_examples": sum(n.values())} for m in metrics]
+    if averaged:
+        rows += [{**base, "lang": "avg", "metric": m,
+                  "value": round(sum(scores[lang][m] for lang in averaged) / len(averaged), 4),
+                  "n_examples": sum(n[lang] for lang in averaged)} for m in metrics]
     return rows
 
 
-def upsert_csv(path: Path, rows: list[dict]) -> None:
-    """Replace the rows with the same key, keep the others, write atomically."""
-    kept = []
-    if path.exists():
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != COLUMNS:
-                raise ValueError(f"{path} has columns {reader.fieldnames}, expected {COLUMNS}. Fix: move it away")
-            new_keys = {tuple(str(r[k]) for k in ROW_KEY) for r in rows}
-            kept = [r for r in reader if tuple(r[k] for k in ROW_KEY) not in new_keys]
-    merged = kept + rows
-    merged.sort(key=lambda r: (str(r["run"]), str(r["task"]), str(r["setting"]), str(r["lang"]) == "avg",
-                               str(r["lang"]), str(r["metric"])))
-    write_csv(path, merged, COLUMNS)
-
-
 def save_run(preset, ckpt: Checkpoint, name: str, setting: str, config: dict, metrics: dict) -> None:
+    """Write the run folder beside its place and swap it in, so that an interruption leaves the earlier
+    folder or the new one, never a mix of the two."""
     run_dir = artefacts_dir(preset.name, "finetune", ckpt.run, name, setting)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        print(f"  replacing the earlier evaluation in {run_dir}")
-    prepare_run_dir(run_dir, overwrite=True)
-    write_run_files(run_dir, {"preset": preset.to_dict(), "checkpoint": asdict(ckpt), "task": name,
+    staging = run_dir.with_name(f".{run_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_run_files(staging, {"preset": preset.to_dict(), "checkpoint": asdict(ckpt), "task": name,
                               "setting": setting, **config}, metrics)
+    if run_dir.is_dir():
+        print(f"  replacing the earlier evaluation in {run_dir}")
+        shutil.rmtree(run_dir)
+    staging.rename(run_dir)
 
 
 # --- main --------------------------------------------------------------------------------------------
@@ -330,20 +336,21 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoi
     out = results_dir(preset.name, "finetune")
     print(f"04_finetune | preset {preset.name} | {device} | checkpoints: {', '.join(c.run for c in ckpts)}")
     summary: dict = {"checkpoints": [asdict(c) for c in ckpts], "retrieval": {}, "xtreme": {}}
+    tasks = load_tasks(cfg, xtreme_folder)  # first: a bad data file fails before any model is run
 
     if cfg.retrieval:
         verses = read_heldout_verses(artefacts_dir(preset.name, "data", "heldout_parallel_verses.jsonl.gz"))
         languages, verse_ids = choose_retrieval_pairs(verses, cfg)
         for ckpt in ckpts:
             rows, metrics = evaluate_retrieval(ckpt, verses, languages, verse_ids, cfg, device)
-            upsert_csv(out / "retrieval.csv", rows)
+            upsert_rows(out / "retrieval.csv", rows)
             save_run(preset, ckpt, "verse_retrieval", "zero-shot", {"languages": languages}, metrics)
             average = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == "accuracy")
-            print(f"{ckpt.run} | verse_retrieval | X->en accuracy avg {average:.1f} over {len(languages)} languages "
-                  f"| {metrics['sentences_per_second']:.0f} sentences/s")
+            chance = chance_level("verse_retrieval", "accuracy", len(verse_ids))
+            print(f"{ckpt.run} | verse_retrieval | X->en accuracy avg {average:.1f} (chance {chance:.1f}) over "
+                  f"{len(languages)} languages | {metrics['sentences_per_second']:.0f} sentences/s")
             summary["retrieval"][ckpt.run] = average
 
-    tasks = load_tasks(cfg, xtreme_folder)
     for setting in ("zero-shot", "translate-train"):
         for ckpt in ckpts:
             for names in training_groups(tasks, setting):
@@ -366,5 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    from common.cli import exit_on_known_errors
+
     args = parse_args()
-    main(args.preset, args.set, args.checkpoint, args.xtreme_dir)
+    with exit_on_known_errors():
+        main(args.preset, args.set, args.checkpoint, args.xtreme_dir)

@@ -37,4 +37,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from common.cli import exit_on_known_errors
+
+    with exit_on_known_errors():
+        main(parse_args())

@@ -260,6 +260,9 @@ class FinetuneConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
     log_every: int = 100  # one log line per this many fine-tuning steps
     seed: int = 0  # data sampling (training subset, test subsets, retrieval pairs): the same for every checkpoint
+    # XTREME test languages: [] = every language with a test file (those outside XTREME's lists get rows of their
+    # own, outside the XTREME average); e.g. [de, sw] = only these
+    test_languages: list[str] = field(default_factory=list)
     retrieval: bool = True  # offline verse retrieval on held-out aligned verses (needs `make data`)
     retrieval_languages: list[str] = field(default_factory=list)  # tested against English; [] = all in the file
     retrieval_pairs: int = 500  # held-out aligned verses per language
@@ -279,6 +282,9 @@ class FinetuneConfig:
         _require(0 <= self.dropout_rate < 1, f"{where}.dropout_rate", "must be in [0, 1)", "paper: 0.1")
         _require(self.precision in ("fp32", "bf16"), f"{where}.precision", f"unknown {self.precision!r}",
                  "use 'fp32' or 'bf16'")
+        _require(all(lang and lang.replace("-", "").isalnum() for lang in self.test_languages)
+                 and len(set(self.test_languages)) == len(self.test_languages), f"{where}.test_languages",
+                 f"{self.test_languages} must be distinct language codes", "e.g. [de, sw], or [] for every language")
 
 
 @dataclass

@@ -59,9 +59,10 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist; run the stage that writes it first") from None
+        raise FileNotFoundError(f"{path} does not exist. Fix: run the stage that writes it first") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run the stage that writes it") from None
+        raise ValueError(f"{path} is not valid JSON ({err}). "
+                         "Fix: delete it and re-run the stage that writes it") from None
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> int:
@@ -91,7 +92,7 @@ def append_csv_row(path: str | os.PathLike, row: Mapping[str, Any], columns: lis
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run the stage that writes it first")
+        raise FileNotFoundError(f"{path} does not exist. Fix: run the stage that writes it first")
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 

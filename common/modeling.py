@@ -2,6 +2,9 @@
 throughput and MFU figures."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5Config, T5ForConditionalGeneration
 
@@ -59,7 +62,16 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> T5ForConditionalGeneration
         # logits have unit scale (HF's N(0, 1) gives logits of scale sqrt(d_model) and a huge first loss).
         std = model.config.initializer_factor * model.config.d_model ** -0.5
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * std)
+        say_untied(model)
     return model
+
+
+def say_untied(model) -> None:
+    """Make the config say what the model is. transformers 5 sets tie_word_embeddings to true for every T5;
+    saved so, transformers 4.x ties the output layer to the embedding again and rescales the decoder output
+    (T5 v1.0's recipe) and computes other logits without a warning. google/mt5's configs say false."""
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        model.config.tie_word_embeddings = False
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -82,6 +94,27 @@ def model_flops_per_sequence(model, input_length: int, target_length: int) -> fl
     return 6.0 * (counts["encoder"] * input_length + decoder_matmul * target_length)
 
 
+# A Hugging Face hub model id: owner/name, each part letters, digits, "_", "." or "-" (at most 96 characters)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name whose owner is no local folder; a name of any other form that does not exist is a
+    mistyped path, which the hub client would retry for a minute before failing."""
+    return (HUB_ID.fullmatch(name) is not None and "--" not in name and ".." not in name
+            and not Path(name.split("/")[0]).is_dir())
+
+
+def require_model(name: str, local_runs: list[Path], preset: str) -> None:
+    """Fail at once, listing `local_runs`, when `name` is neither an existing folder nor a hub model id."""
+    if Path(name).exists() or looks_like_hub_id(name):
+        return
+    runs = ", ".join(str(run) for run in local_runs) or "none"
+    raise FileNotFoundError(f"--checkpoint {name}: no such folder, and not a hub model id (owner/name). Finished "
+                            f"pre-training runs of preset {preset}: {runs}. Fix: pass one of these folders, or a hub "
+                            "id such as google/mt5-small")
+
+
 def load_pretrained(name_or_path, **config_overrides):
     """A saved model (a folder of ours, or a hub name such as google/mt5-base). transformers 5 warns on
     every load that our untied output layer differs from the embedding it would tie it to, which is
@@ -89,9 +122,11 @@ def load_pretrained(name_or_path, **config_overrides):
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
+    say_untied(model)
+    return model
 
 
 def random_microbatches(batch_size: int, num_microbatches: int, input_length: int, target_length: int,

@@ -28,6 +28,12 @@ def results_dir(preset: str, stage: str) -> Path:
     return RESULTS_DIR / preset / stage
 
 
+def finished_pretrain_runs(preset: str) -> list[Path]:
+    """The final/ folders of the pre-training runs of `preset` that finished (03_pretrain writes
+    presence_run.json into final/ last)."""
+    return [p.parent for p in sorted(artefacts_dir(preset, "pretrain").glob("*/final/presence_run.json"))]
+
+
 def xtreme_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     """The local XTREME folder (XTREME's download layout): an explicit path, else $PRESENCE_XTREME_DIR,
     else None (callers then use the hub or the offline fallback)."""
@@ -37,7 +43,7 @@ def xtreme_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     path = Path(chosen).expanduser().resolve()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"XTREME folder {path} does not exist; point {XTREME_ENV} (or --xtreme-dir) at a folder "
+            f"XTREME folder {path} does not exist. Fix: point {XTREME_ENV} (or --xtreme-dir) at a folder "
             "with XTREME's download layout, or unset it to use the hub."
         )
     return path

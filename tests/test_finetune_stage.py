@@ -16,10 +16,11 @@ from common.evaluation.finetuning import (EncoderTagger, collate, encode_tagged,
                                predict_tags, qa_answer_fits)
 from common.paths import REPO_ROOT
 from common.evaluation.retrieval import mean_pool, retrieval_accuracy
-from common.evaluation.xtreme import QAExample, TaggedSentence
+from common.config import ConfigError, load_preset
+from common.evaluation.xtreme import QAExample, TaggedSentence, XtremeDataError
 from test_xtreme import WORDS, write_xtreme_folder
 
-COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
+COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples", "chance"]
 FAST = ["finetune.steps=3", "finetune.batch_size=4", "finetune.max_train_examples=16", "finetune.max_eval_examples=4",
         "finetune.eval_batch_size=8", "finetune.input_length=96", "finetune.target_length=5",
         "finetune.retrieval_pairs=6", "finetune.log_every=1"]
@@ -111,6 +112,8 @@ def test_two_checkpoints_end_to_end_and_reruns_replace_rows(stage, model_dir, tm
     (xtreme / "xnli/translate-train").mkdir()
     (xtreme / "xnli/translate-train/en-de-translated.tsv").write_text(
         "".join(f"alpha beta {i}\tgamma {i}\tneutral\n" for i in range(8)), encoding="utf-8")
+    # Romanian: an XQuAD language of XTREME-R, not of XTREME
+    (xtreme / "xquad/xquad.ro.json").write_text((xtreme / "xquad/xquad.de.json").read_text(), encoding="utf-8")
 
     summary = stage.main("tiny", FAST, None, str(xtreme))
     results = tmp_path / "results" / "tiny" / "finetune"
@@ -122,8 +125,9 @@ def test_two_checkpoints_end_to_end_and_reruns_replace_rows(stage, model_dir, tm
     assert {r["lang"] for r in baseline if r["task"] == "tydiqa"} == {"en", "avg"}
     assert {r["metric"] for r in baseline if r["task"] == "mlqa"} == {"f1", "exact_match"}
     assert {r["metric"] for r in baseline if r["task"] == "panx"} == {"span_f1", "span_precision", "span_recall"}
+    assert {r["lang"] for r in baseline if r["task"] == "xquad"} == {"en", "de", "ro", "avg"}
     for task in stage.KIND:
-        langs = [r for r in baseline if r["task"] == task and r["lang"] != "avg"
+        langs = [r for r in baseline if r["task"] == task and r["lang"] not in ("avg", "ro")
                  and r["metric"] == stage.TASK_METRICS[task][0]]
         avg = next(r for r in baseline if r["task"] == task and r["lang"] == "avg"
                    and r["metric"] == stage.TASK_METRICS[task][0])
@@ -131,12 +135,16 @@ def test_two_checkpoints_end_to_end_and_reruns_replace_rows(stage, model_dir, tm
         assert int(avg["n_examples"]) == sum(int(r["n_examples"]) for r in langs) == 4 * len(langs)
         assert langs and all(0 <= float(r["value"]) <= 100 for r in langs)
     assert {r["seed"] for r in rows} == {"0"} and {r["method"] for r in rows} == {"baseline", "presence"}
+    chance = {(r["task"], r["metric"]): r["chance"] for r in rows}
+    assert chance[("xnli", "accuracy")] == str(round(100 / 3, 4)) and chance[("pawsx", "accuracy")] == "50.0"
+    assert chance[("xquad", "f1")] == chance[("panx", "span_f1")] == "", "no single chance level for F1"
 
     retrieval = _read(results / "retrieval.csv")
     assert {(r["task"], r["setting"]) for r in retrieval} == {("verse_retrieval", "zero-shot")}
     assert {r["lang"] for r in retrieval} == {"de", "fr", "avg"}
     assert {r["metric"] for r in retrieval} == {"accuracy", "accuracy_en_to_x", "accuracy_middle_layer"}
     assert {r["n_examples"] for r in retrieval if r["lang"] == "de"} == {"6"}, "6 of the 6 verses all share"
+    assert {r["chance"] for r in retrieval} == {str(round(100 / 6, 4))}, "one right verse among 6, avg rows too"
     run_dir = artefacts / "tiny" / "finetune" / "presence-seed0" / "mlqa" / "zero-shot"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_examples_per_second"] > 0 and set(metrics["scores"]) == {"en", "de"}
@@ -177,12 +185,73 @@ def test_missing_inputs_say_which_stage_to_run(stage, model_dir, tmp_path):
 
 def test_checkpoint_arguments(stage, model_dir, tmp_path):
     final = _install_checkpoint(model_dir, tmp_path / "artefacts", "presence-seed3", "presence", 3)
-    assert stage.describe_checkpoint(str(final), 0) == stage.Checkpoint(str(final), "presence-seed3", "presence", 3)
-    assert stage.describe_checkpoint(str(model_dir), 7).method == "external"
-    hub = stage.describe_checkpoint("google/mt5-small", 0)
+    assert stage.describe_checkpoint(str(final), 0, "tiny") == stage.Checkpoint(str(final), "presence-seed3",
+                                                                                 "presence", 3)
+    assert stage.describe_checkpoint(str(model_dir), 7, "tiny").method == "external"
+    hub = stage.describe_checkpoint("google/mt5-small", 0, "tiny")
     assert (hub.path, hub.run, hub.method) == ("google/mt5-small", "google--mt5-small", "external")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        stage.describe_checkpoint(str(tmp_path), 0)
+        stage.describe_checkpoint(str(tmp_path), 0, "tiny")
+
+
+@pytest.mark.parametrize("mistyped", ["{final}x", "{parent}/fnal", "presence-seed3", "./google/mt5-small",
+                                      "{artefacts}/tiny/pretrain/presence-seed4/final", "google/mt5-small/extra"])
+def test_a_mistyped_checkpoint_fails_at_once_listing_the_local_runs(stage, model_dir, tmp_path, mistyped):
+    final = _install_checkpoint(model_dir, tmp_path / "artefacts", "presence-seed3", "presence", 3)
+    name = mistyped.format(final=final, parent=final.parent, artefacts=tmp_path / "artefacts")
+    with pytest.raises(FileNotFoundError, match=rf"--checkpoint .*no such folder, and not a hub model id.*{final}"):
+        stage.main("tiny", FAST, [name], None)
+
+
+def test_bad_xtreme_data_fails_before_any_model_runs(stage, model_dir, tmp_path):
+    _install_checkpoint(model_dir, tmp_path / "artefacts", "baseline-seed0", "baseline", 0)
+    _write_verses(tmp_path / "artefacts")
+    xtreme = write_xtreme_folder(tmp_path / "xtreme")
+    (xtreme / "panx/test-de.tsv").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(XtremeDataError, match=r"panx/test-de\.tsv: no tagged sentences"):
+        stage.main("tiny", FAST, None, str(xtreme))
+    assert not (tmp_path / "results").exists(), "nothing was evaluated, not even retrieval"
+    assert not (tmp_path / "artefacts" / "tiny" / "finetune").exists()
+
+
+@pytest.mark.parametrize("override", ["finetune.test_languages=[de, de]", "finetune.test_languages=['de/x']",
+                                      "finetune.test_languages=['']"])
+def test_test_languages_must_be_distinct_codes(override):
+    with pytest.raises(ConfigError, match=r"finetune\.test_languages"):
+        load_preset("tiny", [override])
+
+
+def test_the_average_row_is_over_the_given_languages_only(stage):
+    ckpt = stage.Checkpoint("x", "run", "baseline", 0)
+    scores = {"en": {"f1": 60.0}, "de": {"f1": 40.0}, "ro": {"f1": 100.0}}
+    rows = stage.result_rows(ckpt, "xquad", "zero-shot", scores, {"en": 10, "de": 10, "ro": 5}, ["en", "de"])
+    assert [(r["lang"], r["value"], r["n_examples"]) for r in rows] == [
+        ("en", 60.0, 10), ("de", 40.0, 10), ("ro", 100.0, 5), ("avg", 50.0, 20)]
+    assert [r["lang"] for r in stage.result_rows(ckpt, "xquad", "zero-shot", {"ro": {"f1": 1.0}}, {"ro": 5}, [])] \
+        == ["ro"], "no XTREME language, no average"
+    assert stage.describe_average("xnli", "accuracy", 40.0, ["en", "de", "ro"]) == \
+        "accuracy avg 40.00 (chance 33.33) over 2 languages (+ ro in rows of their own)"
+
+
+def test_a_run_folder_is_replaced_whole_or_not_at_all(stage, tmp_path, monkeypatch):
+    preset = load_preset("tiny")
+    ckpt = stage.Checkpoint("x", "run", "baseline", 0)
+    stage.save_run(preset, ckpt, "xnli", "zero-shot", {"notes": []}, {"scores": {"de": 1}})
+    run_dir = tmp_path / "artefacts" / "tiny" / "finetune" / "run" / "xnli" / "zero-shot"
+    (run_dir / "stale.json").write_text("{}")
+
+    def interrupted(folder, config, metrics):
+        (folder / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(stage, "write_run_files", interrupted)
+        stage.save_run(preset, ckpt, "xnli", "zero-shot", {}, {"scores": {"de": 2}})
+    assert json.loads((run_dir / "metrics.json").read_text())["scores"] == {"de": 1}, "the earlier folder is intact"
+    stage.save_run(preset, ckpt, "xnli", "zero-shot", {}, {"scores": {"de": 3}})
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "environment.json", "metrics.json"]
+    assert json.loads((run_dir / "metrics.json").read_text())["scores"] == {"de": 3}
 
 
 # --- helpers -----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.evaluation.xtreme import (NER_TAGS, TEST_LANGUAGES, PairExample, QAExample, TaggedSentence, XtremeDataError,
-                           load_hub, load_local, subsample, translate_train_files)
+                                     in_xtreme_average, load_hub, load_local, subsample, translate_train_files)
 
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "city", "king", "stone", "light", "house"]
 NLI = ["entailment", "neutral", "contradiction"]
@@ -115,6 +115,77 @@ def test_malformed_files_fail_naming_the_file_and_line(tmp_path, rel, content, e
         load_local(task, root)
 
 
+def test_every_test_file_found_is_evaluated_and_languages_beyond_xtreme_are_kept_apart(tmp_path):
+    root = write_xtreme_folder(tmp_path)
+    # Romanian is an XQuAD language of XTREME-R only; Maltese a PAN-X language outside XTREME's list
+    (root / "xquad/xquad.ro.json").write_text(json.dumps(_squad(40, "ro")), encoding="utf-8")
+    (root / "panx/test-mt.tsv").write_text("Valletta\tB-LOC\n", encoding="utf-8")
+    (root / "xnli/test-de.old.tsv").write_text("a\tb\tneutral\n", encoding="utf-8")
+    assert not in_xtreme_average("xquad", "ro") and in_xtreme_average("xquad", "de")
+
+    xquad = load_local("xquad", root)
+    assert set(xquad.test) == {"en", "de", "ro"} and xquad.test["ro"][0].id == "ro-0"
+    assert any("ro evaluated in rows of their own, outside the XTREME average" in note for note in xquad.notes)
+    assert set(load_local("panx", root).test) == {"en", "de", "mt"}
+    xnli = load_local("xnli", root)
+    assert set(xnli.test) == {"en", "de"}
+    assert any("1 file(s) not evaluated" in note and "test-de.old.tsv" in note for note in xnli.notes)
+
+    chosen = load_local("xquad", root, languages=["de", "ro"])
+    assert set(chosen.test) == {"de", "ro"}
+    assert any("test files for en not evaluated (finetune.test_languages)" in note for note in chosen.notes)
+    assert any("no test file for sw" in note for note in load_local("xnli", root, languages=["de", "sw"]).notes)
+
+
+def test_mlqa_scores_one_language_pairs_notes_the_rest_and_its_dev_fallback_per_language(tmp_path):
+    root = write_xtreme_folder(tmp_path)
+    dev = root / "mlqa/MLQA_V1/dev"
+    (dev / "dev-context-de-question-en.json").write_text(json.dumps(_squad(3, "x")), encoding="utf-8")
+    (dev / "dev-context-ja-question-ja.json").write_text(json.dumps(_squad(3, "ja")), encoding="utf-8")
+    test = root / "mlqa/MLQA_V1/test"
+    test.mkdir()
+    (test / "test-context-en-question-en.json").write_text(json.dumps(_squad(5, "en")), encoding="utf-8")
+
+    mlqa = load_local("mlqa", root)
+    assert {lang: len(v) for lang, v in mlqa.test.items()} == {"en": 5, "de": 40}, "en from test/, de from dev/"
+    assert any("evaluated on MLQA dev for de (no test file for them), on test for en" in n for n in mlqa.notes)
+    assert any("dev-context-de-question-en.json" in n and "one language" in n for n in mlqa.notes)
+    assert any("test files for ja not evaluated: MLQA's official evaluation" in n for n in mlqa.notes)
+
+
+@pytest.mark.parametrize("rel, content, expected", [
+    ("xnli/test-de.tsv", "", r"test-de\.tsv: no sentence pairs \(the file is empty\)"),
+    ("xquad/xquad.de.json", '{"version": "1.1", "data": []}', r"xquad\.de\.json: no questions \(data\[\] holds 0"),
+    ("panx/test-de.tsv", "\n\n\n", r"test-de\.tsv: no tagged sentences \(lines 1-3 hold no example\)"),
+    ("panx/train-en.tsv", "", r"train-en\.tsv: no tagged sentences \(the file is empty\)"),
+    ("tydiqa/tydiqa-goldp-v1.1-train/tydiqa.goldp.en.train.json", '{"data": []}', r"en\.train\.json: no questions"),
+])
+def test_empty_files_fail_when_read_naming_the_file(tmp_path, rel, content, expected):
+    root = write_xtreme_folder(tmp_path)
+    (root / rel).write_text(content, encoding="utf-8")
+    task = "tydiqa" if rel.startswith("tydiqa") else rel.split("/")[0]
+    with pytest.raises(XtremeDataError, match=expected):
+        load_local(task, root)
+
+
+@pytest.mark.parametrize("task, rel, expected", [
+    ("xnli", "xnli/test-de.tsv", r"test-de\.tsv: 30 examples, ending at line 30, but test-en\.tsv has 40"),
+    ("xquad", "xquad/xquad.de.json", r"xquad\.de\.json: 30 examples, but xquad\.en\.json has 40"),
+    ("pawsx", "pawsx/dev-de.tsv", r"dev-de\.tsv: 30 examples, ending at line 30, but dev-en\.tsv has 40"),
+])
+def test_parallel_test_sets_cut_short_fail_when_read(tmp_path, task, rel, expected):
+    root = write_xtreme_folder(tmp_path)
+    path = root / rel
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["data"][0]["paragraphs"] = data["data"][0]["paragraphs"][:30]
+        path.write_text(json.dumps(data), encoding="utf-8")
+    else:  # cut at a line boundary: every remaining line is well-formed
+        path.write_text("".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[:30]), encoding="utf-8")
+    with pytest.raises(XtremeDataError, match=expected):
+        load_local(task, root)
+
+
 def test_a_missing_training_file_is_named(tmp_path):
     root = write_xtreme_folder(tmp_path)
     (root / "panx/train-en.tsv").unlink()
@@ -204,6 +275,16 @@ def test_hub_configs_map_into_the_same_records(monkeypatch):
     assert ("google/xtreme", "PAN-X.yo", "test") in calls
 
 
+def test_hub_languages_can_be_chosen_among_xtremes(monkeypatch):
+    calls = _fake_hub(monkeypatch)
+    xquad = load_hub("xquad", languages=["de", "ro"])
+    assert set(xquad.test) == {"de"} and ("google/xtreme", "XQuAD.en", "validation") not in calls
+    assert any("ro not evaluated: the hub path loads XTREME's xquad languages only" in n for n in xquad.notes)
+    assert set(load_hub("tydiqa", languages=["te"]).test) == {"te"}
+    with pytest.raises(XtremeDataError, match="none of finetune.test_languages"):
+        load_hub("mlqa", languages=["ro"])
+
+
 def test_hub_failures_say_how_to_work_offline(monkeypatch):
     import datasets
 
@@ -237,3 +318,6 @@ def test_real_folder_has_the_documented_sizes_and_answer_spans():
     xnli = load_local("xnli", root)
     assert {len(v) for v in xnli.test.values()} == {5010} and len(xnli.train) == 2490
     assert set(load_local("panx", root).test) == set(TEST_LANGUAGES["panx"]) - {"th"}
+    mlqa = load_local("mlqa", root)
+    assert set(mlqa.test) == set(TEST_LANGUAGES["mlqa"])
+    assert any("42 file(s) not evaluated" in note for note in mlqa.notes), "the 42 mixed-language pairs"

@@ -10,11 +10,15 @@ protobuf. The SentencePiece model is kept beside it (sentencepiece.model) for re
 
 SentencePiece runs with the "identity" normalisation (no NFKC): the tokenizers pipeline then splits
 exactly as SentencePiece does (tested), and full-width CJK punctuation survives a decode.
+
+The saved tokenizer_config.json names the class and the sentinels the way transformers 4.x reads them too
+(PortableTokenizer), so a checkpoint folder loads with AutoTokenizer under 4.x (>= 4.40) and 5.x alike.
 """
 from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +29,8 @@ import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from common.io import write_json
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_SENTINELS = 100
@@ -49,8 +55,27 @@ def training_pieces(text: str, max_chars: int = MAX_TRAINING_PIECE_CHARS) -> Ite
             yield line
 
 
+class PortableTokenizer(PreTrainedTokenizerFast):
+    """A tokenizer.json tokenizer whose saved config every transformers from 4.40 on can read. transformers 5
+    saves the class as "TokenizersBackend" and the sentinels as a list of "extra_special_tokens"; 4.x knows
+    neither (AutoTokenizer fails, or reads the list as a mapping). Saved as PreTrainedTokenizerFast with
+    "additional_special_tokens", both versions load the same tokenizer."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config["additional_special_tokens"] = config.pop("extra_special_tokens", [])
+        # 4.x's defaults differ: it would glue "and ." into "and." and return token_type_ids, which T5 rejects
+        config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        config["model_input_names"] = list(self.model_input_names)
+        write_json(path, config)
+        return saved
+
+
 def train_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int,
-                                  character_coverage: float = 0.9995, seed: int = 0) -> PreTrainedTokenizerFast:
+                                  character_coverage: float = 0.9995, seed: int = 0) -> PortableTokenizer:
     """Train a unigram model of vocab_size - 100 pieces on `texts`, add the sentinels, and save the
     tokenizer to out_dir (atomically: the folder appears complete or not at all)."""
     spm.set_random_generator_seed(seed)
@@ -83,7 +108,7 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str | Path, voc
     return tokenizer
 
 
-def tokenizer_from_sentencepiece(processor: spm.SentencePieceProcessor) -> PreTrainedTokenizerFast:
+def tokenizer_from_sentencepiece(processor: spm.SentencePieceProcessor) -> PortableTokenizer:
     """The SentencePiece model as a transformers tokenizer, with the sentinels appended in reverse."""
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
     vocab += [(sentinel(k), 0.0) for k in reversed(range(NUM_SENTINELS))]
@@ -95,14 +120,17 @@ def tokenizer_from_sentencepiece(processor: spm.SentencePieceProcessor) -> PreTr
                                          decoders.Metaspace(replacement="▁", prepend_scheme="always")])
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                            special_tokens=[("</s>", EOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   additional_special_tokens=[sentinel(k) for k in range(NUM_SENTINELS)])
+    return PortableTokenizer(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                             additional_special_tokens=[sentinel(k) for k in range(NUM_SENTINELS)])
 
 
 def load_tokenizer(name_or_dir: str | Path) -> PreTrainedTokenizerBase:
-    """AutoTokenizer.from_pretrained with errors that say what to do; checks T5's sentinel layout."""
+    """AutoTokenizer.from_pretrained with errors that say what to do; checks T5's sentinel layout. A generic
+    tokenizer.json tokenizer (ours) comes back as a PortableTokenizer, so that saving it again stays portable."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir))
+        if type(tokenizer) is PreTrainedTokenizerFast:
+            tokenizer = PortableTokenizer.from_pretrained(str(name_or_dir))
     except (OSError, ValueError) as err:
         local = Path(name_or_dir).exists() or str(name_or_dir).startswith((".", "/"))
         fix = ("run python 01_data/prepare_data.py for the preset" if local else

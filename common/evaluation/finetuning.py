@@ -80,8 +80,8 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def batches_forever(examples: Sequence[dict], batch_size: int, seed: int, pad_id: int) -> Iterator[dict]:
     """Seeded reshuffle every epoch; the last incomplete batch of an epoch is dropped."""
     if len(examples) < batch_size:
-        raise ValueError(f"{len(examples)} training examples cannot fill one batch of {batch_size}; "
-                         "lower finetune.batch_size or raise finetune.max_train_examples")
+        raise ValueError(f"{len(examples)} training examples cannot fill one batch of {batch_size}. "
+                         "Fix: lower finetune.batch_size or raise finetune.max_train_examples")
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(examples), generator=generator).tolist()

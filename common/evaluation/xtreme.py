@@ -4,18 +4,26 @@ Hugging Face hub (`google/xtreme` configs, plus `nyu-mll/multi_nli` for XNLI's E
 
 Zero-shot cross-lingual protocol: train on English, test every language of the task. Where a local folder
 lacks XTREME's English training file, a documented stand-in is used and recorded in TaskData.notes.
-Bad input fails with XtremeDataError naming the file and the line (or JSON element) at fault.
+
+A local folder's test files are found by name, so languages beyond XTREME's lists (XTREME-R adds some to
+XQuAD and PAN-X) are tested too; they are reported in rows of their own and kept out of the XTREME average,
+which stays over TEST_LANGUAGES (`in_xtreme_average`). A file found but not evaluated is named in a note.
+Bad input fails when it is read, before any fine-tuning, with XtremeDataError naming the file and the line
+(or JSON element) at fault: malformed lines, empty files, and parallel test sets that are no longer parallel.
 """
 from __future__ import annotations
 
 import csv
 import json
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from common.config import XTREME_TASKS
+from common.evaluation.metrics import MLQA_LANGUAGES
 
 TASKS = XTREME_TASKS
 TASK_METRICS = {"xnli": ("accuracy",), "pawsx": ("accuracy",), "panx": ("span_f1", "span_precision", "span_recall"),
@@ -36,6 +44,9 @@ PAWSX_LABELS = ("0", "1")
 NER_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
 TYDIQA_NAMES = {"ar": "arabic", "bn": "bengali", "en": "english", "fi": "finnish", "id": "indonesian",
                 "ko": "korean", "ru": "russian", "sw": "swahili", "te": "telugu"}
+TYDIQA_CODES = {name: code for code, name in TYDIQA_NAMES.items()}
+# Test sets that are translations of one set, example by example (subsample keeps them aligned).
+PARALLEL_TASKS = ("xnli", "pawsx", "xquad")
 HUB_DATASET = "google/xtreme"
 HUB_MNLI = "nyu-mll/multi_nli"
 
@@ -77,6 +88,11 @@ class TaskData:
     notes: list[str] = field(default_factory=list)  # every departure from XTREME's protocol
 
 
+def in_xtreme_average(task: str, lang: str) -> bool:
+    """Whether `lang` is one of XTREME's test languages of `task`, the languages its score averages."""
+    return lang in TEST_LANGUAGES[task]
+
+
 def subsample(examples: list, limit: int | None, seed: int) -> list:
     """A seeded sample of at most `limit` examples, in file order. Parallel test sets of equal size (XNLI,
     XQuAD) get the same indices in every language, so they stay parallel."""
@@ -110,6 +126,9 @@ def read_squad_json(path: Path) -> list[QAExample]:
     except (KeyError, TypeError) as err:
         raise XtremeDataError(f"{path}: not SQuAD v1.1 JSON (missing or wrong field {err}). "
                               "Fix: the file must hold data[].paragraphs[].qas[] with answers") from None
+    if not examples:
+        raise XtremeDataError(f"{path}: no questions (data[] holds {len(data['data'])} articles). "
+                              "Fix: re-download the file")
     return examples
 
 
@@ -128,6 +147,8 @@ def read_pair_tsv(path: Path, labels: tuple[str, ...], header: bool = False) -> 
             if label not in labels:
                 raise XtremeDataError(f"{path}, line {line_no}: unknown label {row[-1]!r}; expected one of {labels}")
             examples.append(PairExample(row[-3], row[-2], label))
+    if not examples:
+        raise XtremeDataError(f"{path}: no sentence pairs ({_blank_file(path)}). Fix: re-download the file")
     return examples
 
 
@@ -151,7 +172,17 @@ def read_conll_tsv(path: Path) -> list[TaggedSentence]:
             tags.append(fields[1])
     if tokens:
         sentences.append(TaggedSentence(tuple(tokens), tuple(tags)))
+    if not sentences:
+        raise XtremeDataError(f"{path}: no tagged sentences ({_blank_file(path)}). Fix: re-download the file")
     return sentences
+
+
+def _blank_file(path: Path) -> str:
+    """What an example-less text file holds, for the error message."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not lines:
+        return "the file is empty"
+    return f"lines 1-{len(lines)} hold no example" if len(lines) > 1 else "line 1 holds no example"
 
 
 def _first_existing(root: Path, *candidates: str) -> Path | None:
@@ -166,21 +197,121 @@ def _require(root: Path, *candidates: str) -> Path:
     return found
 
 
-def _local_tests(task: str, root: Path, read: Callable[[Path], list], pattern: Callable[[str], list[str]],
-                 notes: list[str]) -> dict[str, list]:
-    tests, missing = {}, []
-    for lang in TEST_LANGUAGES[task]:
-        path = _first_existing(root, *pattern(lang))
-        if path is None:
-            missing.append(lang)
-        else:
-            tests[lang] = read(path)
-    if not tests:
-        raise XtremeDataError(f"{root / pattern('en')[0]} and every other test file of {task} are missing. "
-                              "Fix: download the task or drop it from finetune.tasks")
+@dataclass(frozen=True)
+class FilePattern:
+    """Test files of a task in XTREME's layout: the files `glob` finds whose name fully matches `name`; the
+    regex's group is the language. `layout` is the form the notes quote."""
+    glob: str
+    name: str
+    layout: str
+
+
+# In order of preference: the first file found for a language is its test set.
+TEST_FILES = {
+    "xnli": (FilePattern("xnli/test-*.tsv", r"test-([^.]+)\.tsv", "xnli/test-<l>.tsv"),),
+    "pawsx": (FilePattern("pawsx/test-*.tsv", r"test-([^.]+)\.tsv", "pawsx/test-<l>.tsv"),),
+    "panx": (FilePattern("panx/test-*.tsv", r"test-([^.]+)\.tsv", "panx/test-<l>.tsv"),),
+    "xquad": (FilePattern("xquad/xquad.*.json", r"xquad\.([^.]+)\.json", "xquad/xquad.<l>.json"),),
+    # XTREME's MLQA score takes context and question in one language; the mixed pairs are MLQA's G-XLT task
+    "mlqa": (FilePattern("mlqa/MLQA_V1/test/*.json", r"test-context-([^.-]+)-question-\1\.json",
+                       "mlqa/MLQA_V1/test/test-context-<l>-question-<l>.json"),
+             FilePattern("mlqa/MLQA_V1/dev/*.json", r"dev-context-([^.-]+)-question-\1\.json",
+                       "mlqa/MLQA_V1/dev/dev-context-<l>-question-<l>.json")),
+    "tydiqa": (FilePattern("tydiqa/tydiqa-goldp-v1.1-dev/tydiqa-goldp-dev-*.json", r"tydiqa-goldp-dev-([a-z]+)\.json",
+                         "tydiqa/tydiqa-goldp-v1.1-dev/tydiqa-goldp-dev-<language name>.json"),
+               FilePattern("tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.goldp.*.dev.json", r"tydiqa\.goldp\.([^.]+)\.dev\.json",
+                         "tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.goldp.<l>.dev.json")),
+}
+PAWSX_DEV_FILES = (FilePattern("pawsx/dev-*.tsv", r"dev-([^.]+)\.tsv", "pawsx/dev-<l>.tsv"),)
+UNMATCHED_WHY = {"mlqa": " (XTREME's MLQA score takes context and question in one language)"}
+
+
+def find_test_files(root: Path, patterns: tuple[FilePattern, ...]) -> tuple[dict[str, Path], list[Path]]:
+    """language -> its test file, and the files the globs found whose names fit no pattern."""
+    found: dict[str, Path] = {}
+    unmatched = []
+    for pattern in patterns:
+        for path in sorted(root.glob(pattern.glob)):
+            match = re.fullmatch(pattern.name, path.name)
+            if match is None:
+                unmatched.append(path)
+            else:
+                found.setdefault(TYDIQA_CODES.get(match.group(1), match.group(1)), path)
+    return found, unmatched
+
+
+def _choose_languages(task: str, files: dict[str, Path], languages: list[str] | None,
+                      notes: list[str]) -> dict[str, Path]:
+    """The test files to evaluate: every language found, or those of `languages`; a note for each file left
+    out, each language without a file, and the languages outside XTREME's average."""
+    wanted = list(languages) if languages else sorted(set(TEST_LANGUAGES[task]) | set(files))
+    left_out = sorted(set(files) - set(wanted))
+    if left_out:
+        notes.append(f"{task}: test files for {', '.join(left_out)} not evaluated (finetune.test_languages)")
+    if task == "mlqa":
+        unscorable = sorted(lang for lang in files if lang in wanted and lang not in MLQA_LANGUAGES)
+        if unscorable:
+            notes.append(f"mlqa: test files for {', '.join(unscorable)} not evaluated: MLQA's official evaluation "
+                         f"normalises answers of {', '.join(MLQA_LANGUAGES)} only")
+        wanted = [lang for lang in wanted if lang not in unscorable]
+    missing = [lang for lang in wanted if lang not in files]
     if missing:
         notes.append(f"{task}: no test file for {', '.join(missing)}; averaged over the other languages")
+    chosen = {lang: files[lang] for lang in wanted if lang in files}
+    extra = [lang for lang in chosen if not in_xtreme_average(task, lang)]
+    if extra:
+        notes.append(f"{task}: {', '.join(extra)} evaluated in rows of their own, outside the XTREME average "
+                     f"(not among XTREME's {task} languages)")
+    return chosen
+
+
+def _check_parallel(task: str, files: dict[str, Path], tests: dict[str, list]) -> None:
+    """Parallel test sets must have one size: a file with another was cut short or is not that set."""
+    sizes = {lang: len(examples) for lang, examples in tests.items()}
+    counts = Counter(sizes.values())
+    reference = "en" if "en" in sizes else max(sizes, key=lambda lang: (counts[sizes[lang]], sizes[lang]))
+    for lang, size in sizes.items():
+        if size != sizes[reference]:
+            path = files[lang]
+            ends = (f", ending at line {len(path.read_text(encoding='utf-8').splitlines())}"
+                    if path.suffix == ".tsv" else "")
+            raise XtremeDataError(f"{path}: {size:,} examples{ends}, but {files[reference].name} has "
+                                  f"{sizes[reference]:,}; {task}'s test files are translations of one set, example "
+                                  "by example, so this one was cut short or is another set. Fix: re-download it")
+
+
+def _local_tests(task: str, root: Path, read: Callable[[Path], list], patterns: tuple[FilePattern, ...],
+                 notes: list[str], languages: list[str] | None) -> dict[str, list]:
+    files, unmatched = find_test_files(root, patterns)
+    if unmatched:
+        layouts = " or ".join(p.layout for p in patterns)
+        shown = ", ".join(p.name for p in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        notes.append(f"{task}: {len(unmatched)} file(s) not evaluated, their names are not {layouts}"
+                     f"{UNMATCHED_WHY.get(task, '')}: {shown}")
+    files = _choose_languages(task, files, languages, notes)
+    if not files:
+        chosen = f", languages {', '.join(languages)}" if languages else ""
+        raise XtremeDataError(f"no test file of {task} to evaluate under {root} "
+                              f"({' or '.join(p.layout for p in patterns)}{chosen}). Fix: download the task, check "
+                              "finetune.test_languages, or drop the task from finetune.tasks")
+    tests = {lang: read(path) for lang, path in files.items()}
+    if task in PARALLEL_TASKS:
+        _check_parallel(task, files, tests)
+    if task == "mlqa":
+        _note_mlqa_splits(root, files, notes)
     return tests
+
+
+def _note_mlqa_splits(root: Path, files: dict[str, Path], notes: list[str]) -> None:
+    on_dev = [lang for lang, path in files.items() if path.parent.name == "dev"]
+    if not on_dev:
+        return
+    if not (root / "mlqa/MLQA_V1/test").is_dir():
+        notes.append("mlqa: evaluated on MLQA dev (the test split is not in the folder)")
+        return
+    on_test = [lang for lang in files if lang not in on_dev]
+    notes.append(f"mlqa: evaluated on MLQA dev for {', '.join(on_dev)} (no test file for them), on test for "
+                 f"{', '.join(on_test) or 'none'}; the average mixes the two splits")
 
 
 # Where XTREME's layout keeps translate-train data: machine translations of the English training set
@@ -199,8 +330,9 @@ def translate_train_files(task: str, root: Path) -> dict[str, Path]:
     return {lang: path for lang, path in found.items() if lang != "en" and path.is_file()}
 
 
-def load_local(task: str, root: Path, seed: int = 0) -> TaskData:
-    """One task from a folder with XTREME's download layout (all examples; cap them with `subsample`)."""
+def load_local(task: str, root: Path, seed: int = 0, languages: list[str] | None = None) -> TaskData:
+    """One task from a folder with XTREME's download layout (all examples; cap them with `subsample`), tested on
+    every language with a test file, or on `languages` only."""
     root = Path(root)
     notes: list[str] = []
     qa_train = ("squad/train-v1.1.json",)
@@ -214,39 +346,30 @@ def load_local(task: str, root: Path, seed: int = 0) -> TaskData:
         if train_path.name == "dev-en.tsv":
             notes.append(f"xnli: English training set is XNLI English dev ({len(train):,} pairs), "
                          "a stand-in for MNLI train")
-        test = _local_tests(task, root, lambda p: read_pair_tsv(p, NLI_LABELS), lambda l: [f"xnli/test-{l}.tsv"], notes)
+        test = _local_tests(task, root, lambda p: read_pair_tsv(p, NLI_LABELS), TEST_FILES[task], notes, languages)
     elif task == "pawsx":
         train_path = _first_existing(root, "pawsx/train-en.tsv")
         if train_path is not None:
             train = read_pair_tsv(train_path, PAWSX_LABELS)
-            test = _local_tests(task, root, lambda p: read_pair_tsv(p, PAWSX_LABELS),
-                                lambda l: [f"pawsx/test-{l}.tsv"], notes)
+            test = _local_tests(task, root, lambda p: read_pair_tsv(p, PAWSX_LABELS), TEST_FILES[task], notes,
+                                languages)
         else:
-            train, test = _pawsx_dev_split(root, seed, notes)
+            train, test = _pawsx_dev_split(root, seed, notes, languages)
     elif task == "panx":
         train_path = _require(root, "panx/train-en.tsv")
         train = read_conll_tsv(train_path)
-        test = _local_tests(task, root, read_conll_tsv, lambda l: [f"panx/test-{l}.tsv"], notes)
+        test = _local_tests(task, root, read_conll_tsv, TEST_FILES[task], notes, languages)
     elif task in ("xquad", "mlqa"):
         train_path = _first_existing(root, *qa_train) or _require(root, *tydi_train)
         train = read_squad_json(train_path)
         if "tydiqa" in train_path.parts:
             notes.append(f"{task}: English training set is TyDi QA-GoldP English train ({len(train):,} questions), "
                          "a stand-in for SQuAD v1.1 train")
-        if task == "xquad":
-            test = _local_tests(task, root, read_squad_json, lambda l: [f"xquad/xquad.{l}.json"], notes)
-        else:
-            test = _local_tests(task, root, read_squad_json, lambda l: [
-                f"mlqa/MLQA_V1/test/test-context-{l}-question-{l}.json",
-                f"mlqa/MLQA_V1/dev/dev-context-{l}-question-{l}.json"], notes)
-            if not (root / "mlqa/MLQA_V1/test").is_dir():
-                notes.append("mlqa: evaluated on MLQA dev (the test split is not in the folder)")
+        test = _local_tests(task, root, read_squad_json, TEST_FILES[task], notes, languages)
     elif task == "tydiqa":
         train_path = _require(root, *tydi_train)
         train = read_squad_json(train_path)
-        test = _local_tests(task, root, read_squad_json, lambda l: [
-            f"tydiqa/tydiqa-goldp-v1.1-dev/tydiqa-goldp-dev-{TYDIQA_NAMES[l]}.json",
-            f"tydiqa/tydiqa-goldp-v1.1-dev/tydiqa.goldp.{l}.dev.json"], notes)
+        test = _local_tests(task, root, read_squad_json, TEST_FILES[task], notes, languages)
     else:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     translated = {lang: (read_conll_tsv(p) if task == "panx" else read_squad_json(p) if p.suffix == ".json"
@@ -256,24 +379,27 @@ def load_local(task: str, root: Path, seed: int = 0) -> TaskData:
     return TaskData(task, train, source, test, translated, TRANSLATE_TRAIN_FILES[task] if translated else "", notes)
 
 
-def _pawsx_dev_split(root: Path, seed: int, notes: list[str]) -> tuple[list, dict[str, list]]:
+def _pawsx_dev_split(root: Path, seed: int, notes: list[str], languages: list[str] | None
+                     ) -> tuple[list, dict[str, list]]:
     """Without PAWS-X's English train file, train on half of English dev and test every language on the other
     half. The dev files are line-aligned translations, so testing on the same lines would leak the labels."""
-    dev = _local_tests("pawsx", root, lambda p: read_pair_tsv(p, PAWSX_LABELS), lambda l: [f"pawsx/dev-{l}.tsv"], notes)
-    if "en" not in dev:
+    if not (root / "pawsx/dev-en.tsv").is_file():
         raise XtremeDataError(f"{root / 'pawsx/train-en.tsv'} and {root / 'pawsx/dev-en.tsv'} are both missing. "
                               "Fix: download PAWS-X in XTREME's layout")
+    unused = sorted(p.name for p in root.glob("pawsx/test-*.tsv"))
+    if unused:
+        notes.append(f"pawsx: {', '.join(unused)} not evaluated: without pawsx/train-en.tsv every language is "
+                     "tested on half of its dev file")
+    dev = _local_tests("pawsx", root, lambda p: read_pair_tsv(p, PAWSX_LABELS), PAWSX_DEV_FILES, notes,
+                       sorted({"en", *languages}) if languages else None)
     size = len(dev["en"])
-    for lang, examples in dev.items():
-        if len(examples) != size:
-            raise XtremeDataError(f"{root / f'pawsx/dev-{lang}.tsv'}: {len(examples)} pairs, English dev has {size}; "
-                                  "the dev files must be line-aligned")
     order = list(range(size))
     random.Random(seed).shuffle(order)
     train_lines, test_lines = sorted(order[: size // 2]), sorted(order[size // 2:])
     notes.append(f"pawsx: trained on {len(train_lines)} English dev pairs, tested on the other {len(test_lines)} "
                  "dev lines of every language (no PAWS-X train or labelled test files in the folder)")
-    return [dev["en"][i] for i in train_lines], {lang: [ex[i] for i in test_lines] for lang, ex in dev.items()}
+    tested = [lang for lang in dev if not languages or lang in languages]
+    return [dev["en"][i] for i in train_lines], {lang: [dev[lang][i] for i in test_lines] for lang in tested}
 
 
 # --- the hub -----------------------------------------------------------------------------------------
@@ -334,9 +460,18 @@ def _hub_tagged(dataset, where: str) -> list[TaggedSentence]:
     return sentences
 
 
-def load_hub(task: str) -> TaskData:
-    """One task from the hub, with XTREME's real English training sets and test splits."""
-    langs = TEST_LANGUAGES[task]
+def load_hub(task: str, languages: list[str] | None = None) -> TaskData:
+    """One task from the hub, with XTREME's real English training sets and test splits: XTREME's languages,
+    or those of them in `languages` (google/xtreme's configs hold XTREME's languages only)."""
+    langs = [lang for lang in TEST_LANGUAGES[task] if not languages or lang in languages]
+    notes = []
+    not_on_hub = [lang for lang in languages or [] if lang not in TEST_LANGUAGES[task]]
+    if not_on_hub:
+        notes.append(f"{task}: {', '.join(not_on_hub)} not evaluated: the hub path loads XTREME's {task} "
+                     "languages only; a local folder tests every language it has files for")
+    if not langs:
+        raise XtremeDataError(f"{task}: none of finetune.test_languages {languages} is among XTREME's {task} "
+                              f"languages {TEST_LANGUAGES[task]}. Fix: choose among them, or use a local folder")
     if task == "xnli":
         train = _hub_pairs(_hub_split(HUB_MNLI, None, "train"), f"{HUB_MNLI} train", "premise", "hypothesis",
                            "label", NLI_LABELS)
@@ -367,8 +502,8 @@ def load_hub(task: str) -> TaskData:
         train = _hub_qa(_rows_where(_hub_split(HUB_DATASET, "tydiqa", "train"), "id",
                                     lambda value: value.startswith("english")))
         validation = _hub_split(HUB_DATASET, "tydiqa", "validation")
-        test = {lang: _hub_qa(_rows_where(validation, "id", lambda value, name=name: value.startswith(name)))
-                for lang, name in TYDIQA_NAMES.items()}
+        test = {lang: _hub_qa(_rows_where(validation, "id", lambda value, name=TYDIQA_NAMES[lang]:
+                                          value.startswith(name))) for lang in langs}
         source = "tydiqa train (english)"
     else:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
@@ -376,4 +511,4 @@ def load_hub(task: str) -> TaskData:
     if not train or empty:
         raise XtremeDataError(f"{task}: the hub returned no {'training' if not train else 'test'} examples "
                               f"{'for ' + ', '.join(empty) if empty else ''}. Fix: check the google/xtreme configs")
-    return TaskData(task, train, f"hub: {source}", test)
+    return TaskData(task, train, f"hub: {source}", test, notes=notes)

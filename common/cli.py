@@ -1,0 +1,55 @@
+"""How a stage script ends when something goes wrong. Every script's `__main__` runs inside
+`exit_on_known_errors()`:
+
+- a known error prints as one line, `<script>: error: <message>`, and the script exits with status 2
+  (argparse's status for bad arguments). Known errors are
+  1. instances of the project's own error classes (any exception class defined under common/:
+     ConfigError, RunExistsError, XtremeDataError, CorpusError, ...), whose messages name the fix;
+  2. ValueError and OSError (FileNotFoundError included) whose message carries "Fix:", the project's
+     convention for an error that says what to do;
+  3. a failed child script whose output went to the terminal (subprocess.CalledProcessError, output not
+     captured): the child printed its own error already, so the parent names the command and exits with the
+     child's status.
+- anything else is a bug and keeps its traceback (and Python's exit status 1). KeyboardInterrupt and
+  SystemExit pass through untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+KNOWN_ERROR_STATUS = 2
+FIX_MARKER = "Fix:"
+
+
+def is_known_error(error: BaseException) -> bool:
+    """Whether `error` is an expected failure with a message for the user (rules 1 and 2 above)."""
+    if type(error).__module__.split(".")[0] == "common":
+        return True
+    return isinstance(error, (ValueError, OSError)) and FIX_MARKER in str(error)
+
+
+def child_exit_status(error: subprocess.CalledProcessError) -> int:
+    """The status to exit with after a child failed: its own, or 128 + signal when a signal killed it."""
+    return error.returncode if error.returncode > 0 else 128 - error.returncode
+
+
+@contextlib.contextmanager
+def exit_on_known_errors() -> Iterator[None]:
+    script = Path(sys.argv[0]).name
+    try:
+        yield
+    except subprocess.CalledProcessError as error:
+        if error.stderr is not None:  # captured: nobody has seen the child's message, the traceback must stay
+            raise
+        print(f"{script}: error: {' '.join(map(str, error.cmd))} failed with status {error.returncode} "
+              "(its message is above)", file=sys.stderr)
+        raise SystemExit(child_exit_status(error)) from None
+    except Exception as error:
+        if not is_known_error(error):
+            raise
+        print(f"{script}: error: {error}", file=sys.stderr)
+        raise SystemExit(KNOWN_ERROR_STATUS) from None
