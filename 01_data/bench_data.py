@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.io import write_csv, write_json
 from common.data.packed_data import MANIFEST, PackedWriter, SpanCorruptionBatches
@@ -94,8 +95,6 @@ def main(preset: str = "tiny", overrides: list[str] | None = None, steps: int = 
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     args = parse_args()
     with exit_on_known_errors():
         main(args.preset, args.set, args.steps)

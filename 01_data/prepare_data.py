@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.data.corpus import (LocalMC4Corpus, SonofmanCorpus, heldout_parallel_verses, open_corpus, read_corpus_texts,
                            sampling_probabilities, write_corpus, write_corpus_manifest)
@@ -279,8 +280,6 @@ def main(preset: str = "tiny", overrides: list[str] | None = None, force: bool =
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     args = parse_args()
     with exit_on_known_errors():
         main(args.preset, args.set, args.force)

@@ -28,7 +28,8 @@ import torch
 from scipy import stats as sps
 from tqdm import tqdm
 
-from common.config import load_preset
+from common.cli import exit_on_known_errors
+from common.config import ConfigError, load_preset
 from common.data.packed_data import SpanCorruptionBatches
 from common.io import read_json, write_csv
 from common.modeling import load_pretrained
@@ -149,8 +150,8 @@ def granularity_rows(model, run: dict, step: int, train: SpanCorruptionBatches, 
 def main(args: argparse.Namespace) -> dict:
     preset = load_preset(args.preset, args.set)
     if not preset.data.noise_rates:
-        raise SystemExit(f"preset {preset.name} has no data.noise_rates: there is no noise experiment to analyse. "
-                         "Fix: use a preset that sets them, e.g. presets/variants/tiny_x10.yaml")
+        raise ConfigError(f"data.noise_rates: preset {preset.name} has none, so there is no noise experiment to "
+                          "analyse. Fix: use a preset that sets them, e.g. presets/variants/tiny_x10.yaml")
     rate = preset.data.noise_rates[0]
     runs_dir = results_dir(preset.name, "pretrain") / "runs"
     runs = [r for r in noise_runs(runs_dir) if r.get("noise_rate", 0.0) in (0.0, rate)
@@ -193,4 +194,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with exit_on_known_errors():
+        main(parse_args())

@@ -24,6 +24,7 @@ import torch
 from scipy import stats as sps
 from tqdm import tqdm
 
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.presence.influence import forward_logits, group_losses, self_influence, token_losses
 from common.io import iter_jsonl_gz, read_json, write_csv
@@ -184,7 +185,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     with exit_on_known_errors():
         main(parse_args())

@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers.optimization import Adafactor as HFAdafactor
 
+from common.cli import exit_on_known_errors
 from common.adafactor import Adafactor
 from common.benchmark import time_round_robin
 from common.config import load_preset
@@ -88,8 +89,6 @@ def main(preset_name: str = "tiny", device: str = "cpu", repeats: int = 10, thre
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import exit_on_known_errors
 from common.benchmark import mfu_ceiling_tflops, time_round_robin
 from common.config import load_preset
 from common.io import write_csv
@@ -141,8 +142,6 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")

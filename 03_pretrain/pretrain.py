@@ -37,6 +37,7 @@ import torch.distributed as dist
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from common.cli import exit_on_known_errors
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from common.config import LAYER_SETS, ConfigError, load_preset
 from common.data.noise import noise_shares
@@ -507,7 +508,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     with exit_on_known_errors():
         main(parse_args())

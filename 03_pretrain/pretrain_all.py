@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.evaluation.heldout import HELDOUT_COLUMNS
 from common.io import read_json, write_csv
@@ -127,8 +128,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--runs", nargs="+", help="run specs (default: pretrain.reproduce_methods)")

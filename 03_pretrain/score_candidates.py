@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.presence.influence import self_influence
 from common.io import atomic_path, write_csv
@@ -98,7 +99,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     with exit_on_known_errors():
         main(parse_args())

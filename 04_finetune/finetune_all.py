@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from common.cli import exit_on_known_errors
 from common.config import FinetuneConfig, load_preset
 from common.evaluation.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
@@ -373,8 +374,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     args = parse_args()
     with exit_on_known_errors():
         main(args.preset, args.set, args.checkpoint, args.xtreme_dir)

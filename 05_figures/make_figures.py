@@ -21,6 +21,7 @@ from typing import Callable
 
 import pandas as pd
 
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.io import atomic_open, write_csv
 from common.reporting.markdown import markdown_table
@@ -294,7 +295,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     with exit_on_known_errors():
         main(parse_args())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.io import atomic_open
 from common.reporting.markdown import replace_marked_block
@@ -37,7 +38,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from common.cli import exit_on_known_errors
-
     with exit_on_known_errors():
         main(parse_args())
