@@ -1,5 +1,5 @@
-"""The model: a randomly initialised T5 v1.1 / mT5 encoder-decoder, and the FLOP count used for
-throughput and MFU figures."""
+"""The model: a randomly initialised T5 v1.1 / mT5 encoder-decoder, the FLOP count used for
+throughput and MFU figures, and the finiteness check of its tensors."""
 from __future__ import annotations
 
 import torch
@@ -77,6 +77,13 @@ def model_flops_per_sequence(model, input_length: int, target_length: int) -> fl
     counts = parameter_counts(model)
     decoder_matmul = counts["decoder"] + (counts["lm_head"] or counts["embedding"])
     return 6.0 * (counts["encoder"] * input_length + decoder_matmul * target_length)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensors' device: is every element of every tensor finite? One pass over
+    them (max |x| per tensor, which is NaN or inf exactly when a NaN or inf is there) and no host sync, so
+    that the caller reads it together with something it syncs anyway."""
+    return torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
 
 
 def load_pretrained(name_or_path, **config_overrides):

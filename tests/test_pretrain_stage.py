@@ -23,8 +23,21 @@ SCRIPT = str(REPO_ROOT / "03_pretrain" / "pretrain.py")
 NOISY = ["--noise-rate", "0.3", "--set", "data.noise_rates=[0.3]"]  # the rate tests/conftest.py's data build has
 
 
+@pytest.fixture
+def artefacts(tmp_path, mini_artefacts, monkeypatch):
+    """This test's own PRESENCE_ARTEFACTS (its runs' checkpoints, by run name), reading the miniature data."""
+    root = tmp_path / "artefacts"
+    (root / "tiny").mkdir(parents=True)
+    (root / "tiny" / "data").symlink_to(mini_artefacts / "tiny" / "data")
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(root))
+    return root
+
+
 def args_for(tmp_path, name, *extra):
-    sets = [x for item in MINI_MODEL + MINI_PRETRAIN for x in ("--set", item)]
+    """A miniature run's arguments; the fields `extra` sets (--set field=..., --steps) replace the miniature's."""
+    given = {extra[i + 1].split("=")[0] for i, word in enumerate(extra) if word == "--set"}
+    given |= {"pretrain.steps"} if "--steps" in extra else set()
+    sets = [x for item in MINI_MODEL + MINI_PRETRAIN if item.split("=")[0] not in given for x in ("--set", item)]
     return ["--preset", "tiny", "--run-name", name, "--out", str(tmp_path / name), *sets, *extra]
 
 
@@ -40,15 +53,14 @@ def final_weights(artefacts, name):
 @pytest.mark.parametrize("method", [["--method", "presence"],
                                     ["--method", "presence-shuffled", "--per", "sample", *NOISY]],
                          ids=["presence", "shuffled-per-sample-noisy"])
-def test_resume_is_exact(tmp_path, mini_artefacts, monkeypatch, method):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+def test_resume_is_exact(tmp_path, artefacts, method):
     pretrain.main(pretrain.parse_args(args_for(tmp_path, "whole", *method)))
     pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--steps", "3")))
     pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--resume")))
     for log in ("train_log.csv", "heldout.csv", "heldout_rows.csv") + (("noise_log.csv",) if NOISY[1] in method else ()):
         assert rows(tmp_path / "whole" / log, drop=["seconds", "run"]) == rows(tmp_path / "halves" / log, drop=["seconds", "run"]), log
     assert [step for step, _, _ in losses(tmp_path / "whole")] == [1, 2, 3, 4, 5, 6]
-    whole, halves = final_weights(mini_artefacts, "whole"), final_weights(mini_artefacts, "halves")
+    whole, halves = final_weights(artefacts, "whole"), final_weights(artefacts, "halves")
     assert whole.keys() == halves.keys()
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
 
@@ -58,13 +70,12 @@ def rows(path, drop=()):
         return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
 
 
-def test_heldout_files_cover_the_split_per_language(tmp_path, mini_artefacts, monkeypatch):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+def test_heldout_files_cover_the_split_per_language(tmp_path, artefacts):
     pretrain.main(pretrain.parse_args(args_for(tmp_path, "run", "--method", "baseline")))
     heldout = rows(tmp_path / "run" / "heldout.csv")
     assert sorted({(r["step"], r["lang"]) for r in heldout}) == [(s, lang) for s in ("3", "6") for lang in ("all", "en", "hi")]
     per_row = rows(tmp_path / "run" / "heldout_rows.csv")
-    split_rows = SpanCorruptionBatches(mini_artefacts / "tiny" / "data", "heldout", 1, seed=0).num_rows
+    split_rows = SpanCorruptionBatches(artefacts / "tiny" / "data", "heldout", 1, seed=0).num_rows
     assert len(per_row) == split_rows
     final = {r["lang"]: r for r in heldout if r["step"] == "6"}
     for lang in ("en", "hi"):
@@ -75,12 +86,11 @@ def test_heldout_files_cover_the_split_per_language(tmp_path, mini_artefacts, mo
     assert [float(r["heldout_loss"]) for r in logged] == [float(r["loss"]) for r in heldout if r["lang"] == "all"]
 
 
-def test_noise_run_logs_what_the_labels_say(tmp_path, mini_artefacts, monkeypatch):
+def test_noise_run_logs_what_the_labels_say(tmp_path, artefacts):
     """The noisy shares of batch and weight are recomputed here from the loader's rows and the labels."""
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
     pretrain.main(pretrain.parse_args(args_for(tmp_path, "noisy", "--method", "presence", *NOISY,
                                                "--set", "pretrain.noise_log_every=2")))
-    loader = SpanCorruptionBatches(mini_artefacts / "tiny" / "data", "train", 8, seed=0, noise_rate=0.3)
+    loader = SpanCorruptionBatches(artefacts / "tiny" / "data", "train", 8, seed=0, noise_rate=0.3)
     log = rows(tmp_path / "noisy" / "train_log.csv")
     for r in log:
         labels = loader.noise_labels[loader.batch_rows(int(r["step"]) - 1)]
@@ -98,8 +108,7 @@ def test_noise_run_logs_what_the_labels_say(tmp_path, mini_artefacts, monkeypatc
     assert metrics["noise_rate"] == 0.3
 
 
-def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, mini_artefacts, monkeypatch):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, artefacts):
     pretrain.main(pretrain.parse_args(args_for(tmp_path, "oracle", "--method", "noise-oracle", *NOISY)))
     log = rows(tmp_path / "oracle" / "train_log.csv")
     assert all(float(r["noisy_weight_share"]) == 0 for r in log)
@@ -110,22 +119,26 @@ def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, mini_artefacts, monkeyp
         pretrain.get_config(pretrain.parse_args(["--method", "presence", "--noise-rate", "0.4"]))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mini_artefacts, monkeypatch):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+@pytest.mark.parametrize("nan_step, kept", [(6, "step-4"), (5, "step-2")])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, artefacts, monkeypatch, nan_step, kept):
+    """Checkpoints come every 2 steps. A NaN at step 6 keeps step-4 (step 5 ran finite after it); a NaN at
+    step 5, right after step-4 was saved, drops step-4 as the likely cause and falls back to step-2."""
     real_step = train_step_module.presence_step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         stats = real_step(*args, **kwargs)
-        return stats if calls["n"] < 5 else type(stats)(float("nan"), stats.scores, stats.weights)
+        return stats if calls["n"] < nan_step else type(stats)(float("nan"), stats.scores, stats.weights)
 
     monkeypatch.setattr(train_step_module, "presence_step", poisoned)
-    with pytest.raises(FloatingPointError, match="step 5"):
+    with pytest.raises(FloatingPointError, match=f"step {nan_step} of nan: loss is nan") as error:
         pretrain.main(pretrain.parse_args(args_for(tmp_path, "nan", "--method", "presence")))
-    checkpoint = latest_checkpoint(mini_artefacts / "tiny" / "pretrain" / "nan" / "checkpoints")
-    assert checkpoint.name == "step-4"
-    assert [step for step, _, _ in losses(tmp_path / "nan")] == [1, 2, 3, 4]
+    assert f"resumes from its checkpoint of step {kept[5:]}" in str(error.value) and "--resume" in str(error.value)
+    checkpoints = artefacts / "tiny" / "pretrain" / "nan" / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == kept
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [kept]
+    assert [step for step, _, _ in losses(tmp_path / "nan")] == list(range(1, nan_step))
 
 
 def test_bad_options_fail_before_training(tmp_path):
@@ -144,8 +157,8 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_like_one(tmp_path, mini_artefacts):
-    env = {**os.environ, "PRESENCE_ARTEFACTS": str(mini_artefacts), "OMP_NUM_THREADS": "1"}
+def test_two_gloo_processes_train_like_one(tmp_path, artefacts):
+    env = {**os.environ, "PRESENCE_ARTEFACTS": str(artefacts), "OMP_NUM_THREADS": "1"}
     single = args_for(tmp_path, "single", "--method", "presence", "--steps", "4")
     subprocess.run([sys.executable, SCRIPT, *single], env=env, check=True, cwd=REPO_ROOT, capture_output=True)
     double = args_for(tmp_path, "double", "--method", "presence", "--steps", "4")
@@ -155,7 +168,7 @@ def test_two_gloo_processes_train_like_one(tmp_path, mini_artefacts):
     one, two = losses(tmp_path / "single"), losses(tmp_path / "double")
     assert [s for s, _, _ in one] == [s for s, _, _ in two] == [1, 2, 3, 4]
     assert [float(l) for _, l, _ in one] == pytest.approx([float(l) for _, l, _ in two], rel=1e-5)
-    a, b = final_weights(mini_artefacts, "single"), final_weights(mini_artefacts, "double")
+    a, b = final_weights(artefacts, "single"), final_weights(artefacts, "double")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
