@@ -666,8 +666,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.noise_rate and world > 1:
         raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
                           "it without torchrun")
+    data = get_data(args, preset)
     with claim_run(args, preset, rank) as run:
-        data = get_data(args, preset)
         seed_everything(args.seed)
         model = build_model(preset.model, data.manifest["vocab_size"]).to(device)
         broadcast_parameters(model)

@@ -9,36 +9,17 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import common.presence.train_step as train_step_module
 from common.checkpoint import latest_checkpoint
 from common.config import ConfigError
 from common.data.packed_data import SpanCorruptionBatches
 from common.paths import REPO_ROOT
-from conftest import MINI_MODEL, MINI_PRETRAIN, load_stage
+from conftest import csv_rows, final_weights, load_stage, pretrain_args
 
 pretrain = load_stage("03_pretrain/pretrain.py")
 SCRIPT = str(REPO_ROOT / "03_pretrain" / "pretrain.py")
 NOISY = ["--noise-rate", "0.3", "--set", "data.noise_rates=[0.3]"]  # the rate tests/conftest.py's data build has
-
-
-@pytest.fixture
-def artefacts(tmp_path, mini_artefacts, monkeypatch):
-    """This test's own PRESENCE_ARTEFACTS (its runs' checkpoints, by run name), reading the miniature data."""
-    root = tmp_path / "artefacts"
-    (root / "tiny").mkdir(parents=True)
-    (root / "tiny" / "data").symlink_to(mini_artefacts / "tiny" / "data")
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(root))
-    return root
-
-
-def args_for(tmp_path, name, *extra):
-    """A miniature run's arguments; the fields `extra` sets (--set field=..., --steps) replace the miniature's."""
-    given = {extra[i + 1].split("=")[0] for i, word in enumerate(extra) if word == "--set"}
-    given |= {"pretrain.steps"} if "--steps" in extra else set()
-    sets = [x for item in MINI_MODEL + MINI_PRETRAIN if item.split("=")[0] not in given for x in ("--set", item)]
-    return ["--preset", "tiny", "--run-name", name, "--out", str(tmp_path / name), *sets, *extra]
 
 
 def losses(run_dir):
@@ -46,35 +27,27 @@ def losses(run_dir):
         return [(int(r["step"]), r["loss"], r["heldout_loss"]) for r in csv.DictReader(f)]
 
 
-def final_weights(artefacts, name):
-    return load_file(artefacts / "tiny" / "pretrain" / name / "final" / "model.safetensors")
-
-
 @pytest.mark.parametrize("method", [["--method", "presence"],
                                     ["--method", "presence-shuffled", "--per", "sample", *NOISY]],
                          ids=["presence", "shuffled-per-sample-noisy"])
 def test_resume_is_exact(tmp_path, artefacts, method):
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "whole", *method)))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--steps", "3")))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--resume")))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "whole", *method)))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "halves", *method, "--steps", "3")))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "halves", *method, "--resume")))
     for log in ("train_log.csv", "heldout.csv", "heldout_rows.csv") + (("noise_log.csv",) if NOISY[1] in method else ()):
-        assert rows(tmp_path / "whole" / log, drop=["seconds", "run"]) == rows(tmp_path / "halves" / log, drop=["seconds", "run"]), log
+        whole, halves = (csv_rows(tmp_path / run / log, drop=["seconds", "run"]) for run in ("whole", "halves"))
+        assert whole == halves, log
     assert [step for step, _, _ in losses(tmp_path / "whole")] == [1, 2, 3, 4, 5, 6]
     whole, halves = final_weights(artefacts, "whole"), final_weights(artefacts, "halves")
     assert whole.keys() == halves.keys()
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
 
 
-def rows(path, drop=()):
-    with open(path) as f:
-        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
-
-
 def test_heldout_files_cover_the_split_per_language(tmp_path, artefacts):
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "run", "--method", "baseline")))
-    heldout = rows(tmp_path / "run" / "heldout.csv")
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "run", "--method", "baseline")))
+    heldout = csv_rows(tmp_path / "run" / "heldout.csv")
     assert sorted({(r["step"], r["lang"]) for r in heldout}) == [(s, lang) for s in ("3", "6") for lang in ("all", "en", "hi")]
-    per_row = rows(tmp_path / "run" / "heldout_rows.csv")
+    per_row = csv_rows(tmp_path / "run" / "heldout_rows.csv")
     split_rows = SpanCorruptionBatches(artefacts / "tiny" / "data", "heldout", 1, seed=0).num_rows
     assert len(per_row) == split_rows
     final = {r["lang"]: r for r in heldout if r["step"] == "6"}
@@ -82,23 +55,23 @@ def test_heldout_files_cover_the_split_per_language(tmp_path, artefacts):
         mine = [float(r["loss"]) for r in per_row if r["lang"] == lang]
         assert float(final[lang]["loss"]) == pytest.approx(sum(mine) / len(mine), rel=1e-12)
         assert int(final[lang]["n_rows"]) == len(mine)
-    logged = [r for r in rows(tmp_path / "run" / "train_log.csv") if r["heldout_loss"]]
+    logged = [r for r in csv_rows(tmp_path / "run" / "train_log.csv") if r["heldout_loss"]]
     assert [float(r["heldout_loss"]) for r in logged] == [float(r["loss"]) for r in heldout if r["lang"] == "all"]
 
 
 def test_noise_run_logs_what_the_labels_say(tmp_path, artefacts):
     """The noisy shares of batch and weight are recomputed here from the loader's rows and the labels."""
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "noisy", "--method", "presence", *NOISY,
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "noisy", "--method", "presence", *NOISY,
                                                "--set", "pretrain.noise_log_every=2")))
     loader = SpanCorruptionBatches(artefacts / "tiny" / "data", "train", 8, seed=0, noise_rate=0.3)
-    log = rows(tmp_path / "noisy" / "train_log.csv")
+    log = csv_rows(tmp_path / "noisy" / "train_log.csv")
     for r in log:
         labels = loader.noise_labels[loader.batch_rows(int(r["step"]) - 1)]
         assert float(r["noisy_batch_share"]) == pytest.approx((labels > 0).mean())
         assert 0 <= float(r["noisy_weight_share"]) <= 1 and float(r["kish_n"]) <= 4 + 1e-9
         assert 0 < float(r["z_variance_share"]) <= 1
         assert (r["si_noise_auroc"] != "") == (int(r["step"]) % 2 == 0 and 0 < (labels > 0).sum() < 8)
-    kinds = rows(tmp_path / "noisy" / "noise_log.csv")
+    kinds = csv_rows(tmp_path / "noisy" / "noise_log.csv")
     assert {r["kind"] for r in kinds} == {"all", "jumbled", "random", "python"}
     for step in ("1", "4"):
         mine = {r["kind"]: r for r in kinds if r["step"] == step}
@@ -109,8 +82,8 @@ def test_noise_run_logs_what_the_labels_say(tmp_path, artefacts):
 
 
 def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, artefacts):
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "oracle", "--method", "noise-oracle", *NOISY)))
-    log = rows(tmp_path / "oracle" / "train_log.csv")
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "oracle", "--method", "noise-oracle", *NOISY)))
+    log = csv_rows(tmp_path / "oracle" / "train_log.csv")
     assert all(float(r["noisy_weight_share"]) == 0 for r in log)
     assert any(float(r["noisy_batch_share"]) > 0 for r in log)
     with pytest.raises(ConfigError, match="noisy data"):
@@ -133,7 +106,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, artefacts, 
 
     monkeypatch.setattr(train_step_module, "presence_step", poisoned)
     with pytest.raises(FloatingPointError, match=f"step {nan_step} of nan: loss is nan") as error:
-        pretrain.main(pretrain.parse_args(args_for(tmp_path, "nan", "--method", "presence")))
+        pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "nan", "--method", "presence")))
     assert f"resumes from its checkpoint of step {kept[5:]}" in str(error.value) and "--resume" in str(error.value)
     checkpoints = artefacts / "tiny" / "pretrain" / "nan" / "checkpoints"
     assert latest_checkpoint(checkpoints).name == kept
@@ -159,9 +132,9 @@ def free_port():
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one(tmp_path, artefacts):
     env = {**os.environ, "PRESENCE_ARTEFACTS": str(artefacts), "OMP_NUM_THREADS": "1"}
-    single = args_for(tmp_path, "single", "--method", "presence", "--steps", "4")
+    single = pretrain_args(tmp_path, "single", "--method", "presence", "--steps", "4")
     subprocess.run([sys.executable, SCRIPT, *single], env=env, check=True, cwd=REPO_ROOT, capture_output=True)
-    double = args_for(tmp_path, "double", "--method", "presence", "--steps", "4")
+    double = pretrain_args(tmp_path, "double", "--method", "presence", "--steps", "4")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", str(free_port()), SCRIPT, *double],
                    env=env, check=True, cwd=REPO_ROOT, capture_output=True)
@@ -190,9 +163,12 @@ def test_grid_finds_the_runs_of_a_preset_given_as_a_yaml_path(tmp_path, monkeypa
     variant = tmp_path / "tiny_longer.yaml"
     variant.write_text("base: tiny\npretrain:\n  steps: 400\n  switch_step: 40\n")
     monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    monkeypatch.setattr(grid, "results_dir", lambda preset, stage: tmp_path / "results" / preset / stage)
     finished = tmp_path / "artefacts" / "tiny_longer" / "pretrain" / "baseline-s0" / "final"
     finished.mkdir(parents=True)
     (finished / "presence_run.json").write_text("{}")
+    (tmp_path / "results" / "tiny_longer" / "pretrain" / "runs" / "baseline-s0").mkdir(parents=True)
+    (tmp_path / "results" / "tiny_longer" / "pretrain" / "runs" / "baseline-s0" / "metrics.json").write_text("{}")
     calls, summarised = [], []
     monkeypatch.setattr(grid, "call", lambda script, args, threads=None: calls.append((script, args)))
     monkeypatch.setattr(grid, "summarise", lambda name: summarised.append(name) or tmp_path / "summary.csv")
