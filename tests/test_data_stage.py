@@ -3,6 +3,7 @@ build everything downstream stages read; complete steps are reused, changed sett
 interrupted build leaves nothing that looks complete."""
 import csv
 import gzip
+import hashlib
 import importlib.util
 import json
 from collections import Counter
@@ -74,6 +75,19 @@ def test_offline_build_gives_every_output(offline_build):
     assert [r["language"] for r in rows] == ["en", "hi"]
     assert rows[0]["translation"] == "4" and int(rows[0]["tokens"]) > 0 and rows[0]["seed"] == "0"
     assert not [k for k in rows[0] if k in ("text", "url")]
+
+
+def test_the_manifests_record_the_size_and_hash_of_every_file(mini_artefacts):
+    data_dir = mini_artefacts / "tiny" / "data"
+    packed = {f"packed/{split}{suffix}" for split in ("train", "heldout") for suffix in (".bin", "_language.npy")}
+    for folder, manifest, names in ((data_dir, MANIFEST, packed),
+                                    (data_dir / "packed" / "noise-0.3", "noise_manifest.json",
+                                     {"train.bin", "train_noise.npy"})):
+        records = json.loads((folder / manifest).read_text())["files"]
+        assert set(records) == names
+        for name, record in records.items():
+            content = (folder / name).read_bytes()
+            assert record == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
 
 
 @pytest.mark.slow
