@@ -47,8 +47,8 @@ import torch.distributed as dist
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from common.checkpoint import (confirm_checkpoint, latest_checkpoint, load_checkpoint, roll_back_checkpoint,
-                               save_checkpoint, save_model_folder)
+from common.checkpoint import (checkpoint_step, confirm_checkpoint, latest_checkpoint, load_checkpoint,
+                               roll_back_checkpoint, save_checkpoint, save_model_folder)
 from common.config import ConfigError, check_seed, load_preset
 from common.data.noise import noise_shares
 from common.data.packed_data import (SpanCorruptionBatches, check_files, load_data_manifest, load_tokenizer_from_data,
@@ -387,9 +387,9 @@ def maybe_resume(args, preset, run: Run, config: dict, model, optimizer, schedul
     progress = Progress()
     checkpoint = latest_checkpoint(run.checkpoints) if args.resume else None
     if checkpoint is not None:
-        progress.step, extra = load_checkpoint(checkpoint, model, optimizer, scheduler)
         previous = previous_config(run)
-        changes = resume_changes(previous, config, progress.step)
+        changes = resume_changes(previous, config, checkpoint_step(checkpoint))
+        progress.step, extra = load_checkpoint(checkpoint, model, optimizer, scheduler)
         apply_schedule(optimizer, scheduler, preset.pretrain.peak_lr)
         progress.elapsed, progress.tokens_seen = extra["seconds"], extra["tokens_seen"]
         progress.si_aurocs = list(extra.get("si_aurocs", []))
@@ -487,7 +487,7 @@ def rerun_command(args, world: int, settings: dict | None = None, start_over: bo
 
 def latest_step(run: Run) -> int | None:
     checkpoint = latest_checkpoint(run.checkpoints)
-    return None if checkpoint is None else int(checkpoint.name.split("-")[1])
+    return None if checkpoint is None else checkpoint_step(checkpoint)
 
 
 def diverged(args, preset, run: Run, progress: Progress, step: int, world: int, error: Exception) -> FloatingPointError:

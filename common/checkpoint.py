@@ -126,6 +126,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint folder (step-<N>) was saved at."""
+    return int(Path(path).name.split("-", 1)[1])
+
+
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
     """Restore model weights, optimizer, scheduler and RNG states; returns (step, extra)."""
     path = Path(path)
