@@ -51,23 +51,23 @@ def printed_command(message, marker):
     return words[2:]
 
 
-@pytest.mark.parametrize("when", ["from-the-start", "mid-run"])
-def test_an_overflow_is_never_saved_and_the_printed_fix_recovers_the_run(tmp_path, artefacts, when):
-    """peak_lr=1e6 (written as YAML 1.1 reads it: a string) blows the weights up in one step, and the next
-    step's update is NaN. No checkpoint ever holds a non-finite value, the blown-up checkpoint is dropped,
-    and the printed command trains the run to its end exactly like a run that never diverged."""
+@pytest.mark.parametrize("when, huge", [("from-the-start", "1e6"), ("mid-run", "1000000.0")])
+def test_an_overflow_is_never_saved_and_the_printed_fix_recovers_the_run(tmp_path, artefacts, when, huge):
+    """peak_lr=1e6 (also written as YAML 1.1 reads it: a string) blows the weights up in one step, and the
+    next step's update is NaN. No checkpoint ever holds a non-finite value, the blown-up checkpoint is
+    dropped, and the printed command trains the run to its end exactly like a run that never diverged."""
     method = ["--method", "presence", "--set", "pretrain.save_every=1"]
     run(*pretrain_args(tmp_path, "clean", *method))
     if when == "mid-run":
         run(*pretrain_args(tmp_path, "run", *method, "--steps", "3"))
-    overflow = pretrain_args(tmp_path, "run", *method, "--set", "pretrain.peak_lr=1e6",
+    overflow = pretrain_args(tmp_path, "run", *method, "--set", f"pretrain.peak_lr={huge}",
                              *(["--resume"] if when == "mid-run" else []))
     with pytest.raises(FloatingPointError, match="Training stopped; nothing of this step was saved") as error:
         run(*overflow)
     saved = list(store(artefacts, "run").rglob("model.safetensors"))
     assert all(torch.isfinite(t).all() for path in saved for t in load_file(path).values())
     fix = printed_command(str(error.value), "Fix: a lower learning rate: ")
-    assert "pretrain.peak_lr=0.01" in fix and "pretrain.peak_lr=1e6" not in fix
+    assert "pretrain.peak_lr=0.01" in fix and f"pretrain.peak_lr={huge}" not in fix
     run(*fix)
     assert_same_run(tmp_path, artefacts, "clean", "run")
 
