@@ -159,6 +159,16 @@ def load_array(path: str | Path, length: int) -> np.ndarray:
     return array
 
 
+def checked_ids(tokens: np.ndarray, rows, vocab_size: int, path: str | Path) -> np.ndarray:
+    """`tokens` (rows `rows` read from `path`), once every id is known to lie inside the vocabulary: an id
+    beyond it is damage that the model would otherwise meet as an index error, or worse, not at all."""
+    if tokens.size and tokens.max() >= vocab_size:
+        bad = np.asarray(rows)[tokens.max(axis=1) >= vocab_size]
+        raise ValueError(f"{path}: rows {bad[:5].tolist()} hold token ids up to {tokens.max()}, outside the "
+                         f"vocabulary of {vocab_size}: the file is damaged. Fix: {DATA_FIX}")
+    return np.asarray(tokens)
+
+
 def noise_folder(data_dir: str | Path, rate: float) -> Path:
     """packed/noise-<rate>/ of a data build, checked to be complete."""
     folder = Path(data_dir) / "packed" / noise_dir_name(rate)
@@ -307,14 +317,7 @@ class SpanCorruptionBatches:
                 "labels": torch.from_numpy(targets)}
 
     def _checked(self, tokens: np.ndarray, rows) -> np.ndarray:
-        """`tokens` (rows read from the file), once every id is known to lie inside the vocabulary: an id
-        beyond it is damage that the model would otherwise meet as an index error, or worse, not at all."""
-        vocab_size = self.manifest["vocab_size"]
-        if tokens.size and tokens.max() >= vocab_size:
-            bad = np.asarray(rows)[tokens.max(axis=1) >= vocab_size]
-            raise ValueError(f"{self.path}: rows {bad[:5].tolist()} hold token ids up to {tokens.max()}, outside the "
-                             f"vocabulary of {vocab_size}: the file is damaged. Fix: {DATA_FIX}")
-        return np.asarray(tokens)
+        return checked_ids(tokens, rows, self.manifest["vocab_size"], self.path)
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(step, batch) from start_step on, without end: resume a run by passing its next step."""
