@@ -3,7 +3,7 @@
     python 03_pretrain/pretrain.py --preset tiny --method presence --seed 0
     python 03_pretrain/pretrain.py --preset tiny --method presence-shuffled          # the information control
     python 03_pretrain/pretrain.py --preset tiny --method presence-single --tau 2
-    python 03_pretrain/pretrain.py --preset tiny --method presence --steps 100 --resume   # continue a run
+    python 03_pretrain/pretrain.py --preset tiny --method presence --steps 300 --resume   # continue a run to 300 steps
     python 03_pretrain/pretrain.py --preset presets/variants/tiny_x10.yaml --method noise-oracle --noise-rate 0.2
     torchrun --nproc_per_node 8 03_pretrain/pretrain.py --preset paper --method presence --seed 0
 
@@ -246,7 +246,7 @@ def get_method(args, cfg) -> Method:
                   args.method in ORACLE_METHODS)
 
 
-# ---- logging, evaluation, checkpoints -------------------------------------------------------------------------
+# ---- the run folder: one process and one store per run, resuming --------------------------------------------
 
 @dataclass
 class Progress:
@@ -258,81 +258,6 @@ class Progress:
     timed_tokens: int = 0
     si_aurocs: list = field(default_factory=list)
     unverified: bool = False  # the latest checkpoint awaits a finite step after it (common/checkpoint.py)
-
-
-def weight_stats(stats) -> dict:
-    if stats.weights is None:
-        return {"si_mean": "", "si_std": "", "max_weight": "", "weight_entropy": "", "kish_n": "",
-                "z_variance_share": ""}
-    w = stats.weights.double()
-    row = {"max_weight": w.max().item(), "weight_entropy": -(w * w.clamp_min(1e-300).log()).sum().item(),
-           "kish_n": kish_effective_count(w), "si_mean": "", "si_std": "",
-           "z_variance_share": "" if stats.variance_share is None else stats.variance_share}
-    if stats.scores is not None:
-        row.update(si_mean=stats.scores.double().mean().item(), si_std=stats.scores.double().std(unbiased=False).item())
-    return row
-
-
-def row_weights(stats, per: str, batch_size: int) -> np.ndarray:
-    """The weight each row of the batch had in the update (summing to 1): uniform without weights, the
-    sample weights as they are, a microbatch's weight shared by its rows."""
-    if stats.weights is None:
-        return np.full(batch_size, 1 / batch_size)
-    w = stats.weights.double().numpy()
-    return w if len(w) == batch_size else np.repeat(w / (batch_size // len(w)), batch_size // len(w))
-
-
-def probe_self_influence(model, microbatches, method: Method, step: int, every: int, layers) -> np.ndarray | None:
-    """Per-sample self-influence of the batch with the parameters the step starts from, every `every`
-    steps (the noise experiment's detector measure); per-sample PRESENCE computes it anyway."""
-    if step % every or method.per == "sample":
-        return None
-    return torch.cat([self_influence(model, mb, layers=layers, per="sample") for mb in microbatches]).cpu().numpy()
-
-
-def noise_row(stats, labels: np.ndarray, kinds: list[str], method: Method, si, step: int, run) -> dict:
-    """The step's noise columns of train_log.csv (si: per-sample self-influence of the batch, or None);
-    the per-kind rows go to noise_log.csv."""
-    weights = row_weights(stats, method.per, len(labels))
-    shares = noise_shares(labels, weights, len(kinds))
-    aurocs = {k: auroc(si[labels == k] if k else si[labels > 0], si[labels == 0]) if si is not None else ""
-              for k in shares}
-    for k, (batch_share, weight_share) in shares.items():
-        append_csv_row(run.dir / "noise_log.csv", {"step": step, "kind": kinds[k - 1] if k else "all",
-                                                   "batch_share": batch_share, "weight_share": weight_share,
-                                                   "si_auroc": aurocs[k], "seed": method.seed}, NOISE_LOG_COLUMNS)
-    spearman = ""
-    if stats.scores is not None and method.per == "microbatch":
-        per_microbatch = (labels > 0).reshape(len(stats.scores), -1).mean(1)
-        if np.ptp(per_microbatch) > 0:
-            spearman = float(spearmanr(stats.scores.numpy(), per_microbatch).statistic)
-    return {"noisy_batch_share": shares[0][0], "noisy_weight_share": shares[0][1], "si_noise_auroc": aurocs[0],
-            "mb_si_noise_spearman": spearman}
-
-
-def evaluate(model, data: Data, cfg, device, autocast, step: int, run, final: bool) -> float:
-    """Held-out loss on the fixed rows: rows of heldout.csv (per language and "all"); at the end also the
-    per-row losses (heldout_rows.csv), so that runs can be compared row by row."""
-    losses, counts = row_losses(model, data.heldout, data.heldout_ids, cfg.eval_batch_size, device, autocast)
-    languages = [data.manifest["languages"][i] for i in data.heldout.row_language[data.heldout_ids]]
-    summary = summarise(losses, counts, languages, data.manifest["sampling_probabilities"])
-    for row in summary:
-        append_csv_row(run.dir / "heldout.csv", {"run": run.name, "method": run.method, "seed": run.seed,
-                                                 "step": step, **row}, HELDOUT_COLUMNS)
-    if final:
-        write_csv(run.dir / "heldout_rows.csv", [{"row": int(r), "lang": lang, "n_tokens": int(c), "loss": loss}
-                                                 for r, lang, c, loss in zip(data.heldout_ids, languages, counts,
-                                                                             losses)])
-    return summary[-1]["loss"]
-
-
-def truncate_logs(run_dir: Path, last_step: int) -> None:
-    """A resumed run continues its logs from its checkpoint, dropping rows written after it."""
-    for name, columns in (("train_log.csv", LOG_COLUMNS), ("heldout.csv", HELDOUT_COLUMNS),
-                          ("noise_log.csv", NOISE_LOG_COLUMNS)):
-        path = run_dir / name
-        if path.exists():
-            write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
 
 
 @dataclass
@@ -441,6 +366,83 @@ def start_outputs(run: Run, step: int) -> None:
     shutil.rmtree(run.store / "final", ignore_errors=True)
 
 
+def truncate_logs(run_dir: Path, last_step: int) -> None:
+    """A resumed run continues its logs from its checkpoint, dropping rows written after it."""
+    for name, columns in (("train_log.csv", LOG_COLUMNS), ("heldout.csv", HELDOUT_COLUMNS),
+                          ("noise_log.csv", NOISE_LOG_COLUMNS)):
+        path = run_dir / name
+        if path.exists():
+            write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
+
+
+# ---- logging, evaluation, checkpoints -----------------------------------------------------------------------
+
+def weight_stats(stats) -> dict:
+    if stats.weights is None:
+        return {"si_mean": "", "si_std": "", "max_weight": "", "weight_entropy": "", "kish_n": "",
+                "z_variance_share": ""}
+    w = stats.weights.double()
+    row = {"max_weight": w.max().item(), "weight_entropy": -(w * w.clamp_min(1e-300).log()).sum().item(),
+           "kish_n": kish_effective_count(w), "si_mean": "", "si_std": "",
+           "z_variance_share": "" if stats.variance_share is None else stats.variance_share}
+    if stats.scores is not None:
+        row.update(si_mean=stats.scores.double().mean().item(), si_std=stats.scores.double().std(unbiased=False).item())
+    return row
+
+
+def row_weights(stats, per: str, batch_size: int) -> np.ndarray:
+    """The weight each row of the batch had in the update (summing to 1): uniform without weights, the
+    sample weights as they are, a microbatch's weight shared by its rows."""
+    if stats.weights is None:
+        return np.full(batch_size, 1 / batch_size)
+    w = stats.weights.double().numpy()
+    return w if len(w) == batch_size else np.repeat(w / (batch_size // len(w)), batch_size // len(w))
+
+
+def probe_self_influence(model, microbatches, method: Method, step: int, every: int, layers) -> np.ndarray | None:
+    """Per-sample self-influence of the batch with the parameters the step starts from, every `every`
+    steps (the noise experiment's detector measure); per-sample PRESENCE computes it anyway."""
+    if step % every or method.per == "sample":
+        return None
+    return torch.cat([self_influence(model, mb, layers=layers, per="sample") for mb in microbatches]).cpu().numpy()
+
+
+def noise_row(stats, labels: np.ndarray, kinds: list[str], method: Method, si, step: int, run) -> dict:
+    """The step's noise columns of train_log.csv (si: per-sample self-influence of the batch, or None);
+    the per-kind rows go to noise_log.csv."""
+    weights = row_weights(stats, method.per, len(labels))
+    shares = noise_shares(labels, weights, len(kinds))
+    aurocs = {k: auroc(si[labels == k] if k else si[labels > 0], si[labels == 0]) if si is not None else ""
+              for k in shares}
+    for k, (batch_share, weight_share) in shares.items():
+        append_csv_row(run.dir / "noise_log.csv", {"step": step, "kind": kinds[k - 1] if k else "all",
+                                                   "batch_share": batch_share, "weight_share": weight_share,
+                                                   "si_auroc": aurocs[k], "seed": method.seed}, NOISE_LOG_COLUMNS)
+    spearman = ""
+    if stats.scores is not None and method.per == "microbatch":
+        per_microbatch = (labels > 0).reshape(len(stats.scores), -1).mean(1)
+        if np.ptp(per_microbatch) > 0:
+            spearman = float(spearmanr(stats.scores.numpy(), per_microbatch).statistic)
+    return {"noisy_batch_share": shares[0][0], "noisy_weight_share": shares[0][1], "si_noise_auroc": aurocs[0],
+            "mb_si_noise_spearman": spearman}
+
+
+def evaluate(model, data: Data, cfg, device, autocast, step: int, run, final: bool) -> float:
+    """Held-out loss on the fixed rows: rows of heldout.csv (per language and "all"); at the end also the
+    per-row losses (heldout_rows.csv), so that runs can be compared row by row."""
+    losses, counts = row_losses(model, data.heldout, data.heldout_ids, cfg.eval_batch_size, device, autocast)
+    languages = [data.manifest["languages"][i] for i in data.heldout.row_language[data.heldout_ids]]
+    summary = summarise(losses, counts, languages, data.manifest["sampling_probabilities"])
+    for row in summary:
+        append_csv_row(run.dir / "heldout.csv", {"run": run.name, "method": run.method, "seed": run.seed,
+                                                 "step": step, **row}, HELDOUT_COLUMNS)
+    if final:
+        write_csv(run.dir / "heldout_rows.csv", [{"row": int(r), "lang": lang, "n_tokens": int(c), "loss": loss}
+                                                 for r, lang, c, loss in zip(data.heldout_ids, languages, counts,
+                                                                             losses)])
+    return summary[-1]["loss"]
+
+
 def split_microbatches(batch: dict, num_microbatches: int, rank: int, world: int, device) -> list[dict]:
     """This rank's contiguous share of the global batch's microbatches, moved to the device."""
     per_rank = num_microbatches // world
@@ -464,7 +466,17 @@ def throughput(progress: Progress, flops_per_step: float, device, world: int) ->
     return out
 
 
-# ---- the run -------------------------------------------------------------------------------------------------
+def save_due(step: int, cfg) -> bool:
+    return step % cfg.save_every == 0 or step == cfg.steps
+
+
+def save(run: Run, progress: Progress, model, optimizer, scheduler) -> None:
+    save_checkpoint(run.checkpoints, progress.step, model, optimizer, scheduler,
+                    {"seconds": progress.elapsed, "tokens_seen": progress.tokens_seen, "si_aurocs": progress.si_aurocs})
+    progress.unverified = True
+
+
+# ---- faults: blow-ups, full disks, stop signals -------------------------------------------------------------
 
 def rerun_command(args, world: int, settings: dict | None = None, start_over: bool = False) -> str:
     """The command that resumes this run (or, with start_over, starts it anew); `settings`
@@ -490,7 +502,8 @@ def latest_step(run: Run) -> int | None:
     return None if checkpoint is None else checkpoint_step(checkpoint)
 
 
-def diverged(args, preset, run: Run, progress: Progress, step: int, world: int, error: Exception) -> FloatingPointError:
+def diverged(args, preset, run: Run, progress: Progress, step: int, world: int,
+             error: Exception) -> FloatingPointError:
     """The error a non-finite step stops the run with, and its fix: a tenth of the learning rate (at most the
     preset's own), resumed from the last good checkpoint. A checkpoint that led straight to the failure is
     dropped first (common/checkpoint.py); if the step after a verified one fails, the run starts anew."""
@@ -509,7 +522,8 @@ def diverged(args, preset, run: Run, progress: Progress, step: int, world: int, 
 def disk_error(args, run: Run, world: int, error: OSError) -> OSError:
     resumed_from = latest_step(run)
     kept = "no checkpoint was saved yet" if resumed_from is None else f"its checkpoint of step {resumed_from} is kept"
-    return OSError(f"{error}. The run stopped; {kept}. Fix: free space on that disk, then: {rerun_command(args, world)}")
+    return OSError(f"{error}. The run stopped; {kept}. Fix: make room on that disk (or mend what the error names), "
+                   f"then: {rerun_command(args, world)}")
 
 
 def stop_requested(stops: StopRequests, world: int, device) -> bool:
@@ -520,16 +534,6 @@ def stop_requested(stops: StopRequests, world: int, device) -> bool:
         dist.all_reduce(flag)
         received = flag.item() > 0
     return received
-
-
-def save_due(step: int, cfg) -> bool:
-    return step % cfg.save_every == 0 or step == cfg.steps
-
-
-def save(run: Run, progress: Progress, model, optimizer, scheduler) -> None:
-    save_checkpoint(run.checkpoints, progress.step, model, optimizer, scheduler,
-                    {"seconds": progress.elapsed, "tokens_seen": progress.tokens_seen, "si_aurocs": progress.si_aurocs})
-    progress.unverified = True
 
 
 def stop(args, cfg, run: Run, progress: Progress, stops: StopRequests, model, optimizer, scheduler,
@@ -544,6 +548,8 @@ def stop(args, cfg, run: Run, progress: Progress, stops: StopRequests, model, op
                    f"{latest_checkpoint(run.checkpoints)}. Resume with: {rerun_command(args, world)}")
     raise SystemExit(128 + signum)
 
+
+# ---- the run ------------------------------------------------------------------------------------------------
 
 def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, method: Method, progress: Progress,
           device, world: int, rank: int) -> None:
@@ -566,7 +572,8 @@ def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, metho
             batch = upcoming.result()
             if step < cfg.steps:
                 upcoming = loader.submit(train_data.batch, step)
-            labels = None if train_data.noise_labels is None else train_data.noise_labels[train_data.batch_rows(step - 1)]
+            labels = None if train_data.noise_labels is None else \
+                train_data.noise_labels[train_data.batch_rows(step - 1)]
             microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
             probe_start = time.perf_counter()
             si = probe_self_influence(model, microbatches, method, step, cfg.noise_log_every, cfg.si_layers) \
