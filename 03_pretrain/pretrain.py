@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shlex
 import shutil
@@ -83,7 +84,7 @@ NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", 
 RESUMABLE_CHANGES = tuple(f"preset.pretrain.{name}" for name in (
     "steps", "switch_step", "peak_lr", "warmup_steps", "log_every", "eval_every", "save_every", "noise_log_every",
     "eval_batch_size", "compile")) + ("world_size",)
-NOT_PART_OF_THE_RUN = ("history", "run_dir", "preset.description", "preset.si_analysis", "preset.finetune",
+NOT_PART_OF_THE_RUN = ("history", "preset.description", "preset.si_analysis", "preset.finetune",
                        "preset.pretrain.seeds", "preset.pretrain.reproduce_methods")
 
 
@@ -126,6 +127,8 @@ def get_config(args):
         raise ConfigError(f"--method: unknown method {args.method!r}. Fix: use one of {', '.join(METHODS)}")
     if args.method == "presence-single" and args.tau is None:
         raise ConfigError("--tau: presence-single needs a temperature. Fix: pass e.g. --tau 2")
+    if args.tau is not None and not math.isfinite(args.tau):
+        raise ConfigError(f"--tau: {args.tau} is not a finite number. Fix: pass e.g. --tau 2")
     if args.tau is not None and args.method != "presence-single":
         raise ConfigError(f"--tau: only presence-single takes a temperature, not {args.method}. Fix: drop --tau")
     if args.method in ("baseline",) + SEQUENTIAL_METHODS + ORACLE_METHODS and args.per == "sample":
@@ -300,10 +303,9 @@ def claim_run(args, preset, rank: int) -> Iterator[Run]:
 
 def run_config(args, preset, run: Run, data: Data, world: int) -> dict:
     """What config.json records; a resume compares it with the run's own."""
-    return {"run_name": run.name, "run_dir": str(run.dir.resolve()), "method": args.method, "seed": args.seed,
-            "tau": args.tau, "per": args.per, "noise_rate": args.noise_rate, "world_size": world,
-            "training_rows": data.training_rows, "data_sha256": data.checksums, "preset": preset.to_dict(),
-            "history": []}
+    return {"run_name": run.name, "method": args.method, "seed": args.seed, "tau": args.tau, "per": args.per,
+            "noise_rate": args.noise_rate, "world_size": world, "training_rows": data.training_rows,
+            "data_sha256": data.checksums, "preset": preset.to_dict(), "history": []}
 
 
 def maybe_resume(args, preset, run: Run, config: dict, model, optimizer, scheduler) -> Progress:

@@ -258,7 +258,9 @@ def test_bad_values_are_refused_before_anything_is_written(tmp_path, artefacts):
             (pretrain_args(tmp_path, "run", *presence, "--set", "pretrain.steps=abc") + ["--steps", "3"],
              "--steps: --set pretrain.steps sets it too"),
             (pretrain_args(tmp_path, "run", *presence, "--set", "pretrain.peak_lr=.inf"),
-             "pretrain.peak_lr: inf is not a finite number")):
+             "pretrain.peak_lr: inf is not a finite number"),
+            (pretrain_args(tmp_path, "run", "--method", "presence-single", "--tau", "nan"),
+             "--tau: nan is not a finite number")):
         with pytest.raises(ConfigError, match=message):
             run(*args)
     assert not (tmp_path / "run").exists() and not store(artefacts, "run").exists()
