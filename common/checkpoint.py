@@ -50,11 +50,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def check_finite(model, what: str) -> None:
-    """Raise FloatingPointError, naming `what` (the folder that would have been written), if any parameter
-    of `model` is NaN or infinite."""
+    """Raise FloatingPointError, naming `what` (the folder that would have been written), if a parameter of
+    `model` is not finite (common.modeling.all_finite: NaN, inf, or a norm that overflows)."""
     if all_finite(list(model.parameters())):
         return
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [name for name, p in model.named_parameters() if not all_finite([p])]
     raise FloatingPointError(f"{what} not written: {len(bad)} parameter tensors are not finite "
                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 

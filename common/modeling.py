@@ -80,10 +80,12 @@ def model_flops_per_sequence(model, input_length: int, target_length: int) -> fl
 
 
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-dim bool tensor on the tensors' device: is every element of every tensor finite? One pass over
-    them (max |x| per tensor, which is NaN or inf exactly when a NaN or inf is there) and no host sync, so
-    that the caller reads it together with something it syncs anyway."""
-    return torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
+    """A 0-dim bool tensor on the tensors' device: is every tensor's Euclidean norm finite, i.e. no NaN or
+    inf, and no entries so large that the norm overflows (beyond ~1e19 in float32: a blow-up too)? No host
+    sync: the caller reads it with something it syncs anyway. The L2 norms of all tensors are one fused
+    kernel on a GPU, and on a CPU ten times faster than their max-norms (5.6 vs 0.55 ms for the tiny model's
+    parameters and gradients, 870 vs 93 ms for the small model's, one thread)."""
+    return torch.stack(torch._foreach_norm(tensors, 2)).isfinite().all()
 
 
 def load_pretrained(name_or_path, **config_overrides):

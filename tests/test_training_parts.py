@@ -10,7 +10,7 @@ from transformers import T5ForConditionalGeneration
 from common.checkpoint import (confirm_checkpoint, latest_checkpoint, load_checkpoint, roll_back_checkpoint,
                                save_checkpoint, save_model_folder)
 from common.config import ModelConfig, load_preset
-from common.modeling import build_model, model_flops_per_sequence, parameter_counts
+from common.modeling import all_finite, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer, inverse_sqrt_lr
 from common.presence.train_step import train_step
 from tiny_t5 import one_thread, split, tiny_batch, tiny_t5  # noqa: F401
@@ -183,6 +183,13 @@ def test_a_checkpoint_is_dropped_when_the_step_after_it_fails_before_it_is_verif
     save_checkpoint(first, 1, model, optimizer, scheduler, {})
     assert roll_back_checkpoint(first) == ("step-1", None)
     assert latest_checkpoint(first) is None and not list(first.glob("step-*"))
+
+
+def test_all_finite_refuses_nan_inf_and_norms_that_overflow():
+    fine = [torch.ones(3), torch.zeros(2, 2, dtype=torch.float64), torch.full((4,), 1e18), torch.ones(2).bfloat16()]
+    assert all_finite(fine)
+    for bad in (torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")]), torch.full((2,), 1e30)):
+        assert not all_finite(fine + [bad])
 
 
 # (step keyword arguments, the fault): the loss stays finite while the update direction (a NaN gradient of
