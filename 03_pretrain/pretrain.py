@@ -478,6 +478,20 @@ def save(run: Run, progress: Progress, model, optimizer, scheduler) -> None:
     progress.unverified = True
 
 
+def maybe_save(args, preset, run: Run, data: Data, progress: Progress, model, optimizer, scheduler,
+               snapshot_steps: set[int], world: int) -> None:
+    """The step's snapshot (for 02) and checkpoint when due; parameters that are not finite stop the run."""
+    step = progress.step
+    try:
+        if step in snapshot_steps:
+            save_model_folder(run.store / "snapshots" / f"step-{step}", model, data.tokenizer,
+                              {"run_name": run.name, "method": run.method, "seed": run.seed, "step": step})
+        if save_due(step, preset.pretrain):
+            save(run, progress, model, optimizer, scheduler)
+    except FloatingPointError as error:
+        raise diverged(args, preset, run, progress, step, world, error) from error
+
+
 # ---- faults: blow-ups, full disks, stop signals -------------------------------------------------------------
 
 def rerun_command(args, world: int, settings: dict | None = None, start_over: bool = False) -> str:
@@ -604,14 +618,7 @@ def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, metho
             if run.main:
                 log_step(args, cfg, run, data, model, method, progress, stats, lr, options, labels, si, seconds,
                          device, autocast, bar)
-                try:
-                    if step in snapshot_steps:
-                        save_model_folder(run.store / "snapshots" / f"step-{step}", model, data.tokenizer,
-                                          {"run_name": run.name, "method": run.method, "seed": run.seed, "step": step})
-                    if save_due(step, cfg):
-                        save(run, progress, model, optimizer, scheduler)
-                except FloatingPointError as error:
-                    raise diverged(args, preset, run, progress, step, world, error) from error
+                maybe_save(args, preset, run, data, progress, model, optimizer, scheduler, snapshot_steps, world)
             if stop_requested(stops, world, device):
                 stop(args, cfg, run, progress, stops, model, optimizer, scheduler, world)
 
