@@ -31,6 +31,11 @@ MINI = ["data.languages=[en, hi]", "data.probe_languages=[en, hi]", "data.max_ch
         "data.heldout_fraction=0.05", "data.tokenizer.vocab_size=800", "data.tokenizer.training_chars=60000"]
 
 
+def replaced(overrides, item):
+    """`overrides` with `item` in place of its field's setting (a field may be set only once)."""
+    return [o for o in overrides if o.split("=", 1)[0] != item.split("=", 1)[0]] + [item]
+
+
 def read_jsonl(path):
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -100,7 +105,7 @@ def test_complete_steps_are_reused_and_changed_settings_rebuild(offline_build, m
     stage.main("tiny", MINI, summary_path=root / "summary.csv")
     assert (data_dir / "packed" / "train.bin").stat().st_mtime_ns == packed_time
 
-    result = stage.main("tiny", MINI + ["data.input_length=64"], summary_path=root / "summary.csv")
+    result = stage.main("tiny", replaced(MINI, "data.input_length=64"), summary_path=root / "summary.csv")
     assert (data_dir / "corpus" / "manifest.json").stat().st_mtime_ns == corpus_time
     assert json.loads((data_dir / MANIFEST).read_text())["input_length"] == 64 and result["train_rows"] > 0
 
@@ -116,12 +121,12 @@ def test_interrupted_packing_leaves_no_complete_looking_output(offline_build, mo
 
     monkeypatch.setattr(stage, "encode_texts", killed)
     with pytest.raises(KeyboardInterrupt):
-        stage.main("tiny", MINI + ["data.input_length=48"], summary_path=root / "summary.csv")
+        stage.main("tiny", replaced(MINI, "data.input_length=48"), summary_path=root / "summary.csv")
     assert not (data_dir / MANIFEST).exists()
     assert not any(p.name.endswith(".tmp") for p in (data_dir / "packed").iterdir())
     monkeypatch.undo()
     monkeypatch.setenv("PRESENCE_ARTEFACTS", str(root / "artefacts"))
-    stage.main("tiny", MINI + ["data.input_length=48"], summary_path=root / "summary.csv")
+    stage.main("tiny", replaced(MINI, "data.input_length=48"), summary_path=root / "summary.csv")
     assert json.loads((data_dir / MANIFEST).read_text())["input_length"] == 48
 
 
