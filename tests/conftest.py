@@ -1,6 +1,7 @@
 """Shared fixtures: a miniature data build (two languages, a few kB) that the stage tests of
 03_pretrain, 02_si_analysis and 04_finetune run on, a loader for stage scripts (which are
-files in numbered folders, not importable packages), and helpers for miniature pre-training runs."""
+files in numbered folders, not importable packages), and what miniature pre-training runs need (their own
+artefacts folder, arguments, readers)."""
 import csv
 import importlib.util
 import sys
