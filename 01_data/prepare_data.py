@@ -9,9 +9,11 @@
 Steps; each is skipped when its output is complete and was made with the same settings:
   1. corpus     artefacts/<preset>/data/corpus/: mC4-format files per language, manifest.json
   2. tokenizer  artefacts/<preset>/data/tokenizer/: SentencePiece unigram + T5 sentinels (kind "hub": none)
-  3. packed     artefacts/<preset>/data/packed/ and data_manifest.json: tokenized rows for 03_pretrain
+  3. packed     artefacts/<preset>/data/packed/ and data_manifest.json: tokenized rows for 03_pretrain, with
+                the size and sha256 of every file (checked when the data are read)
   4. noise      artefacts/<preset>/data/packed/noise-<rate>/ for each of data.noise_rates: the training rows
-                with that share corrupted (jumbled, random tokens, Python source), labels per row
+                with that share corrupted (jumbled, random tokens, Python source), labels per row, and
+                the files' sizes and hashes in noise_manifest.json
   5. probes     artefacts/<preset>/data/probes.jsonl.gz for 02_si_analysis, and (offline corpus)
                 heldout_parallel_verses.jsonl.gz for 04_finetune's verse retrieval; probes_manifest.json
 Then results/<preset>/data/corpus_manifest.csv: one row per language, numbers only.
@@ -34,7 +36,8 @@ from common.data.corpus import (LocalMC4Corpus, SonofmanCorpus, heldout_parallel
                            sampling_probabilities, write_corpus, write_corpus_manifest)
 from common.io import atomic_path, read_json, write_csv, write_json, write_jsonl_gz
 from common.data.noise import choose_noisy_rows, corrupt_rows, noise_dir_name
-from common.data.packed_data import MANIFEST, PackedWriter, heldout_documents, read_rows, token_dtype
+from common.data.packed_data import (MANIFEST, NOISE_MANIFEST, PackedWriter, file_records, heldout_documents, read_rows,
+                                     token_dtype)
 from common.paths import artefacts_dir, results_dir
 from common.data.probes import choose, document_samples, jumble, mismatched_samples
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -150,6 +153,8 @@ def build_packed(cfg, data_dir: Path, corpus_manifest: dict, tokenizer, tokenize
         "splits": {"train": {"rows": sum(train.rows_per_language)},
                    "heldout": {"rows": sum(heldout.rows_per_language)}},
         "per_language": per_language,
+        "files": file_records(data_dir, [f"packed/{split}{suffix}" for split in ("train", "heldout")
+                                         for suffix in (".bin", "_language.npy")]),
     }
     write_json(data_dir / MANIFEST, manifest)
     return manifest
@@ -164,8 +169,8 @@ def build_noise(cfg, data_dir: Path, manifest: dict, tokenizer, settings: dict, 
     for index, rate in enumerate(cfg.noise_rates):
         folder = data_dir / "packed" / noise_dir_name(rate)
         rate_settings = {**settings, "noise_rate": rate, "noise_kinds": cfg.noise_kinds}
-        if is_fresh(folder / "noise_manifest.json", rate_settings, force):
-            built[rate] = read_json(folder / "noise_manifest.json")
+        if is_fresh(folder / NOISE_MANIFEST, rate_settings, force):
+            built[rate] = read_json(folder / NOISE_MANIFEST)
             continue
         shutil.rmtree(folder, ignore_errors=True)
         rng = np.random.default_rng([cfg.seed, 4, index])
@@ -181,8 +186,9 @@ def build_noise(cfg, data_dir: Path, manifest: dict, tokenizer, settings: dict, 
                          for i, lang in enumerate(manifest["languages"])}
                   for k, kind in enumerate(cfg.noise_kinds, start=1)}
         built[rate] = {"settings": rate_settings, "rate": rate, "kinds": cfg.noise_kinds, "rows": len(rows),
-                       "noisy_rows": int(np.sum(labels > 0)), "rows_per_kind_and_language": counts}
-        write_json(folder / "noise_manifest.json", built[rate])
+                       "noisy_rows": int(np.sum(labels > 0)), "rows_per_kind_and_language": counts,
+                       "files": file_records(folder, ["train.bin", "train_noise.npy"])}
+        write_json(folder / NOISE_MANIFEST, built[rate])
     return built
 
 

@@ -10,7 +10,8 @@ Inputs: artefacts/<preset>/data/probes.jsonl.gz (01_data) and the scorer's check
 artefacts/<preset>/pretrain/<run>/{final, snapshots/step-N} (03_pretrain).
 Outputs in results/<preset>/si_analysis/: si_scores.csv (one row per probe sample, checkpoint and layer
 set), si_summary.csv, si_correlations.csv, si_reliability.csv, metrics.json; PNGs in results/<preset>/figures/
-(with --out: in <out>/figures/).
+(with --out: in <out>/figures/). A new analysis first removes the previous one's tables, so that an
+interrupted analysis never leaves a mix; metrics.json is written last: the analysis is complete with it.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
-from common.config import load_preset
+from common.config import check_seed, load_preset
 from common.presence.influence import forward_logits, group_losses, self_influence, token_losses
-from common.io import iter_jsonl_gz, read_json, write_csv
+from common.io import iter_jsonl_gz, read_json, remove_interrupted_writes, write_csv, write_json
 from common.modeling import load_pretrained, require_model
 from common.paths import artefacts_dir, finished_pretrain_runs, results_dir
 from common.reporting.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
@@ -37,6 +38,7 @@ from common.reporting.stats import auroc, bootstrap_mean_ci, mann_whitney_p
 from common.data.tokenizer import encode_texts, load_tokenizer
 
 NOISY = {"jumbled": "clean", "mismatched": "random"}  # noisy condition -> the condition it is compared with
+TABLES = ("si_scores.csv", "si_summary.csv", "si_correlations.csv", "si_reliability.csv")
 SCORE_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "step", "layer_set", "seed"]
 
 
@@ -138,7 +140,17 @@ def reliability_rows(scores: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def start_outputs(out: Path, config: dict) -> None:
+    """The previous analysis's tables and metrics.json go (and leftovers of interrupted writes); this one's
+    config.json comes first, so that the folder always names the scorer of the tables it holds."""
+    remove_interrupted_writes(out)
+    for name in TABLES + ("metrics.json",):
+        (out / name).unlink(missing_ok=True)
+    write_run_files(out, config)
+
+
 def main(args: argparse.Namespace) -> dict:
+    check_seed(args.seed, "--seed")
     preset = load_preset(args.preset, args.set)
     out = Path(args.out) if args.out else results_dir(preset.name, "si_analysis")
     scorer = args.checkpoint or args.run
@@ -150,6 +162,7 @@ def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = checkpoints(args, preset)
+    start_outputs(out, {"scorer": scorer, "args": vars(args), "preset": preset.to_dict()})
 
     frames, started, scored = [], time.perf_counter(), 0
     for label, step, folder in found:
@@ -179,7 +192,7 @@ def main(args: argparse.Namespace) -> dict:
         plot_si_reliability(pd.DataFrame(reliability_rows(scores)), figures / "si_reliability.png")
     metrics = {"checkpoints": [label for label, _, _ in found], "probes": len(probes), "scored_samples": scored,
                "seconds": seconds, "samples_per_second": scored / seconds, "device": str(device)}
-    write_run_files(out, {"scorer": scorer, "args": vars(args), "preset": preset.to_dict()}, metrics)
+    write_json(out / "metrics.json", metrics)
     print(f"SI analysis: {scored} samples in {seconds:.1f} s ({scored / seconds:.0f} samples/s) -> {out}")
     return metrics
 

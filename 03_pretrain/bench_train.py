@@ -120,9 +120,11 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     shapes = shapes or [(preset_micro, preset.pretrain.batch_size // preset_micro)]
     rows = []
     for n_micro, size in shapes:
-        # load_preset validates the shape (e.g. that the microbatches divide the batch)
-        shaped = load_preset(preset_name, overrides + [f"pretrain.batch_size={n_micro * size}",
-                                                       f"pretrain.num_microbatches={n_micro}"])
+        # The shape is the batch (load_preset validates it, e.g. that the microbatches divide the batch): it
+        # takes the place of the preset's, and of one given with --set, which load_preset would refuse twice.
+        shape = {"pretrain.batch_size": n_micro * size, "pretrain.num_microbatches": n_micro}
+        shaped = load_preset(preset_name, [o for o in overrides if o.split("=", 1)[0].strip() not in shape]
+                             + [f"{key}={value}" for key, value in shape.items()])
         print(f"{preset_name} on {device}: {n_micro} x {size} sequences ...", flush=True)
         rows += bench_shape(shaped, device, repeats, warmup, seed)
         if device.type == "cuda":

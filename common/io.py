@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -30,13 +32,48 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp makes files private (0600); give the result the permissions of a normally created file
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
+        with naming_os_errors(path):
+            yield tmp_path
+            # mkstemp makes files private (0600); give the result the permissions of a normally created file
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def naming_os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError without a file name (a full disk reports ENOSPC on write or close, naming nothing) is
+    raised again with `path`, so that the message says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
+def remove_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted atomic writes left anywhere under `folder`: files and folders named
+    `.<name>.tmp` or `.<name>.<random>.tmp`. Only while nothing else writes there (e.g. under a run's lock)."""
+    folder = Path(folder)
+    found = sorted(folder.rglob(".*.tmp")) if folder.is_dir() else []
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256, read in 16 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -82,7 +119,7 @@ def append_csv_row(path: str | os.PathLike, row: Mapping[str, Any], columns: lis
     logs, which a resumed run truncates to its checkpoint (see truncate_csv_after)."""
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", encoding="utf-8", newline="") as f:
+    with naming_os_errors(path), open(path, "a", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()

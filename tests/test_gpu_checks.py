@@ -12,13 +12,13 @@ from common.paths import REPO_ROOT
 
 SETS = ("--set data.input_length=32 --set data.tokenizer.vocab_size=800 --set model.d_model=16 --set model.d_ff=32 "
         "--set model.num_layers=1 --set model.num_decoder_layers=1 --set model.num_heads=2 --set model.d_kv=8 "
-        "--set pretrain.batch_size=8 --set pretrain.num_microbatches=4")
+        "--set pretrain.num_microbatches=4")
 
 
 def test_gpu_checks_script_runs_on_cpu(tmp_path, mini_artefacts):
     out = tmp_path / "out"
-    env = dict(os.environ, PRESET="tiny", DEVICE="cpu", SHAPES="2x4 4x2", STEPS="4", REPEATS="2", SETS=SETS,
-               OUT=str(out), PRESENCE_ARTEFACTS=str(mini_artefacts), PYTHON=sys.executable)
+    env = dict(os.environ, PRESET="tiny", DEVICE="cpu", SHAPES="2x4 4x2", STEPS="4", REPEATS="2", SI_BATCH="8",
+               SETS=SETS, OUT=str(out), PRESENCE_ARTEFACTS=str(mini_artefacts), PYTHON=sys.executable)
     done = subprocess.run(["bash", "03_pretrain/gpu_checks.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

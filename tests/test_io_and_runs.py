@@ -1,12 +1,20 @@
-"""Atomic writes and run folders."""
+"""Atomic writes, run folders, the run lock and stop signals."""
 import csv
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from common.io import atomic_open, read_json, write_csv, write_json, write_jsonl_gz
-from common.runinfo import RunExistsError, environment_info, prepare_run_dir, write_run_files
+from common.io import (append_csv_row, atomic_open, read_json, remove_interrupted_writes, write_csv, write_json,
+                       write_jsonl_gz)
+from common.paths import REPO_ROOT
+from common.runinfo import (RunExistsError, bind_store, config_changes, environment_info, prepare_run_dir, run_lock,
+                            write_run_files)
+from common.signals import StopRequests
 
 
 def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
@@ -86,3 +94,72 @@ def test_jsonl_reader_names_the_corrupt_line_and_the_missing_file(tmp_path):
         next(reader)
     with pytest.raises(FileNotFoundError, match="Fix: rebuild it"):
         list(iter_jsonl_gz(tmp_path / "none.jsonl.gz", "rebuild it"))
+
+
+def test_a_run_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom common.runinfo import run_lock\nwith run_lock(sys.argv[1]):\n"
+         "    print('locked', flush=True)\n    time.sleep(600)", str(tmp_path)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunExistsError, match=f"in use by another process .pid {holder.pid} .*Fix:"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no chance to unlock, the kernel releases the lock
+        holder.wait()
+    with run_lock(tmp_path):
+        assert f"pid {os.getpid()}" in (tmp_path / "run.lock").read_text()
+
+
+def test_a_store_is_bound_to_one_run_folder(tmp_path):
+    store = tmp_path / "artefacts" / "runX"
+    store.mkdir(parents=True)
+    assert bind_store(store, tmp_path / "a" / "runX") is None  # adopted
+    assert bind_store(store, tmp_path / "a" / "runX") is None
+    with pytest.raises(RunExistsError, match="holds the checkpoints of the run in .*/a/runX.*Fix"):
+        bind_store(store, tmp_path / "b" / "runX")
+    assert bind_store(store, tmp_path / "b" / "runX", take_over=True) == str((tmp_path / "a" / "runX").resolve())
+    assert read_json(store / "owner.json") == {"run_dir": str((tmp_path / "b" / "runX").resolve())}
+
+
+def test_config_changes_walk_nested_mappings():
+    old = {"method": "presence", "preset": {"pretrain": {"steps": 3, "peak_lr": 0.01}, "data": {"languages": ["en"]}},
+           "gone": 1}
+    new = {"method": "presence", "preset": {"pretrain": {"steps": 6, "peak_lr": 0.01}, "data": {"languages": ["hi"]}},
+           "added": 2}
+    assert config_changes(old, new) == {"preset.data.languages": (["en"], ["hi"]), "preset.pretrain.steps": (3, 6)}
+
+
+def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
+    keep = [tmp_path / "metrics.json", tmp_path / "checkpoints" / "step-2" / "model.safetensors", tmp_path / ".hidden"]
+    leftovers = [tmp_path / ".metrics.json.k2j4x.tmp", tmp_path / "checkpoints" / ".step-4.tmp" / "model.safetensors",
+                 tmp_path / ".final.tmp" / "config.json"]
+    for path in keep + leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    remove_interrupted_writes(tmp_path)
+    assert all(p.exists() for p in keep)
+    assert not any(p.exists() or p.parent.name.endswith(".tmp") and p.parent.exists() for p in leftovers)
+
+
+def test_a_failed_write_names_its_file(tmp_path):
+    """A full disk reports ENOSPC when the buffered row is flushed, naming no file (/dev/full, the Linux
+    device that is always full, shows it)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(OSError, match="No space left on device: '/dev/full'"):
+        append_csv_row("/dev/full", {"step": 1}, ["step"])
+
+
+def test_a_stop_signal_is_recorded_and_a_second_one_exits():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopRequests() as stops:
+        assert stops.received is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.received == signal.SIGTERM and stops.exit_status == 143
+        with pytest.raises(SystemExit) as exit_info:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exit_info.value.code == 130
+    assert signal.getsignal(signal.SIGTERM) == previous

@@ -1,14 +1,15 @@
 """Packed rows against a brute-force packing; the loader is a pure function of (seed, step), resumes
 exactly, realises the alpha mixture per epoch, and feeds T5ForConditionalGeneration."""
+import hashlib
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from common.io import write_json
-from common.data.packed_data import (MANIFEST, PackedWriter, SpanCorruptionBatches, heldout_documents,
-                                mixture_rows_per_epoch, read_rows)
+from common.io import read_json, write_json
+from common.data.packed_data import (MANIFEST, PackedWriter, SpanCorruptionBatches, check_files, file_records,
+                                     heldout_documents, load_array, mixture_rows_per_epoch, read_rows)
 from common.data.span_corruption import compute_input_and_target_lengths
 
 EOS, VOCAB = 1, 300
@@ -152,3 +153,59 @@ def test_batches_feed_t5(data_dir):
     model = T5ForConditionalGeneration(config)
     loss = model(**SpanCorruptionBatches(data_dir, "train", batch_size=4, seed=0).batch(0)).loss
     assert torch.isfinite(loss)
+
+
+def test_a_row_file_of_the_wrong_size_is_named_with_the_fix(data_dir):
+    manifest = read_json(data_dir / MANIFEST)
+    path = data_dir / "packed" / "train.bin"
+    path.write_bytes(path.read_bytes()[:-1])
+    expected = f"{path} has .* bytes, but the manifest describes .*truncated.*Fix: .*prepare_data.py"
+    for read in (lambda: read_rows(data_dir, "train", manifest), lambda: SpanCorruptionBatches(data_dir, "train", 4, 0)):
+        with pytest.raises(ValueError, match=expected):
+            read()
+
+
+def test_recorded_sizes_and_hashes_catch_changed_files(data_dir):
+    names = ["packed/train.bin", "packed/train_language.npy"]
+    records = file_records(data_dir, names)
+    for name in names:
+        content = (data_dir / name).read_bytes()
+        assert records[name] == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    check_files(data_dir, records, full=True)
+    path = data_dir / "packed" / "train.bin"
+    content = bytearray(path.read_bytes())
+    content[100] ^= 1  # one bit, same size: only the hash sees it
+    path.write_bytes(bytes(content))
+    check_files(data_dir, records)
+    with pytest.raises(ValueError, match=f"{path} does not match the sha256.*Fix:"):
+        check_files(data_dir, records, full=True)
+    path.write_bytes(bytes(content) + b"\0\0")
+    with pytest.raises(ValueError, match=f"{path} has {len(content) + 2} bytes, the manifest records {len(content)}"):
+        check_files(data_dir, records)
+    with pytest.raises(ValueError, match="records no file sizes and hashes.*Fix:"):
+        check_files(data_dir, None, full=True)
+
+
+def test_out_of_vocabulary_ids_never_reach_a_batch(data_dir):
+    loader = SpanCorruptionBatches(data_dir, "train", 4, seed=0)
+    rows = loader.batch_rows(3)
+    tokens = np.fromfile(data_dir / "packed" / "train.bin", dtype=np.uint16).reshape(loader.num_rows, RAW)
+    tokens[rows[2], 5] = VOCAB  # one id past the vocabulary
+    tokens.tofile(data_dir / "packed" / "train.bin")
+    loader = SpanCorruptionBatches(data_dir, "train", 4, seed=0)
+    loader.batch(2)
+    with pytest.raises(ValueError, match=f"train.bin: rows \\[{rows[2]}\\] hold token ids up to {VOCAB}, outside the "
+                                         f"vocabulary of {VOCAB}.*Fix:"):
+        loader.batch(3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        loader.fixed_rows(np.array([rows[2]]))
+
+
+def test_a_damaged_label_file_is_named(data_dir):
+    path = data_dir / "packed" / "train_language.npy"
+    path.write_bytes(b"not an array")
+    with pytest.raises(ValueError, match=f"{path} cannot be read.*Fix:"):
+        SpanCorruptionBatches(data_dir, "train", 4, seed=0)
+    np.save(path, np.zeros(3, dtype=np.int16))
+    with pytest.raises(ValueError, match=r"holds shape \(3,\), expected"):
+        load_array(path, 5)

@@ -9,23 +9,17 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import common.presence.train_step as train_step_module
 from common.checkpoint import latest_checkpoint
 from common.config import ConfigError
 from common.data.packed_data import SpanCorruptionBatches
 from common.paths import REPO_ROOT
-from conftest import MINI_MODEL, MINI_PRETRAIN, load_stage
+from conftest import csv_rows, final_weights, load_stage, pretrain_args
 
 pretrain = load_stage("03_pretrain/pretrain.py")
 SCRIPT = str(REPO_ROOT / "03_pretrain" / "pretrain.py")
 NOISY = ["--noise-rate", "0.3", "--set", "data.noise_rates=[0.3]"]  # the rate tests/conftest.py's data build has
-
-
-def args_for(tmp_path, name, *extra):
-    sets = [x for item in MINI_MODEL + MINI_PRETRAIN for x in ("--set", item)]
-    return ["--preset", "tiny", "--run-name", name, "--out", str(tmp_path / name), *sets, *extra]
 
 
 def losses(run_dir):
@@ -33,62 +27,51 @@ def losses(run_dir):
         return [(int(r["step"]), r["loss"], r["heldout_loss"]) for r in csv.DictReader(f)]
 
 
-def final_weights(artefacts, name):
-    return load_file(artefacts / "tiny" / "pretrain" / name / "final" / "model.safetensors")
-
-
 @pytest.mark.parametrize("method", [["--method", "presence"],
                                     ["--method", "presence-shuffled", "--per", "sample", *NOISY]],
                          ids=["presence", "shuffled-per-sample-noisy"])
-def test_resume_is_exact(tmp_path, mini_artefacts, monkeypatch, method):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "whole", *method)))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--steps", "3")))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "halves", *method, "--resume")))
+def test_resume_is_exact(tmp_path, artefacts, method):
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "whole", *method)))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "halves", *method, "--steps", "3")))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "halves", *method, "--resume")))
     for log in ("train_log.csv", "heldout.csv", "heldout_rows.csv") + (("noise_log.csv",) if NOISY[1] in method else ()):
-        assert rows(tmp_path / "whole" / log, drop=["seconds", "run"]) == rows(tmp_path / "halves" / log, drop=["seconds", "run"]), log
+        whole, halves = (csv_rows(tmp_path / run / log, drop=["seconds", "run"]) for run in ("whole", "halves"))
+        assert whole == halves, log
     assert [step for step, _, _ in losses(tmp_path / "whole")] == [1, 2, 3, 4, 5, 6]
-    whole, halves = final_weights(mini_artefacts, "whole"), final_weights(mini_artefacts, "halves")
+    whole, halves = final_weights(artefacts, "whole"), final_weights(artefacts, "halves")
     assert whole.keys() == halves.keys()
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
 
 
-def rows(path, drop=()):
-    with open(path) as f:
-        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
-
-
-def test_heldout_files_cover_the_split_per_language(tmp_path, mini_artefacts, monkeypatch):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "run", "--method", "baseline")))
-    heldout = rows(tmp_path / "run" / "heldout.csv")
+def test_heldout_files_cover_the_split_per_language(tmp_path, artefacts):
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "run", "--method", "baseline")))
+    heldout = csv_rows(tmp_path / "run" / "heldout.csv")
     assert sorted({(r["step"], r["lang"]) for r in heldout}) == [(s, lang) for s in ("3", "6") for lang in ("all", "en", "hi")]
-    per_row = rows(tmp_path / "run" / "heldout_rows.csv")
-    split_rows = SpanCorruptionBatches(mini_artefacts / "tiny" / "data", "heldout", 1, seed=0).num_rows
+    per_row = csv_rows(tmp_path / "run" / "heldout_rows.csv")
+    split_rows = SpanCorruptionBatches(artefacts / "tiny" / "data", "heldout", 1, seed=0).num_rows
     assert len(per_row) == split_rows
     final = {r["lang"]: r for r in heldout if r["step"] == "6"}
     for lang in ("en", "hi"):
         mine = [float(r["loss"]) for r in per_row if r["lang"] == lang]
         assert float(final[lang]["loss"]) == pytest.approx(sum(mine) / len(mine), rel=1e-12)
         assert int(final[lang]["n_rows"]) == len(mine)
-    logged = [r for r in rows(tmp_path / "run" / "train_log.csv") if r["heldout_loss"]]
+    logged = [r for r in csv_rows(tmp_path / "run" / "train_log.csv") if r["heldout_loss"]]
     assert [float(r["heldout_loss"]) for r in logged] == [float(r["loss"]) for r in heldout if r["lang"] == "all"]
 
 
-def test_noise_run_logs_what_the_labels_say(tmp_path, mini_artefacts, monkeypatch):
+def test_noise_run_logs_what_the_labels_say(tmp_path, artefacts):
     """The noisy shares of batch and weight are recomputed here from the loader's rows and the labels."""
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "noisy", "--method", "presence", *NOISY,
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "noisy", "--method", "presence", *NOISY,
                                                "--set", "pretrain.noise_log_every=2")))
-    loader = SpanCorruptionBatches(mini_artefacts / "tiny" / "data", "train", 8, seed=0, noise_rate=0.3)
-    log = rows(tmp_path / "noisy" / "train_log.csv")
+    loader = SpanCorruptionBatches(artefacts / "tiny" / "data", "train", 8, seed=0, noise_rate=0.3)
+    log = csv_rows(tmp_path / "noisy" / "train_log.csv")
     for r in log:
         labels = loader.noise_labels[loader.batch_rows(int(r["step"]) - 1)]
         assert float(r["noisy_batch_share"]) == pytest.approx((labels > 0).mean())
         assert 0 <= float(r["noisy_weight_share"]) <= 1 and float(r["kish_n"]) <= 4 + 1e-9
         assert 0 < float(r["z_variance_share"]) <= 1
         assert (r["si_noise_auroc"] != "") == (int(r["step"]) % 2 == 0 and 0 < (labels > 0).sum() < 8)
-    kinds = rows(tmp_path / "noisy" / "noise_log.csv")
+    kinds = csv_rows(tmp_path / "noisy" / "noise_log.csv")
     assert {r["kind"] for r in kinds} == {"all", "jumbled", "random", "python"}
     for step in ("1", "4"):
         mine = {r["kind"]: r for r in kinds if r["step"] == step}
@@ -98,10 +81,9 @@ def test_noise_run_logs_what_the_labels_say(tmp_path, mini_artefacts, monkeypatc
     assert metrics["noise_rate"] == 0.3
 
 
-def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, mini_artefacts, monkeypatch):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
-    pretrain.main(pretrain.parse_args(args_for(tmp_path, "oracle", "--method", "noise-oracle", *NOISY)))
-    log = rows(tmp_path / "oracle" / "train_log.csv")
+def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, artefacts):
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "oracle", "--method", "noise-oracle", *NOISY)))
+    log = csv_rows(tmp_path / "oracle" / "train_log.csv")
     assert all(float(r["noisy_weight_share"]) == 0 for r in log)
     assert any(float(r["noisy_batch_share"]) > 0 for r in log)
     with pytest.raises(ConfigError, match="noisy data"):
@@ -110,22 +92,26 @@ def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, mini_artefacts, monkeyp
         pretrain.get_config(pretrain.parse_args(["--method", "presence", "--noise-rate", "0.4"]))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mini_artefacts, monkeypatch):
-    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+@pytest.mark.parametrize("nan_step, kept", [(6, "step-4"), (5, "step-2")])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, artefacts, monkeypatch, nan_step, kept):
+    """Checkpoints come every 2 steps. A NaN at step 6 keeps step-4 (step 5 ran finite after it); a NaN at
+    step 5, right after step-4 was saved, drops step-4 as the likely cause and falls back to step-2."""
     real_step = train_step_module.presence_step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         stats = real_step(*args, **kwargs)
-        return stats if calls["n"] < 5 else type(stats)(float("nan"), stats.scores, stats.weights)
+        return stats if calls["n"] < nan_step else type(stats)(float("nan"), stats.scores, stats.weights)
 
     monkeypatch.setattr(train_step_module, "presence_step", poisoned)
-    with pytest.raises(FloatingPointError, match="step 5"):
-        pretrain.main(pretrain.parse_args(args_for(tmp_path, "nan", "--method", "presence")))
-    checkpoint = latest_checkpoint(mini_artefacts / "tiny" / "pretrain" / "nan" / "checkpoints")
-    assert checkpoint.name == "step-4"
-    assert [step for step, _, _ in losses(tmp_path / "nan")] == [1, 2, 3, 4]
+    with pytest.raises(FloatingPointError, match=f"step {nan_step} of nan: loss is nan") as error:
+        pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "nan", "--method", "presence")))
+    assert f"resumes from its checkpoint of step {kept[5:]}" in str(error.value) and "--resume" in str(error.value)
+    checkpoints = artefacts / "tiny" / "pretrain" / "nan" / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == kept
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [kept]
+    assert [step for step, _, _ in losses(tmp_path / "nan")] == list(range(1, nan_step))
 
 
 def test_bad_options_fail_before_training(tmp_path):
@@ -144,18 +130,18 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_like_one(tmp_path, mini_artefacts):
-    env = {**os.environ, "PRESENCE_ARTEFACTS": str(mini_artefacts), "OMP_NUM_THREADS": "1"}
-    single = args_for(tmp_path, "single", "--method", "presence", "--steps", "4")
+def test_two_gloo_processes_train_like_one(tmp_path, artefacts):
+    env = {**os.environ, "PRESENCE_ARTEFACTS": str(artefacts), "OMP_NUM_THREADS": "1"}
+    single = pretrain_args(tmp_path, "single", "--method", "presence", "--steps", "4")
     subprocess.run([sys.executable, SCRIPT, *single], env=env, check=True, cwd=REPO_ROOT, capture_output=True)
-    double = args_for(tmp_path, "double", "--method", "presence", "--steps", "4")
+    double = pretrain_args(tmp_path, "double", "--method", "presence", "--steps", "4")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", str(free_port()), SCRIPT, *double],
                    env=env, check=True, cwd=REPO_ROOT, capture_output=True)
     one, two = losses(tmp_path / "single"), losses(tmp_path / "double")
     assert [s for s, _, _ in one] == [s for s, _, _ in two] == [1, 2, 3, 4]
     assert [float(l) for _, l, _ in one] == pytest.approx([float(l) for _, l, _ in two], rel=1e-5)
-    a, b = final_weights(mini_artefacts, "single"), final_weights(mini_artefacts, "double")
+    a, b = final_weights(artefacts, "single"), final_weights(artefacts, "double")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
@@ -177,9 +163,12 @@ def test_grid_finds_the_runs_of_a_preset_given_as_a_yaml_path(tmp_path, monkeypa
     variant = tmp_path / "tiny_longer.yaml"
     variant.write_text("base: tiny\npretrain:\n  steps: 400\n  switch_step: 40\n")
     monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    monkeypatch.setattr(grid, "results_dir", lambda preset, stage: tmp_path / "results" / preset / stage)
     finished = tmp_path / "artefacts" / "tiny_longer" / "pretrain" / "baseline-s0" / "final"
     finished.mkdir(parents=True)
     (finished / "presence_run.json").write_text("{}")
+    (tmp_path / "results" / "tiny_longer" / "pretrain" / "runs" / "baseline-s0").mkdir(parents=True)
+    (tmp_path / "results" / "tiny_longer" / "pretrain" / "runs" / "baseline-s0" / "metrics.json").write_text("{}")
     calls, summarised = [], []
     monkeypatch.setattr(grid, "call", lambda script, args, threads=None: calls.append((script, args)))
     monkeypatch.setattr(grid, "summarise", lambda name: summarised.append(name) or tmp_path / "summary.csv")

@@ -1,9 +1,13 @@
 """02_si_analysis and PRESENCE-Sequential's scoring on the miniature data: a tiny pre-trained run's
-checkpoints are scored end to end, and the tables agree with the per-sample scores they summarise."""
+checkpoints are scored end to end, and the tables agree with the per-sample scores they summarise; an
+interrupted analysis or scoring leaves nothing that counts as a result."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from common.config import ConfigError
 from common.reporting.stats import auroc
 from conftest import MINI_DATA, MINI_MODEL, MINI_PRETRAIN, load_stage
 
@@ -89,3 +93,47 @@ def test_any_saved_model_can_score_the_probes(scorer_run, mini_artefacts, tmp_pa
     assert metrics["checkpoints"] == [str(folder)]
     scores = pd.read_csv(tmp_path / "si" / "si_scores.csv")
     assert set(scores["layer_set"]) == {"first", "embeddings", "all"}
+
+
+def test_an_interrupted_analysis_leaves_no_mix_and_no_metrics(scorer_run, mini_artefacts, tmp_path, monkeypatch):
+    """A complete analysis, then another scorer's (--overwrite) that dies after its first two tables: the
+    folder holds only the new scorer's tables, names it, and has no metrics.json (not complete)."""
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+    out = tmp_path / "si"
+    analyze_si.main(analyze_si.parse_args(["--preset", "tiny", "--out", str(out), *SETS]))
+    assert (out / "metrics.json").is_file()
+
+    def killed(scores):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze_si, "correlation_rows", killed)
+    folder = str(mini_artefacts / "tiny" / "pretrain" / "baseline-s0" / "final")
+    with pytest.raises(KeyboardInterrupt):
+        analyze_si.main(analyze_si.parse_args(["--preset", "tiny", "--checkpoint", folder, "--overwrite",
+                                               "--out", str(out), *SETS]))
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["config.json", "environment.json",
+                                                                    "si_scores.csv", "si_summary.csv"]
+    assert json.loads((out / "config.json").read_text())["scorer"] == folder
+    assert set(pd.read_csv(out / "si_scores.csv")["checkpoint"]) == {folder}
+
+
+def test_scores_appear_only_with_their_summary(scorer_run, mini_artefacts, tmp_path, monkeypatch):
+    """pretrain_all.py takes the scores file for done: it must not exist without the per-language table."""
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(mini_artefacts))
+
+    def full_disk(path, rows):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(score_candidates, "write_csv", full_disk)
+    args = score_candidates.parse_args(["--preset", "tiny", "--seed", "7", "--scorer", "baseline-s0",
+                                        "--out", str(tmp_path), *SETS])
+    with pytest.raises(OSError, match="scores-s7.csv"):
+        score_candidates.main(args)
+    assert not (mini_artefacts / "tiny" / "pretrain" / "sequential" / "scores-s7.npy").exists()
+
+
+def test_negative_seeds_are_refused_before_any_work(tmp_path):
+    for stage in (analyze_si, score_candidates):
+        with pytest.raises(ConfigError, match="--seed: -1 is negative"):
+            stage.main(stage.parse_args(["--preset", "tiny", "--seed", "-1", "--out", str(tmp_path / "out"), *SETS]))
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""Model construction, the learning-rate schedule and checkpoints (against hand-computed values)."""
+"""Model construction, the learning-rate schedule, the step's guard and checkpoints (against hand-computed
+values)."""
 import json
 import math
 
@@ -6,10 +7,13 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
-from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from common.checkpoint import (confirm_checkpoint, latest_checkpoint, load_checkpoint, roll_back_checkpoint,
+                               save_checkpoint, save_model_folder)
 from common.config import ModelConfig, load_preset
-from common.modeling import build_model, model_flops_per_sequence, parameter_counts
-from common.optim import build_optimizer, inverse_sqrt_lr
+from common.modeling import all_finite, build_model, model_flops_per_sequence, parameter_counts
+from common.optim import apply_schedule, build_optimizer, inverse_sqrt_lr
+from common.presence.train_step import train_step
+from tiny_t5 import one_thread, split, tiny_batch, tiny_t5  # noqa: F401
 
 TINY = ModelConfig(d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8)
 
@@ -106,3 +110,108 @@ def test_incomplete_checkpoint_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="incomplete"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def trained(steps: int, peak_lr: float = 0.01):
+    """A tiny model, its optimizer and scheduler after `steps` steps (warm-up 4)."""
+    torch.manual_seed(0)
+    model = build_model(TINY, vocab_size=50)
+    optimizer, scheduler = build_optimizer(model, load_preset("tiny", [f"pretrain.peak_lr={peak_lr}",
+                                                                       "pretrain.warmup_steps=4"]).pretrain)
+    batch = {"input_ids": torch.randint(2, 50, (2, 6)), "labels": torch.randint(2, 50, (2, 3))}
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return model, optimizer, scheduler
+
+
+def test_a_resumed_schedule_takes_the_configs_peak_learning_rate():
+    """After load_checkpoint the scheduler holds the checkpoint's peak; apply_schedule makes the config's
+    count from the next step on, and leaves an unchanged one exactly as loaded."""
+    _, optimizer, scheduler = trained(6)
+    _, same_opt, same_sched = trained(0)
+    same_opt.load_state_dict(optimizer.state_dict())
+    same_sched.load_state_dict(scheduler.state_dict())
+    apply_schedule(same_opt, same_sched, 0.01)
+    assert same_sched.get_last_lr() == scheduler.get_last_lr() == [0.01 * math.sqrt(4 / 6)]
+    _, new_opt, new_sched = trained(0, peak_lr=0.02)
+    new_opt.load_state_dict(optimizer.state_dict())
+    new_sched.load_state_dict(scheduler.state_dict())
+    assert new_sched.get_last_lr() == pytest.approx([0.01 * math.sqrt(4 / 6)])  # the checkpoint's, until applied
+    apply_schedule(new_opt, new_sched, 0.02)
+    seen = []
+    for _ in range(3):
+        seen.append(new_sched.get_last_lr()[0])
+        assert new_opt.param_groups[0]["lr"] == seen[-1]
+        new_opt.step()
+        new_sched.step()
+    assert seen == pytest.approx([0.02 * math.sqrt(4 / step) for step in (6, 7, 8)])
+
+
+def test_checkpoints_refuse_non_finite_parameters(tmp_path):
+    model, optimizer, scheduler = trained(1)
+    save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {})
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="step-4 not written: 1 parameter tensors are not finite .lm_head"):
+        save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {})
+    assert latest_checkpoint(tmp_path).name == "step-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-2"]
+    with pytest.raises(FloatingPointError, match="final not written"):
+        save_model_folder(tmp_path / "final", model, None, {})
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_checkpoint_is_dropped_when_the_step_after_it_fails_before_it_is_verified(tmp_path):
+    model, optimizer, scheduler = trained(1)
+    names = lambda: sorted(p.name for p in tmp_path.glob("step-*"))  # noqa: E731
+    save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {})
+    confirm_checkpoint(tmp_path)  # step 3 ran finite
+    save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {})
+    assert names() == ["step-2", "step-4"] and latest_checkpoint(tmp_path).name == "step-4"
+    assert roll_back_checkpoint(tmp_path) == ("step-4", "step-2")  # step 5 failed
+    assert names() == ["step-2"] and latest_checkpoint(tmp_path).name == "step-2"
+    save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {})
+    confirm_checkpoint(tmp_path)
+    assert names() == ["step-4"]
+    assert roll_back_checkpoint(tmp_path) == (None, "step-4")  # a verified checkpoint stays
+    assert latest_checkpoint(tmp_path).name == "step-4"
+
+    first = tmp_path / "first"
+    save_checkpoint(first, 1, model, optimizer, scheduler, {})
+    assert roll_back_checkpoint(first) == ("step-1", None)
+    assert latest_checkpoint(first) is None and not list(first.glob("step-*"))
+
+
+def test_all_finite_refuses_nan_inf_and_norms_that_overflow():
+    fine = [torch.ones(3), torch.zeros(2, 2, dtype=torch.float64), torch.full((4,), 1e18), torch.ones(2).bfloat16()]
+    assert all_finite(fine)
+    for bad in (torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")]), torch.full((2,), 1e30)):
+        assert not all_finite(fine + [bad])
+
+
+# (step keyword arguments, the fault): the loss stays finite while the update direction (a NaN gradient of
+# the output layer) or the starting point (an infinite embedding row that no token of the batch uses) is not.
+STEP_FAULTS = [({"tau": None}, "nan-gradient"), ({"tau": 1.0}, "nan-gradient"),
+               ({"tau": None, "sample_weights": torch.full((8,), 1 / 8, dtype=torch.float64)}, "nan-gradient"),
+               ({"tau": None}, "inf-parameter"), ({"tau": 1.0}, "inf-parameter"),
+               ({"tau": 1.0, "per": "sample"}, "inf-parameter")]
+
+
+@pytest.mark.parametrize("options, fault", STEP_FAULTS,
+                         ids=["baseline-nan", "presence-nan", "fixed-nan", "baseline-inf", "presence-inf", "sample-inf"])
+def test_a_non_finite_update_is_refused_before_the_optimizer_step(options, fault):
+    model = tiny_t5()
+    optimizer, scheduler = build_optimizer(model, load_preset("tiny").pretrain)
+    if fault == "nan-gradient":
+        model.lm_head.weight.register_hook(lambda grad: grad * float("nan"))
+    else:
+        with torch.no_grad():
+            model.shared.weight[1] = float("inf")  # token 1 (EOS) is in no input and no label of tiny_batch
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="update direction or the parameters are not finite"):
+        train_step(model, split(tiny_batch(), 2), optimizer=optimizer, scheduler=scheduler, **options)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not optimizer.state and scheduler.last_epoch == 0

@@ -8,9 +8,15 @@ On disk (artefacts/<preset>/data/, written by 01_data/prepare_data.py):
   packed/noise-<rate>/         when data.noise_rates asks for it: train.bin with that share of the rows
                                corrupted, train_noise.npy (rows,) int8 labels, noise_manifest.json
                                (common/data/noise.py)
-  data_manifest.json           everything a consumer needs (ids, lengths, row counts, sampling)
+  data_manifest.json           everything a consumer needs (ids, lengths, row counts, sampling), and
+                               "files": the size and sha256 of every file above (noise_manifest.json
+                               does the same for its folder)
 Splits: "train", and "heldout" (rows of a seeded share of the pre-training documents, for the
 held-out loss; not to be confused with the held-out books of the probe sets).
+
+Damage is caught with the file's name and the fix: the sizes are checked whenever data are opened, the
+hashes when asked (check_files(full=True)), and every batch's token ids are checked against the
+vocabulary before the batch is handed out.
 
 Each language's documents are tokenized, each followed by EOS, concatenated and cut into rows of
 raw_length tokens (rows never mix languages, as in mT5 where every language is its own task).
@@ -30,10 +36,12 @@ import torch
 
 from common.data.noise import noise_dir_name
 from common.data.span_corruption import span_corrupt
-from common.io import atomic_path, read_json
+from common.io import atomic_path, read_json, sha256_file
 
 SPLITS = ("train", "heldout")
 MANIFEST = "data_manifest.json"
+NOISE_MANIFEST = "noise_manifest.json"
+DATA_FIX = "rebuild the data: python 01_data/prepare_data.py --preset <preset> --force"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -87,15 +95,84 @@ class PackedWriter:
 
 
 def read_rows(data_dir: str | Path, split: str, manifest: dict, folder: str = "packed") -> np.ndarray:
-    """The (rows, raw_length) token matrix of a split, memory-mapped read-only."""
-    return np.memmap(Path(data_dir) / folder / f"{split}.bin", dtype=manifest["token_dtype"], mode="r",
-                     shape=(manifest["splits"][split]["rows"], manifest["raw_length"]))
+    """The (rows, raw_length) token matrix of a split, memory-mapped read-only; a file of another size than
+    the manifest describes is an error naming it."""
+    path = Path(data_dir) / folder / f"{split}.bin"
+    shape = (manifest["splits"][split]["rows"], manifest["raw_length"])
+    expected = shape[0] * shape[1] * np.dtype(manifest["token_dtype"]).itemsize
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing. Fix: {DATA_FIX}")
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path} has {path.stat().st_size} bytes, but the manifest describes {shape[0]} rows of "
+                         f"{shape[1]} {manifest['token_dtype']} tokens ({expected} bytes): the file is truncated or "
+                         f"damaged. Fix: {DATA_FIX}")
+    return np.memmap(path, dtype=manifest["token_dtype"], mode="r", shape=shape)
+
+
+def file_records(folder: str | Path, names: Iterable[str]) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of files under `folder`: what a manifest records of the files it describes."""
+    return {name: {"bytes": (Path(folder) / name).stat().st_size, "sha256": sha256_file(Path(folder) / name)}
+            for name in names}
+
+
+def recorded_files(data_dir: str | Path, noise_rate: float = 0.0) -> dict[str, dict] | None:
+    """The files a run at this noise rate reads, as the data build recorded them: {path relative to
+    data_dir: {"bytes", "sha256"}}; None for a build made before the records existed."""
+    records = load_data_manifest(data_dir).get("files")
+    if noise_rate and records is not None:
+        folder = noise_folder(data_dir, noise_rate)
+        noisy = read_json(folder / NOISE_MANIFEST).get("files")
+        if noisy is None:
+            return None
+        records = {**records, **{f"{folder.relative_to(data_dir)}/{name}": r for name, r in noisy.items()}}
+    return records
+
+
+def check_files(data_dir: str | Path, records: dict[str, dict] | None, full: bool = False) -> None:
+    """Compare recorded files with the disk: the sizes (cheap: a truncated or grown file), and with `full`
+    their sha256 hashes (any change; reads every byte). Errors name the file and the fix."""
+    if records is None:
+        if full:
+            raise ValueError(f"{Path(data_dir) / MANIFEST} records no file sizes and hashes (the data were built "
+                             f"before they were recorded), so the data cannot be verified. Fix: {DATA_FIX}")
+        return
+    for name, record in records.items():
+        path = Path(data_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing. Fix: {DATA_FIX}")
+        if path.stat().st_size != record["bytes"]:
+            raise ValueError(f"{path} has {path.stat().st_size} bytes, the manifest records {record['bytes']}: "
+                             f"the file is truncated or damaged. Fix: {DATA_FIX}")
+        if full and sha256_file(path) != record["sha256"]:
+            raise ValueError(f"{path} does not match the sha256 its manifest records: the file is damaged. "
+                             f"Fix: {DATA_FIX}")
+
+
+def load_array(path: str | Path, length: int) -> np.ndarray:
+    """A .npy file of `length` entries (row labels), with an error naming it when it is damaged."""
+    try:
+        array = np.load(path)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path} cannot be read ({err}). Fix: {DATA_FIX}") from None
+    if array.shape != (length,):
+        raise ValueError(f"{path} holds shape {array.shape}, expected ({length},). Fix: {DATA_FIX}")
+    return array
+
+
+def checked_ids(tokens: np.ndarray, rows, vocab_size: int, path: str | Path) -> np.ndarray:
+    """`tokens` (rows `rows` read from `path`), once every id is known to lie inside the vocabulary: an id
+    beyond it is damage that the model would otherwise meet as an index error, or worse, not at all."""
+    if tokens.size and tokens.max() >= vocab_size:
+        bad = np.asarray(rows)[tokens.max(axis=1) >= vocab_size]
+        raise ValueError(f"{path}: rows {bad[:5].tolist()} hold token ids up to {tokens.max()}, outside the "
+                         f"vocabulary of {vocab_size}: the file is damaged. Fix: {DATA_FIX}")
+    return np.asarray(tokens)
 
 
 def noise_folder(data_dir: str | Path, rate: float) -> Path:
     """packed/noise-<rate>/ of a data build, checked to be complete."""
     folder = Path(data_dir) / "packed" / noise_dir_name(rate)
-    if not (folder / "noise_manifest.json").is_file():
+    if not (folder / NOISE_MANIFEST).is_file():
         raise FileNotFoundError(f"{folder} is missing or incomplete: the data were not built with noise rate "
                                 f"{rate:g}. Fix: add {rate:g} to data.noise_rates and run 01_data/prepare_data.py")
     return folder
@@ -154,15 +231,14 @@ class SpanCorruptionBatches:
             raise ValueError("only the training split has noisy versions: the held-out split stays clean")
         self.manifest = m = load_data_manifest(data_dir)
         self.noise_labels = None
-        if noise_rate:
-            folder = noise_folder(data_dir, noise_rate)
-            self.tokens = read_rows(folder, split, m, folder=".")
-            self.noise_labels = np.load(folder / "train_noise.npy")
-            self.noise_kinds = read_json(folder / "noise_manifest.json")["kinds"]
-        else:
-            self.tokens = read_rows(data_dir, split, m)
-        self.row_language = np.load(Path(data_dir) / "packed" / f"{split}_language.npy")
+        folder = noise_folder(data_dir, noise_rate) if noise_rate else Path(data_dir) / "packed"
+        self.path = folder / f"{split}.bin"
+        self.tokens = read_rows(folder, split, m, folder=".")
         self.num_rows = len(self.tokens)
+        if noise_rate:
+            self.noise_labels = load_array(folder / "train_noise.npy", self.num_rows)
+            self.noise_kinds = read_json(folder / NOISE_MANIFEST)["kinds"]
+        self.row_language = load_array(Path(data_dir) / "packed" / f"{split}_language.npy", self.num_rows)
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.input_length, self.target_length = m["input_length"], m["target_length"]
         self.subset = None if rows is None else np.asarray(rows, dtype=np.int64)
@@ -215,7 +291,7 @@ class SpanCorruptionBatches:
         # sorted reads are kinder to a memory map; the order is restored after
         order = np.argsort(rows, kind="stable")
         tokens = np.empty((len(rows), self.tokens.shape[1]), dtype=self.tokens.dtype)
-        tokens[order] = self.tokens[rows[order]]
+        tokens[order] = self._checked(self.tokens[rows[order]], rows[order])
         m = self.manifest
         inputs, targets = span_corrupt(tokens, np.random.default_rng([self.seed, 1, step]), eos_id=m["eos_id"],
                                        first_sentinel_id=m["first_sentinel_id"], noise_density=m["noise_density"],
@@ -231,7 +307,7 @@ class SpanCorruptionBatches:
         inputs, targets = [], []
         m = self.manifest
         for row in row_ids:
-            i, t = span_corrupt(np.asarray(self.tokens[row:row + 1]), np.random.default_rng([self.seed, 2, int(row)]),
+            i, t = span_corrupt(self._checked(self.tokens[row:row + 1], [row]), np.random.default_rng([self.seed, 2, int(row)]),
                                 eos_id=m["eos_id"], first_sentinel_id=m["first_sentinel_id"],
                                 noise_density=m["noise_density"], mean_noise_span_length=m["mean_noise_span_length"])
             inputs.append(i)
@@ -239,6 +315,9 @@ class SpanCorruptionBatches:
         inputs, targets = np.concatenate(inputs), np.concatenate(targets)
         return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(np.ones_like(inputs)),
                 "labels": torch.from_numpy(targets)}
+
+    def _checked(self, tokens: np.ndarray, rows) -> np.ndarray:
+        return checked_ids(tokens, rows, self.manifest["vocab_size"], self.path)
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(step, batch) from start_step on, without end: resume a run by passing its next step."""

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
-from common.modeling import IGNORE_INDEX
+from common.modeling import IGNORE_INDEX, all_finite
 from common.presence.influence import Layers, eager, forward_logits, layer_set, token_losses
 from common.presence.per_sample_grads import GradTape
 from common.presence.reweighting import shuffle, softmax_weights, standardise
@@ -55,6 +55,7 @@ class StepStats:
     scores: torch.Tensor | None  # the n (or B) raw self-influence scores, in item order (also when shuffled)
     weights: torch.Tensor | None  # the weights applied, in item order
     variance_share: float | None = None  # share of the scores' variance the standardisation kept
+    finite: bool = True  # the parameters the step started from and the update direction are all finite
 
 
 def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: torch.dtype | None = None) -> StepStats:
@@ -71,7 +72,8 @@ def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: to
         losses.append(loss.detach())
     if is_distributed():
         _all_reduce_grads(params)
-    return StepStats(loss=_mean_loss(losses, n_global), scores=None, weights=None)
+    loss, finite = _mean_loss(losses, n_global, params)
+    return StepStats(loss=loss, scores=None, weights=None, finite=finite)
 
 
 def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers: Layers = "first",
@@ -110,7 +112,8 @@ def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weight
         losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
     if is_distributed():
         _all_reduce_grads(params)
-    return StepStats(loss=_mean_loss(losses, n_global), scores=None, weights=sample_weights.detach().cpu())
+    loss, finite = _mean_loss(losses, n_global, params)
+    return StepStats(loss=loss, scores=None, weights=sample_weights.detach().cpu(), finite=finite)
 
 
 def release_buffers(model: nn.Module) -> None:
@@ -135,7 +138,7 @@ def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, w
     torch.mv(flat.rows.t(), weights[rank() * n:(rank() + 1) * n].to(flat.rows.dtype), out=flat.grad)
     all_reduce_sum_(flat.grad)
     flat.point_grads(flat.grad_views)
-    return _stats(losses, n * world_size(), scores, weights, share)
+    return _stats(losses, n * world_size(), flat.params, scores, weights, share)
 
 
 def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, weighting) -> StepStats:
@@ -165,7 +168,7 @@ def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, weigh
         local = local[tape.batch_size:]
     all_reduce_sum_(flat.grad)
     flat.point_grads(flat.grad_views)
-    return _stats(losses, n_global, scores, weights, share)
+    return _stats(losses, n_global, flat.params, scores, weights, share)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
@@ -204,17 +207,22 @@ def _autocast(model: nn.Module, dtype: torch.dtype | None):
     return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
 
 
-def _mean_loss(losses: list[torch.Tensor], n_global: int) -> float:
-    return all_reduce_sum_(torch.stack(losses).sum()).item() / n_global
+def _mean_loss(losses: list[torch.Tensor], n_global: int, params: list[nn.Parameter]) -> tuple[float, bool]:
+    """The mean microbatch loss over all ranks, and whether the parameters and their gradients (the update
+    direction) are all finite: both read in the one host sync the loss needs anyway."""
+    total = torch.stack(losses).sum()
+    finite = all_finite(params + [p.grad for p in params if p.grad is not None]).to(total.dtype)
+    total, finite = all_reduce_sum_(torch.stack([total, finite])).tolist()
+    return total / n_global, finite == world_size()
 
 
-def _stats(losses, n_global, scores, weights, variance_share) -> StepStats:
+def _stats(losses, n_global, params, scores, weights, variance_share) -> StepStats:
     scores, weights = scores.detach().cpu(), weights.detach().cpu()
-    loss = _mean_loss(losses, n_global)
+    loss, finite = _mean_loss(losses, n_global, params)
     if not torch.isfinite(scores).all():
         raise FloatingPointError(f"non-finite self-influence scores {scores.tolist()} (loss {loss}): the "
-                                 "gradients overflowed. Fix: lower the learning rate or use float32")
-    return StepStats(loss=loss, scores=scores, weights=weights, variance_share=variance_share)
+                                 "gradients overflowed")
+    return StepStats(loss=loss, scores=scores, weights=weights, variance_share=variance_share, finite=finite)
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:

@@ -1,7 +1,11 @@
 """One pre-training step, as 03_pretrain/pretrain.py runs it and 03_pretrain/bench_train.py times it:
 the update direction (baseline gradient accumulation, or PRESENCE when a temperature is given), a guard
-against a non-finite loss before anything is applied, optional gradient clipping, then the optimizer and
-learning-rate steps."""
+against a non-finite loss, update direction or starting point before anything is applied, optional
+gradient clipping, then the optimizer and learning-rate steps.
+
+A finite direction can still give a non-finite update (a huge learning rate): the parameters it leaves are
+then caught by the next step's guard, before anything else is applied, and by common/checkpoint.py, which
+refuses to save them."""
 from __future__ import annotations
 
 import math
@@ -20,7 +24,7 @@ def train_step(model: nn.Module, microbatches: list[dict], tau: float | None, op
     """Returns the step's statistics and the learning rate it used. tau None is the baseline, or, with
     `sample_weights`, the given weighting of the samples (the noise oracle); `shuffle_seed` makes PRESENCE
     the information control. Raises FloatingPointError, with the parameters and optimizer state untouched,
-    when the loss is not finite."""
+    when the loss, the update direction or the parameters the step starts from are not finite."""
     if sample_weights is not None:
         stats = fixed_weights_step(model, microbatches, sample_weights, autocast_dtype=autocast_dtype)
     elif tau is None:
@@ -28,9 +32,10 @@ def train_step(model: nn.Module, microbatches: list[dict], tau: float | None, op
     else:
         stats = presence_step(model, microbatches, tau, layers=layers, per=per, autocast_dtype=autocast_dtype,
                               shuffle_seed=shuffle_seed)
-    if not math.isfinite(stats.loss):
+    if not (math.isfinite(stats.loss) and stats.finite):
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"loss is {stats.loss}")
+        raise FloatingPointError(f"loss is {stats.loss}" if stats.finite else
+                                 f"the update direction or the parameters are not finite (loss {stats.loss})")
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     lr = scheduler.get_last_lr()[0]
