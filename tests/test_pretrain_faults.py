@@ -111,7 +111,10 @@ def test_a_stop_signal_saves_says_how_to_resume_and_the_run_resumes_exactly(tmp_
     process = subprocess.Popen([sys.executable, SCRIPT, *pretrain_args(tmp_path, "stopped", "--method", "presence",
                                                                         "--steps", "100000")],
                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+                               # the thread count of this process: the runs compared below run in it, and
+                               # a different count sums some gradients in another order
+                               env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                                    "PYTHONPATH": str(REPO_ROOT)})
     log, deadline = tmp_path / "stopped" / "train_log.csv", time.monotonic() + 600
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):  # the header and two steps
         assert process.poll() is None and time.monotonic() < deadline
