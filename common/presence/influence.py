@@ -20,11 +20,14 @@ target tokens has loss 0 and self-influence 0 (Hugging Face would return 0/0).
 
 Scores come from one forward and one backward pass for the whole batch (common/presence/per_sample_grads.py); the
 model is scored in the mode the caller set (train: with dropout, as in training; eval: deterministic).
-Parameters and their .grad are left untouched.
+During the pass only the layer set requires grad, so that autograd keeps no activations for gradients that are
+never formed (the input of every Linear outside the set); parameters, their .grad and requires_grad are left
+as they were, also when the pass fails.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +73,20 @@ def layer_set(model: nn.Module, layers: Layers = "first") -> list[nn.Parameter]:
     return list(chosen)
 
 
+@contextlib.contextmanager
+def only_these_require_grad(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Inside: the parameters of `model` outside `params` do not require grad; restored on exit, also on error."""
+    keep = set(params)
+    frozen = [p for p in model.parameters() if p.requires_grad and p not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     """Logits of the span-corruption targets, (B, T_target, V), without Hugging Face's own loss."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -98,7 +115,7 @@ def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per:
                    microbatch_size: int | None = None) -> torch.Tensor:
     """Self-influence scores of `batch` (input_ids, attention_mask, labels): one per sample (per="sample")
     or one per contiguous microbatch of `microbatch_size` samples (per="microbatch"); a 1-D tensor on the
-    model's device, in at least float32."""
+    model's device, float64."""
     batch_size = batch["input_ids"].shape[0]
     if per == "sample":
         if microbatch_size is not None:
@@ -113,7 +130,7 @@ def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per:
         raise ValueError(f"per must be 'sample' or 'microbatch', got {per!r}")
     model = eager(model)
     params = layer_set(model, layers)
-    with torch.enable_grad():
+    with torch.enable_grad(), only_these_require_grad(model, params):
         with GradTape(model, params, batch_size) as tape:
             logits = forward_logits(model, batch)
         losses = group_losses(token_losses(logits, batch["labels"]), batch["labels"], group_size)
