@@ -189,7 +189,7 @@ class GradTape:
         total = None
         for p in (self.params if params is None else params):
             if p in self.per_sample:
-                norms = _sq_norm_per_group(self.per_sample[p].reshape(n_groups, group_size, -1).sum(1))
+                norms = sq_norm_per_group(self.per_sample[p].reshape(n_groups, group_size, -1).sum(1))
             else:
                 norms, per_group = _param_sq_norms(p, self.uses[p], n_groups)
                 if group_size == 1 and per_group is not None:
@@ -245,7 +245,7 @@ def _sum_per_group(x: torch.Tensor) -> torch.Tensor:
     return _partial_runs(x).sum(2).double().sum(1)
 
 
-def _sq_norm_per_group(x: torch.Tensor) -> torch.Tensor:
+def sq_norm_per_group(x: torch.Tensor) -> torch.Tensor:
     """The squared norm of each x[g], float64 (vector_norm: no squared copy of x)."""
     return torch.linalg.vector_norm(_partial_runs(x), dim=2).double().square().sum(1)
 
@@ -290,13 +290,13 @@ def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> tuple[t
     if kinds == {"rms_norm"}:
         per_group = sum((u.grad.to(_acc_dtype(u.grad)) * _rms_norm_factor(u)).reshape(n_groups, -1, p.shape[0]).sum(1)
                         for u in uses)
-        return _sq_norm_per_group(per_group), per_group
+        return sq_norm_per_group(per_group), per_group
     if kinds == {"relative_bias"}:
         per_group = sum(_relative_bias_tables(u, n_groups) for u in uses)
         return per_group.square().sum((1, 2)), per_group
     if kinds == {"linear"} and p is uses[0].module.bias:
         per_group = _cat([_linear_factors(u, n_groups)[1] for u in uses], 1).sum(1)
-        return _sq_norm_per_group(per_group), per_group
+        return sq_norm_per_group(per_group), per_group
     if not kinds <= {"linear", "embedding"}:
         raise NotImplementedError(f"a parameter used as {sorted(kinds)} at once is not supported")
     # Uses of the same kind concatenate along the token axis; an embedding tied to the output layer
@@ -324,7 +324,7 @@ def _linear_sq_norms(acts: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Ten
         gram = torch.bmm(acts, acts.transpose(1, 2))
         return _sum_per_group(gram.mul_(torch.bmm(grads, grads.transpose(1, 2)))), None
     per_group = torch.bmm(grads.transpose(1, 2), acts)
-    return _sq_norm_per_group(per_group), per_group
+    return sq_norm_per_group(per_group), per_group
 
 
 def _relative_bias_tables(use: _Use, n_groups: int) -> torch.Tensor:
