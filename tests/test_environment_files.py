@@ -12,11 +12,16 @@ def _normalise(requirement: str) -> str:
     return f"{re.sub(r'[-_.]+', '-', name.strip().lower())}=={version.strip()}"
 
 
+# Installed on their own without dependencies (`make peers`), never by the environment files
+SEPARATE_EXTRAS = {"peers"}
+
+
 def test_environment_yml_and_pyproject_agree():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     from_pyproject = {_normalise(r) for r in project["dependencies"]}
-    for extra in project["optional-dependencies"].values():
-        from_pyproject |= {_normalise(r) for r in extra}
+    for name, extra in project["optional-dependencies"].items():
+        if name not in SEPARATE_EXTRAS:
+            from_pyproject |= {_normalise(r) for r in extra}
 
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
     assert "conda-forge" in env["channels"]
@@ -34,3 +39,12 @@ def test_every_requirement_is_pinned_and_torch_is_the_cpu_wheel_version():
     assert "torch==2.13.0" in requirements
     makefile = (REPO_ROOT / "Makefile").read_text()
     assert '"torch==2.13.0"' in makefile, "the Makefile must install the pinned torch before anything pulls another"
+
+
+def test_the_peer_libraries_install_without_dependencies():
+    # BackPACK requires torchvision, whose installation would replace the pinned torch.
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert "peers" in project["optional-dependencies"]
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("\npeers:"):].split("\n\n")[0]
+    assert "pip install --no-deps" in recipe and "['peers']" in recipe
