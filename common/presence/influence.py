@@ -20,14 +20,13 @@ target tokens has loss 0 and self-influence 0 (Hugging Face would return 0/0).
 
 Scores come from one forward and one backward pass for the whole batch (common/presence/per_sample_grads.py); the
 model is scored in the mode the caller set (train: with dropout, as in training; eval: deterministic).
-During the pass only the layer set requires grad, so that autograd keeps no activations for gradients that are
-never formed (the input of every Linear outside the set); parameters, their .grad and requires_grad are left
-as they were, also when the pass fails.
+During the pass no parameter requires grad (the tape's doing), so that autograd keeps no activation that only
+a weight gradient would need; parameters, their .grad and requires_grad are left as they were, also when the
+pass fails.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,20 +72,6 @@ def layer_set(model: nn.Module, layers: Layers = "first") -> list[nn.Parameter]:
     return list(chosen)
 
 
-@contextlib.contextmanager
-def only_these_require_grad(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Inside: the parameters of `model` outside `params` do not require grad; restored on exit, also on error."""
-    keep = set(params)
-    frozen = [p for p in model.parameters() if p.requires_grad and p not in keep]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
 def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     """Logits of the span-corruption targets, (B, T_target, V), without Hugging Face's own loss."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -130,9 +115,10 @@ def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per:
         raise ValueError(f"per must be 'sample' or 'microbatch', got {per!r}")
     model = eager(model)
     params = layer_set(model, layers)
-    with torch.enable_grad(), only_these_require_grad(model, params):
+    labels = batch["labels"]
+    with torch.enable_grad():
         with GradTape(model, params, batch_size) as tape:
-            logits = forward_logits(model, batch)
-        losses = group_losses(token_losses(logits, batch["labels"]), batch["labels"], group_size)
+            # the logits (B x T x vocabulary) get no name: the backward keeps only what the loss saved
+            losses = group_losses(token_losses(forward_logits(model, batch), labels), labels, group_size)
         tape.backward(losses.sum())
     return tape.sq_norms(params, group_size).detach()

@@ -5,7 +5,14 @@ During one forward pass a `GradTape` records, for every call of a module that ow
 parameter, the two factors that parameter's gradient is made of: what went into the module (activations,
 token ids, relative-position buckets) and the module's output. One `torch.autograd.grad` call with those
 outputs as its inputs then yields the gradient arriving at each output, sample by sample (samples never
-interact in T5, so row j of it comes from sample j's loss alone). From the two factors:
+interact in T5, so row j of it comes from sample j's loss alone). The tape keeps each output's place in the
+graph (its gradient edge), not the output itself, which autograd may not need to keep.
+
+Inside the tape no parameter of the model requires grad, so that autograd keeps only what the gradients
+of activations need (a Linear's input, an RMS norm's normalised input are needed only for weight
+gradients, which the tape forms from its own records); a tracked module whose inputs do not require grad
+(the first of the set, fed by frozen layers) returns its output as a leaf that does, and the graph starts
+there. requires_grad is restored on leaving the tape, also on error. From the two factors:
 
 - `sq_norms`: the squared norm of each sample's (or each contiguous group of samples') gradient, exactly, in
   float64. Long float32 sums (a norm over a per-sample weight matrix, a bias-table entry over every
@@ -34,6 +41,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
 @dataclass(eq=False)
@@ -42,9 +50,20 @@ class _Use:
     kind: str  # "linear" | "embedding" | "rms_norm" | "relative_bias"
     module: nn.Module
     inputs: torch.Tensor | None  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
-    output: torch.Tensor | None  # (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk): what the backward differentiates against
+    output: GradientEdge | None  # where the output enters the graph: what the backward differentiates against
+    output_like: torch.Tensor  # a meta tensor of the output's shape and dtype: (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk)
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
     cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
+
+
+def _in_graph(output: torch.Tensor) -> torch.Tensor:
+    """The output itself, or, when nothing it came from requires grad, the same values as a leaf that does."""
+    return output if output.requires_grad else output.detach().requires_grad_()
+
+
+def _record(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> _Use:
+    like = torch.empty(output.shape, dtype=output.dtype, device="meta")
+    return _Use(kind, module, inputs, get_gradient_edge(output), like)
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -119,6 +138,7 @@ class GradTape:
         self.per_sample: dict[nn.Parameter, torch.Tensor] = {}  # per-sample gradients formed by sq_norms
         self._handles: list = []
         self._patched: list[nn.Module] = []
+        self._frozen: list[nn.Parameter] = []
 
     # ---- recording ---------------------------------------------------------------------------------
     def __enter__(self) -> "GradTape":
@@ -127,22 +147,29 @@ class GradTape:
             self._expand_relative_bias(attention)
         for module, kind, owned in recorded:
             self._handles.append(module.register_forward_hook(self._recorder(kind, owned)))
+        self._frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
         return self
 
     def __exit__(self, *exc) -> None:
+        for p in self._frozen:
+            p.requires_grad_(True)
         for handle in self._handles:
             handle.remove()
         for attention in self._patched:
             del attention.compute_bias  # back to the class method
-        self._handles, self._patched = [], []
+        self._handles, self._patched, self._frozen = [], [], []
 
     def _recorder(self, kind: str, owned: list[nn.Parameter]):
         lists = [self.uses[p] for p in owned]  # a Linear's weight and bias share one record
 
         def hook(module, args, output):
-            use = _Use(kind, module, args[0], output)
+            output = _in_graph(output)
+            use = _record(kind, module, args[0], output)
             for uses in lists:
                 uses.append(use)
+            return output
         return hook
 
     def _expand_relative_bias(self, attention: nn.Module) -> None:
@@ -155,10 +182,10 @@ class GradTape:
         bucket_hook = table.register_forward_pre_hook(lambda module, args: buckets.append(args[0]))
 
         def compute_bias(query_length, key_length, device=None, past_seen_tokens=0):
-            values = class_compute_bias(attention, query_length, key_length, device=device,
-                                        past_seen_tokens=past_seen_tokens)
+            values = _in_graph(class_compute_bias(attention, query_length, key_length, device=device,
+                                                  past_seen_tokens=past_seen_tokens))
             expanded = values.expand(self.batch_size, -1, -1, -1)
-            self.uses[table.weight].append(_Use("relative_bias", table, buckets.pop(), expanded))
+            self.uses[table.weight].append(_record("relative_bias", table, buckets.pop(), expanded))
             return expanded
 
         attention.compute_bias = compute_bias
@@ -174,8 +201,8 @@ class GradTape:
             raise RuntimeError("GradTape recorded no use of the tracked parameters; run the forward inside it")
         grads = torch.autograd.grad(loss, [u.output for u in uses], allow_unused=True)
         for use, grad in zip(uses, grads):
-            use.grad = torch.zeros_like(use.output) if grad is None else grad
-            use.output = None  # no longer needed; the step holds every microbatch's tape until the end
+            use.grad = torch.zeros_like(use.output_like, device=loss.device) if grad is None else grad
+            use.output = None  # the graph is gone; the step holds every microbatch's tape until the end
 
     # ---- per-sample squared norms ------------------------------------------------------------------
     def sq_norms(self, params: Iterable[nn.Parameter] | None = None, group_size: int = 1) -> torch.Tensor:
