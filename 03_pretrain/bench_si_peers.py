@@ -256,12 +256,15 @@ def quiet_libraries() -> None:
 # ---- main -------------------------------------------------------------------------------------------
 
 def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: str | None = None,
-         batch_size: int | None = None, layers: str = "first", repeats: int = 5, warmup: int = 1, seed: int = 0,
-         threads: int | None = None, measure_memory: bool = True, memory_only: str | None = None,
-         out: str | None = None) -> dict:
+         batch_size: int | None = None, layers: str = "first", methods: list[str] | None = None, repeats: int = 5,
+         warmup: int = 1, seed: int = 0, threads: int | None = None, measure_memory: bool = True,
+         memory_only: str | None = None, out: str | None = None) -> dict:
+    known = [m.key for m in METHODS]
+    if unknown := set(methods or []) - set(known):
+        raise ValueError(f"unknown methods {sorted(unknown)}. Fix: choose from {known}")
+    chosen = [m for m in METHODS if not methods or m.key in methods]
     if threads:
         torch.set_num_threads(threads)
-    quiet_libraries()
     preset = load_preset(preset_name, overrides)
     if preset.model.dropout_rate:
         raise ValueError(f"model.dropout_rate is {preset.model.dropout_rate}: with dropout no two methods see the "
@@ -287,7 +290,7 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
 
     reference = loop_sq_norms(model, chosen_params(model, layers, "K"), inputs, labels)
     fns, errors, on_whole_k, notes = {}, {}, {}, {}
-    for method in METHODS:
+    for method in chosen:
         if not installed(method):
             notes[method.key] = f"skipped: {method.library} is not installed (make peers)"
             print(f"{method.key}: {notes[method.key]}")
@@ -321,7 +324,7 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
             peak.update(fresh_process_json(__file__, argv + ["--memory-only", key]))
 
     rows = []
-    for method in METHODS:
+    for method in chosen:
         key, ours = method.key, f"ours@{method.params}"
         measured = key in time_ms
         rows.append({
@@ -356,6 +359,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=None, help="samples scored at once (default: the "
                         "preset's pretrain.batch_size)")
     parser.add_argument("--layers", default="first", help="the layer set K (first, embeddings, all)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME@PARAMS",
+                        help=f"a subset of {[m.key for m in METHODS]} (default: all)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the checks")
     parser.add_argument("--seed", type=int, default=0)
@@ -366,5 +371,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/si_peers.csv)")
     parser.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: the fresh process
     args = parser.parse_args()
-    main(args.preset, args.overrides, args.device, args.batch_size, args.layers, args.repeats, args.warmup,
-         args.seed, args.threads, args.measure_memory, args.memory_only, args.out)
+    quiet_libraries()
+    main(args.preset, args.overrides, args.device, args.batch_size, args.layers, args.methods, args.repeats,
+         args.warmup, args.seed, args.threads, args.measure_memory, args.memory_only, args.out)
