@@ -1,6 +1,7 @@
 """03_pretrain/bench_si_peers.py end to end at a miniature shape: every method's scores against the
 per-sample loop, what each library gets wrong on the whole layer set, absent libraries skipped."""
 import math
+import warnings
 
 import pytest
 
@@ -10,6 +11,13 @@ from conftest import MINI_MODEL, load_stage
 bench = load_stage("03_pretrain/bench_si_peers.py")
 MINI = MINI_MODEL + ["data.input_length=32", "data.tokenizer.vocab_size=400"]
 BATCH = 4
+
+
+@pytest.fixture(autouse=True)
+def quiet_libraries():
+    with warnings.catch_warnings():
+        bench.quiet_libraries()
+        yield
 
 
 def run(tmp_path, **options) -> dict[str, dict]:
