@@ -28,7 +28,7 @@ The libraries are an optional extra: `make peers` installs the pinned `peers` li
 with pip's --no-deps (BackPACK requires torchvision, which would replace the pinned torch). A library
 that is not installed is skipped, with the reason in `note`.
 
-    python 03_pretrain/bench_si_peers.py --preset tiny                   # CPU, ~2 min on 2 cores
+    python 03_pretrain/bench_si_peers.py --preset tiny                   # CPU, ~3 min
     python 03_pretrain/bench_si_peers.py --preset tiny --threads 2 --set model.d_model=256 \\
         --set model.d_ff=1024 --set model.d_kv=64 --set model.num_layers=4 --set model.num_decoder_layers=4 \\
         --set data.input_length=256 --out results/tiny/bench/si_peers_medium.csv   # the medium shape, ~15 min
@@ -95,8 +95,8 @@ def setup_torch_func(model, params, inputs, labels):
                           "cannot trace: every row must share one mask")
 
     def sample_loss(values, input_ids, decoder_input_ids, sample_labels):
-        logits = functional_call(model, values, args=(), kwargs={
-            "input_ids": input_ids[None], "decoder_input_ids": decoder_input_ids[None], "attention_mask": mask[:1]}).logits
+        one = {"input_ids": input_ids[None], "decoder_input_ids": decoder_input_ids[None], "attention_mask": mask[:1]}
+        logits = functional_call(model, values, args=(), kwargs=one).logits
         return group_losses(token_losses(logits, sample_labels[None]), sample_labels[None])[0]
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
@@ -212,11 +212,9 @@ def loop_sq_norms(model: nn.Module, params: dict[str, nn.Parameter], inputs: dic
     rows = []
     for j in range(labels.shape[0]):
         one = {k: v[j:j + 1] for k, v in inputs.items()}
-        grads = torch.autograd.grad(sample_losses(model, one, labels[j:j + 1])[0], list(params.values()),
-                                    allow_unused=True)
-        rows.append([0.0 if g is None else g.double().square().sum().item() for g in grads])
-    columns = torch.tensor(rows, dtype=torch.float64).t()
-    return {name: column.to(labels.device) for name, column in zip(params, columns)}
+        grads = torch.autograd.grad(sample_losses(model, one, labels[j:j + 1])[0], list(params.values()))
+        rows.append(torch.stack([g.double().square().sum() for g in grads]))
+    return dict(zip(params, torch.stack(rows).t()))
 
 
 def max_rel_err(scores: torch.Tensor, reference: torch.Tensor) -> float:
@@ -286,7 +284,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
         print(json.dumps({memory_only: peak}))
         return {memory_only: peak}
     print(f"{preset_name} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
-          f"{batch_size} x {input_length} -> {target_length} tokens, layer set {layers}, {torch.get_num_threads()} threads")
+          f"{batch_size} x {input_length} -> {target_length} tokens, layer set {layers}, "
+          f"{torch.get_num_threads()} threads")
 
     reference = loop_sq_norms(model, chosen_params(model, layers, "K"), inputs, labels)
     fns, errors, on_whole_k, notes = {}, {}, {}, {}
@@ -318,7 +317,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     peak = {}
     if measure_memory and (device == "cuda" or can_measure_cpu_memory()):
         argv = ["--preset", preset_name, "--device", device, "--batch-size", str(batch_size), "--layers", layers,
-                "--seed", str(seed), "--threads", str(torch.get_num_threads())] + [f"--set={o}" for o in overrides or []]
+                "--seed", str(seed), "--threads", str(torch.get_num_threads())]
+        argv += [f"--set={o}" for o in overrides or []]
         for key in fns:
             print(f"peak memory of {key} in a fresh process ...")
             peak.update(fresh_process_json(__file__, argv + ["--memory-only", key]))

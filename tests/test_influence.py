@@ -191,7 +191,8 @@ def test_per_sample_scores_are_exact_over_long_sequences():
                       feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
     model = T5ForConditionalGeneration(config)
     g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(2, 64, (2, 1024), generator=g), "labels": torch.randint(2, 64, (2, 229), generator=g)}
+    batch = {"input_ids": torch.randint(2, 64, (2, 1024), generator=g),
+             "labels": torch.randint(2, 64, (2, 229), generator=g)}
     params = layer_set(model, "first")
     names = {p: n for n, p in model.named_parameters()}
     with GradTape(model, params, batch_size=2) as tape:

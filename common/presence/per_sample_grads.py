@@ -51,7 +51,7 @@ class _Use:
     module: nn.Module
     inputs: torch.Tensor | None  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
     output: GradientEdge | None  # where the output enters the graph: what the backward differentiates against
-    output_like: torch.Tensor  # a meta tensor of the output's shape and dtype: (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk)
+    output_like: torch.Tensor  # a meta tensor, the output's shape and dtype: (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk)
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
     cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
 
