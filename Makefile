@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed
 help:  ## list the targets
 	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
 	@echo "  env        create $(VENV) and install the pinned packages (CPU torch)        ~3 min, network to PyPI"
-	@echo "  peers      the optional libraries of 03_pretrain/bench_si_peers.py (no deps)  < 1 min, network to PyPI"
+	@echo "  peers      Opacus, BackPACK for 03_pretrain/bench_si_peers.py (no deps)      < 1 min, network to PyPI"
 	@echo "  data       01_data: corpus, tokenizer, span-corrupted packed data, probes   tiny: ~40 s CPU | small: ~3 min CPU"
 	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~5 min CPU (3 runs) | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~1 min CPU | small: 1 GPU, minutes (est.)"
