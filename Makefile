@@ -21,13 +21,14 @@ export TQDM_MININTERVAL ?= 5
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help env data pretrain si finetune figures bench gpu-bundle reproduce test clean
+.PHONY: help env peers data pretrain si finetune figures bench gpu-bundle reproduce test clean
 
 help:  ## list the targets
 	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
 	@echo "  env        create $(VENV) and install the pinned packages                    ~3 min, network to PyPI"
 	@echo "             torch: $(if $(strip $(TORCH_PIP_ARGS)),pip install torch==2.13.0 $(TORCH_PIP_ARGS),PyPI's torch==2.13.0 (Linux: the CUDA build, several GB)); set TORCH_PIP_ARGS to choose"
 	@echo "             scripts run directly need the environment: . $(VENV)/bin/activate (or $(VENV)/bin/python SCRIPT)"
+	@echo "  peers      Opacus, BackPACK for 03_pretrain/bench_si_peers.py (no deps)      < 1 min, network to PyPI"
 	@echo "  data       01_data: corpus, tokenizer, span-corrupted packed data, probes   tiny: ~40 s CPU | small: ~3 min CPU"
 	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~5 min CPU (3 runs) | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~1 min CPU | small: 1 GPU, minutes (est.)"
@@ -49,6 +50,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 env: $(STAMP)
+
+# The pinned `peers` extra of pyproject.toml without dependencies: BackPACK's torchvision would replace torch.
+peers: $(STAMP)
+	$(PY) -m pip install --no-deps $$($(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers'])")
 
 # A stage script that does not exist yet says so and fails; `reproduce` runs the stages that exist.
 run_stage = if [ -f $(1) ]; then $(PY) $(1) --preset $(PRESET) $(2); else echo "$(1): stage not implemented yet" >&2; exit 1; fi

@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from common.benchmark import can_measure_cpu_memory, fresh_process_json, peak_memory_mb, status_kb, time_round_robin
 from common.cli import exit_on_known_errors
-from common.benchmark import time_round_robin
 from common.config import load_preset
 from common.io import write_csv
 from common.modeling import build_model as build_fresh_model
 from common.modeling import random_microbatches
-from common.paths import REPO_ROOT, results_dir
+from common.paths import results_dir
 from common.presence.presence_step import baseline_step, presence_step, release_buffers
 from common.seeding import seed_everything
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -80,53 +77,19 @@ def naive_buffer_fits(batch_size: int, model: nn.Module, device: str) -> tuple[b
 
 def _available_ram_bytes() -> float:
     try:
-        return _status_kb("MemAvailable", "/proc/meminfo") * 1024.0
+        return status_kb("MemAvailable", "/proc/meminfo") * 1024.0
     except OSError:
         return float("inf")  # not Linux: let the loop try
 
 
-def peak_memory_mb(fn, model, device: str) -> float:
-    """Peak memory of one step above the model's parameters (gradients, activations, buffers), measured
-    on the second call (the first allocates lazily initialised library state)."""
-    fn()
-    for p in model.parameters():
-        p.grad = None
-    release_buffers(model)
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident size (VmHWM) to the current one
-    fn()
-    return (_status_kb("VmHWM") - before) / 2**10
-
-
-def _status_kb(field: str, path: str = "/proc/self/status") -> int:
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in {path}")
-
-
-def cpu_peak_memory_mb(argv: list[str]) -> dict[str, float]:
-    """Measure every method in a fresh process whose glibc serves every block >= 4 KiB with mmap and
-    returns it on free, so that its resident size follows the live tensors (Linux; NaN elsewhere)."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        return {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    child = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], env=env, capture_output=True,
-                           text=True)
-    if child.returncode != 0:
-        raise RuntimeError(f"the memory measurement failed:\n{child.stderr[-2000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+def peak_memory_per_method(fns, model, device: str) -> dict[str, float]:
+    """Peak memory of one step above the model's parameters (gradients, activations, buffers)."""
+    def reset():
+        for p in model.parameters():
+            p.grad = None
+        release_buffers(model)
+        gc.collect()
+    return {name: peak_memory_mb(fn, device, reset) for name, fn in fns.items()}
 
 
 def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: str | None = None,
@@ -153,8 +116,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     if not fits:
         print(f"naive-sample skipped: {why}. Fix: a smaller batch, e.g. --set pretrain.batch_size=256")
         del fns["naive-sample"]
-    if memory_only:  # the child process of cpu_peak_memory_mb
-        peak = {name: peak_memory_mb(fn, eager_model, device) for name, fn in fns.items()}
+    if memory_only:  # inside the fresh process started below
+        peak = peak_memory_per_method(fns, eager_model, device)
         print(json.dumps(peak))
         return peak
     print(f"{preset_name} on {device}: {sum(p.numel() for p in eager_model.parameters()) / 1e6:.1f}M parameters, "
@@ -166,12 +129,14 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
             fn()
     step_ms, cpu_ms = time_round_robin(fns, repeats, device, slow={"naive-sample": naive_repeats})
     if device == "cuda":
-        peak = {name: peak_memory_mb(fn, eager_model, device) for name, fn in fns.items()}
-    else:
+        peak = peak_memory_per_method(fns, eager_model, device)
+    elif can_measure_cpu_memory():
         argv = ["--preset", preset_name, "--device", device, "--vocab-size", str(vocab_size), "--seed", str(seed),
                 "--threads", str(torch.get_num_threads())] + [f"--set={o}" for o in overrides or []]
         print("measuring peak memory in a fresh process ...")
-        peak = cpu_peak_memory_mb(argv)
+        peak = fresh_process_json(__file__, argv + ["--memory-only"])
+    else:
+        peak = {}
 
     rows = []
     for name in fns:
@@ -214,7 +179,7 @@ if __name__ == "__main__":
                         help="CPU threads (default: torch's); use 1 when other jobs share the cores, since "
                              "oversubscribed OpenMP threads make small matmuls tens of times slower")
     parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/si_overhead.csv)")
-    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # internal, see cpu_peak_memory_mb
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # internal: the fresh process
     args = parser.parse_args()
     with exit_on_known_errors():
         main(args.preset, args.overrides, args.device, args.vocab_size, args.repeats, args.naive_repeats,

@@ -1,14 +1,31 @@
-"""Timing for the benchmarks of 03_pretrain: every repetition runs each variant once (round-robin), so
-clock drift, thermal state and other jobs hit all variants alike, and medians are reported. And the
-denominator of MFU, measured on the card itself in the same run."""
+"""Timing and peak memory for the benchmarks of 03_pretrain.
+
+Timing: every repetition runs each variant once (round-robin), so clock drift, thermal state and other
+jobs hit all variants alike, and medians are reported. And the denominator of MFU, measured on the card
+itself in the same run.
+
+Peak memory of one call, above what was allocated before it: on CUDA from the allocator's peak; on the
+CPU from the peak resident size (VmHWM, Linux), which follows the live tensors only in a process whose
+glibc serves every block >= 4 KiB with mmap and returns it on free (`fresh_process_json` starts such a
+process; the benchmark scripts re-run themselves in it with an internal flag).
+"""
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
 import torch
 from tqdm import trange
+
+from common.paths import REPO_ROOT
+
+# glibc: mmap (and unmap on free) every block of 4 KiB or more, and never keep freed memory for reuse
+FRESH_PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def sync(device: torch.device | str) -> None:
@@ -61,3 +78,51 @@ def mfu_ceiling_tflops(device: torch.device | str) -> float | None:
     what it sustains, and clocks differ between cards of one model), or None on the CPU, where MFU is not
     reported."""
     return matmul_tflops(device) if torch.device(device).type == "cuda" else None
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str,
+                   reset: Callable[[], None] | None = None) -> float:
+    """Peak memory of one call of `fn` above what was allocated just before it, measured on the second
+    call (the first allocates lazily initialised library state); `reset` runs between the two calls to
+    free what the first left behind (gradients, buffers). On the CPU, meaningful in a fresh process
+    started by `fresh_process_json`."""
+    fn()
+    if reset is not None:
+        reset()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    before = status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    fn()
+    return (status_kb("VmHWM") - before) / 2**10
+
+
+def status_kb(field: str, path: str = "/proc/self/status") -> int:
+    """A "Name: N kB" field of a /proc file (VmRSS, VmHWM of this process; MemAvailable of /proc/meminfo)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in {path}")
+
+
+def can_measure_cpu_memory() -> bool:
+    """The CPU peak needs Linux's /proc/self/clear_refs (elsewhere the peaks are reported as NaN)."""
+    return os.path.exists("/proc/self/clear_refs")
+
+
+def fresh_process_json(script: str, argv: list[str]):
+    """Run `python script argv` in a fresh process with FRESH_PROCESS_ENV and the repository on the
+    path, and return the JSON value its last line of output prints."""
+    env = dict(os.environ, **FRESH_PROCESS_ENV,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    child = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"the fresh process {script} {' '.join(argv)} failed:\n{child.stderr[-2000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])

@@ -1,4 +1,5 @@
-"""The benchmark scripts' own logic (their end-to-end runs are in test_gpu_checks.py)."""
+"""The benchmark scripts' own logic and common/benchmark.py (end-to-end runs: test_gpu_checks.py and
+test_bench_si_peers.py)."""
 import argparse
 
 import pytest
@@ -55,3 +56,28 @@ def test_matmul_rate_is_two_n_cubed_over_the_fastest_product(monkeypatch):
     monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(times))
     assert benchmark.matmul_tflops("cpu", torch.float32, size=16, repeats=3) == pytest.approx(2 * 16 ** 3 / 2.0 / 1e12)
     assert benchmark.mfu_ceiling_tflops("cpu") is None  # MFU only on GPUs
+
+
+def test_status_fields_are_read_and_a_missing_one_is_named(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1234 kB\n")
+    assert benchmark.status_kb("VmRSS", str(status)) == 1234
+    with pytest.raises(OSError, match="VmSwap not in"):
+        benchmark.status_kb("VmSwap", str(status))
+
+
+@pytest.mark.skipif(not benchmark.can_measure_cpu_memory(), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_peak_is_the_memory_a_call_touches():
+    size_mb = 64
+    peak = benchmark.peak_memory_mb(lambda: torch.ones(size_mb * 2**18), "cpu")  # float32: 4 bytes each
+    assert size_mb * 0.95 <= peak < size_mb * 1.5  # resident pages, not bytes: a few may be resident already
+
+
+def test_fresh_process_runs_with_returned_memory_and_the_repository_importable(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import json, os, sys\nimport common.paths\n"
+                      "print('noise')\nprint(json.dumps([os.environ['MALLOC_MMAP_THRESHOLD_'], sys.argv[1:]]))\n")
+    assert benchmark.fresh_process_json(str(script), ["--a", "1"]) == ["4096", ["--a", "1"]]
+    script.write_text("raise SystemExit('child failed on purpose')\n")
+    with pytest.raises(RuntimeError, match="child failed on purpose"):
+        benchmark.fresh_process_json(str(script), [])

@@ -20,11 +20,16 @@ def _normalise(requirement: str) -> str:
     return f"{re.sub(r'[-_.]+', '-', name.strip().lower())}=={version.strip()}"
 
 
+# Installed on their own without dependencies (`make peers`), never by the environment files
+SEPARATE_EXTRAS = {"peers"}
+
+
 def test_environment_yml_and_pyproject_agree():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     from_pyproject = {_normalise(r) for r in project["dependencies"]}
-    for extra in project["optional-dependencies"].values():
-        from_pyproject |= {_normalise(r) for r in extra}
+    for name, extra in project["optional-dependencies"].items():
+        if name not in SEPARATE_EXTRAS:
+            from_pyproject |= {_normalise(r) for r in extra}
 
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
     assert "conda-forge" in env["channels"]
@@ -84,3 +89,12 @@ def test_make_env_takes_the_cpu_build_of_torch_on_linux_without_a_gpu(tmp_path):
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert cpu_index in pip_section, "environment.yml states which build it installs"
+
+
+def test_the_peer_libraries_install_without_dependencies():
+    # BackPACK requires torchvision, whose installation would replace the pinned torch.
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert "peers" in project["optional-dependencies"]
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("\npeers:"):].split("\n\n")[0]
+    assert "pip install --no-deps" in recipe and "['peers']" in recipe

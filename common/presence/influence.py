@@ -20,7 +20,9 @@ target tokens has loss 0 and self-influence 0 (Hugging Face would return 0/0).
 
 Scores come from one forward and one backward pass for the whole batch (common/presence/per_sample_grads.py); the
 model is scored in the mode the caller set (train: with dropout, as in training; eval: deterministic).
-Parameters and their .grad are left untouched.
+During the pass no parameter requires grad (the tape's doing), so that autograd keeps no activation that only
+a weight gradient would need; parameters, their .grad and requires_grad are left as they were, also when the
+pass fails.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per:
                    microbatch_size: int | None = None) -> torch.Tensor:
     """Self-influence scores of `batch` (input_ids, attention_mask, labels): one per sample (per="sample")
     or one per contiguous microbatch of `microbatch_size` samples (per="microbatch"); a 1-D tensor on the
-    model's device, in at least float32."""
+    model's device, float64."""
     batch_size = batch["input_ids"].shape[0]
     if per == "sample":
         if microbatch_size is not None:
@@ -113,9 +115,10 @@ def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per:
         raise ValueError(f"per must be 'sample' or 'microbatch', got {per!r}")
     model = eager(model)
     params = layer_set(model, layers)
+    labels = batch["labels"]
     with torch.enable_grad():
         with GradTape(model, params, batch_size) as tape:
-            logits = forward_logits(model, batch)
-        losses = group_losses(token_losses(logits, batch["labels"]), batch["labels"], group_size)
+            # the logits (B x T x vocabulary) get no name: the backward keeps only what the loss saved
+            losses = group_losses(token_losses(forward_logits(model, batch), labels), labels, group_size)
         tape.backward(losses.sum())
     return tape.sq_norms(params, group_size).detach()

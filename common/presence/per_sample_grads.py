@@ -5,9 +5,18 @@ During one forward pass a `GradTape` records, for every call of a module that ow
 parameter, the two factors that parameter's gradient is made of: what went into the module (activations,
 token ids, relative-position buckets) and the module's output. One `torch.autograd.grad` call with those
 outputs as its inputs then yields the gradient arriving at each output, sample by sample (samples never
-interact in T5, so row j of it comes from sample j's loss alone). From the two factors:
+interact in T5, so row j of it comes from sample j's loss alone). The tape keeps each output's place in the
+graph (its gradient edge), not the output itself, which autograd may not need to keep.
 
-- `sq_norms`: the squared norm of each sample's (or each contiguous group of samples') gradient, exactly.
+Inside the tape no parameter of the model requires grad, so that autograd keeps only what the gradients
+of activations need (a Linear's input, an RMS norm's normalised input are needed only for weight
+gradients, which the tape forms from its own records); a tracked module whose inputs do not require grad
+(the first of the set, fed by frozen layers) returns its output as a leaf that does, and the graph starts
+there. requires_grad is restored on leaving the tape, also on error. From the two factors:
+
+- `sq_norms`: the squared norm of each sample's (or each contiguous group of samples') gradient, exactly, in
+  float64. Long float32 sums (a norm over a per-sample weight matrix, a bias-table entry over every
+  query/key pair of its bucket) are float32 partial sums over short runs, added in float64.
   Linear weight: the per-sample matrix d^T a, or the Gram form sum_{t,t'} <a_t, a_t'> <d_t, d_t'>
   ("ghost norm") when that is cheaper, T (d_in + d_out) < d_in d_out. Embedding: a segment sum of the output gradients
   over equal token ids. RMS layer norm: sum_t d_t * x_hat_t. Relative attention bias: the gradient of the
@@ -25,12 +34,14 @@ in tests/test_influence.py).
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
 @dataclass(eq=False)
@@ -39,9 +50,20 @@ class _Use:
     kind: str  # "linear" | "embedding" | "rms_norm" | "relative_bias"
     module: nn.Module
     inputs: torch.Tensor | None  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
-    output: torch.Tensor | None  # (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk): what the backward differentiates against
+    output: GradientEdge | None  # where the output enters the graph: what the backward differentiates against
+    output_like: torch.Tensor  # a meta tensor, the output's shape and dtype: (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk)
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
     cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
+
+
+def _in_graph(output: torch.Tensor) -> torch.Tensor:
+    """The output itself, or, when nothing it came from requires grad, the same values as a leaf that does."""
+    return output if output.requires_grad else output.detach().requires_grad_()
+
+
+def _record(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> _Use:
+    like = torch.empty(output.shape, dtype=output.dtype, device="meta")
+    return _Use(kind, module, inputs, get_gradient_edge(output), like)
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -116,6 +138,7 @@ class GradTape:
         self.per_sample: dict[nn.Parameter, torch.Tensor] = {}  # per-sample gradients formed by sq_norms
         self._handles: list = []
         self._patched: list[nn.Module] = []
+        self._frozen: list[nn.Parameter] = []
 
     # ---- recording ---------------------------------------------------------------------------------
     def __enter__(self) -> "GradTape":
@@ -124,22 +147,29 @@ class GradTape:
             self._expand_relative_bias(attention)
         for module, kind, owned in recorded:
             self._handles.append(module.register_forward_hook(self._recorder(kind, owned)))
+        self._frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
         return self
 
     def __exit__(self, *exc) -> None:
+        for p in self._frozen:
+            p.requires_grad_(True)
         for handle in self._handles:
             handle.remove()
         for attention in self._patched:
             del attention.compute_bias  # back to the class method
-        self._handles, self._patched = [], []
+        self._handles, self._patched, self._frozen = [], [], []
 
     def _recorder(self, kind: str, owned: list[nn.Parameter]):
         lists = [self.uses[p] for p in owned]  # a Linear's weight and bias share one record
 
         def hook(module, args, output):
-            use = _Use(kind, module, args[0], output)
+            output = _in_graph(output)
+            use = _record(kind, module, args[0], output)
             for uses in lists:
                 uses.append(use)
+            return output
         return hook
 
     def _expand_relative_bias(self, attention: nn.Module) -> None:
@@ -152,10 +182,10 @@ class GradTape:
         bucket_hook = table.register_forward_pre_hook(lambda module, args: buckets.append(args[0]))
 
         def compute_bias(query_length, key_length, device=None, past_seen_tokens=0):
-            values = class_compute_bias(attention, query_length, key_length, device=device,
-                                        past_seen_tokens=past_seen_tokens)
+            values = _in_graph(class_compute_bias(attention, query_length, key_length, device=device,
+                                                  past_seen_tokens=past_seen_tokens))
             expanded = values.expand(self.batch_size, -1, -1, -1)
-            self.uses[table.weight].append(_Use("relative_bias", table, buckets.pop(), expanded))
+            self.uses[table.weight].append(_record("relative_bias", table, buckets.pop(), expanded))
             return expanded
 
         attention.compute_bias = compute_bias
@@ -171,13 +201,13 @@ class GradTape:
             raise RuntimeError("GradTape recorded no use of the tracked parameters; run the forward inside it")
         grads = torch.autograd.grad(loss, [u.output for u in uses], allow_unused=True)
         for use, grad in zip(uses, grads):
-            use.grad = torch.zeros_like(use.output) if grad is None else grad
-            use.output = None  # no longer needed; the step holds every microbatch's tape until the end
+            use.grad = torch.zeros_like(use.output_like, device=loss.device) if grad is None else grad
+            use.output = None  # the graph is gone; the step holds every microbatch's tape until the end
 
     # ---- per-sample squared norms ------------------------------------------------------------------
     def sq_norms(self, params: Iterable[nn.Parameter] | None = None, group_size: int = 1) -> torch.Tensor:
         """Squared gradient norm restricted to `params` (default: all tracked), per contiguous group of
-        `group_size` samples: shape (batch_size // group_size,). Per-sample gradients that this forms on
+        `group_size` samples: shape (batch_size // group_size,), float64. Per-sample gradients that this forms on
         the way (small layers: norms, biases, Linear weights when cheaper than the Gram form) are kept
         for add_weighted_grads."""
         if self.batch_size % group_size:
@@ -186,8 +216,7 @@ class GradTape:
         total = None
         for p in (self.params if params is None else params):
             if p in self.per_sample:
-                per_group = self.per_sample[p].reshape(n_groups, group_size, -1).sum(1)
-                norms = per_group.square().sum(1)
+                norms = sq_norm_per_group(self.per_sample[p].reshape(n_groups, group_size, -1).sum(1))
             else:
                 norms, per_group = _param_sq_norms(p, self.uses[p], n_groups)
                 if group_size == 1 and per_group is not None:
@@ -222,6 +251,30 @@ class GradTape:
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
+
+
+# Float32 sums over at most this many terms, added in float64: about as fast as one float32 pass and exact
+# to ~1e-8 relative, where one float32 norm over a 262k-entry per-sample gradient is ~5e-6 off.
+_PARTIAL = 128
+# Query/key pairs per float32 partial table of a relative-attention bias gradient (memory: one
+# (G*H, buckets) table per run).
+_BIAS_RUN = 1024
+
+
+def _partial_runs(x: torch.Tensor) -> torch.Tensor:
+    """x (G, ...) viewed as (G, runs, c): c is the largest power of two <= _PARTIAL dividing the entries per group."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat.view(flat.shape[0], -1, math.gcd(flat.shape[1], _PARTIAL))
+
+
+def _sum_per_group(x: torch.Tensor) -> torch.Tensor:
+    """The sum of each x[g], float64."""
+    return _partial_runs(x).sum(2).double().sum(1)
+
+
+def sq_norm_per_group(x: torch.Tensor) -> torch.Tensor:
+    """The squared norm of each x[g], float64 (vector_norm: no squared copy of x)."""
+    return torch.linalg.vector_norm(_partial_runs(x), dim=2).double().square().sum(1)
 
 
 def _grouped(t: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -259,18 +312,18 @@ def _rms_norm_factor(use: _Use) -> torch.Tensor:
 def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(per-group squared norms, per-group gradients of shape (G, *p.shape) when they were formed)."""
     if not uses:
-        return torch.zeros(n_groups, device=p.device, dtype=_acc_dtype(p)), None
+        return torch.zeros(n_groups, device=p.device, dtype=torch.float64), None
     kinds = {u.kind for u in uses}
     if kinds == {"rms_norm"}:
         per_group = sum((u.grad.to(_acc_dtype(u.grad)) * _rms_norm_factor(u)).reshape(n_groups, -1, p.shape[0]).sum(1)
                         for u in uses)
-        return per_group.square().sum(1), per_group
+        return sq_norm_per_group(per_group), per_group
     if kinds == {"relative_bias"}:
         per_group = sum(_relative_bias_tables(u, n_groups) for u in uses)
         return per_group.square().sum((1, 2)), per_group
     if kinds == {"linear"} and p is uses[0].module.bias:
         per_group = _cat([_linear_factors(u, n_groups)[1] for u in uses], 1).sum(1)
-        return per_group.square().sum(1), per_group
+        return sq_norm_per_group(per_group), per_group
     if not kinds <= {"linear", "embedding"}:
         raise NotImplementedError(f"a parameter used as {sorted(kinds)} at once is not supported")
     # Uses of the same kind concatenate along the token axis; an embedding tied to the output layer
@@ -291,26 +344,32 @@ def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> tuple[t
 
 
 def _linear_sq_norms(acts: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """||sum_t grads_t acts_t^T||^2 per group; acts (G, T, d_in), grads (G, T, d_out). The Gram form costs
-    T^2 (d_in + d_out) per group, the per-group matrices T d_in d_out: take the cheaper."""
+    """||sum_t grads_t acts_t^T||^2 per group (float64); acts (G, T, d_in), grads (G, T, d_out). The Gram
+    form costs T^2 (d_in + d_out) per group, the per-group matrices T d_in d_out: take the cheaper."""
     tokens, d_in, d_out = acts.shape[1], acts.shape[2], grads.shape[2]
     if tokens * (d_in + d_out) < d_in * d_out:
-        gram_acts = torch.bmm(acts, acts.transpose(1, 2))
-        gram_grads = torch.bmm(grads, grads.transpose(1, 2))
-        return (gram_acts * gram_grads).sum((1, 2)), None
+        gram = torch.bmm(acts, acts.transpose(1, 2))
+        return _sum_per_group(gram.mul_(torch.bmm(grads, grads.transpose(1, 2)))), None
     per_group = torch.bmm(grads.transpose(1, 2), acts)
-    return per_group.square().sum((1, 2)), per_group
+    return sq_norm_per_group(per_group), per_group
 
 
 def _relative_bias_tables(use: _Use, n_groups: int) -> torch.Tensor:
-    """Per-group gradient of the bias table, (G, buckets, heads): the position-bias gradient summed over
-    the query/key pairs of each bucket (rows indexed by (q, k), so the scatter adds contiguous rows)."""
+    """Per-group gradient of the bias table, (G, buckets, heads), float64: the position-bias gradient
+    summed over the query/key pairs of each bucket. A bucket far from the diagonal collects ~T^2/2 pairs,
+    so each run of _BIAS_RUN pairs is scattered into its own float32 table and the tables are added in
+    float64; the scatter reads each (group, head) row of the gradient in order, without a transposed copy."""
     grad = use.grad.to(_acc_dtype(use.grad))
     if n_groups != grad.shape[0]:
         grad = grad.reshape(n_groups, -1, *grad.shape[1:]).sum(1)
-    rows = grad.permute(2, 3, 0, 1).reshape(-1, n_groups * grad.shape[1])  # (Tq*Tk, G*H)
-    tables = rows.new_zeros(use.module.weight.shape[0], rows.shape[1]).index_add_(0, use.inputs.flatten(), rows)
-    return tables.view(-1, n_groups, grad.shape[1]).transpose(0, 1)
+    heads, n_buckets = grad.shape[1], use.module.weight.shape[0]
+    rows = grad.reshape(n_groups * heads, -1)  # (G*H, Tq*Tk)
+    pairs = rows.shape[1]
+    runs = -(-pairs // _BIAS_RUN)
+    keys = use.inputs.flatten() + n_buckets * (torch.arange(pairs, device=rows.device) // _BIAS_RUN)
+    partial = rows.new_zeros(rows.shape[0], runs * n_buckets).scatter_add_(1, keys.expand_as(rows), rows)
+    tables = partial.view(-1, runs, n_buckets).double().sum(1)
+    return tables.view(n_groups, heads, n_buckets).transpose(1, 2)
 
 
 def _masked_embedding_grad(use: _Use) -> torch.Tensor:
@@ -326,7 +385,8 @@ def _embedding_sq_norms(ids: torch.Tensor, grads: torch.Tensor, vocab_size: int)
     keys = ids + vocab_size * torch.arange(n_groups, device=ids.device).unsqueeze(1)
     unique_keys, inverse = torch.unique(keys.flatten(), return_inverse=True)
     rows = grads.new_zeros(unique_keys.numel(), grads.shape[-1]).index_add_(0, inverse, grads.flatten(0, 1))
-    return grads.new_zeros(n_groups).index_add_(0, unique_keys // vocab_size, rows.square().sum(1))
+    per_key = rows.square().sum(1).double()
+    return per_key.new_zeros(n_groups).index_add_(0, unique_keys // vocab_size, per_key)
 
 
 def _embedding_linear_cross(ids, emb_grads, acts, lin_grads) -> torch.Tensor:
@@ -334,7 +394,7 @@ def _embedding_linear_cross(ids, emb_grads, acts, lin_grads) -> torch.Tensor:
     a Linear (L = sum_s lin_grads_s acts_s^T, rows = vocabulary): sum_{t,s} lin_grads[s, id_t] <emb_grads_t, acts_s>."""
     dots = torch.bmm(emb_grads, acts.transpose(1, 2))  # (G, T_emb, T_lin)
     picked = torch.gather(lin_grads, 2, ids.unsqueeze(1).expand(-1, lin_grads.shape[1], -1))  # (G, T_lin, T_emb)
-    return (dots * picked.transpose(1, 2)).sum((1, 2))
+    return _sum_per_group(dots.mul_(picked.transpose(1, 2)))
 
 
 def _add_weighted_grad(p: nn.Parameter, use: _Use, weights: torch.Tensor, out: torch.Tensor) -> None:

@@ -152,6 +152,7 @@ def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, weigh
         with GradTape(model, flat.params, labels.shape[0]) as tape, _autocast(model, autocast_dtype):
             logits = forward_logits(model, microbatch)
         per_token = token_losses(logits, labels).sum(1)
+        del logits  # B x T x vocabulary floats that the backward does not need
         counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
         tape.backward((per_token / counts.clamp(min=1)).sum())
         tapes.append(tape)
