@@ -15,9 +15,7 @@ Writes results/<preset>/bench/optimizer.csv (or --out).
 """
 from __future__ import annotations
 
-import argparse
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,11 +23,9 @@ from transformers.optimization import Adafactor as HFAdafactor
 
 from common.cli import exit_on_known_errors
 from common.adafactor import Adafactor
-from common.benchmark import time_round_robin
+from common.benchmark import benchmark_parser, time_round_robin, write_benchmark_csv
 from common.config import load_preset
-from common.io import write_csv
 from common.modeling import build_model
-from common.paths import results_dir
 from common.seeding import seed_everything
 
 COLUMNS = ["optimizer", "step_ms", "ratio_to_hf_adafactor", "ops_per_step", "device", "preset", "parameters",
@@ -82,21 +78,11 @@ def main(preset_name: str = "tiny", device: str = "cpu", repeats: int = 10, thre
     for row in rows:
         print(f"{row['optimizer']:<16}{row['step_ms']:>10.1f}{row['ratio_to_hf_adafactor']:>8.3f}"
               f"{row['ops_per_step']:>10}{row['ops_per_step'] / ops['hf-adafactor']:>8.3f}")
-    path = Path(out) if out else results_dir(preset_name, "bench") / "optimizer.csv"
-    write_csv(path, rows, COLUMNS)
-    print(f"wrote {path}")
+    path = write_benchmark_csv(rows, COLUMNS, out, preset_name, "optimizer.csv")
     return {"rows": rows, "path": str(path)}
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: torch's); use 1 when other jobs share the cores")
-    parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/optimizer.csv)")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, "optimizer.csv", device_default="cpu").parse_args()
     with exit_on_known_errors():
         main(args.preset, args.device, args.repeats, args.threads, overrides=args.overrides, out=args.out)

@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.benchmark import can_measure_cpu_memory, fresh_process_json, peak_memory_mb, status_kb, time_round_robin
+from common.benchmark import (benchmark_parser, can_measure_cpu_memory, fresh_process_json, peak_memory_mb, status_kb,
+                              time_round_robin, write_benchmark_csv)
 from common.cli import exit_on_known_errors
 from common.config import load_preset
-from common.io import write_csv
 from common.modeling import build_model as build_fresh_model
 from common.modeling import random_microbatches
-from common.paths import results_dir
 from common.presence.presence_step import baseline_step, presence_step, release_buffers
 from common.seeding import seed_everything
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -158,27 +156,17 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     naive_speedup = step_ms["naive-sample"] / step_ms["presence-sample"] if "naive-sample" in step_ms else None
     if naive_speedup:
         print(f"per-sample is {naive_speedup:.1f}x faster than the naive per-sample loop")
-    path = Path(out) if out else results_dir(preset_name, "bench") / "si_overhead.csv"
-    write_csv(path, rows, COLUMNS)
-    print(f"wrote {path}")
+    path = write_benchmark_csv(rows, COLUMNS, out, preset_name, "si_overhead.csv")
     return {"rows": rows, "path": str(path), "naive_speedup": naive_speedup}
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser = benchmark_parser(__doc__, "si_overhead.csv")
     parser.add_argument("--vocab-size", type=int, default=None, help="default: the preset tokenizer's")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
     parser.add_argument("--naive-repeats", type=int, default=3, help="rounds that also time the slow naive loop")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (baseline, per-microbatch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: torch's); use 1 when other jobs share the cores, since "
-                             "oversubscribed OpenMP threads make small matmuls tens of times slower")
-    parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/si_overhead.csv)")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # internal: the fresh process
     args = parser.parse_args()
     with exit_on_known_errors():

@@ -46,18 +46,17 @@ import importlib.util
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from common.benchmark import can_measure_cpu_memory, fresh_process_json, peak_memory_mb, time_round_robin
+from common.benchmark import (benchmark_parser, can_measure_cpu_memory, fresh_process_json, peak_memory_mb,
+                              time_round_robin, write_benchmark_csv)
+from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.data.span_corruption import compute_input_and_target_lengths
-from common.io import write_csv
 from common.modeling import build_model, random_microbatches
-from common.paths import results_dir
 from common.presence.influence import group_losses, layer_set, self_influence, token_losses
 from common.presence.per_sample_grads import sq_norm_per_group
 from common.seeding import seed_everything
@@ -345,32 +344,24 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     for r in rows:
         print(f"{r['method']:<20}{r['params']:<18}{r['time_ms']:>10}{r['ratio_to_ours']:>8}{r['peak_mem_mb']:>9}"
               f"{r['max_rel_err']:>9}  {r['on_whole_k'] or r['note']}")
-    path = Path(out) if out else results_dir(preset_name, "bench") / "si_peers.csv"
-    write_csv(path, rows, COLUMNS)
-    print(f"wrote {path}")
+    path = write_benchmark_csv(rows, COLUMNS, out, preset_name, "si_peers.csv")
     return {"rows": rows, "path": str(path)}
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser = benchmark_parser(__doc__, "si_peers.csv", repeats=5)
     parser.add_argument("--batch-size", type=int, default=None, help="samples scored at once (default: the "
                         "preset's pretrain.batch_size)")
     parser.add_argument("--layers", default="first", help="the layer set K (first, embeddings, all)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME@PARAMS",
                         help=f"a subset of {[m.key for m in METHODS]} (default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the checks")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: torch's); use 1 when other jobs share the cores")
     parser.add_argument("--no-memory", dest="measure_memory", action="store_false",
                         help="skip the peak-memory measurement (one fresh process per method)")
-    parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/si_peers.csv)")
     parser.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: the fresh process
     args = parser.parse_args()
     quiet_libraries()
-    main(args.preset, args.overrides, args.device, args.batch_size, args.layers, args.methods, args.repeats,
-         args.warmup, args.seed, args.threads, args.measure_memory, args.memory_only, args.out)
+    with exit_on_known_errors():
+        main(args.preset, args.overrides, args.device, args.batch_size, args.layers, args.methods, args.repeats,
+             args.warmup, args.seed, args.threads, args.measure_memory, args.memory_only, args.out)

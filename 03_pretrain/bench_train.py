@@ -16,17 +16,14 @@ Writes results/<preset>/bench/train_throughput.csv (or --out).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from common.cli import exit_on_known_errors
-from common.benchmark import mfu_ceiling_tflops, time_round_robin
+from common.benchmark import benchmark_parser, mfu_ceiling_tflops, time_round_robin, write_benchmark_csv
 from common.config import load_preset
-from common.io import write_csv
 from common.modeling import build_model, model_flops_per_sequence, random_microbatches
 from common.optim import build_optimizer
-from common.paths import results_dir
 from common.presence.presence_step import release_buffers
 from common.seeding import seed_everything
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -137,24 +134,16 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
         peak = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] != "" else "-"
         print(f"{r['shape']:<8}{r['method']:<10}{r['step_ms']:>10.1f}{r['ratio_to_baseline']:>12.3f}"
               f"{r['tokens_per_s']:>12,}{r['model_tflops']:>10.2f}{mfu:>8}{peak:>9}{r['first_step_s']:>7.1f}")
-    path = Path(out) if out else results_dir(preset_name, "bench") / "train_throughput.csv"
-    write_csv(path, rows, COLUMNS)
-    print(f"wrote {path}")
+    path = write_benchmark_csv(rows, COLUMNS, out, preset_name, "train_throughput.csv")
     return {"rows": rows, "path": str(path)}
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser = benchmark_parser(__doc__, "train_throughput.csv")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="NxSIZE",
                         help="batch shapes, microbatches x sequences each (default: the preset's)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first (compiling) step")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="CSV path (default results/<preset>/bench/train_throughput.csv)")
     args = parser.parse_args()
     with exit_on_known_errors():
         main(args.preset, args.overrides, args.device, args.shapes, args.repeats, args.warmup, args.seed, args.threads,

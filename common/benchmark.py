@@ -11,18 +11,21 @@ process; the benchmark scripts re-run themselves in it with an internal flag).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import trange
 
-from common.paths import REPO_ROOT
+from common.io import write_csv
+from common.paths import REPO_ROOT, results_dir
 
 # glibc: mmap (and unmap on free) every block of 4 KiB or more, and never keep freed memory for reuse
 FRESH_PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -126,3 +129,27 @@ def fresh_process_json(script: str, argv: list[str]):
     if child.returncode != 0:
         raise RuntimeError(f"the fresh process {script} {' '.join(argv)} failed:\n{child.stderr[-2000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def benchmark_parser(description: str, csv_name: str, device_default: str | None = None,
+                     repeats: int = 10) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --preset, --set, --device, --repeats, --threads, --out."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=device_default,
+                   help=f"default: {device_default or 'cuda if available'}")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed rounds (median)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); use 1 when other jobs share the cores, since "
+                        "oversubscribed OpenMP threads make small matmuls tens of times slower")
+    p.add_argument("--out", default=None, help=f"CSV path (default results/<preset>/bench/{csv_name})")
+    return p
+
+
+def write_benchmark_csv(rows: list[dict], columns: list[str], out: str | None, preset_name: str, csv_name: str) -> Path:
+    """The benchmark's rows to --out, or results/<preset>/bench/<csv_name>; returns the path."""
+    path = Path(out) if out else results_dir(preset_name, "bench") / csv_name
+    write_csv(path, rows, columns)
+    print(f"wrote {path}")
+    return path

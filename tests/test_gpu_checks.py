@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from common.io import read_csv
 from common.paths import REPO_ROOT
