@@ -108,6 +108,7 @@ def test_markdown_shows_both_sides_and_says_not_run(hand_made_scores):
     assert "42.00 ± 2.83 (n=2)" in text and "46.00 ± 1.41 (n=2)" in text and "25.00 (n=1)" in text
     assert "not run" in text and "approximate" in text and "- a note" in text
     assert "| +4.00 |" in text  # our XNLI delta
+    assert "XNLI acc. (chance 33.3)" in text and "XQuAD F1 |" in text  # chance beside accuracy only
 
 
 def test_fraction_scores_are_converted_to_percent_with_a_note(tmp_path):

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import ScalarFormatter
 
+from common.evaluation.score_rows import chance_level
 from common.io import atomic_path
 from common.reporting.run_results import HEADLINE_METRIC
 from common.reporting.stats import auroc
@@ -202,18 +203,13 @@ def _mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return mean, half
 
 
-# Chance levels of the accuracy tasks (a uniformly random valid answer): XNLI has 3 labels, PAWS-X 2. Verse
-# retrieval picks 1 of n candidates, so its chance level is 100 / n (n_examples of the scores).
-CHANCE_PERCENT = {"xnli": 100 / 3, "pawsx": 50.0}
-
-
 def chance_percent(task: str, rows: pd.DataFrame | None = None) -> float | None:
-    """The task's chance level in percent, or None (F1 tasks have no single chance level)."""
-    if rows is not None and "chance" in rows and rows["chance"].notna().any():
+    """The task's chance level in percent (04's `chance` column, else common/evaluation/score_rows.py's
+    rule), or None (F1 tasks have no single chance level)."""
+    if rows is not None and "chance" in rows and pd.to_numeric(rows["chance"], errors="coerce").notna().any():
         return float(pd.to_numeric(rows["chance"], errors="coerce").mean())
-    if task == "verse_retrieval" and rows is not None and "n_examples" in rows and len(rows):
-        return 100.0 / float(rows["n_examples"].median())
-    return CHANCE_PERCENT.get(task)
+    n = int(rows["n_examples"].median()) if rows is not None and "n_examples" in rows and len(rows) else 1
+    return chance_level(task, HEADLINE_METRIC.get(task, "accuracy"), n)
 
 
 def score_yerr(mean, std, low: float = 0.0, high: float = 100.0) -> np.ndarray:

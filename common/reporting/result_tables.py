@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from common.evaluation.score_rows import chance_level
 from common.reporting.markdown import markdown_table
 from common.reporting.paper_results import PAPER_SCALE, paper_value
 from common.reporting.run_results import HEADLINE_METRIC
@@ -233,7 +234,7 @@ def comparison_markdown(spec: TableSpec, table: pd.DataFrame, offline: pd.DataFr
              "", f"**Ours**: {ours_scale}", "",
              "Our cells: mean ± sample std over seeds (n = seeds). Δ = method − Baseline (difference of the "
              f"means). Same sign: ✓/✗ against {models}; – where either side is missing.", ""]
-    header = ["method", "source"] + [TASK_NAMES[t] for t in spec.tasks]
+    header = ["method", "source"] + [task_header(t) for t in spec.tasks]
     for setting in SETTINGS:
         block = table[table["setting"] == setting]
         rows = []
@@ -267,6 +268,12 @@ def comparison_markdown(spec: TableSpec, table: pd.DataFrame, offline: pd.DataFr
     if notes:
         lines += ["### Notes from reading the inputs", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def task_header(task: str) -> str:
+    """The task's column name, with its chance level where it has one (an accuracy task)."""
+    level = chance_level(task, HEADLINE_METRIC[task], 1)
+    return TASK_NAMES[task] + (f" (chance {level:.1f})" if level is not None and task != "verse_retrieval" else "")
 
 
 def offline_markdown(spec: TableSpec, offline: pd.DataFrame, heading: bool = True) -> list[str]:
@@ -403,7 +410,7 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
         base = table3[(table3["method"] == "baseline") & (table3["setting"] == setting)
                       & (table3["task"] == task)].iloc[0]
         mine = cells.iloc[0]
-        rows.append([setting, TASK_NAMES[task]]
+        rows.append([setting, task_header(task)]
                     + [format_delta(by_model.at[m, "paper_delta_vs_baseline"]) for m in by_model.index]
                     + [format_score(base["ours_mean"], base["ours_std"], base["ours_n_seeds"], reused=base["ours_reused"]),
                        format_score(mine["ours_mean"], mine["ours_std"], mine["ours_n_seeds"], reused=mine["ours_reused"]),
