@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scoring-rows", type=int, default=600, help="fixed labelled training rows scored per checkpoint")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="microbatch sizes (granularity)")
     p.add_argument("--draws", type=int, default=20, help="batches of 8 microbatches drawn per size and checkpoint")
+    p.add_argument("--runs-dir", help="the pre-training runs (default results/<preset>/pretrain/runs)")
+    p.add_argument("--out", help="output folder (default results/<preset>/noise)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     return p.parse_args(argv)
 
@@ -153,7 +155,7 @@ def main(args: argparse.Namespace) -> dict:
         raise ConfigError(f"data.noise_rates: preset {preset.name} has none, so there is no noise experiment to "
                           "analyse. Fix: use a preset that sets them, e.g. presets/variants/tiny_x10.yaml")
     rate = preset.data.noise_rates[0]
-    runs_dir = results_dir(preset.name, "pretrain") / "runs"
+    runs_dir = Path(args.runs_dir) if args.runs_dir else results_dir(preset.name, "pretrain") / "runs"
     runs = [r for r in noise_runs(runs_dir) if r.get("noise_rate", 0.0) in (0.0, rate)
             and r["method"] in ("baseline", "presence", "presence-shuffled", "noise-oracle")]
     if not runs:
@@ -166,7 +168,8 @@ def main(args: argparse.Namespace) -> dict:
         log = read_table(run["dir"] / "train_log.csv", ["step", "loss"], [])
         heldout = read_table(run["dir"] / "heldout.csv", ["step", "lang", "loss", "se"], [])
         final = heldout[(heldout["lang"] == "all") & (heldout["step"] == heldout["step"].max())].iloc[0]
-        weight, weight_direct, weight_inverse = stage_means(log, "noisy_weight_share", preset.pretrain.switch_step)
+        switch_step = run["preset"]["pretrain"]["switch_step"]  # the run's own I
+        weight, weight_direct, weight_inverse = stage_means(log, "noisy_weight_share", switch_step)
         final_auroc = float("nan")
         for step, folder in checkpoints_of(preset.name, run["run_name"]):
             model = load_pretrained(folder).to(device).eval()
@@ -181,11 +184,11 @@ def main(args: argparse.Namespace) -> dict:
                          "noise_rate": run.get("noise_rate", 0.0), "seed": run["seed"],
                          "clean_heldout_loss": final["loss"], "se": final["se"],
                          "noisy_weight_share": weight, "noisy_batch_share": stage_means(
-                             log, "noisy_batch_share", preset.pretrain.switch_step)[0],
+                             log, "noisy_batch_share", switch_step)[0],
                          "noisy_weight_share_direct": weight_direct, "noisy_weight_share_inverse": weight_inverse,
                          "si_auroc_final": final_auroc,
                          "si_auroc_mean": pd.to_numeric(log["si_noise_auroc"], errors="coerce").mean()})
-    out = results_dir(preset.name, "noise")
+    out = Path(args.out) if args.out else results_dir(preset.name, "noise")
     write_csv(out / "noise_runs.csv", run_rows, RUN_COLUMNS)
     write_csv(out / "noise_si_by_kind.csv", kind_table, KIND_COLUMNS)
     write_csv(out / "granularity.csv", granularity, GRANULARITY_COLUMNS)
