@@ -55,6 +55,20 @@ def test_noise_analysis_on_miniature_runs(tmp_path, artefacts):
     si = np.array(si)
     assert baseline.si_auroc_final == pytest.approx(brute_force_auroc(si[labels > 0], si[labels == 0]), abs=1e-9)
 
+    comparisons = pd.read_csv(out / "noise_comparisons.csv")
+    # the oracle is absent here; PRESENCE against the baseline, paired row by row, by hand
+    row = comparisons[comparisons["comparison"] == "presence − baseline"].iloc[0]
+    a, b = (pd.read_csv(tmp_path / f"{m}-noise" / "heldout_rows.csv") for m in ("presence", "baseline"))
+    weights = pd.read_csv(tmp_path / "baseline-noise" / "heldout.csv")
+    languages = sorted(set(a["lang"]))
+    per_language = {lang: (a[a["lang"] == lang]["loss"].to_numpy() - b[b["lang"] == lang]["loss"].to_numpy())
+                    for lang in languages}
+    final = weights[weights["step"] == weights["step"].max()].set_index("lang")["loss"]
+    # the overall row's weights, recovered from the baseline's own per-language and overall losses (2 languages)
+    p = (final["all"] - final[languages[1]]) / (final[languages[0]] - final[languages[1]])
+    expected = p * per_language[languages[0]].mean() + (1 - p) * per_language[languages[1]].mean()
+    assert row["delta"] == pytest.approx(expected, rel=1e-9) and row["noise_rate"] == 0.3
+    assert "presence − baseline" in (out / "noise_summary.md").read_text()
     kinds = pd.read_csv(out / "noise_si_by_kind.csv")
     assert set(kinds["kind"]) == {"all", "jumbled", "random", "python"}
     assert sorted(set(kinds["checkpoint_step"])) == [2, 3, 6]  # the snapshots at 25% and 50%, then the final model
