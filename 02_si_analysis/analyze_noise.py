@@ -182,13 +182,14 @@ def comparison_rows(runs: list[dict], rate: float, weights: dict[str, float]) ->
     return rows
 
 
-def summary_markdown(runs: pd.DataFrame, kinds: pd.DataFrame, comparisons: pd.DataFrame, preset_name: str) -> str:
+def summary_markdown(runs: pd.DataFrame, kinds: pd.DataFrame, comparisons: pd.DataFrame, preset_name: str,
+                     scoring_rows: int) -> str:
     """The experiment over seeds, in three tables."""
     lines = [f"# The known-noise experiment at preset `{preset_name}` (made by 02_si_analysis/analyze_noise.py)", "",
              "Mean ± sample std over seeds (n). Weight shares: the noisy rows' share of the update's weight, over "
              "the run, the τ = +1 stage (steps ≤ I) and the τ = −1 stage; the noisy rows are the same share of "
              "every recipe's batches. AUROC of per-sample SI for noisy vs clean rows: within each step during "
-             "training (mean), and on 600 fixed training rows with the final model.", ""]
+             f"training (mean), and on {scoring_rows} fixed training rows with the final model.", ""]
     runs = runs.assign(recipe=[m + (" (per-sample)" if p == "sample" else "") for m, p in zip(runs["method"], runs["per"])])
     columns = ["clean_heldout_loss", "noisy_batch_share", "noisy_weight_share", "noisy_weight_share_direct",
                "noisy_weight_share_inverse", "si_auroc_mean", "si_auroc_final"]
@@ -271,7 +272,7 @@ def main(args: argparse.Namespace) -> dict:
     write_csv(out / "noise_comparisons.csv", comparisons, COMPARISON_COLUMNS)
     with atomic_open(out / "noise_summary.md") as f:
         f.write(summary_markdown(pd.DataFrame(run_rows), pd.DataFrame(kind_table), pd.DataFrame(comparisons),
-                                 preset.name))
+                                 preset.name, args.scoring_rows))
     print(f"wrote {out}/noise_runs.csv ({len(run_rows)} runs), noise_si_by_kind.csv, granularity.csv, "
           "noise_comparisons.csv, noise_summary.md")
     return {"runs": len(run_rows), "out": str(out)}
