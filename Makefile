@@ -21,7 +21,7 @@ export TQDM_MININTERVAL ?= 5
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help env peers data pretrain si finetune figures bench gpu-bundle reproduce test clean
+.PHONY: help env peers data pretrain si noise finetune figures bench gpu-bundle reproduce test clean
 
 help:  ## list the targets
 	@echo "PRESENCE reproduction. Targets (PRESET=$(PRESET); tiny = 2 CPU cores, small = 1 GPU, paper = many GPUs):"
@@ -30,8 +30,9 @@ help:  ## list the targets
 	@echo "             scripts run directly need the environment: . $(VENV)/bin/activate (or $(VENV)/bin/python SCRIPT)"
 	@echo "  peers      Opacus, BackPACK for 03_pretrain/bench_si_peers.py (no deps)      < 1 min, network to PyPI"
 	@echo "  data       01_data: corpus, tokenizer, span-corrupted packed data, probes   tiny: ~40 s CPU | small: ~3 min CPU"
-	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~5 min CPU (3 runs) | small: 1 GPU, ~10 min/run (est.)"
+	@echo "  pretrain   03_pretrain: the preset's methods x seeds                        tiny: ~6 min CPU (4 runs) | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  si         02_si_analysis: Figure 1, SI of clean vs noisy probes             tiny: ~1 min CPU | small: 1 GPU, minutes (est.)"
+	@echo "  noise      02_si_analysis: the known-noise experiment of a preset with data.noise_rates  tiny_x10: ~5 min CPU"
 	@echo "  finetune   04_finetune: XTREME zero-shot (+ offline verse retrieval)        tiny: ~4 min CPU | small: 1 GPU, ~10 min/run (est.)"
 	@echo "  figures    05_figures: paper-vs-ours tables and figures from results/        < 1 min CPU"
 	@echo "  bench      data, SI-engine, training-step and optimizer benchmarks (ratios)  tiny: ~2 min CPU | small: 1 GPU: 03_pretrain/gpu_checks.sh"
@@ -66,6 +67,9 @@ pretrain: $(STAMP)
 
 si: $(STAMP)
 	@$(call run_stage,02_si_analysis/analyze_si.py)
+
+noise: $(STAMP)
+	@$(call run_stage,02_si_analysis/analyze_noise.py)
 
 finetune: $(STAMP)
 	@$(call run_stage,04_finetune/finetune_all.py)
