@@ -428,7 +428,6 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
     if skipped and len(measured):
         out += [f"Not run: {', '.join(skipped)} (the paper's cells are in the full Table 3).", ""]
     if len(offline3) and offline3["ours_mean"].notna().any():
-        out += ["Our offline measures (no paper counterpart, not comparable to the tasks above):", ""]
         out += offline_markdown(next(spec for spec in TABLES if spec.paper_table == "table3"), offline3, heading=False)
     out += reused_footnote(table3, offline3)
     out += [f"**Direction.** {direction_summary(table3, offline3, our_steps)}", ""]
@@ -442,12 +441,10 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
         out += ["More figures: " + "; ".join(linked) + f" (index: {index}).", ""]
     tables_dir = f"results/{preset_name}/tables"
     out += [f"Full tables with every method and both settings: [Table 2]({tables_dir}/table2_sequential.md), "
-            f"[Table 3]({tables_dir}/table3_main.md), [Table 5]({tables_dir}/table5_tau_ablation.md).", "",
-            "Made by:", "", "```bash",
-            f"make reproduce PRESET={preset_arg or preset_name}                  # every stage, in order",
-            f"python 05_figures/make_figures.py --preset {preset_arg or preset_name}  # these tables and figures, "
-            "from results/ only",
-            "```", ""]
+            f"[Table 3]({tables_dir}/table3_main.md), [Table 5]({tables_dir}/table5_tau_ablation.md). "
+            f"Made by `make reproduce PRESET={preset_arg or preset_name}` (every stage, in order); "
+            f"`python 05_figures/make_figures.py --preset {preset_arg or preset_name}` remakes these tables and "
+            "figures from results/ only.", ""]
     if run_names:
         out += [f"Pre-training runs behind these numbers (results/{preset_name}/pretrain/runs/): "
                 + ", ".join(f"`{r}`" for r in run_names) + ".", ""]
