@@ -259,12 +259,20 @@ def _si_bars(ax, frame: pd.DataFrame, languages: list[str], conditions: list[str
     ax.legend(loc="upper left", fontsize=9, title=f"ratio ×: {conditions[1]} / {conditions[0]}", title_fontsize=8)
 
 
-def _si_distributions(ax, frame: pd.DataFrame, languages: list[str], conditions: list[str], colors: dict) -> None:
-    ax.set_ylabel("self-influence ‖∇ℓ‖² (log scale)")
-    ax.set_xlabel("probe language")
+def _positive_si_or_mark(ax, frame: pd.DataFrame) -> pd.DataFrame | None:
+    """The rows a log scale can show; None (and the panel marked) when there are none."""
     positive = frame[frame["si"] > 0]
     if positive.empty:
         mark_not_measured(ax)
+        return None
+    return positive
+
+
+def _si_distributions(ax, frame: pd.DataFrame, languages: list[str], conditions: list[str], colors: dict) -> None:
+    ax.set_ylabel("self-influence ‖∇ℓ‖² (log scale)")
+    ax.set_xlabel("probe language")
+    positive = _positive_si_or_mark(ax, frame)
+    if positive is None:
         return
     width = 0.8 / len(conditions)
     for j, condition in enumerate(conditions):
@@ -291,9 +299,8 @@ def _si_distributions(ax, frame: pd.DataFrame, languages: list[str], conditions:
 def _si_histograms(ax, frame: pd.DataFrame, conditions: list[str], colors: dict) -> None:
     ax.set_xlabel("self-influence ‖∇ℓ‖² (log scale)")
     ax.set_ylabel("share of probe samples per bin")
-    positive = frame[frame["si"] > 0]
-    if positive.empty:
-        mark_not_measured(ax)
+    positive = _positive_si_or_mark(ax, frame)
+    if positive is None:
         return
     logs = np.log10(positive["si"].to_numpy())
     bins = np.linspace(logs.min(), logs.max(), 30)
