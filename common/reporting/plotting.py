@@ -813,8 +813,8 @@ def plot_noise_experiment(logs: pd.DataFrame, runs: pd.DataFrame, noise_runs: pd
                      label=f"noisy share of the batch (mean {batch.mean():.3f})")
     share_ax.set_ylabel("noisy rows' share of the weight")
     share_ax.set_xlabel("optimizer step")
-    share_ax.set_title(f"Weight on the noisy rows ({rate:.0%} of the training rows; curves: mean over seeds, smoothed "
-                       f"over {window} steps); below the dotted line: PRESENCE moves weight off them")
+    share_ax.set_title(f"Weight on the noisy rows ({rate:.0%} of the training rows; mean over seeds, smoothed over "
+                       f"{window} steps)\nbelow the dotted line: the weights move off the noisy rows", fontsize=11)
     share_ax.legend(fontsize=8, loc="upper right", ncol=2)
     auroc_ax.axhline(0.5, color="black", ls=":", lw=1, label="no separation (0.5)")
     auroc_ax.set_ylim(0, 1)
