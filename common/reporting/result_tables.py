@@ -436,16 +436,18 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
     linked = [f"[{caption}]({figure_dir}/{name})" for name, caption, embed in figures if not embed]
     if embedded:
         out += embedded + [""]
+    closing = []  # one paragraph: the other figures, the full tables, the commands, the runs
     if linked:
         index = f"[{figure_dir}/README.md]({figure_dir}/README.md)"
-        out += ["More figures: " + "; ".join(linked) + f" (index: {index}).", ""]
+        closing.append("More figures: " + "; ".join(linked) + f" (index: {index}).")
     tables_dir = f"results/{preset_name}/tables"
-    out += [f"Full tables with every method and both settings: [Table 2]({tables_dir}/table2_sequential.md), "
-            f"[Table 3]({tables_dir}/table3_main.md), [Table 5]({tables_dir}/table5_tau_ablation.md). "
-            f"Made by `make reproduce PRESET={preset_arg or preset_name}` (every stage, in order); "
-            f"`python 05_figures/make_figures.py --preset {preset_arg or preset_name}` remakes these tables and "
-            "figures from results/ only.", ""]
+    closing.append(f"Full tables with every method and both settings: [Table 2]({tables_dir}/table2_sequential.md), "
+                   f"[Table 3]({tables_dir}/table3_main.md), [Table 5]({tables_dir}/table5_tau_ablation.md). "
+                   f"Made by `make reproduce PRESET={preset_arg or preset_name}` (every stage, in order); "
+                   f"`python 05_figures/make_figures.py --preset {preset_arg or preset_name}` remakes these tables "
+                   "and figures from results/ only.")
     if run_names:
-        out += [f"Pre-training runs behind these numbers (results/{preset_name}/pretrain/runs/): "
-                + ", ".join(f"`{r}`" for r in run_names) + ".", ""]
+        closing.append(f"Pre-training runs behind these numbers (results/{preset_name}/pretrain/runs/): "
+                       + ", ".join(f"`{r}`" for r in run_names) + ".")
+    out += [" ".join(closing), ""]
     return "\n".join(out)
