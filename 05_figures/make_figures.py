@@ -156,6 +156,9 @@ def figure_list(inputs: dict, preset) -> list[FigureJob]:
     clean_logs = logs[logs["run_name"].isin(clean)] if len(logs) else logs
 
     def need(name: str):
+        if inputs[name] is None and name in ("noise_runs", "granularity") and not preset.data.noise_rates:
+            raise MissingInputError("the known-noise experiment runs at a preset with data.noise_rates "
+                                    "(presets/variants/tiny_x10.yaml)")
         if inputs[name] is None:
             raise MissingInputError(f"{name} results are missing (see the notes)")
         return inputs[name]
