@@ -42,7 +42,7 @@ from common.paths import artefacts_dir, results_dir
 from common.presence.influence import self_influence
 from common.presence.reweighting import presence_weights
 from common.reporting.markdown import markdown_table
-from common.reporting.run_results import paired_heldout_delta, read_table
+from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table
 from common.reporting.stats import auroc
 
 COMPARISON_COLUMNS = ["comparison", "noise_rate", "seed", "delta", "eval_se"]
@@ -69,11 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def noise_runs(runs_dir: Path) -> list[dict]:
     """Finished runs (metrics.json written) with their config."""
-    found = []
-    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
-        if (folder / "metrics.json").is_file() and (folder / "config.json").is_file():
-            found.append({"dir": folder, **read_json(folder / "config.json")})
-    return found
+    return [{"dir": folder, **read_json(folder / "config.json")} for folder in finished_runs(runs_dir)
+            if (folder / "config.json").is_file()]
 
 
 def stage_means(log: pd.DataFrame, column: str, switch_step: int) -> tuple[float, float, float]:

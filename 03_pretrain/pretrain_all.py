@@ -28,7 +28,7 @@ from common.config import load_preset
 from common.evaluation.heldout import HELDOUT_COLUMNS
 from common.io import read_json, write_csv
 from common.paths import artefacts_dir, results_dir
-from common.reporting.run_results import collect_heldout
+from common.reporting.run_results import collect_heldout, finished_runs
 
 HERE = Path(__file__).resolve().parent
 OPTION_FLAGS = {"tau": "--tau", "switch_step": "--switch-step", "per": "--per", "si_layers": "--si-layers",
@@ -99,9 +99,7 @@ def ensure_runs(preset_name: str, runs: list[list[str]], jobs: int) -> None:
 
 def summarise(preset_name: str) -> Path:
     rows = []
-    for run_dir in sorted((results_dir(preset_name, "pretrain") / "runs").glob("*")):
-        if not (run_dir / "metrics.json").is_file():
-            continue
+    for run_dir in finished_runs(results_dir(preset_name, "pretrain") / "runs"):
         config, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
         pretrain_cfg = config["preset"]["pretrain"]
         rows.append({"run": run_dir.name, "method": config["method"], "seed": config["seed"], "tau": config["tau"],

@@ -149,11 +149,18 @@ def final_heldout_se(path: Path) -> float | None:
     return None if overall.empty else float(overall.loc[overall["step"].idxmax(), "se"])
 
 
+def finished_runs(runs_dir: Path) -> list[Path]:
+    """The run folders under results/<preset>/pretrain/runs/ whose run finished (pretrain.py writes
+    metrics.json last), sorted by name; none when the folder is absent."""
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    return [folder for folder in folders if (folder / "metrics.json").is_file()]
+
+
 def collect_heldout(runs_dir: Path) -> list[dict]:
     """Every finished run's heldout.csv rows, for the preset's results/<preset>/pretrain/heldout.csv."""
     rows = []
-    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
-        if (folder / "metrics.json").is_file() and (folder / "heldout.csv").is_file():
+    for folder in finished_runs(runs_dir):
+        if (folder / "heldout.csv").is_file():
             rows += pd.read_csv(folder / "heldout.csv")[HELDOUT_COLUMNS].to_dict("records")
     return rows
 
