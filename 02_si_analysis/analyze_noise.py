@@ -42,7 +42,7 @@ from common.paths import artefacts_dir, results_dir
 from common.presence.influence import self_influence
 from common.presence.reweighting import presence_weights
 from common.reporting.markdown import markdown_table
-from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table
+from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table, recipe_name
 from common.reporting.stats import auroc
 
 COMPARISON_COLUMNS = ["comparison", "noise_rate", "seed", "delta", "eval_se"]
@@ -153,15 +153,10 @@ def granularity_rows(model, run: dict, step: int, train: SpanCorruptionBatches, 
     return rows_out
 
 
-def recipe(method: str, per: str) -> str:
-    """A run's recipe without its seed: the method, per-sample when so."""
-    return method + (" (per-sample)" if per == "sample" else "")
-
-
 def comparison_rows(runs: list[dict], rate: float, weights: dict[str, float]) -> list[dict]:
     """Per seed: recipe a minus recipe b, clean held-out loss, both at one noise rate (or a's rate against
     clean data), paired row by row (run_results.paired_heldout_delta)."""
-    by_key = {(recipe(r["method"], r["per"]), r.get("noise_rate", 0.0), r["seed"]): r["dir"] for r in runs}
+    by_key = {(recipe_name(r["method"], r["per"]), r.get("noise_rate", 0.0), r["seed"]): r["dir"] for r in runs}
     wanted = []
     for noise in (0.0, rate):
         for per in ("", " (per-sample)"):
@@ -187,7 +182,7 @@ def summary_markdown(runs: pd.DataFrame, kinds: pd.DataFrame, comparisons: pd.Da
              "the run, the τ = +1 stage (steps ≤ I) and the τ = −1 stage; the noisy rows are the same share of "
              "every recipe's batches. AUROC of per-sample SI for noisy vs clean rows: within each step during "
              f"training (mean), and on {scoring_rows} fixed training rows with the final model.", ""]
-    runs = runs.assign(recipe=[recipe(m, p) for m, p in zip(runs["method"], runs["per"])])
+    runs = runs.assign(recipe=[recipe_name(m, p) for m, p in zip(runs["method"], runs["per"])])
     columns = ["clean_heldout_loss", "noisy_batch_share", "noisy_weight_share", "noisy_weight_share_direct",
                "noisy_weight_share_inverse", "si_auroc_mean", "si_auroc_final"]
     rows = []
@@ -204,7 +199,7 @@ def summary_markdown(runs: pd.DataFrame, kinds: pd.DataFrame, comparisons: pd.Da
                   markdown_table(["difference", "noise rate", "n seeds", "Δ mean", "seed std", "eval SE"], rows), ""]
     final = kinds[kinds["checkpoint_step"] == kinds.groupby("run")["checkpoint_step"].transform("max")]
     if not final.empty:
-        final = final.assign(recipe=[recipe(m, p) for m, p in zip(final["method"], final["per"])])
+        final = final.assign(recipe=[recipe_name(m, p) for m, p in zip(final["method"], final["per"])])
         rows = [[f"{rate:g}", name] + [_mean_std(group[group["kind"] == k]["auroc"]) for k in
                                       ("all", "jumbled", "random", "python")]
                 for (rate, name), group in final.groupby(["noise_rate", "recipe"], sort=True)]

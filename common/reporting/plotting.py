@@ -20,7 +20,7 @@ from matplotlib.ticker import ScalarFormatter
 
 from common.evaluation.score_rows import chance_level
 from common.io import atomic_path
-from common.reporting.run_results import HEADLINE_METRIC
+from common.reporting.run_results import HEADLINE_METRIC, recipe_name
 from common.reporting.stats import auroc
 
 DPI = 130
@@ -773,10 +773,6 @@ NOISE_VARIANTS = ("baseline", "presence", "presence (per-sample)", "presence-shu
                   "presence-shuffled (per-sample)", "noise-oracle")
 
 
-def noise_variant(method: str, per: str) -> str:
-    return f"{method} (per-sample)" if per == "sample" else method
-
-
 def plot_noise_experiment(logs: pd.DataFrame, runs: pd.DataFrame, noise_runs: pd.DataFrame, out_png: str | Path,
                           switch_step: int, taus: tuple[float, float] = (1.0, -1.0)) -> Figure:
     """The known-noise experiment: (a) the noisy rows' share of the update's weight over training, per
@@ -785,7 +781,7 @@ def plot_noise_experiment(logs: pd.DataFrame, runs: pd.DataFrame, noise_runs: pd
     noisy_runs = runs[runs["noise_rate"].fillna(0) > 0]
     if noisy_runs.empty or noise_runs is None or noise_runs.empty:
         raise MissingInputError("no runs on noisy data (pretrain.py --noise-rate) or no noise_runs.csv")
-    tags = noisy_runs.assign(label=[noise_variant(m, p) for m, p in zip(noisy_runs["method"], noisy_runs["per"])])
+    tags = noisy_runs.assign(label=[recipe_name(m, p) for m, p in zip(noisy_runs["method"], noisy_runs["per"])])
     logs = logs.merge(tags[["run_name", "label"]], on="run_name")
     rate = float(noisy_runs["noise_rate"].iloc[0])
     fig = Figure(figsize=(13, 12), layout="constrained")
@@ -830,7 +826,7 @@ def plot_noise_experiment(logs: pd.DataFrame, runs: pd.DataFrame, noise_runs: pd
 
 
 def _noise_loss_panel(ax, noise_runs: pd.DataFrame, palette: dict) -> None:
-    frame = noise_runs.assign(label=[noise_variant(m, p) for m, p in zip(noise_runs["method"], noise_runs["per"])])
+    frame = noise_runs.assign(label=[recipe_name(m, p) for m, p in zip(noise_runs["method"], noise_runs["per"])])
     labels = [v for v in NOISE_VARIANTS if v in set(frame["label"])]
     rates = sorted(frame["noise_rate"].unique())
     width = 0.8 / len(rates)

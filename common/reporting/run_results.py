@@ -149,6 +149,11 @@ def final_heldout_se(path: Path) -> float | None:
     return None if overall.empty else float(overall.loc[overall["step"].idxmax(), "se"])
 
 
+def recipe_name(method: str, per: str) -> str:
+    """A run's recipe without its seed, as tables and figures label it: the method, per-sample when so."""
+    return f"{method} (per-sample)" if per == "sample" else method
+
+
 def finished_runs(runs_dir: Path) -> list[Path]:
     """The run folders under results/<preset>/pretrain/runs/ whose run finished (pretrain.py writes
     metrics.json last), sorted by name; none when the folder is absent."""
