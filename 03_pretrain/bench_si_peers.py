@@ -11,6 +11,9 @@ target-token loss, P a set of parameters):
                       Linear layers), i.e. the first of ghost clipping's two backward passes
   backpack-batchgrad  BackPACK's BatchGrad: per-sample gradients, then their norms
   backpack-batchl2    BackPACK's BatchL2Grad: per-sample squared norms
+and, as the yardstick, no per-sample method at all:
+  plain-gradient      loss.backward() of the summed losses with only P requiring grad: the ordinary
+                      gradient over P, what a training step's backward costs (`ratio_to_plain`)
 P (column `params`) is the layer set K (--layers, default first) or the part of K a library handles on T5:
   K-no-bias-tables    Opacus reads the relative-attention bias's (query, key) bucket input as a batch, so
                       its per-sample gradients of the bias tables have the query length as batch size
@@ -62,7 +65,7 @@ from common.presence.per_sample_grads import sq_norm_per_group
 from common.seeding import seed_everything
 
 WRONG = 1e-4  # a score this far from the loop's, relative, is wrong (float32 gradients agree to ~1e-6)
-COLUMNS = ["method", "params", "n_params", "time_ms", "ratio_to_ours", "peak_mem_mb", "max_rel_err", "on_whole_k",
+COLUMNS = ["method", "params", "n_params", "time_ms", "ratio_to_ours", "ratio_to_plain", "peak_mem_mb", "max_rel_err", "on_whole_k",
            "note", "library", "cpu_time_ms", "device", "preset", "layers", "batch_size", "input_length",
            "target_length", "d_model", "num_layers", "num_decoder_layers", "vocab_size", "precision", "repeats",
            "threads", "seed"]
@@ -84,6 +87,14 @@ class Unsupported(Exception):
 def setup_ours(model, params, inputs, labels):
     batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
     return lambda: self_influence(model, batch, layers=list(params))
+
+
+def setup_plain(model, params, inputs, labels):
+    def ordinary_gradient():
+        sample_losses(model, inputs, labels).sum().backward()
+        for p in params.values():
+            p.grad = None
+    return ordinary_gradient
 
 
 def setup_torch_func(model, params, inputs, labels):
@@ -168,12 +179,16 @@ class Method:
         return f"{self.name}@{self.params}"
 
 
+PLAIN = "plain-gradient"
 METHODS = [
+    Method(PLAIN, "K", "", "", setup_plain),
     Method("ours", "K", "", "", setup_ours),
     Method("torch.func", "K", "", "", setup_torch_func),
+    Method(PLAIN, "K-no-bias-tables", "", "", setup_plain),
     Method("ours", "K-no-bias-tables", "", "", setup_ours),
     Method("opacus-gsm", "K-no-bias-tables", "opacus", "opacus", setup_opacus(ghost=False)),
     Method("opacus-ghost", "K-no-bias-tables", "opacus", "opacus", setup_opacus(ghost=True)),
+    Method(PLAIN, "K-linear", "", "", setup_plain),
     Method("ours", "K-linear", "", "", setup_ours),
     Method("backpack-batchgrad", "K-linear", "backpack-for-pytorch", "backpack", setup_backpack("BatchGrad")),
     Method("backpack-batchl2", "K-linear", "backpack-for-pytorch", "backpack", setup_backpack("BatchL2Grad")),
@@ -236,7 +251,7 @@ def installed(method: Method) -> bool:
 
 
 def library_version(method: Method) -> str:
-    name = method.library or ("torch" if method.name == "torch.func" else "")
+    name = method.library or ("torch" if method.name in ("torch.func", PLAIN) else "")
     if not name:
         return "this repository"
     return f"{name} {importlib.metadata.version(name)}" if installed(method) else name
@@ -293,6 +308,9 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
             notes[method.key] = f"skipped: {method.library} is not installed (make peers)"
             print(f"{method.key}: {notes[method.key]}")
             continue
+        if method.name == PLAIN:  # no per-sample result to check
+            fns[method.key] = prepare(method, model, layers, inputs, labels)
+            continue
         expected = sum(reference[name] for name in chosen_params(model, layers, method.params))
         try:
             fns[method.key] = prepare(method, model, layers, inputs, labels)
@@ -324,13 +342,14 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
 
     rows = []
     for method in chosen:
-        key, ours = method.key, f"ours@{method.params}"
+        key, ours, plain = method.key, f"ours@{method.params}", f"{PLAIN}@{method.params}"
         measured = key in time_ms
         rows.append({
             "method": method.name, "params": method.params,
             "n_params": sum(p.numel() for p in chosen_params(model, layers, method.params).values()),
             "time_ms": round(time_ms[key], 2) if measured else "",
             "ratio_to_ours": round(time_ms[key] / time_ms[ours], 3) if measured and ours in time_ms else "",
+            "ratio_to_plain": round(time_ms[key] / time_ms[plain], 3) if measured and plain in time_ms else "",
             "peak_mem_mb": round(peak[key], 1) if key in peak else "",
             "max_rel_err": f"{errors[key]:.2g}" if errors.get(key) is not None else "",
             "on_whole_k": on_whole_k.get(key, ""), "note": notes.get(key, ""),
@@ -340,10 +359,11 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
             "target_length": target_length, "d_model": preset.model.d_model, "num_layers": preset.model.num_layers,
             "num_decoder_layers": preset.model.num_decoder_layers, "vocab_size": vocab_size, "precision": "fp32",
             "repeats": repeats, "threads": torch.get_num_threads(), "seed": seed})
-    print(f"{'method':<20}{'params':<18}{'ms':>10}{'÷ ours':>8}{'peak MB':>9}{'rel err':>9}  on the whole of K")
+    print(f"{'method':<20}{'params':<18}{'ms':>10}{'÷ ours':>8}{'÷ plain':>8}{'peak MB':>9}{'rel err':>9}  "
+          "on the whole of K")
     for r in rows:
-        print(f"{r['method']:<20}{r['params']:<18}{r['time_ms']:>10}{r['ratio_to_ours']:>8}{r['peak_mem_mb']:>9}"
-              f"{r['max_rel_err']:>9}  {r['on_whole_k'] or r['note']}")
+        print(f"{r['method']:<20}{r['params']:<18}{r['time_ms']:>10}{r['ratio_to_ours']:>8}{r['ratio_to_plain']:>8}"
+              f"{r['peak_mem_mb']:>9}{r['max_rel_err']:>9}  {r['on_whole_k'] or r['note']}")
     path = write_benchmark_csv(rows, COLUMNS, out, preset_name, "si_peers.csv")
     return {"rows": rows, "path": str(path)}
 

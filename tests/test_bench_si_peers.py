@@ -35,6 +35,10 @@ def test_every_method_is_checked_and_each_library_says_what_it_gets_wrong_on_t5(
             assert row["note"] == f"skipped: {method.library} is not installed (make peers)"
             assert row["time_ms"] == "" and row["library"] == method.library
             continue
+        assert float(row["time_ms"]) > 0 and float(row["ratio_to_plain"]) > 0
+        if method.name == bench.PLAIN:  # the yardstick: an ordinary gradient, nothing per sample to check
+            assert row["max_rel_err"] == row["on_whole_k"] == "" and float(row["ratio_to_plain"]) == 1.0
+            continue
         assert float(row["max_rel_err"]) < (1e-5 if method.name == "ours" else bench.WRONG), method.key
         assert float(row["time_ms"]) > 0 and row["note"] == ""
         assert row["n_params"] == rows[f"ours@{method.params}"]["n_params"]
@@ -42,11 +46,12 @@ def test_every_method_is_checked_and_each_library_says_what_it_gets_wrong_on_t5(
             assert float(row["ratio_to_ours"]) == 1.0 and row["on_whole_k"] == "ok"
     assert rows["torch.func@K"]["on_whole_k"] == "ok"
     # The bias tables' bucket input is (query, key): 32 queries read as the batch
-    if bench.installed(bench.METHODS[3]):
+    methods = {method.key: method for method in bench.METHODS}
+    if bench.installed(methods["opacus-gsm@K-no-bias-tables"]):
         assert ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight: per-sample result of shape "
                 f"(32, 32, 2) for a batch of {BATCH}") in rows["opacus-gsm@K-no-bias-tables"]["on_whole_k"]
         assert "per-sample result of shape (32,)" in rows["opacus-ghost@K-no-bias-tables"]["on_whole_k"]
-    if bench.installed(bench.METHODS[6]):
+    if bench.installed(methods["backpack-batchgrad@K-linear"]):
         for key in ("backpack-batchgrad@K-linear", "backpack-batchl2@K-linear"):
             assert "no per-sample result for encoder.block.0.layer.0.layer_norm.weight" in rows[key]["on_whole_k"]
     n_params = {key: int(row["n_params"]) for key, row in rows.items()}
