@@ -19,12 +19,15 @@ P (column `params`) is the layer set K (--layers, default first) or the part of 
                       its per-sample gradients of the bias tables have the query length as batch size
   K-linear            BackPACK has no rule for T5LayerNorm, and misreads the bucket input as Opacus does
 Each library is also run once on the whole of K; `on_whole_k` says what goes wrong there. Ours runs on
-every P, and `ratio_to_ours` is a method's time over ours on the same P (above 1: ours is faster). A
+every P, and `ratio_to_ours` is a method's time over ours on the same P (above 1: ours is faster), taken
+round by round (both ran within seconds, under the same load of the machine): the median over rounds,
+with the quartiles in `ratio_to_ours_q1` and `ratio_to_ours_q3`; `ratio_to_plain` likewise against the
+plain gradient. A
 library gets its own copy of the model frozen outside P (how these libraries are restricted); ours gets
 a fully trainable copy, as in training, and freezes outside P itself. Every method's scores are checked
 against a per-sample loop (one autograd pass per sample, float32 gradients, squares summed in float64):
 `max_rel_err`. Norms of per-sample gradients are formed with ours' exact float64 helper for every method.
-Timing: round-robin, median (common.benchmark). Peak memory: above the model, the batch and a library's
+Timing: round-robin, `time_ms` the median over rounds (common.benchmark). Peak memory: above the model, the batch and a library's
 wrapper, in a fresh process per method (CPU: peak resident size; CUDA: the allocator's peak). fp32.
 
 The libraries are an optional extra: `make peers` installs the pinned `peers` list of pyproject.toml
@@ -47,6 +50,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -54,8 +58,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common.benchmark import (benchmark_parser, can_measure_cpu_memory, fresh_process_json, peak_memory_mb,
-                              time_round_robin, write_benchmark_csv)
+from common.benchmark import (benchmark_parser, can_measure_cpu_memory, fresh_process_json, paired_ratio_quartiles,
+                              peak_memory_mb, round_robin_seconds, write_benchmark_csv)
 from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -65,7 +69,8 @@ from common.presence.per_sample_grads import sq_norm_per_group
 from common.seeding import seed_everything
 
 WRONG = 1e-4  # a score this far from the loop's, relative, is wrong (float32 gradients agree to ~1e-6)
-COLUMNS = ["method", "params", "n_params", "time_ms", "ratio_to_ours", "ratio_to_plain", "peak_mem_mb", "max_rel_err", "on_whole_k",
+COLUMNS = ["method", "params", "n_params", "time_ms", "ratio_to_ours", "ratio_to_ours_q1", "ratio_to_ours_q3",
+           "ratio_to_plain", "peak_mem_mb", "max_rel_err", "on_whole_k",
            "note", "library", "cpu_time_ms", "device", "preset", "layers", "batch_size", "input_length",
            "target_length", "d_model", "num_layers", "num_decoder_layers", "vocab_size", "precision", "repeats",
            "threads", "seed"]
@@ -231,6 +236,16 @@ def loop_sq_norms(model: nn.Module, params: dict[str, nn.Parameter], inputs: dic
     return dict(zip(params, torch.stack(rows).t()))
 
 
+def ratio_columns(to_ours: tuple | None, to_plain: tuple | None) -> dict:
+    """The per-round ratios' median and quartiles against ours, and median against the plain gradient."""
+    columns = dict.fromkeys(["ratio_to_ours", "ratio_to_ours_q1", "ratio_to_ours_q3", "ratio_to_plain"], "")
+    if to_ours:
+        columns["ratio_to_ours_q1"], columns["ratio_to_ours"], columns["ratio_to_ours_q3"] = (round(r, 3) for r in to_ours)
+    if to_plain:
+        columns["ratio_to_plain"] = round(to_plain[1], 3)
+    return columns
+
+
 def max_rel_err(scores: torch.Tensor, reference: torch.Tensor) -> float:
     return ((scores - reference).abs() / reference).max().item()
 
@@ -330,7 +345,9 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    time_ms, cpu_ms = time_round_robin(fns, repeats, device)
+    wall_s, cpu_s = round_robin_seconds(fns, repeats, device)
+    time_ms, cpu_ms = ({key: statistics.median(t) * 1e3 for key, t in samples.items()} for samples in (wall_s, cpu_s))
+    ratio = lambda key, other: paired_ratio_quartiles(wall_s[key], wall_s[other])  # noqa: E731
     peak = {}
     if measure_memory and (device == "cuda" or can_measure_cpu_memory()):
         argv = ["--preset", preset_name, "--device", device, "--batch-size", str(batch_size), "--layers", layers,
@@ -348,8 +365,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
             "method": method.name, "params": method.params,
             "n_params": sum(p.numel() for p in chosen_params(model, layers, method.params).values()),
             "time_ms": round(time_ms[key], 2) if measured else "",
-            "ratio_to_ours": round(time_ms[key] / time_ms[ours], 3) if measured and ours in time_ms else "",
-            "ratio_to_plain": round(time_ms[key] / time_ms[plain], 3) if measured and plain in time_ms else "",
+            **ratio_columns(ratio(key, ours) if measured and ours in time_ms else None,
+                            ratio(key, plain) if measured and plain in time_ms else None),
             "peak_mem_mb": round(peak[key], 1) if key in peak else "",
             "max_rel_err": f"{errors[key]:.2g}" if errors.get(key) is not None else "",
             "on_whole_k": on_whole_k.get(key, ""), "note": notes.get(key, ""),

@@ -37,11 +37,11 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | str,
-                     slow: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall-clock and process-CPU milliseconds per call of each function. `slow` caps the
-    repetitions of expensive variants (name -> repetitions). The CPU time (all threads of this process)
-    is what to compare when other jobs share the cores."""
+def round_robin_seconds(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | str,
+                        slow: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process-CPU seconds of every call, per function and round: each round calls every
+    function once, in order. `slow` caps the rounds of expensive variants (name -> rounds). The CPU time
+    (all threads of this process) is what to compare when other jobs share the cores."""
     slow = slow or {}
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
@@ -55,8 +55,26 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, device:
             sync(device)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | str,
+                     slow: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall-clock and process-CPU milliseconds per call of each function (round_robin_seconds)."""
     median_ms = lambda samples: {name: statistics.median(t) * 1e3 for name, t in samples.items()}  # noqa: E731
-    return median_ms(wall), median_ms(cpu)
+    return tuple(median_ms(samples) for samples in round_robin_seconds(fns, repeats, device, slow))
+
+
+def paired_ratio_quartiles(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile over rounds of numerator[i] / denominator[i]: the times of
+    two variants in the same round share that round's load, which their ratio cancels."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("paired ratios need the same, non-zero number of rounds on both sides")
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, size: int = 8192,

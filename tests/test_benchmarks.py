@@ -50,6 +50,16 @@ def test_round_robin_interleaves_caps_slow_variants_and_takes_medians(monkeypatc
     assert wall_ms == {"a": 2500.0, "b": 5000.0, "slow": 7500.0}  # medians of (3, 1, 2, 9), (5, 4, 6, 5), (7, 8)
 
 
+def test_paired_ratios_are_taken_round_by_round():
+    # Rounds where b took 2, 4, 8, 16 s and a 1, 4, 4, 32 s: per-round ratios 0.5, 1, 0.5, 2, sorted
+    # 0.5, 0.5, 1, 2; inclusive quartiles at positions 0.75, 1.5 and 2.25 of that list.
+    q1, median, q3 = benchmark.paired_ratio_quartiles([1.0, 4.0, 4.0, 32.0], [2.0, 4.0, 8.0, 16.0])
+    assert (q1, median, q3) == (0.5, 0.75, 1.25)
+    assert benchmark.paired_ratio_quartiles([3.0], [2.0]) == (1.5, 1.5, 1.5)
+    with pytest.raises(ValueError, match="same, non-zero number of rounds"):
+        benchmark.paired_ratio_quartiles([1.0, 2.0], [1.0])
+
+
 def test_matmul_rate_is_two_n_cubed_over_the_fastest_product(monkeypatch):
     """A fake clock: the products take 4, 2 and 3 s; 2 x 16^3 FLOPs over the fastest (2 s)."""
     times = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0])
