@@ -50,7 +50,6 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
-import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -58,8 +57,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common.benchmark import (benchmark_parser, can_measure_cpu_memory, fresh_process_json, paired_ratio_quartiles,
-                              peak_memory_mb, round_robin_seconds, write_benchmark_csv)
+from common.benchmark import (benchmark_parser, can_measure_cpu_memory, fresh_process_json, median_ms,
+                              paired_ratio_quartiles, peak_memory_mb, round_robin_seconds, write_benchmark_csv)
 from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -346,7 +345,7 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
         for fn in fns.values():
             fn()
     wall_s, cpu_s = round_robin_seconds(fns, repeats, device)
-    time_ms, cpu_ms = ({key: statistics.median(t) * 1e3 for key, t in samples.items()} for samples in (wall_s, cpu_s))
+    time_ms, cpu_ms = median_ms(wall_s), median_ms(cpu_s)
     ratio = lambda key, other: paired_ratio_quartiles(wall_s[key], wall_s[other])  # noqa: E731
     peak = {}
     if measure_memory and (device == "cuda" or can_measure_cpu_memory()):

@@ -58,11 +58,16 @@ def round_robin_seconds(fns: dict[str, Callable[[], object]], repeats: int, devi
     return wall, cpu
 
 
+def median_ms(seconds: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each function's calls (round_robin_seconds), in milliseconds."""
+    return {name: statistics.median(t) * 1e3 for name, t in seconds.items()}
+
+
 def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | str,
                      slow: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall-clock and process-CPU milliseconds per call of each function (round_robin_seconds)."""
-    median_ms = lambda samples: {name: statistics.median(t) * 1e3 for name, t in samples.items()}  # noqa: E731
-    return tuple(median_ms(samples) for samples in round_robin_seconds(fns, repeats, device, slow))
+    wall, cpu = round_robin_seconds(fns, repeats, device, slow)
+    return median_ms(wall), median_ms(cpu)
 
 
 def paired_ratio_quartiles(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:

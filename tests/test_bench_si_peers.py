@@ -41,7 +41,7 @@ def test_every_method_is_checked_and_each_library_says_what_it_gets_wrong_on_t5(
             assert row["max_rel_err"] == row["on_whole_k"] == "" and float(row["ratio_to_plain"]) == 1.0
             continue
         assert float(row["max_rel_err"]) < (1e-5 if method.name == "ours" else bench.WRONG), method.key
-        assert float(row["time_ms"]) > 0 and row["note"] == ""
+        assert row["note"] == ""
         assert row["n_params"] == rows[f"ours@{method.params}"]["n_params"]
         if method.name == "ours":
             assert float(row["ratio_to_ours_q1"]) == float(row["ratio_to_ours_q3"]) == 1.0  # ours over ours, each round
