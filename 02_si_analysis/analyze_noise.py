@@ -39,7 +39,8 @@ from common.data.packed_data import SpanCorruptionBatches, load_data_manifest
 from common.io import atomic_open, read_json, write_csv
 from common.modeling import load_pretrained
 from common.paths import artefacts_dir, results_dir
-from common.presence.influence import self_influence
+from common.presence.influence import batch_self_influence
+from common.presence.methods import BASELINE, CONTROL, ORACLE, PRESENCE
 from common.presence.reweighting import presence_weights
 from common.reporting.markdown import markdown_table
 from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table, recipe_name
@@ -95,7 +96,7 @@ def per_sample_si(model, train: SpanCorruptionBatches, rows: np.ndarray, batch_s
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in train.fixed_rows(rows[start:start + batch_size]).items()}
-        scores.append(self_influence(model, batch, layers="first", per="sample").double().cpu())
+        scores.append(batch_self_influence(model, batch, layers="first", per="sample").double().cpu())
     return torch.cat(scores).numpy()
 
 
@@ -133,11 +134,11 @@ def granularity_rows(model, run: dict, step: int, train: SpanCorruptionBatches, 
         for _ in range(draws):
             ids = rng.choice(train.num_rows, size=8 * m, replace=False)
             batch = {k: v.to(device) for k, v in train.fixed_rows(ids).items()}
-            si = self_influence(model, batch, layers="first", per="microbatch", microbatch_size=m).double().cpu()
+            si = batch_self_influence(model, batch, layers="first", per="microbatch", microbatch_size=m).double().cpu()
             share = (labels[ids] > 0).reshape(8, m).mean(1)
             shares.append(share.mean())
-            minus.append(float(presence_weights(si, -1.0).numpy() @ share))
-            plus.append(float(presence_weights(si, 1.0).numpy() @ share))
+            minus.append(float(presence_weights(si, -1.0)[0].numpy() @ share))
+            plus.append(float(presence_weights(si, 1.0)[0].numpy() @ share))
             if np.ptp(share) > 0:
                 rhos.append(sps.spearmanr(si.numpy(), share).statistic)
             zs.append(((si - si.mean()) / si.std(unbiased=False).clamp_min(1e-300)).numpy())
@@ -157,12 +158,13 @@ def comparison_rows(runs: list[dict], rate: float, weights: dict[str, float]) ->
     """Per seed: recipe a minus recipe b, clean held-out loss, both at one noise rate (or a's rate against
     clean data), paired row by row (run_results.paired_heldout_delta)."""
     by_key = {(recipe_name(r["method"], r["per"]), r.get("noise_rate", 0.0), r["seed"]): r["dir"] for r in runs}
-    wanted = []
+    baseline, wanted = BASELINE.name, []
     for noise in (0.0, rate):
-        for per in ("", " (per-sample)"):
-            wanted += [(f"presence{per}", noise, "baseline", noise), (f"presence{per}", noise, f"presence-shuffled{per}", noise),
-                       (f"presence-shuffled{per}", noise, "baseline", noise)]
-    wanted += [("noise-oracle", rate, "baseline", rate), ("baseline", rate, "baseline", 0.0)]
+        for per in ("microbatch", "sample"):
+            presence, control = recipe_name(PRESENCE.name, per), recipe_name(CONTROL.name, per)
+            wanted += [(presence, noise, baseline, noise), (presence, noise, control, noise),
+                       (control, noise, baseline, noise)]
+    wanted += [(ORACLE.name, rate, baseline, rate), (baseline, rate, baseline, 0.0)]
     rows = []
     for a, rate_a, b, rate_b in wanted:
         for seed in sorted({key[2] for key in by_key}):
@@ -223,7 +225,7 @@ def main(args: argparse.Namespace) -> dict:
     rate = preset.data.noise_rates[0]
     runs_dir = Path(args.runs_dir) if args.runs_dir else results_dir(preset.name, "pretrain") / "runs"
     runs = [r for r in noise_runs(runs_dir) if r.get("noise_rate", 0.0) in (0.0, rate)
-            and r["method"] in ("baseline", "presence", "presence-shuffled", "noise-oracle")]
+            and r["method"] in (BASELINE.name, PRESENCE.name, CONTROL.name, ORACLE.name)]
     if not runs:
         raise FileNotFoundError(f"no finished runs in {runs_dir}. Fix: run the noise grid (see 02_si_analysis/README.md)")
     train = SpanCorruptionBatches(artefacts_dir(preset.name, "data"), "train", 1, seed=0, noise_rate=rate)
@@ -243,7 +245,7 @@ def main(args: argparse.Namespace) -> dict:
                              train.noise_labels[scored], kinds)
             kind_table += rows
             final_auroc = rows[0]["auroc"]
-            if run["method"] == "baseline" and run.get("noise_rate", 0.0) == rate:
+            if run["method"] == BASELINE.name and run.get("noise_rate", 0.0) == rate:
                 granularity += granularity_rows(model, run, step, train, args.sizes, args.draws, device)
         run_rows.append({"run": run["run_name"], "method": run["method"], "per": run["per"],
                          "noise_kind": "mixed" if run.get("noise_rate") else "none",

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
 from common.config import check_seed, load_preset
-from common.presence.influence import forward_logits, group_losses, self_influence, token_losses
+from common.presence.influence import batch_self_influence, forward_logits, group_losses, token_losses
 from common.io import iter_jsonl_gz, read_json, remove_interrupted_writes, write_csv, write_json
 from common.modeling import load_pretrained, require_model
 from common.paths import artefacts_dir, finished_pretrain_runs, results_dir
@@ -84,7 +84,7 @@ def score(model, tokenizer, probes: pd.DataFrame, layer_set: str, cfg, seed: int
                                       noise_density=cfg.data.noise_density,
                                       mean_noise_span_length=cfg.data.mean_noise_span_length)
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        sis.append(self_influence(model, batch, layers=layer_set, per="sample").double().cpu())
+        sis.append(batch_self_influence(model, batch, layers=layer_set, per="sample").double().cpu())
         with torch.no_grad():
             losses.append(group_losses(token_losses(forward_logits(model, batch), batch["labels"]),
                                        batch["labels"]).double().cpu())

@@ -32,6 +32,7 @@ from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.modeling import build_model as build_fresh_model
 from common.modeling import random_microbatches
+from common.presence.methods import BASELINE
 from common.presence.presence_step import baseline_step, presence_step, release_buffers
 from common.seeding import seed_everything
 from common.data.span_corruption import compute_input_and_target_lengths
@@ -49,7 +50,7 @@ def build_model(cfg, vocab_size: int, device: str) -> nn.Module:
 def methods(model, eager_model, microbatches, autocast_dtype):
     samples = [{k: v[j:j + 1] for k, v in mb.items()} for mb in microbatches for j in range(len(mb["labels"]))]
     return {
-        "baseline": lambda: baseline_step(model, microbatches, autocast_dtype),
+        BASELINE.name: lambda: baseline_step(model, microbatches, autocast_dtype),
         "presence-microbatch": lambda: presence_step(model, microbatches, TAU, per="microbatch",
                                                      autocast_dtype=autocast_dtype),
         # Hooks cannot see inside a compiled graph: the per-sample methods run the eager model.
@@ -138,9 +139,9 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
 
     rows = []
     for name in fns:
-        compiled = compile_model and name in ("baseline", "presence-microbatch")
+        compiled = compile_model and name in (BASELINE.name, "presence-microbatch")
         rows.append({"method": name, "step_ms": round(step_ms[name], 2),
-                     "ratio_to_baseline": round(step_ms[name] / step_ms["baseline"], 3),
+                     "ratio_to_baseline": round(step_ms[name] / step_ms[BASELINE.name], 3),
                      "peak_mem_mb": round(peak.get(name, float("nan")), 1),
                      "cpu_time_ms": round(cpu_ms[name], 2) if device == "cpu" else "", "device": device, "preset": preset_name,
                      "batch_size": batch_size, "n_microbatches": n_micro, "microbatch_size": batch_size // n_micro,
@@ -150,7 +151,7 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
                      "threads": torch.get_num_threads(), "seed": seed})
     print(f"{'method':<22}{'step ms':>10}{'x baseline':>12}{'peak MB':>10}{'CPU ms':>10}{'x baseline':>12}")
     for row in rows:
-        cpu_ratio = cpu_ms[row["method"]] / cpu_ms["baseline"]
+        cpu_ratio = cpu_ms[row["method"]] / cpu_ms[BASELINE.name]
         print(f"{row['method']:<22}{row['step_ms']:>10.1f}{row['ratio_to_baseline']:>12.3f}{row['peak_mem_mb']:>10.1f}"
               f"{cpu_ms[row['method']]:>10.1f}{cpu_ratio:>12.3f}")
     naive_speedup = step_ms["naive-sample"] / step_ms["presence-sample"] if "naive-sample" in step_ms else None

@@ -3,7 +3,7 @@ on the same model, batch and seed.
 
 Every method scores each sample j of one batch with s_j = ||grad_P loss_j||^2 (loss_j: sample j's mean
 target-token loss, P a set of parameters):
-  ours                common.presence.influence.self_influence: one forward and one backward pass down to
+  ours                common.presence.influence.batch_self_influence: one forward and one backward pass down to
                       the outputs of P's modules; norms from their inputs and output gradients
   torch.func          vmap of grad over the samples (functional_call of the model)
   opacus-gsm          Opacus GradSampleModule: per-sample gradients in backward hooks, then their norms
@@ -63,7 +63,7 @@ from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.data.span_corruption import compute_input_and_target_lengths
 from common.modeling import build_model, random_microbatches
-from common.presence.influence import group_losses, layer_set, self_influence, token_losses
+from common.presence.influence import batch_self_influence, group_losses, layer_set, token_losses
 from common.presence.per_sample_grads import sq_norm_per_group
 from common.seeding import seed_everything
 
@@ -90,7 +90,7 @@ class Unsupported(Exception):
 
 def setup_ours(model, params, inputs, labels):
     batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
-    return lambda: self_influence(model, batch, layers=list(params))
+    return lambda: batch_self_influence(model, batch, layers=list(params))
 
 
 def setup_plain(model, params, inputs, labels):

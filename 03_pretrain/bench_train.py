@@ -24,12 +24,14 @@ from common.benchmark import benchmark_parser, mfu_ceiling_tflops, time_round_ro
 from common.config import load_preset
 from common.modeling import build_model, model_flops_per_sequence, random_microbatches
 from common.optim import build_optimizer
-from common.presence.presence_step import release_buffers
+from common.presence.methods import BASELINE, PRESENCE
+from common.presence.presence_step import StepPlan, release_buffers
 from common.seeding import seed_everything
 from common.data.span_corruption import compute_input_and_target_lengths
 from common.presence.train_step import train_step
 
-METHODS = {"baseline": None, "presence": -1.0}  # every non-zero temperature costs the same
+# The plain step and PRESENCE's (every non-zero temperature costs the same).
+METHODS = {BASELINE.name: StepPlan(), PRESENCE.name: StepPlan("scores", tau=-1.0)}
 COLUMNS = ["shape", "method", "step_ms", "ratio_to_baseline", "tokens_per_s", "model_tflops", "mfu",
            "matmul_ceiling_tflops",
            "peak_mem_gb", "first_step_s", "batch_size", "n_microbatches", "microbatch_size", "input_length",
@@ -64,11 +66,11 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
     optimizer, scheduler = build_optimizer(model, cfg)
     microbatches = random_microbatches(batch_size, n_micro, input_length, target_length, vocab_size, device)
 
-    def run(tau):
-        train_step(step_model, microbatches, tau, optimizer, scheduler, layers=cfg.si_layers,
+    def run(plan):
+        train_step(step_model, microbatches, plan, optimizer, scheduler, layers=cfg.si_layers,
                    autocast_dtype=torch.bfloat16 if use_bf16 else None, grad_clip=cfg.grad_clip)
 
-    steps = {name: (lambda tau=tau: run(tau)) for name, tau in METHODS.items()}
+    steps = {name: (lambda plan=plan: run(plan)) for name, plan in METHODS.items()}
     first_step_ms, _ = time_round_robin(steps, 1, device)  # the first call of each compiles (or warms caches)
     for _ in range(warmup):
         for step in steps.values():
@@ -90,7 +92,7 @@ def bench_shape(preset, device: torch.device, repeats: int, warmup: int, seed: i
         tflops = flops_per_step / median[name] / 1e12
         rows.append({
             "shape": f"{n_micro}x{batch_size // n_micro}", "method": name, "step_ms": round(median[name] * 1e3, 2),
-            "ratio_to_baseline": round(median[name] / median["baseline"], 3),
+            "ratio_to_baseline": round(median[name] / median[BASELINE.name], 3),
             "tokens_per_s": round(batch_size * (input_length + target_length) / median[name]),
             "model_tflops": round(tflops, 3), "mfu": round(tflops / ceiling, 4) if ceiling else "",
             "matmul_ceiling_tflops": round(ceiling, 1) if ceiling else "",

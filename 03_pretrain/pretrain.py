@@ -3,18 +3,21 @@
     python 03_pretrain/pretrain.py --preset tiny --method presence --seed 0
     python 03_pretrain/pretrain.py --preset tiny --method presence-shuffled          # the information control
     python 03_pretrain/pretrain.py --preset tiny --method presence-single --tau 2
-    python 03_pretrain/pretrain.py --preset tiny --method presence --steps 300 --resume   # continue a run to 300 steps
+    python 03_pretrain/pretrain.py --preset tiny --method presence --run-name presence-s0 --steps 300 --resume
+                                                             # continue run presence-s0 to 300 steps
     python 03_pretrain/pretrain.py --preset presets/variants/tiny_x10.yaml --method noise-oracle --noise-rate 0.2
     torchrun --nproc_per_node 8 03_pretrain/pretrain.py --preset paper --method presence --seed 0
 
-Methods (common/presence/reweighting.py defines their temperature schedules): baseline, presence (tau=+1 up
-to step I, then -1), presence-shuffled (PRESENCE's schedule on scores permuted at random within each step:
-the same weights, no information), presence-D, presence-I, presence-I-D, presence-single (--tau),
-presence-linear, presence-cosine, presence-sequential / presence-sequential-reverse (the baseline recipe on
-the lowest- / highest-self-influence part of the data, scored by 03_pretrain/score_candidates.py), and
-noise-oracle (with --noise-rate: weight 0 on the rows known to be noisy, uniform on the others).
---per sample reweights samples instead of microbatches; --si-layers picks the layer set; --noise-rate
-trains on the data with that share of the training rows corrupted (01_data, data.noise_rates).
+Methods: the table in common/presence/methods.py (one record each: schedule, scores, control, what it
+needs): baseline, presence (tau=+1 up to step I, then -1), presence-shuffled (PRESENCE's schedule on scores
+permuted at random within each step: the same weights, no information), presence-D, presence-I,
+presence-I-D, presence-single (--tau), presence-linear, presence-cosine, presence-sequential /
+presence-sequential-reverse (the baseline recipe on the lowest- / highest-self-influence part of the data,
+scored by 03_pretrain/score_candidates.py), and noise-oracle (with --noise-rate: weight 0 on the rows known
+to be noisy, uniform on the others). --per sample reweights samples instead of microbatches; --si-layers
+picks the layer set; --noise-rate trains on the data with that share of the training rows corrupted
+(01_data, data.noise_rates). The default run name is the method, then whatever differs from the preset's
+own recipe (tau, I, per-sample, layer set, noise, steps, any other --set), then the seed.
 
 Writes results/<preset>/pretrain/runs/<run>/ (config, environment, train_log.csv, heldout.csv,
 heldout_rows.csv, noise_log.csv with --noise-rate, metrics.json) and artefacts/<preset>/pretrain/<run>/
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import shlex
@@ -52,7 +56,7 @@ from common.benchmark import mfu_ceiling_tflops
 from common.checkpoint import (checkpoint_step, confirm_checkpoint, latest_checkpoint, load_checkpoint,
                                roll_back_checkpoint, save_checkpoint, save_model_folder)
 from common.cli import exit_on_known_errors
-from common.config import LAYER_SETS, ConfigError, check_seed, load_preset
+from common.config import LAYER_SETS, ConfigError, Preset, check_seed, load_preset
 from common.data.noise import noise_shares
 from common.data.packed_data import (SpanCorruptionBatches, check_files, load_data_manifest, load_tokenizer_from_data,
                                      recorded_files)
@@ -61,20 +65,18 @@ from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_row
 from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer
-from common.paths import artefacts_dir, results_dir
-from common.presence.influence import self_influence
-from common.presence.reweighting import METHODS as REWEIGHTING_METHODS
-from common.presence.reweighting import SHUFFLED_METHODS, kish_effective_count, tau_schedule
+from common.paths import RESULTS_DIR, artefacts_dir, results_dir
+from common.presence.influence import batch_self_influence
+from common.presence.methods import NAMES as METHODS
+from common.presence.methods import PRESENCE, Knobs, Method, Recipe, get_method
+from common.presence.presence_step import StepPlan, StepStats
+from common.presence.reweighting import kish_effective_count
+from common.presence.train_step import train_step
 from common.reporting.stats import auroc
 from common.runinfo import bind_store, config_changes, prepare_run_dir, run_lock, write_run_files
 from common.seeding import seed_everything
 from common.signals import StopRequests
-from common.presence.train_step import train_step
 
-# PRESENCE-Sequential filters the data offline and then trains with the baseline recipe.
-SEQUENTIAL_METHODS = ("presence-sequential", "presence-sequential-reverse")
-ORACLE_METHODS = ("noise-oracle",)
-METHODS = REWEIGHTING_METHODS + SEQUENTIAL_METHODS + ORACLE_METHODS
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
                "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
                "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed"]
@@ -82,17 +84,19 @@ NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", 
 # What --resume may change: the schedule (applied from the checkpoint on) and how often the run logs,
 # evaluates and saves; each change is recorded in config.json's "history". Any other difference (method,
 # seed, preset, data, model, the rest of the recipe) would make it another run and is refused.
+LOGGING_KNOBS = ("log_every", "eval_every", "save_every", "noise_log_every", "eval_batch_size", "compile")
 RESUMABLE_CHANGES = tuple(f"preset.pretrain.{name}" for name in (
-    "steps", "switch_step", "peak_lr", "warmup_steps", "log_every", "eval_every", "save_every", "noise_log_every",
-    "eval_batch_size", "compile")) + ("world_size",)
+    "steps", "switch_step", "peak_lr", "warmup_steps") + LOGGING_KNOBS) + ("world_size",)
 NOT_PART_OF_THE_RUN = ("history", "preset.description", "preset.si_analysis", "preset.finetune",
                        "preset.pretrain.seeds", "preset.pretrain.reproduce_methods")
+# How a changed knob shows in a default run name (others: the field's name and value).
+NAME_PARTS = {"pretrain.switch_step": "I{}", "pretrain.si_layers": "si-{}", "pretrain.steps": "steps{}"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="tiny | small | paper | path to a preset YAML")
-    p.add_argument("--method", default="presence", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default=PRESENCE.name, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="override pretrain.steps")
     p.add_argument("--switch-step", type=int, help="override I, the step where tau changes")
@@ -102,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--si-layers", choices=LAYER_SETS, help="override pretrain.si_layers (the layer set K)")
     p.add_argument("--noise-rate", type=float, default=0.0,
                    help="train on the rows with this share corrupted (one of data.noise_rates)")
-    p.add_argument("--run-name", help="default: derived from the method and options")
+    p.add_argument("--run-name", help="default: derived from the method and what differs from the preset's recipe")
     p.add_argument("--out", help="run folder for logs and metrics (default results/<preset>/pretrain/runs/<run>)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
@@ -112,10 +116,77 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ---- set-up -------------------------------------------------------------------------------------------------
+# ---- the run: its config, recipe, folders and progress ------------------------------------------------------
 
-def get_config(args):
-    check_seed(args.seed, "--seed")
+@dataclass
+class Progress:
+    step: int = 0
+    elapsed: float = 0.0  # training seconds, without evaluation and checkpoint writing
+    tokens_seen: int = 0
+    timed_steps: int = 0  # steps after the warm-up, for the throughput figures
+    timed_seconds: float = 0.0
+    timed_tokens: int = 0
+    si_aurocs: list = field(default_factory=list)
+    unverified: bool = False  # the latest checkpoint awaits a finite step after it (common/checkpoint.py)
+
+
+@dataclass
+class Run:
+    """One run: the arguments it was started with (a resume command repeats them), its resolved preset and
+    recipe (the seed lives there), its folders, this process's place in it, and how far it has come."""
+    args: argparse.Namespace
+    preset: Preset
+    recipe: Recipe
+    noise_rate: float
+    name: str
+    dir: Path  # results/<preset>/pretrain/runs/<run>: logs, config, metrics
+    store: Path  # artefacts/<preset>/pretrain/<run>: checkpoints, snapshots, final model
+    rank: int
+    world: int
+    device: torch.device
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def cfg(self):
+        return self.preset.pretrain
+
+    @property
+    def method(self) -> Method:
+        return self.recipe.method
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    @property
+    def main(self) -> bool:  # rank 0 writes the logs and checkpoints
+        return self.rank == 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.store / "checkpoints"
+
+
+def get_run(args) -> Run:
+    preset, method = get_config(args)
+    rank, world, device = init_distributed()
+    if preset.pretrain.num_microbatches % world:
+        raise ConfigError(f"pretrain.num_microbatches: {preset.pretrain.num_microbatches} microbatches cannot be "
+                          f"shared by {world} processes. Fix: use a process count that divides it")
+    if args.noise_rate and world > 1:
+        raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
+                          "it without torchrun")
+    cfg = preset.pretrain
+    recipe = Recipe.of(method, args.per, args.seed, Knobs(cfg.tau_direct, cfg.tau_inverse, cfg.switch_step,
+                                                          cfg.steps, args.tau))
+    name = args.run_name or default_run_name(args)
+    run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / name
+    return Run(args, preset, recipe, args.noise_rate, run_dir.name, run_dir,
+               artefacts_dir(preset.name, "pretrain", run_dir.name), rank, world, device)
+
+
+def resolve_preset(args) -> Preset:
+    """The preset with --set and the flags that override its fields applied."""
     overrides = list(args.set)
     for flag, field_name in ((args.steps, "steps"), (args.switch_step, "switch_step"), (args.si_layers, "si_layers")):
         if flag is not None:
@@ -123,41 +194,81 @@ def get_config(args):
             if any(item.split("=", 1)[0].strip() == key for item in args.set):
                 raise ConfigError(f"--{field_name.replace('_', '-')}: --set {key} sets it too. Fix: give it once")
             overrides.append(f"{key}={flag}")
-    preset = load_preset(args.preset, overrides)
+    return load_preset(args.preset, overrides)
+
+
+def get_config(args) -> tuple[Preset, Method]:
+    """The resolved preset and the method, refusing a recipe the method cannot run; a knob the method does
+    not read is not checked against it."""
+    check_seed(args.seed, "--seed")
+    preset = resolve_preset(args)
     if args.method not in METHODS:
         raise ConfigError(f"--method: unknown method {args.method!r}. Fix: use one of {', '.join(METHODS)}")
-    if args.method == "presence-single" and args.tau is None:
-        raise ConfigError("--tau: presence-single needs a temperature. Fix: pass e.g. --tau 2")
+    method = get_method(args.method)
+    if "tau" in method.reads and args.tau is None:
+        raise ConfigError(f"--tau: {method.name} needs a temperature. Fix: pass e.g. --tau 2")
     if args.tau is not None and not math.isfinite(args.tau):
         raise ConfigError(f"--tau: {args.tau} is not a finite number. Fix: pass e.g. --tau 2")
-    if args.tau is not None and args.method != "presence-single":
-        raise ConfigError(f"--tau: only presence-single takes a temperature, not {args.method}. Fix: drop --tau")
-    if args.method in ("baseline",) + SEQUENTIAL_METHODS + ORACLE_METHODS and args.per == "sample":
-        raise ConfigError(f"--per: {args.method} does not reweight by self-influence. Fix: drop --per sample")
+    if args.tau is not None and "tau" not in method.reads:
+        raise ConfigError(f"--tau: only methods with a constant temperature of their own take one, not "
+                          f"{method.name}. Fix: drop --tau")
+    if args.per not in method.granularities:
+        raise ConfigError(f"--per: {method.name} does not reweight by self-influence per {args.per}. Fix: drop "
+                          f"--per {args.per}")
+    cfg = preset.pretrain
+    if "switch_step" in method.reads and not 0 <= cfg.switch_step <= cfg.steps:
+        raise ConfigError(f"pretrain.switch_step: {cfg.switch_step} is outside [0, steps={cfg.steps}]. Fix: set I "
+                          "between 0 and steps (--switch-step)")
     if args.noise_rate and args.noise_rate not in preset.data.noise_rates:
         raise ConfigError(f"--noise-rate: {args.noise_rate:g} is not among data.noise_rates "
                           f"{preset.data.noise_rates}. Fix: add it there and run 01_data/prepare_data.py")
-    if args.method in ORACLE_METHODS and not args.noise_rate:
-        raise ConfigError(f"--method {args.method} needs noisy data to drop. Fix: pass --noise-rate")
-    if args.noise_rate and args.method in SEQUENTIAL_METHODS:
-        raise ConfigError("--noise-rate: PRESENCE-Sequential scores the clean data. Fix: drop --noise-rate")
-    return preset
+    if "noise_labels" in method.needs and not args.noise_rate:
+        raise ConfigError(f"--method {method.name} needs noisy data to drop. Fix: pass --noise-rate")
+    if args.noise_rate and method.data_filter:
+        raise ConfigError(f"--noise-rate: {method.label} scores the clean data. Fix: drop --noise-rate")
+    return preset, method
 
 
 def default_run_name(args) -> str:
-    parts = [args.method]
+    """The method, its --tau, the granularity, the noise rate, then every recipe field that differs from
+    the preset as its file states it (a knob the method does not read is left out), then the seed."""
+    preset, method = get_config(args)
+    parts = [method.name]
     if args.tau is not None:
         parts.append(f"tau{args.tau:+g}")
-    if args.switch_step is not None:
-        parts.append(f"I{args.switch_step}")
+    changes = recipe_changes(preset, load_preset(args.preset), method)
+    if "pretrain.switch_step" in changes:
+        parts.append(NAME_PARTS["pretrain.switch_step"].format(changes.pop("pretrain.switch_step")))
     if args.per == "sample":
         parts.append("per-sample")
-    if args.si_layers is not None:
-        parts.append(f"si-{args.si_layers}")
+    if "pretrain.si_layers" in changes:
+        parts.append(NAME_PARTS["pretrain.si_layers"].format(changes.pop("pretrain.si_layers")))
     if args.noise_rate:
         parts.append(f"noise{args.noise_rate:g}")
+    for key, value in sorted(changes.items()):
+        shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+            else value
+        parts.append(NAME_PARTS[key].format(shown) if key in NAME_PARTS else f"{key.split('.')[-1]}{shown}")
     parts.append(f"s{args.seed}")
     return "-".join(parts)
+
+
+def recipe_changes(preset: Preset, reference: Preset, method: Method) -> dict[str, object]:
+    """The fields of data, model and pretrain whose value in `preset` differs from `reference`'s, as
+    {"pretrain.steps": 30}; how often a run logs, evaluates or saves is not part of its recipe, and neither
+    is a knob the method does not read."""
+    changes = {}
+    for section in ("data", "model", "pretrain"):
+        ours, theirs = dataclasses.asdict(getattr(preset, section)), dataclasses.asdict(getattr(reference, section))
+        for key, value in ours.items():
+            if value == theirs.get(key):
+                continue
+            if section == "pretrain" and (key in LOGGING_KNOBS + ("seeds", "reproduce_methods") or
+                                          (key in ("tau_direct", "tau_inverse", "switch_step", "si_layers")
+                                           and key not in method.reads)):
+                continue
+            changes[f"{section}.{key}"] = value
+    return changes
 
 
 def init_distributed():
@@ -174,23 +285,7 @@ def init_distributed():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def training_rows(args, preset, num_rows: int) -> np.ndarray | None:
-    """The training-row subset for PRESENCE-Sequential (None = all rows): keep the lowest-SI share
-    of the candidates, or, for -reverse, drop it (the paper's Table 2)."""
-    if args.method not in SEQUENTIAL_METHODS:
-        return None
-    scores_path = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
-    if not scores_path.is_file():
-        raise FileNotFoundError(f"{scores_path} is missing. Fix: run 03_pretrain/score_candidates.py --preset "
-                                f"{preset.name} --seed {args.seed} (or make pretrain, which does it)")
-    scores = np.load(scores_path)
-    if len(scores) != num_rows:
-        raise ValueError(f"{scores_path} scores {len(scores)} rows but the data has {num_rows}. Fix: re-run "
-                         "score_candidates.py after rebuilding the data")
-    order = np.argsort(scores, kind="stable")
-    keep = int(round(preset.pretrain.sequential_keep_fraction * num_rows))
-    return np.sort(order[:keep] if args.method == "presence-sequential" else order[num_rows - keep:])
-
+# ---- data and model ---------------------------------------------------------------------------------------
 
 @dataclass
 class Data:
@@ -203,97 +298,80 @@ class Data:
     checksums: dict | None  # sha256 of every data file the run reads (None: built before they were recorded)
 
 
-def get_data(args, preset) -> Data:
-    cfg = preset.pretrain
-    data_dir = artefacts_dir(preset.name, "data")
+def get_data(run: Run) -> Data:
+    cfg = run.cfg
+    data_dir = artefacts_dir(run.preset.name, "data")
     manifest = load_data_manifest(data_dir)
-    files = recorded_files(data_dir, args.noise_rate)
-    check_files(data_dir, files, full=args.verify_data)
-    train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed, noise_rate=args.noise_rate)
-    rows = training_rows(args, preset, train.num_rows)
+    files = recorded_files(data_dir, run.noise_rate)
+    check_files(data_dir, files, full=run.args.verify_data)
+    train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=run.seed, noise_rate=run.noise_rate)
+    rows = training_rows(run, train.num_rows)
     if rows is not None:
-        train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=args.seed, rows=rows)
+        train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=run.seed, rows=rows)
     heldout = SpanCorruptionBatches(data_dir, "heldout", 1, seed=HELDOUT_SEED)
     return Data(manifest, load_tokenizer_from_data(data_dir), train, heldout,
                 heldout_rows(heldout.num_rows, cfg.eval_rows), None if rows is None else len(rows),
                 None if files is None else {name: record["sha256"] for name, record in files.items()})
 
 
+def training_rows(run: Run, num_rows: int) -> np.ndarray | None:
+    """The training-row subset of a method with a data filter (None = all rows): PRESENCE-Sequential keeps
+    the lowest-SI share of the candidates, -reverse the highest (the paper's Table 2)."""
+    if run.method.data_filter is None:
+        return None
+    scores_path = artefacts_dir(run.preset.name, "pretrain", "sequential", f"scores-s{run.seed}.npy")
+    if not scores_path.is_file():
+        raise FileNotFoundError(f"{scores_path} is missing. Fix: run 03_pretrain/score_candidates.py --preset "
+                                f"{run.args.preset} --seed {run.seed} (or make pretrain, which does it)")
+    scores = np.load(scores_path)
+    if len(scores) != num_rows:
+        raise ValueError(f"{scores_path} scores {len(scores)} rows but the data has {num_rows}. Fix: re-run "
+                         "score_candidates.py after rebuilding the data")
+    order = np.argsort(scores, kind="stable")
+    keep = int(round(run.cfg.sequential_keep_fraction * num_rows))
+    return np.sort(order[:keep] if run.method.data_filter == "keep-lowest" else order[num_rows - keep:])
+
+
 @dataclass
-class Method:
-    """How a step forms its update: tau schedule (None: unweighted), shuffled scores, or fixed weights."""
-    name: str
-    per: str
-    seed: int
-    schedule: object | None
-    shuffled: bool
-    oracle: bool
+class Trainer:
+    """The model as trained (step_model: compiled where the preset asks) and its optimizer and schedule."""
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    autocast_dtype: torch.dtype | None
 
-    def step_options(self, step: int, noise_labels: np.ndarray | None) -> dict:
-        options = {"tau": None if self.schedule is None else self.schedule.tau_at(step), "per": self.per}
-        if self.shuffled:  # a pure function of (seed, step): a resumed run draws the same permutations
-            options["shuffle_seed"] = int(np.random.SeedSequence([self.seed, 7, step]).generate_state(1)[0])
-        if self.oracle:
-            clean = noise_labels == 0
-            if not clean.any():
-                raise ValueError(f"step {step}: every row of the batch is noisy; the oracle has nothing to keep. "
-                                 "Fix: lower the noise rate or raise pretrain.batch_size")
-            options["sample_weights"] = torch.from_numpy(clean / clean.sum())
-        return options
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
 
 
-def get_method(args, cfg) -> Method:
-    online = args.method not in SEQUENTIAL_METHODS + ORACLE_METHODS
-    schedule = tau_schedule(args.method, tau_direct=cfg.tau_direct, tau_inverse=cfg.tau_inverse,
-                            switch_step=cfg.switch_step, total_steps=cfg.steps, tau=args.tau) if online else None
-    return Method(args.method, args.per, args.seed, schedule, args.method in SHUFFLED_METHODS,
-                  args.method in ORACLE_METHODS)
+def get_trainer(run: Run, data: Data) -> Trainer:
+    seed_everything(run.seed)
+    model = build_model(run.preset.model, data.manifest["vocab_size"]).to(run.device)
+    broadcast_parameters(model)
+    model.train()
+    optimizer, scheduler = build_optimizer(model, run.cfg)
+    on_gpu = run.device.type == "cuda"
+    step_model = torch.compile(model) if run.cfg.compile and on_gpu and run.recipe.per == "microbatch" else model
+    return Trainer(model, step_model, optimizer, scheduler,
+                   torch.bfloat16 if run.cfg.precision == "bf16" and on_gpu else None)
 
 
 # ---- the run folder: one process and one store per run, resuming --------------------------------------------
 
-@dataclass
-class Progress:
-    step: int = 0
-    elapsed: float = 0.0  # training seconds, without evaluation and checkpoint writing
-    tokens_seen: int = 0
-    timed_steps: int = 0  # steps after the warm-up, for the throughput figures
-    timed_seconds: float = 0.0
-    timed_tokens: int = 0
-    si_aurocs: list = field(default_factory=list)
-    unverified: bool = False  # the latest checkpoint awaits a finite step after it (common/checkpoint.py)
-
-
-@dataclass
-class Run:
-    name: str
-    dir: Path
-    store: Path  # checkpoints, snapshots, final model
-    method: str
-    seed: int
-    main: bool  # rank 0 writes the logs and checkpoints
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.store / "checkpoints"
-
-
 @contextlib.contextmanager
-def claim_run(args, preset, rank: int) -> Iterator[Run]:
+def claim_run(run: Run) -> Iterator[Run]:
     """The run's folders, held for the block: its artefacts folder is locked (one process per run) and bound
     to the run folder (artefacts are stored by the run's name, --out can repeat a name), and leftovers of
     interrupted writes are removed."""
-    run_name = args.run_name or default_run_name(args)
-    run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / run_name
-    run = Run(run_dir.name, run_dir, artefacts_dir(preset.name, "pretrain", run_dir.name), args.method,
-              args.seed, rank == 0)
     if not run.main:
         yield run
         return
+    args = run.args
     with run_lock(run.store):
         if previous_owner := bind_store(run.store, run.dir, take_over=args.overwrite and not args.resume):
             print(f"--overwrite: {run.store} held the checkpoints of the run in {previous_owner}; they are replaced")
-        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+        prepare_run_dir(run.dir, resume=args.resume, overwrite=args.overwrite)
         if args.overwrite and not args.resume:
             for old in ("checkpoints", "snapshots", "final"):
                 shutil.rmtree(run.store / old, ignore_errors=True)
@@ -302,23 +380,24 @@ def claim_run(args, preset, rank: int) -> Iterator[Run]:
         yield run
 
 
-def run_config(args, preset, run: Run, data: Data, world: int) -> dict:
+def run_config(run: Run, data: Data) -> dict:
     """What config.json records; a resume compares it with the run's own."""
-    return {"run_name": run.name, "method": args.method, "seed": args.seed, "tau": args.tau, "per": args.per,
-            "noise_rate": args.noise_rate, "world_size": world, "training_rows": data.training_rows,
-            "data_sha256": data.checksums, "preset": preset.to_dict(), "history": []}
+    return {"run_name": run.name, "method": run.method.name, "seed": run.seed, "tau": run.args.tau,
+            "per": run.recipe.per, "noise_rate": run.noise_rate, "world_size": run.world,
+            "training_rows": data.training_rows, "data_sha256": data.checksums, "preset": run.preset.to_dict(),
+            "history": []}
 
 
-def maybe_resume(args, preset, run: Run, config: dict, model, optimizer, scheduler) -> Progress:
+def maybe_resume(run: Run, trainer: Trainer, config: dict) -> None:
     """With --resume and a checkpoint: continue from it, refusing a config that would make it another run;
     a changed schedule takes effect and is recorded in config["history"]. Else start at step 0."""
-    progress = Progress()
-    checkpoint = latest_checkpoint(run.checkpoints) if args.resume else None
+    progress = run.progress
+    checkpoint = latest_checkpoint(run.checkpoints) if run.args.resume else None
     if checkpoint is not None:
         previous = previous_config(run)
         changes = resume_changes(previous, config, checkpoint_step(checkpoint))
-        progress.step, extra = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        apply_schedule(optimizer, scheduler, preset.pretrain.peak_lr)
+        progress.step, extra = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, trainer.scheduler)
+        apply_schedule(trainer.optimizer, trainer.scheduler, run.cfg.peak_lr)
         progress.elapsed, progress.tokens_seen = extra["seconds"], extra["tokens_seen"]
         progress.si_aurocs = list(extra.get("si_aurocs", []))
         progress.unverified = True
@@ -329,7 +408,6 @@ def maybe_resume(args, preset, run: Run, config: dict, model, optimizer, schedul
                   + "".join(f"; {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()))
     if run.main:
         start_outputs(run, progress.step)
-    return progress
 
 
 def previous_config(run: Run) -> dict:
@@ -378,7 +456,20 @@ def truncate_logs(run_dir: Path, last_step: int) -> None:
             write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
 
 
-# ---- logging, evaluation, checkpoints -----------------------------------------------------------------------
+# ---- one step, as logged ----------------------------------------------------------------------------------
+
+@dataclass
+class StepRecord:
+    """What a step did, for its log row: the plan it followed, its statistics and learning rate, the noise
+    labels of its rows (with --noise-rate) and the batch's per-sample self-influence when probed."""
+    step: int
+    plan: StepPlan
+    stats: StepStats
+    lr: float
+    seconds: float
+    labels: np.ndarray | None = None
+    si: np.ndarray | None = None
+
 
 def weight_stats(stats) -> dict:
     if stats.weights is None:
@@ -393,7 +484,7 @@ def weight_stats(stats) -> dict:
     return row
 
 
-def row_weights(stats, per: str, batch_size: int) -> np.ndarray:
+def row_weights(stats, batch_size: int) -> np.ndarray:
     """The weight each row of the batch had in the update (summing to 1): uniform without weights, the
     sample weights as they are, a microbatch's weight shared by its rows."""
     if stats.weights is None:
@@ -402,27 +493,29 @@ def row_weights(stats, per: str, batch_size: int) -> np.ndarray:
     return w if len(w) == batch_size else np.repeat(w / (batch_size // len(w)), batch_size // len(w))
 
 
-def probe_self_influence(model, microbatches, method: Method, step: int, every: int, layers) -> np.ndarray | None:
-    """Per-sample self-influence of the batch with the parameters the step starts from, every `every`
-    steps (the noise experiment's detector measure); per-sample PRESENCE computes it anyway."""
-    if step % every or method.per == "sample":
+def probe_self_influence(run: Run, model, microbatches: list[dict], step: int) -> np.ndarray | None:
+    """Per-sample self-influence of the batch with the parameters the step starts from, every
+    noise_log_every steps (the noise experiment's detector measure); per-sample PRESENCE computes it anyway."""
+    if step % run.cfg.noise_log_every or run.recipe.per == "sample":
         return None
-    return torch.cat([self_influence(model, mb, layers=layers, per="sample") for mb in microbatches]).cpu().numpy()
+    return torch.cat([batch_self_influence(model, mb, layers=run.cfg.si_layers, per="sample")
+                      for mb in microbatches]).cpu().numpy()
 
 
-def noise_row(stats, labels: np.ndarray, kinds: list[str], method: Method, si, step: int, run) -> dict:
-    """The step's noise columns of train_log.csv (si: per-sample self-influence of the batch, or None);
-    the per-kind rows go to noise_log.csv."""
-    weights = row_weights(stats, method.per, len(labels))
-    shares = noise_shares(labels, weights, len(kinds))
+def noise_row(run: Run, record: StepRecord, kinds: list[str]) -> dict:
+    """The step's noise columns of train_log.csv; the per-kind rows go to noise_log.csv."""
+    stats, labels, si = record.stats, record.labels, record.si
+    if run.recipe.per == "sample" and record.step % run.cfg.noise_log_every == 0:
+        si = stats.scores.double().numpy()  # the step's own per-sample scores
+    shares = noise_shares(labels, row_weights(stats, len(labels)), len(kinds))
     aurocs = {k: auroc(si[labels == k] if k else si[labels > 0], si[labels == 0]) if si is not None else ""
               for k in shares}
     for k, (batch_share, weight_share) in shares.items():
-        append_csv_row(run.dir / "noise_log.csv", {"step": step, "kind": kinds[k - 1] if k else "all",
+        append_csv_row(run.dir / "noise_log.csv", {"step": record.step, "kind": kinds[k - 1] if k else "all",
                                                    "batch_share": batch_share, "weight_share": weight_share,
-                                                   "si_auroc": aurocs[k], "seed": method.seed}, NOISE_LOG_COLUMNS)
+                                                   "si_auroc": aurocs[k], "seed": run.seed}, NOISE_LOG_COLUMNS)
     spearman = ""
-    if stats.scores is not None and method.per == "microbatch":
+    if stats.scores is not None and run.recipe.per == "microbatch":
         per_microbatch = (labels > 0).reshape(len(stats.scores), -1).mean(1)
         if np.ptp(per_microbatch) > 0:
             spearman = float(spearmanr(stats.scores.numpy(), per_microbatch).statistic)
@@ -430,14 +523,37 @@ def noise_row(stats, labels: np.ndarray, kinds: list[str], method: Method, si, s
             "mb_si_noise_spearman": spearman}
 
 
-def evaluate(model, data: Data, cfg, device, autocast, step: int, run, final: bool) -> float:
+def log_step(run: Run, data: Data, trainer: Trainer, record: StepRecord, bar) -> None:
+    """The step's row of train_log.csv (with the held-out loss every eval_every steps and the noise columns
+    with --noise-rate) and, every log_every steps, one log line."""
+    cfg, progress, step, stats = run.cfg, run.progress, record.step, record.stats
+    row = {"step": step, "loss": stats.loss, "lr": record.lr, "tau": "" if record.plan.tau is None else record.plan.tau,
+           **weight_stats(stats), "noisy_batch_share": "", "noisy_weight_share": "", "si_noise_auroc": "",
+           "mb_si_noise_spearman": "", "tokens_seen": progress.tokens_seen, "seconds": round(progress.elapsed, 3),
+           "heldout_loss": "", "seed": run.seed}
+    if record.labels is not None:
+        row.update(noise_row(run, record, data.train.noise_kinds))
+        if row["si_noise_auroc"] != "" and np.isfinite(row["si_noise_auroc"]):
+            progress.si_aurocs.append(row["si_noise_auroc"])
+    if step % cfg.eval_every == 0 or step == cfg.steps:
+        row["heldout_loss"] = evaluate(run, data, trainer, step, final=step == cfg.steps)
+    append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
+    if step % cfg.log_every == 0:
+        bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}",
+                        refresh=False)  # tqdm redraws at its own interval
+        tqdm.write(f"step {step} | loss {stats.loss:.4f} | lr {record.lr:.2e} | tau {row['tau']} | "
+                   f"{record.seconds:.3f} s/step")
+
+
+def evaluate(run: Run, data: Data, trainer: Trainer, step: int, final: bool) -> float:
     """Held-out loss on the fixed rows: rows of heldout.csv (per language and "all"); at the end also the
     per-row losses (heldout_rows.csv), so that runs can be compared row by row."""
-    losses, counts = row_losses(model, data.heldout, data.heldout_ids, cfg.eval_batch_size, device, autocast)
+    losses, counts = row_losses(trainer.model, data.heldout, data.heldout_ids, run.cfg.eval_batch_size, run.device,
+                                trainer.autocast)
     languages = [data.manifest["languages"][i] for i in data.heldout.row_language[data.heldout_ids]]
     summary = summarise(losses, counts, languages, data.manifest["sampling_probabilities"])
     for row in summary:
-        append_csv_row(run.dir / "heldout.csv", {"run": run.name, "method": run.method, "seed": run.seed,
+        append_csv_row(run.dir / "heldout.csv", {"run": run.name, "method": run.method.name, "seed": run.seed,
                                                  "step": step, **row}, HELDOUT_COLUMNS)
     if final:
         write_csv(run.dir / "heldout_rows.csv", [{"row": int(r), "lang": lang, "n_tokens": int(c), "loss": loss}
@@ -455,63 +571,73 @@ def split_microbatches(batch: dict, num_microbatches: int, rank: int, world: int
     return [{k: v[i * size:(i + 1) * size] for k, v in local.items()} for i in range(per_rank)]
 
 
-def throughput(progress: Progress, flops_per_step: float, device, world: int) -> dict:
+def throughput(run: Run, flops_per_step: float) -> dict:
     """Tokens/s, s/step, model TFLOP/s (and MFU, GPU memory on a GPU) over the steps after the warm-up."""
+    progress = run.progress
     if not progress.timed_steps:
         return {}
     step_s = progress.timed_seconds / progress.timed_steps
     out = {"seconds_per_step": step_s, "tokens_per_second": progress.timed_tokens / progress.timed_seconds,
            "model_tflops": flops_per_step / step_s / 1e12}
-    if peak := mfu_ceiling_tflops(device):  # measured on this card now
-        out.update(mfu=out["model_tflops"] / (peak * world), matmul_ceiling_tflops=peak)
-    if device.type == "cuda":
+    if peak := mfu_ceiling_tflops(run.device):  # measured on this card now
+        out.update(mfu=out["model_tflops"] / (peak * run.world), matmul_ceiling_tflops=peak)
+    if run.device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
 
 def save_due(step: int, cfg) -> bool:
     return step % cfg.save_every == 0 or step == cfg.steps
 
 
-def save(run: Run, progress: Progress, model, optimizer, scheduler) -> None:
-    save_checkpoint(run.checkpoints, progress.step, model, optimizer, scheduler,
+def save(run: Run, trainer: Trainer) -> None:
+    progress = run.progress
+    save_checkpoint(run.checkpoints, progress.step, trainer.model, trainer.optimizer, trainer.scheduler,
                     {"seconds": progress.elapsed, "tokens_seen": progress.tokens_seen, "si_aurocs": progress.si_aurocs})
     progress.unverified = True
 
 
-def maybe_save(args, preset, run: Run, data: Data, progress: Progress, model, optimizer, scheduler,
-               snapshot_steps: set[int], world: int) -> None:
+def maybe_save(run: Run, data: Data, trainer: Trainer, snapshot_steps: set[int]) -> None:
     """The step's snapshot (for 02) and checkpoint when due; parameters that are not finite stop the run."""
-    step = progress.step
+    step = run.progress.step
     try:
         if step in snapshot_steps:
-            save_model_folder(run.store / "snapshots" / f"step-{step}", model, data.tokenizer,
-                              {"run_name": run.name, "method": run.method, "seed": run.seed, "step": step})
-        if save_due(step, preset.pretrain):
-            save(run, progress, model, optimizer, scheduler)
+            save_model_folder(run.store / "snapshots" / f"step-{step}", trainer.model, data.tokenizer,
+                              {"run_name": run.name, "method": run.method.name, "seed": run.seed, "step": step})
+        if save_due(step, run.cfg):
+            save(run, trainer)
     except FloatingPointError as error:
-        raise diverged(args, preset, run, progress, step, world, error) from error
+        raise diverged(run, step, error) from error
 
 
 # ---- faults: blow-ups, full disks, stop signals -------------------------------------------------------------
 
-def rerun_command(args, world: int, settings: dict | None = None, start_over: bool = False) -> str:
+def rerun_command(run: Run, settings: dict | None = None, start_over: bool = False) -> str:
     """The command that resumes this run (or, with start_over, starts it anew); `settings`
-    ({"pretrain.peak_lr": "0.001"}) replace any earlier setting of those fields."""
-    settings = settings or {}
-    words = (["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]) + [
-        "03_pretrain/pretrain.py", "--preset", args.preset, "--method", args.method, "--seed", str(args.seed)]
+    ({"pretrain.peak_lr": "0.001"}) replace any earlier setting of those fields. It names the run, since
+    changed settings would derive another name."""
+    args, settings = run.args, settings or {}
+    words = (["python"] if run.world == 1 else ["torchrun", "--nproc_per_node", str(run.world)]) + [
+        "03_pretrain/pretrain.py", "--preset", args.preset, "--method", run.method.name, "--seed", str(run.seed)]
     for flag, value in (("--steps", args.steps), ("--switch-step", args.switch_step), ("--tau", args.tau),
-                        ("--si-layers", args.si_layers), ("--noise-rate", args.noise_rate or None),
-                        ("--run-name", args.run_name), ("--out", args.out)):
+                        ("--si-layers", args.si_layers), ("--noise-rate", run.noise_rate or None),
+                        ("--run-name", run.name), ("--out", args.out)):
         if value is not None:
             words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    if args.per != "microbatch":
-        words += ["--per", args.per]
+    if run.recipe.per != "microbatch":
+        words += ["--per", run.recipe.per]
     kept = [item for item in args.set if item.split("=", 1)[0].strip() not in settings]
     for item in kept + [f"{key}={value}" for key, value in settings.items()]:
         words += ["--set", item]
     return shlex.join(words + ["--overwrite" if start_over else "--resume"])
+
+
+def replaces_committed(run: Run) -> str:
+    """A warning for a suggested --overwrite of a run folder that lies among the committed results."""
+    inside = run.dir.resolve().is_relative_to(RESULTS_DIR.resolve())
+    return f" (this replaces the run in {run.dir}, part of the committed results)" if inside else ""
 
 
 def latest_step(run: Run) -> int | None:
@@ -519,64 +645,57 @@ def latest_step(run: Run) -> int | None:
     return None if checkpoint is None else checkpoint_step(checkpoint)
 
 
-def diverged(args, preset, run: Run, progress: Progress, step: int, world: int,
-             error: Exception) -> FloatingPointError:
+def diverged(run: Run, step: int, error: Exception) -> FloatingPointError:
     """The error a non-finite step stops the run with, and its fix: a tenth of the learning rate (at most the
     preset's own), resumed from the last good checkpoint. A checkpoint that led straight to the failure is
     dropped first (common/checkpoint.py); if the step after a verified one fails, the run starts anew."""
-    dropped = roll_back_checkpoint(run.checkpoints)[0] if run.main and progress.unverified else None
+    dropped = roll_back_checkpoint(run.checkpoints)[0] if run.main and run.progress.unverified else None
     resumed_from = latest_step(run)
-    lower = {"pretrain.peak_lr": f"{min(preset.pretrain.peak_lr / 10, load_preset(args.preset).pretrain.peak_lr):g}"}
+    lower = {"pretrain.peak_lr": f"{min(run.cfg.peak_lr / 10, load_preset(run.args.preset).pretrain.peak_lr):g}"}
     start_over = resumed_from is not None and step == resumed_from + 1
     where = ("the run has to start anew" if start_over else "the run resumes from step 0" if resumed_from is None
              else f"the run resumes from its checkpoint of step {resumed_from}")
     return FloatingPointError(
         f"step {step} of {run.name}: {error}. Training stopped; nothing of this step was saved"
         f"{f', and checkpoint {dropped}, which led straight to it, was dropped' if dropped else ''}; {where}. "
-        f"Fix: a lower learning rate: {rerun_command(args, world, lower, start_over)}")
+        f"Fix: a lower learning rate: {rerun_command(run, lower, start_over)}"
+        f"{replaces_committed(run) if start_over else ''}")
 
 
-def disk_error(args, run: Run, world: int, error: OSError) -> OSError:
+def disk_error(run: Run, error: OSError) -> OSError:
     resumed_from = latest_step(run)
     kept = "no checkpoint was saved yet" if resumed_from is None else f"its checkpoint of step {resumed_from} is kept"
     return OSError(f"{error}. The run stopped; {kept}. Fix: make room on that disk (or mend what the error names), "
-                   f"then: {rerun_command(args, world)}")
+                   f"then: {rerun_command(run)}")
 
 
-def stop_requested(stops: StopRequests, world: int, device) -> bool:
+def stop_requested(stops: StopRequests, run: Run) -> bool:
     """Whether a stop signal arrived, on any rank (all ranks must stop after the same step)."""
     received = stops.received is not None
-    if world > 1:
-        flag = torch.tensor([float(received)], device=device)
+    if run.world > 1:
+        flag = torch.tensor([float(received)], device=run.device)
         dist.all_reduce(flag)
         received = flag.item() > 0
     return received
 
 
-def stop(args, cfg, run: Run, progress: Progress, stops: StopRequests, model, optimizer, scheduler,
-         world: int) -> NoReturn:
+def stop(run: Run, stops: StopRequests, trainer: Trainer) -> NoReturn:
     """After a stop signal: the step is complete; save it (unless it was just saved), say how to resume, and
     exit with 128 + the signal's number."""
     signum = stops.received or signal.SIGTERM  # another rank received it
     if run.main:
-        if not save_due(progress.step, cfg):
-            save(run, progress, model, optimizer, scheduler)
-        tqdm.write(f"{signal.Signals(signum).name}: {run.name} stopped after step {progress.step}, saved in "
-                   f"{latest_checkpoint(run.checkpoints)}. Resume with: {rerun_command(args, world)}")
+        if not save_due(run.progress.step, run.cfg):
+            save(run, trainer)
+        tqdm.write(f"{signal.Signals(signum).name}: {run.name} stopped after step {run.progress.step}, saved in "
+                   f"{latest_checkpoint(run.checkpoints)}. Resume with: {rerun_command(run)}")
     raise SystemExit(128 + signum)
 
 
-# ---- the run ------------------------------------------------------------------------------------------------
+# ---- training -----------------------------------------------------------------------------------------------
 
-def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, method: Method, progress: Progress,
-          device, world: int, rank: int) -> None:
-    cfg = preset.pretrain
-    use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    step_model = torch.compile(model) if cfg.compile and device.type == "cuda" and args.per == "microbatch" else model
-    snapshot_steps = {max(1, round(f * cfg.steps)) for f in preset.si_analysis.checkpoint_fractions} - {cfg.steps}
-    train_data = data.train
+def train(run: Run, data: Data, trainer: Trainer) -> None:
+    cfg, progress, train_data = run.cfg, run.progress, data.train
+    snapshot_steps = {max(1, round(f * cfg.steps)) for f in run.preset.si_analysis.checkpoint_fractions} - {cfg.steps}
     bar = tqdm(range(progress.step + 1, cfg.steps + 1), initial=progress.step, total=cfg.steps,
                disable=not run.main, desc=run.name, dynamic_ncols=True)
     # The next batch is cut on a thread while the device runs this step (small preset: ~12 ms of CPU per
@@ -591,22 +710,21 @@ def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, metho
                 upcoming = loader.submit(train_data.batch, step)
             labels = None if train_data.noise_labels is None else \
                 train_data.noise_labels[train_data.batch_rows(step - 1)]
-            microbatches = split_microbatches(batch, cfg.num_microbatches, rank, world, device)
+            microbatches = split_microbatches(batch, cfg.num_microbatches, run.rank, run.world, run.device)
             probe_start = time.perf_counter()
-            si = probe_self_influence(model, microbatches, method, step, cfg.noise_log_every, cfg.si_layers) \
-                if labels is not None else None
+            si = probe_self_influence(run, trainer.model, microbatches, step) if labels is not None else None
             t0 += time.perf_counter() - probe_start  # the probe is measurement, not training: untimed
-            options = method.step_options(step, labels)
+            plan = run.recipe.plan(step, labels)
             try:
-                stats, lr = train_step(step_model, microbatches, optimizer=optimizer, scheduler=scheduler,
-                                       layers=cfg.si_layers, autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip,
-                                       **options)
+                stats, lr = train_step(trainer.step_model, microbatches, plan, trainer.optimizer, trainer.scheduler,
+                                       layers=cfg.si_layers, autocast_dtype=trainer.autocast_dtype,
+                                       grad_clip=cfg.grad_clip)
             except FloatingPointError as error:
-                raise diverged(args, preset, run, progress, step, world, error) from error
+                raise diverged(run, step, error) from error
             if progress.unverified and run.main:  # the checkpoint before this finite step is good
                 confirm_checkpoint(run.checkpoints)
             progress.unverified = False
-            if device.type == "cuda" and step % cfg.log_every == 0:
+            if run.device.type == "cuda" and step % cfg.log_every == 0:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
@@ -617,46 +735,21 @@ def train(args, preset, run: Run, data: Data, model, optimizer, scheduler, metho
                 progress.timed_seconds += seconds
                 progress.timed_tokens += step_tokens
             if run.main:
-                log_step(args, cfg, run, data, model, method, progress, stats, lr, options, labels, si, seconds,
-                         device, autocast, bar)
-                maybe_save(args, preset, run, data, progress, model, optimizer, scheduler, snapshot_steps, world)
-            if stop_requested(stops, world, device):
-                stop(args, cfg, run, progress, stops, model, optimizer, scheduler, world)
+                log_step(run, data, trainer, StepRecord(step, plan, stats, lr, seconds, labels, si), bar)
+                maybe_save(run, data, trainer, snapshot_steps)
+            if stop_requested(stops, run):
+                stop(run, stops, trainer)
 
 
-def log_step(args, cfg, run: Run, data: Data, model, method: Method, progress: Progress, stats, lr: float,
-             options: dict, labels, si, seconds: float, device, autocast, bar) -> None:
-    """The step's row of train_log.csv (with the held-out loss every eval_every steps and the noise columns
-    with --noise-rate) and, every log_every steps, one log line."""
-    step = progress.step
-    row = {"step": step, "loss": stats.loss, "lr": lr, "tau": "" if options["tau"] is None else options["tau"],
-           **weight_stats(stats), "noisy_batch_share": "", "noisy_weight_share": "", "si_noise_auroc": "",
-           "mb_si_noise_spearman": "", "tokens_seen": progress.tokens_seen, "seconds": round(progress.elapsed, 3),
-           "heldout_loss": "", "seed": args.seed}
-    if labels is not None:
-        if method.per == "sample" and step % cfg.noise_log_every == 0:
-            si = stats.scores.double().numpy()  # the step's own per-sample scores
-        row.update(noise_row(stats, labels, data.train.noise_kinds, method, si, step, run))
-        if row["si_noise_auroc"] != "" and np.isfinite(row["si_noise_auroc"]):
-            progress.si_aurocs.append(row["si_noise_auroc"])
-    if step % cfg.eval_every == 0 or step == cfg.steps:
-        row["heldout_loss"] = evaluate(model, data, cfg, device, autocast, step, run, final=step == cfg.steps)
-    append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
-    if step % cfg.log_every == 0:
-        bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}",
-                        refresh=False)  # tqdm redraws at its own interval
-        tqdm.write(f"step {step} | loss {stats.loss:.4f} | lr {lr:.2e} | tau {row['tau']} | {seconds:.3f} s/step")
-
-
-def finish(args, preset, run: Run, data: Data, model, progress: Progress, device, world: int) -> dict:
+def finish(run: Run, data: Data, trainer: Trainer) -> dict:
     """metrics.json and the final model; metrics.json comes last, so that its presence means finished."""
-    cfg = preset.pretrain
+    cfg, progress, model = run.cfg, run.progress, trainer.model
     flops_per_step = model_flops_per_sequence(model, data.manifest["input_length"],
                                               data.manifest["target_length"]) * cfg.batch_size
-    metrics = {"run_name": run.name, "method": args.method, "seed": args.seed, "steps": cfg.steps,
-               "noise_rate": args.noise_rate, "wall_seconds": progress.elapsed, "tokens_seen": progress.tokens_seen,
-               "device": str(device), "world_size": world, "parameters": parameter_counts(model),
-               **throughput(progress, flops_per_step, device, world)}
+    metrics = {"run_name": run.name, "method": run.method.name, "seed": run.seed, "steps": cfg.steps,
+               "noise_rate": run.noise_rate, "wall_seconds": progress.elapsed, "tokens_seen": progress.tokens_seen,
+               "device": str(run.device), "world_size": run.world, "parameters": parameter_counts(model),
+               **throughput(run, flops_per_step)}
     if not run.main:
         return metrics
     log = read_csv(run.dir / "train_log.csv")  # the whole run's, also when it was resumed
@@ -665,8 +758,8 @@ def finish(args, preset, run: Run, data: Data, model, progress: Progress, device
     metrics["final_loss"] = float(np.mean([float(r["loss"]) for r in log[-cfg.log_every:]]))
     if progress.si_aurocs:
         metrics["si_noise_auroc_mean"] = float(np.mean(progress.si_aurocs))
-    save_model_folder(run.store / "final", model, data.tokenizer, {"run_name": run.name, "method": args.method,
-                                                                    "seed": args.seed, "preset": preset.name,
+    save_model_folder(run.store / "final", model, data.tokenizer, {"run_name": run.name, "method": run.method.name,
+                                                                    "seed": run.seed, "preset": run.preset.name,
                                                                     "steps": cfg.steps})
     confirm_checkpoint(run.checkpoints)  # the run ended finite: the last checkpoint is good
     write_json(run.dir / "metrics.json", metrics)
@@ -674,35 +767,22 @@ def finish(args, preset, run: Run, data: Data, model, progress: Progress, device
 
 
 def main(args: argparse.Namespace) -> dict:
-    preset = get_config(args)
-    cfg = preset.pretrain
-    rank, world, device = init_distributed()
-    if cfg.num_microbatches % world:
-        raise ConfigError(f"pretrain.num_microbatches: {cfg.num_microbatches} microbatches cannot be shared by "
-                          f"{world} processes. Fix: use a process count that divides it")
-    if args.noise_rate and world > 1:
-        raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
-                          "it without torchrun")
-    data = get_data(args, preset)
-    with claim_run(args, preset, rank) as run:
-        seed_everything(args.seed)
-        model = build_model(preset.model, data.manifest["vocab_size"]).to(device)
-        broadcast_parameters(model)
-        model.train()
-        optimizer, scheduler = build_optimizer(model, cfg)
-        method = get_method(args, cfg)
-        config = run_config(args, preset, run, data, world)
-        progress = maybe_resume(args, preset, run, config, model, optimizer, scheduler)
+    run = get_run(args)
+    data = get_data(run)
+    with claim_run(run):
+        trainer = get_trainer(run, data)
+        config = run_config(run, data)
+        maybe_resume(run, trainer, config)
         if run.main:
             write_run_files(run.dir, config)
         try:
-            train(args, preset, run, data, model, optimizer, scheduler, method, progress, device, world, rank)
-            if world > 1:
+            train(run, data, trainer)
+            if run.world > 1:
                 dist.barrier()
-            metrics = finish(args, preset, run, data, model, progress, device, world)
+            metrics = finish(run, data, trainer)
         except OSError as error:
-            raise disk_error(args, run, world, error) from error
-    if world > 1:
+            raise disk_error(run, error) from error
+    if run.world > 1:
         dist.destroy_process_group()
     return metrics
 

@@ -1,6 +1,7 @@
 """Run a grid of pre-training runs: methods x seeds (default: the preset's pretrain.reproduce_methods
 and pretrain.seeds). Finished runs are skipped and interrupted ones resume, so the command can be
-repeated. PRESENCE-Sequential runs first score the data with the baseline run of the same seed.
+repeated. Runs of a method that needs a scorer run (PRESENCE-Sequential) first score the data with the baseline run of
+the same seed.
 
     python 03_pretrain/pretrain_all.py --preset tiny
     python 03_pretrain/pretrain_all.py --preset small --seeds 0 1 2 \
@@ -28,6 +29,7 @@ from common.config import load_preset
 from common.evaluation.heldout import HELDOUT_COLUMNS
 from common.io import read_json, write_csv
 from common.paths import artefacts_dir, results_dir
+from common.presence.methods import BASELINE, NAMES as METHODS, get_method
 from common.reporting.run_results import collect_heldout, finished_runs
 
 HERE = Path(__file__).resolve().parent
@@ -117,13 +119,13 @@ def main(args: argparse.Namespace) -> dict:
     preset = load_preset(args.preset)  # args.preset may be a YAML path: folders are named by preset.name
     specs = args.runs or preset.pretrain.reproduce_methods
     seeds = args.seeds if args.seeds is not None else preset.pretrain.seeds
-    is_sequential = [spec.split()[0].startswith("presence-sequential") for spec in specs]
+    is_sequential = [spec.split()[0] in METHODS and "scorer_run" in get_method(spec.split()[0]).needs for spec in specs]
     ensure_runs(preset.name, [run_arguments(spec, seed, args.preset) for seed in seeds
                               for spec, seq in zip(specs, is_sequential) if not seq], args.jobs)
     # Sequential runs need the baseline of their seed (the scoring model) and its scores.
     for seed in seeds:
         for spec in (s for s, seq in zip(specs, is_sequential) if seq):
-            ensure_run(preset.name, run_arguments("baseline", seed, args.preset))
+            ensure_run(preset.name, run_arguments(BASELINE.name, seed, args.preset))
             scores = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{seed}.npy")
             if not scores.is_file():
                 call("score_candidates.py", ["--preset", args.preset, "--seed", str(seed)])

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
 from common.config import check_seed, load_preset
-from common.presence.influence import self_influence
+from common.presence.influence import batch_self_influence
 from common.io import atomic_path, write_csv
 from common.modeling import load_pretrained
 from common.data.packed_data import (check_files, checked_ids, load_array, load_data_manifest, read_rows,
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> dict:
         batch = {"input_ids": torch.from_numpy(inputs).to(device),
                  "attention_mask": torch.ones(inputs.shape, dtype=torch.long, device=device),
                  "labels": torch.from_numpy(targets).to(device)}
-        scores.append(self_influence(model, batch, layers=preset.pretrain.si_layers, per="sample").double().cpu())
+        scores.append(batch_self_influence(model, batch, layers=preset.pretrain.si_layers, per="sample").double().cpu())
     scores = torch.cat(scores).numpy()
     seconds = time.perf_counter() - started
     if not np.isfinite(scores).all():

@@ -32,6 +32,7 @@ from common.reporting.plotting import (MissingInputError, plot_figure1, plot_noi
                                        plot_presence_vs_sequential, plot_schedules, plot_si_layer_sets,
                                        plot_si_overhead, plot_si_reliability, plot_single_stage_tau,
                                        plot_training_loss, plot_weights_over_training, plot_xtreme_per_language)
+from common.presence.methods import BASELINE, PRESENCE
 from common.reporting.result_tables import (CONTROL, TABLES, comparison_markdown, comparison_table,
                                             describe_our_scale, headline_markdown, offline_table)
 from common.reporting.run_results import (BENCH_COLUMNS, HEADLINE_METRIC, SI_COLUMNS, attach_variants,
@@ -79,8 +80,8 @@ def load_inputs(stage_dir: Callable[[str], Path], preset, notes: list[str], sinc
         fast_path = {(m, s) for m in preset.pretrain.reproduce_methods for s in preset.pretrain.seeds}
         inputs["provenance"] += mark_runs(runs, stage_dir("pretrain") / "runs", since, fast_path)
     weights = language_weights(stage_dir("data") / "corpus_manifest.csv", notes)
-    methods = sorted({m for spec in TABLES for m in spec.methods} - {"baseline"})
-    pairs = [(m, "baseline") for m in methods] + [("presence", CONTROL)]
+    methods = sorted({m for spec in TABLES for m in spec.methods} - {BASELINE.name})
+    pairs = [(m, BASELINE.name) for m in methods] + [(PRESENCE.name, CONTROL)]
     inputs["paired"] = paired_heldout_deltas(stage_dir("pretrain") / "runs", runs, pairs, weights, notes) \
         if weights else None
     for name in ("xtreme", "retrieval"):
@@ -286,7 +287,7 @@ def main(args: argparse.Namespace) -> dict:
 
     table3, offline3 = tables["table3_main"]
     runs = inputs["runs"]
-    headline_runs = runs[runs["standard"] & runs["method"].isin(["baseline", CONTROL, "presence"])]["run_name"].tolist()
+    headline_runs = runs[runs["standard"] & runs["method"].isin([BASELINE.name, CONTROL, PRESENCE.name])]["run_name"].tolist()
     made = [(f.file, f.caption, f.in_headline) for f in figures if status[f.file] == "made"]
     with atomic_open(stage_dir("tables") / "headline.md") as f:
         f.write(headline_markdown(preset.name, table3, offline3, tables["scale"], preset.pretrain.steps, made,

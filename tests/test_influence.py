@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.presence.influence import forward_logits, group_losses, layer_set, self_influence, token_losses
+from common.presence.influence import batch_self_influence, forward_logits, group_losses, layer_set, token_losses
 from common.presence.per_sample_grads import GradTape
 from tiny_t5 import brute_force_scores, one_thread, tiny_batch, tiny_t5  # noqa: F401 (autouse fixture)
 
@@ -25,7 +25,7 @@ def tied():
 @pytest.mark.parametrize("per,microbatch_size", [("sample", None), ("microbatch", 2), ("microbatch", 4)])
 def test_scores_equal_brute_force(untied, layers, per, microbatch_size):
     batch = tiny_batch()
-    scores = self_influence(untied, batch, layers, per, microbatch_size)
+    scores = batch_self_influence(untied, batch, layers, per, microbatch_size)
     expected = brute_force_scores(untied, batch, layer_set(untied, layers), microbatch_size or 1)
     assert scores.shape == expected.shape
     assert torch.allclose(scores, expected, rtol=1e-6, atol=0)
@@ -37,21 +37,21 @@ def test_tied_output_layer_counts_in_the_embedding_norm(tied, layers):
     assert tied.lm_head.weight is tied.shared.weight
     batch = tiny_batch()
     expected = brute_force_scores(tied, batch, layer_set(tied, layers))
-    assert torch.allclose(self_influence(tied, batch, layers), expected, rtol=1e-6, atol=0)
+    assert torch.allclose(batch_self_influence(tied, batch, layers), expected, rtol=1e-6, atol=0)
 
 
 def test_eager_attention_gives_the_same_scores():
     model = tiny_t5(attn="eager")
     batch = tiny_batch()
     expected = brute_force_scores(model, batch, layer_set(model, "first"))
-    assert torch.allclose(self_influence(model, batch), expected, rtol=1e-6, atol=0)
+    assert torch.allclose(batch_self_influence(model, batch), expected, rtol=1e-6, atol=0)
 
 
 def test_leaves_parameters_and_grads_untouched(untied):
     for p in untied.parameters():
         p.grad = torch.full_like(p, 0.5)
     before = [(p.detach().clone(), p.grad.clone()) for p in untied.parameters()]
-    self_influence(untied, tiny_batch(), "all")
+    batch_self_influence(untied, tiny_batch(), "all")
     for p, (value, grad) in zip(untied.parameters(), before):
         assert torch.equal(p, value) and torch.equal(p.grad, grad)
     assert not any(hasattr(m, "compute_bias") and "compute_bias" in vars(m) for m in untied.modules())
@@ -61,7 +61,7 @@ def test_scores_in_eval_mode_of_a_dropout_model_match_brute_force():
     model = tiny_t5(dropout=0.3).eval()
     batch = tiny_batch()
     expected = brute_force_scores(model, batch, layer_set(model, "first"))
-    assert torch.allclose(self_influence(model, batch), expected, rtol=1e-6, atol=0)
+    assert torch.allclose(batch_self_influence(model, batch), expected, rtol=1e-6, atol=0)
 
 
 def test_first_layer_set_is_the_first_blocks(untied):
@@ -81,13 +81,13 @@ def test_prefixes_match_whole_components():
 def test_bad_arguments_fail_clearly(untied):
     batch = tiny_batch()
     with pytest.raises(ValueError, match="unknown layer set"):
-        self_influence(untied, batch, "middle")
+        batch_self_influence(untied, batch, "middle")
     with pytest.raises(ValueError, match="selects no trainable parameter"):
-        self_influence(untied, batch, ["decoder.block.7"])
+        batch_self_influence(untied, batch, ["decoder.block.7"])
     with pytest.raises(ValueError, match="divides the batch size"):
-        self_influence(untied, batch, per="microbatch", microbatch_size=3)
+        batch_self_influence(untied, batch, per="microbatch", microbatch_size=3)
     with pytest.raises(ValueError, match="per must be"):
-        self_influence(untied, batch, per="token")
+        batch_self_influence(untied, batch, per="token")
 
 
 class _Toy(nn.Module):
@@ -112,7 +112,7 @@ def test_engine_handles_padding_index_bias_and_repeated_use():
     tape.backward(losses.sum())
     expected = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(toy(ids[i:i + 1]).sum(), params))
                             for i in range(3)])
-    assert torch.allclose(tape.sq_norms(params), expected, rtol=1e-10)
+    assert torch.allclose(tape.squared_norms(params), expected, rtol=1e-10)
     weights = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64)
     grads = {p: torch.zeros_like(p) for p in params}
     tape.add_weighted_grads(weights, grads)
@@ -137,24 +137,24 @@ def test_mt5_classes_give_exact_scores_too():
     model = MT5ForConditionalGeneration(config).double()
     batch = tiny_batch()
     expected = brute_force_scores(model, batch, layer_set(model, "all"))
-    assert torch.allclose(self_influence(model, batch, "all"), expected, rtol=1e-6, atol=0)
+    assert torch.allclose(batch_self_influence(model, batch, "all"), expected, rtol=1e-6, atol=0)
 
 
 def test_norms_can_be_asked_again_after_per_sample_gradients_were_formed(untied):
-    # sq_norms keeps the per-sample gradients it formed and drops their factors; later calls use them.
+    # squared_norms keeps the per-sample gradients it formed and drops their factors; later calls use them.
     batch = tiny_batch()
     params = layer_set(untied, "first")
     with GradTape(untied, params, batch_size=8) as tape:
         logits = forward_logits(untied, batch)
     tape.backward(group_losses(token_losses(logits, batch["labels"]), batch["labels"]).sum())
-    per_sample = tape.sq_norms(params)
-    assert torch.allclose(tape.sq_norms(params), per_sample, rtol=1e-12)
+    per_sample = tape.squared_norms(params)
+    assert torch.allclose(tape.squared_norms(params), per_sample, rtol=1e-12)
     # Now pairs: ||grad l_a + grad l_b||^2 with l_j the loss of sample j alone.
     pairs = []
     for a in range(0, 8, 2):
         loss = sum(untied(**{k: v[j:j + 1] for k, v in batch.items()}).loss for j in (a, a + 1))
         pairs.append(sum(g.square().sum() for g in torch.autograd.grad(loss, params)))
-    assert torch.allclose(tape.sq_norms(params, group_size=2), torch.stack(pairs), rtol=1e-6, atol=0)
+    assert torch.allclose(tape.squared_norms(params, group_size=2), torch.stack(pairs), rtol=1e-6, atol=0)
 
 
 def _float64_reference_sq_norms(tape: GradTape, params, names) -> dict[str, torch.Tensor]:
@@ -200,7 +200,7 @@ def test_per_sample_scores_are_exact_over_long_sequences():
     tape.backward(group_losses(token_losses(logits, batch["labels"]), batch["labels"]).sum())
     reference = _float64_reference_sq_norms(tape, params, names)
     for p in params:
-        scores = tape.sq_norms([p])
+        scores = tape.squared_norms([p])
         assert scores.dtype == torch.float64
         assert torch.allclose(scores, reference[names[p]], rtol=1e-6, atol=0), names[p]
 
@@ -233,7 +233,7 @@ def test_no_parameter_is_in_the_graph_the_tape_records(untied, layers):
     assert leaves and not any(id(leaf) in parameter_ids for leaf in leaves)
     assert all(p.requires_grad for p in untied.parameters())
     tape.backward(losses.sum())
-    assert torch.allclose(tape.sq_norms(params), brute_force_scores(untied, batch, params), rtol=1e-6, atol=0)
+    assert torch.allclose(tape.squared_norms(params), brute_force_scores(untied, batch, params), rtol=1e-6, atol=0)
 
 
 def test_requires_grad_is_restored_when_the_pass_fails(untied):
@@ -243,7 +243,7 @@ def test_requires_grad_is_restored_when_the_pass_fails(untied):
     handle = untied.decoder.block[1].register_forward_hook(fail)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            self_influence(untied, tiny_batch())
+            batch_self_influence(untied, tiny_batch())
     finally:
         handle.remove()
     assert all(p.requires_grad for p in untied.parameters())

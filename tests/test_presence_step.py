@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from common.presence.influence import layer_set, self_influence
-from common.presence.presence_step import _squared_row_norms, baseline_step, fixed_weights_step, presence_step
+from common.presence.influence import batch_self_influence, layer_set, self_influence
+from common.presence.presence_step import _FlatGrads, baseline_step, fixed_weights_step, presence_step
 from common.presence.reweighting import presence_weights, shuffle
 from tiny_t5 import flat_grad, loss_grads, one_thread, rel_err, split, tiny_batch, tiny_t5  # noqa: F401
 
@@ -21,7 +21,7 @@ def brute_force_update(model, units, tau, base_weights=None, layers="first"):
     k_params = layer_set(model, layers)
     grads = [torch.cat([g.flatten() for g in loss_grads(model, unit, params)]) for unit in units]
     scores = torch.stack([sum(g.square().sum() for g in loss_grads(model, unit, k_params)) for unit in units])
-    weights = presence_weights(scores, tau, base_weights=base_weights)
+    weights = presence_weights(scores, tau, base_weights=base_weights)[0]
     return (weights[:, None] * torch.stack(grads)).sum(0), scores, weights
 
 
@@ -81,7 +81,7 @@ def test_tau_zero_reproduces_the_baseline(model):
 def test_per_sample_scores_agree_with_self_influence(model):
     batch = tiny_batch()
     stats = presence_step(model, split(batch, MICROBATCH), 1.0, layers="embeddings", per="sample")
-    assert torch.allclose(stats.scores, self_influence(model, batch, "embeddings"), rtol=1e-12)
+    assert torch.allclose(stats.scores, batch_self_influence(model, batch, "embeddings"), rtol=1e-12)
 
 
 def test_step_changes_no_parameter_and_fills_every_grad(model):
@@ -135,11 +135,11 @@ def test_shuffled_control_weights_the_items_by_permuted_scores(model, per):
     params = list(model.parameters())
     grads = torch.stack([torch.cat([g.flatten() for g in loss_grads(model, u, params)]) for u in units])
     scores = torch.stack([sum(g.square().sum() for g in loss_grads(model, u, layer_set(model))) for u in units])
-    weights = presence_weights(shuffle(scores, 123), -1.0, base_weights=base)
+    weights = presence_weights(shuffle(scores, 123), -1.0, base_weights=base)[0]
     assert rel_err(flat_grad(model), (weights[:, None] * grads).sum(0)) < 1e-10
     assert torch.allclose(stats.scores, scores, rtol=1e-10, atol=0)  # logged in item order, unshuffled
     assert torch.allclose(stats.weights, weights, rtol=1e-10, atol=0)
-    assert not torch.allclose(weights, presence_weights(scores, -1.0, base_weights=base))
+    assert not torch.allclose(weights, presence_weights(scores, -1.0, base_weights=base)[0])
 
 
 def test_fixed_weights_step_is_the_weighted_sum_of_sample_gradients(model):
@@ -159,6 +159,11 @@ def test_fixed_weights_step_is_the_weighted_sum_of_sample_gradients(model):
 def test_microbatch_scores_are_exact_sums_of_squares_over_millions_of_entries():
     """A float32 row of 2^22 entries: the squared norm agrees with a float64 reference to float64
     rounding, where torch.linalg.vector_norm in float32 is ~1e-5..1e-4 off."""
-    rows = torch.randn(3, 1 << 22, generator=torch.Generator().manual_seed(0)) * 1e-3
-    reference = rows.double().square().sum(1)
-    assert torch.allclose(_squared_row_norms(rows), reference, rtol=1e-12, atol=0)
+    k_param = torch.nn.Parameter(torch.zeros(1 << 22))
+    other = torch.nn.Parameter(torch.zeros(5))
+    flat = _FlatGrads([k_param, other], [k_param], 3)
+    flat.rows.copy_(torch.randn(3, (1 << 22) + 5, generator=torch.Generator().manual_seed(0)) * 1e-3)
+    reference = flat.rows[:, :1 << 22].double().square().sum(1)
+    assert torch.allclose(self_influence(flat, [k_param]), reference, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="layer set K"):
+        self_influence(flat, [other])

@@ -96,7 +96,7 @@ def test_the_oracle_gives_noisy_rows_no_weight(tmp_path, artefacts):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, artefacts, monkeypatch, nan_step, kept):
     """Checkpoints come every 2 steps. A NaN at step 6 keeps step-4 (step 5 ran finite after it); a NaN at
     step 5, right after step-4 was saved, drops step-4 as the likely cause and falls back to step-2."""
-    real_step = train_step_module.presence_step
+    real_step = train_step_module.update_direction
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -104,7 +104,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, artefacts, 
         stats = real_step(*args, **kwargs)
         return stats if calls["n"] < nan_step else type(stats)(float("nan"), stats.scores, stats.weights)
 
-    monkeypatch.setattr(train_step_module, "presence_step", poisoned)
+    monkeypatch.setattr(train_step_module, "update_direction", poisoned)
     with pytest.raises(FloatingPointError, match=f"step {nan_step} of nan: loss is nan") as error:
         pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "nan", "--method", "presence")))
     assert f"resumes from its checkpoint of step {kept[5:]}" in str(error.value) and "--resume" in str(error.value)

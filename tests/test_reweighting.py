@@ -4,8 +4,12 @@ import math
 import pytest
 import torch
 
-from common.presence.reweighting import (Constant, Cosine, Linear, TwoStage, kish_effective_count, presence_weights,
-                                        shuffle, standardise, tau_schedule)
+from common.presence.reweighting import (Cosine, Linear, TwoStage, kish_effective_count, presence_weights, shuffle,
+                                        standardise)
+
+
+def weights_of(*args, **kwargs):
+    return presence_weights(*args, **kwargs)[0]
 
 
 def test_weights_match_the_formula_by_hand():
@@ -14,25 +18,25 @@ def test_weights_match_the_formula_by_hand():
     for tau in (1.0, -2.0):
         e = [math.exp(-tau * z), 1.0, math.exp(tau * z)]
         expected = torch.tensor([v / sum(e) for v in e], dtype=torch.float64)
-        got = presence_weights(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), tau, eps=0.0)
+        got = weights_of(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), tau, eps=0.0)
         assert torch.allclose(got, expected, rtol=1e-12, atol=0)
 
 
 def test_eps_enters_under_the_square_root():
     scores = torch.tensor([0.0, 2.0], dtype=torch.float64)  # population variance 1, mean(|s|) 1
-    w = presence_weights(scores, 1.0, eps=3.0)  # z = (-1, 1) / sqrt(1 + 3 * 1^2)
+    w = weights_of(scores, 1.0, eps=3.0)  # z = (-1, 1) / sqrt(1 + 3 * 1^2)
     assert torch.allclose(w[1] / w[0], torch.tensor(math.exp(1.0), dtype=torch.float64), rtol=1e-12)
 
 
 def test_equal_scores_and_a_single_score_give_uniform_weights():
-    assert torch.equal(presence_weights(torch.full((8,), 3.7), 100.0), torch.full((8,), 0.125))
-    assert torch.equal(presence_weights(torch.tensor([5.0]), -100.0), torch.tensor([1.0]))
+    assert torch.equal(weights_of(torch.full((8,), 3.7), 100.0), torch.full((8,), 0.125))
+    assert torch.equal(weights_of(torch.tensor([5.0]), -100.0), torch.tensor([1.0]))
 
 
 @pytest.mark.parametrize("tau", [-100.0, 100.0])
 def test_large_tau_and_large_scores_are_stable(tau):
     scores = torch.tensor([1e30, 3e30, 2e30, 1e-30], dtype=torch.float32)
-    w = presence_weights(scores, tau)
+    w = weights_of(scores, tau)
     assert torch.isfinite(w).all() and w.dtype == torch.float32
     assert torch.allclose(w.sum(), torch.tensor(1.0))
     assert w.argmax() == (1 if tau > 0 else 3)
@@ -41,17 +45,17 @@ def test_large_tau_and_large_scores_are_stable(tau):
 def test_base_weights_are_returned_at_tau_zero_and_scaled_otherwise():
     scores = torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
     base = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
-    assert torch.allclose(presence_weights(scores, 0.0, base_weights=base), base, rtol=1e-15)
-    plain = presence_weights(scores, 1.5)
+    assert torch.allclose(weights_of(scores, 0.0, base_weights=base), base, rtol=1e-15)
+    plain = weights_of(scores, 1.5)
     expected = base * plain / (base * plain).sum()
-    assert torch.allclose(presence_weights(scores, 1.5, base_weights=base), expected, rtol=1e-12)
+    assert torch.allclose(weights_of(scores, 1.5, base_weights=base), expected, rtol=1e-12)
 
 
 def test_scores_must_be_a_non_empty_vector():
     with pytest.raises(ValueError):
-        presence_weights(torch.tensor([]), 1.0)
+        weights_of(torch.tensor([]), 1.0)
     with pytest.raises(ValueError):
-        presence_weights(torch.ones(2, 2), 1.0)
+        weights_of(torch.ones(2, 2), 1.0)
 
 
 def test_two_stage_is_tau1_up_to_and_including_the_switch_step():
@@ -66,34 +70,13 @@ def test_continuous_schedules_by_hand():
     assert Linear(2.0, 0.0, 3).tau_at(99) == 0.0 and Cosine(2.0, 0.0, 3).tau_at(0) == 2.0  # clamped
 
 
-def test_methods_map_to_the_paper_schedules():
-    kwargs = dict(tau_direct=1.0, tau_inverse=-1.0, switch_step=10, total_steps=100)
-    assert tau_schedule("baseline", **kwargs) is None
-    assert tau_schedule("presence", **kwargs) == TwoStage(1.0, -1.0, 10)
-    assert tau_schedule("presence-D", **kwargs) == Constant(1.0)
-    assert tau_schedule("presence-I", **kwargs) == Constant(-1.0)
-    assert tau_schedule("presence-I-D", **kwargs) == TwoStage(-1.0, 1.0, 10)
-    assert tau_schedule("presence-single", tau=-2.0, **kwargs) == Constant(-2.0)
-    assert tau_schedule("presence-linear", **kwargs) == Linear(1.0, -1.0, 100)
-    assert tau_schedule("presence-cosine", **kwargs) == Cosine(1.0, -1.0, 100)
-
-
-def test_method_errors_say_what_to_do():
-    with pytest.raises(ValueError, match="needs tau"):
-        tau_schedule("presence-single")
-    with pytest.raises(ValueError, match="only used by"):
-        tau_schedule("presence", tau=2.0)
-    with pytest.raises(ValueError, match="unknown method"):
-        tau_schedule("presense")
-
-
 @pytest.mark.parametrize("scale", [1e-6, 1e6])
 def test_weights_do_not_depend_on_the_scores_scale(scale):
     """Self-influence shrinks with the target tokens per microbatch; an absolute eps of 1e-6 would make
     the weights of scores ~1e-6 nearly uniform. The relative eps leaves them unchanged."""
     scores = torch.tensor([0.3, 1.2, 0.7, 2.5, 0.1], dtype=torch.float64)
     for tau in (1.0, -1.0):
-        assert torch.allclose(presence_weights(scores * scale, tau), presence_weights(scores, tau), rtol=1e-12)
+        assert torch.allclose(weights_of(scores * scale, tau), weights_of(scores, tau), rtol=1e-12)
     assert standardise(scores * scale)[1] == pytest.approx(standardise(scores)[1], rel=1e-12)
 
 
@@ -118,7 +101,9 @@ def test_kish_effective_count_by_hand():
     assert kish_effective_count(torch.tensor([0.5, 0.25, 0.25])) == pytest.approx(1 / 0.375)
 
 
-def test_the_shuffled_control_has_presence_schedule():
-    for step in (1, 20, 21, 200):
-        assert tau_schedule("presence-shuffled", switch_step=20).tau_at(step) == \
-            tau_schedule("presence", switch_step=20).tau_at(step)
+def test_the_control_weights_the_shuffled_scores_and_keeps_their_variance_share():
+    scores = torch.tensor([0.5, 3.0, 1.0, 7.0, 2.0], dtype=torch.float64)
+    weights, share = presence_weights(scores, -1.0, shuffle_seed=11)
+    assert torch.equal(weights, weights_of(shuffle(scores, 11), -1.0))
+    assert sorted(weights.tolist()) == pytest.approx(sorted(weights_of(scores, -1.0).tolist()), rel=1e-12)
+    assert share == pytest.approx(standardise(scores)[1], rel=1e-12)

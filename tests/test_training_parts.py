@@ -12,6 +12,7 @@ from common.checkpoint import (confirm_checkpoint, latest_checkpoint, load_check
 from common.config import ModelConfig, load_preset
 from common.modeling import all_finite, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer, inverse_sqrt_lr
+from common.presence.presence_step import StepPlan
 from common.presence.train_step import train_step
 from tiny_t5 import one_thread, split, tiny_batch, tiny_t5  # noqa: F401
 
@@ -194,15 +195,15 @@ def test_all_finite_refuses_nan_inf_and_norms_that_overflow():
 
 # (step keyword arguments, the fault): the loss stays finite while the update direction (a NaN gradient of
 # the output layer) or the starting point (an infinite embedding row that no token of the batch uses) is not.
-STEP_FAULTS = [({"tau": None}, "nan-gradient"), ({"tau": 1.0}, "nan-gradient"),
-               ({"tau": None, "sample_weights": torch.full((8,), 1 / 8, dtype=torch.float64)}, "nan-gradient"),
-               ({"tau": None}, "inf-parameter"), ({"tau": 1.0}, "inf-parameter"),
-               ({"tau": 1.0, "per": "sample"}, "inf-parameter")]
+STEP_FAULTS = [(StepPlan(), "nan-gradient"), (StepPlan("scores", tau=1.0), "nan-gradient"),
+               (StepPlan("fixed", sample_weights=torch.full((8,), 1 / 8, dtype=torch.float64)), "nan-gradient"),
+               (StepPlan(), "inf-parameter"), (StepPlan("scores", tau=1.0), "inf-parameter"),
+               (StepPlan("scores", "sample", 1.0), "inf-parameter")]
 
 
-@pytest.mark.parametrize("options, fault", STEP_FAULTS,
+@pytest.mark.parametrize("plan, fault", STEP_FAULTS,
                          ids=["baseline-nan", "presence-nan", "fixed-nan", "baseline-inf", "presence-inf", "sample-inf"])
-def test_a_non_finite_update_is_refused_before_the_optimizer_step(options, fault):
+def test_a_non_finite_update_is_refused_before_the_optimizer_step(plan, fault):
     model = tiny_t5()
     optimizer, scheduler = build_optimizer(model, load_preset("tiny").pretrain)
     if fault == "nan-gradient":
@@ -212,6 +213,6 @@ def test_a_non_finite_update_is_refused_before_the_optimizer_step(options, fault
             model.shared.weight[1] = float("inf")  # token 1 (EOS) is in no input and no label of tiny_batch
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(FloatingPointError, match="update direction or the parameters are not finite"):
-        train_step(model, split(tiny_batch(), 2), optimizer=optimizer, scheduler=scheduler, **options)
+        train_step(model, split(tiny_batch(), 2), plan, optimizer=optimizer, scheduler=scheduler)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not optimizer.state and scheduler.last_epoch == 0

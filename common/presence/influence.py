@@ -1,5 +1,11 @@
-"""Self-influence of span-corruption samples: TracIn with the current parameters only,
-SI_K(z) = ||grad_K loss(theta, z)||^2, the squared gradient norm restricted to a layer set K.
+"""Self-influence: TracIn with the current parameters only, SI_K(z) = ||grad_K loss(theta, z)||^2, the
+squared gradient norm of an item z (a sample, or a microbatch of samples) restricted to a layer set K.
+
+`self_influence` is the one definition: training per microbatch and per sample (common/presence/
+presence_step.py) and the analyses (`batch_self_influence`, which 02_si_analysis and 03_pretrain's
+scoring call) all take their scores from it. It reads them off whatever holds the items' gradients: the
+microbatch-gradient rows a PRESENCE step materialises anyway, or a `GradTape` that forms per-sample
+squared norms without per-sample gradients (common/presence/per_sample_grads.py).
 
 Layer sets (`layers`):
 - "first" (default): encoder.block.0 + decoder.block.0. The paper's "first layer of the encoder and of
@@ -18,7 +24,7 @@ labels != -100. A sample's loss is the mean over its own target tokens (what the
 sample alone); a microbatch's loss is the mean over all of the microbatch's target tokens. A sample without
 target tokens has loss 0 and self-influence 0 (Hugging Face would return 0/0).
 
-Scores come from one forward and one backward pass for the whole batch (common/presence/per_sample_grads.py); the
+`batch_self_influence` scores a batch in one forward and one backward pass (common/presence/per_sample_grads.py); the
 model is scored in the mode the caller set (train: with dropout, as in training; eval: deterministic).
 During the pass no parameter requires grad (the tape's doing), so that autograd keeps no activation that only
 a weight gradient would need; parameters, their .grad and requires_grad are left as they were, also when the
@@ -26,7 +32,7 @@ pass fails.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +102,24 @@ def group_losses(per_token: torch.Tensor, labels: torch.Tensor, group_size: int 
     return per_token.reshape(n_groups, -1).sum(1) / counts.clamp(min=1)
 
 
-def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per: str = "sample",
-                   microbatch_size: int | None = None) -> torch.Tensor:
+class ItemGradients(Protocol):
+    """Holds the loss gradient of each of n items (samples, groups of samples or microbatches)."""
+
+    def squared_norms(self, params: Sequence[nn.Parameter], group_size: int = 1) -> torch.Tensor:
+        """(n // group_size,) float64: the squared norm, on `params`, of each contiguous group's gradient."""
+
+
+def self_influence(gradients: ItemGradients, layer_set: Sequence[nn.Parameter], group_size: int = 1) -> torch.Tensor:
+    """SI_K of every item whose gradient `gradients` holds (or of each contiguous group of `group_size`
+    items: the squared norm of the group's summed gradient), K = `layer_set`: a 1-D float64 tensor.
+
+    The loss of a sample is the mean over its target tokens, that of a microbatch the mean over all of its
+    target tokens (what the model returns given that item alone), as `gradients` was formed."""
+    return gradients.squared_norms(layer_set, group_size)
+
+
+def batch_self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per: str = "sample",
+                         microbatch_size: int | None = None) -> torch.Tensor:
     """Self-influence scores of `batch` (input_ids, attention_mask, labels): one per sample (per="sample")
     or one per contiguous microbatch of `microbatch_size` samples (per="microbatch"); a 1-D tensor on the
     model's device, float64."""
@@ -121,4 +143,4 @@ def self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per:
             # the logits (B x T x vocabulary) get no name: the backward keeps only what the loss saved
             losses = group_losses(token_losses(forward_logits(model, batch), labels), labels, group_size)
         tape.backward(losses.sum())
-    return tape.sq_norms(params, group_size).detach()
+    return self_influence(tape, params, group_size).detach()

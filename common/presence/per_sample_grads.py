@@ -14,7 +14,7 @@ gradients, which the tape forms from its own records); a tracked module whose in
 (the first of the set, fed by frozen layers) returns its output as a leaf that does, and the graph starts
 there. requires_grad is restored on leaving the tape, also on error. From the two factors:
 
-- `sq_norms`: the squared norm of each sample's (or each contiguous group of samples') gradient, exactly, in
+- `squared_norms`: the squared norm of each sample's (or each contiguous group of samples') gradient, exactly, in
   float64. Long float32 sums (a norm over a per-sample weight matrix, a bias-table entry over every
   query/key pair of its bucket) are float32 partial sums over short runs, added in float64.
   Linear weight: the per-sample matrix d^T a, or the Gram form sum_{t,t'} <a_t, a_t'> <d_t, d_t'>
@@ -25,7 +25,7 @@ there. requires_grad is restored on leaving the tape, also on error. From the tw
   when tied) gets the norm of the sum of its uses, cross terms included.
 - `add_weighted_grads`: the gradient of sum_j w_j loss_j, by the usual weight-gradient formulas with
   each sample's output gradient scaled by w_j (backpropagation is linear in the loss), or as w @ the
-  per-sample gradients where `sq_norms` formed them anyway.
+  per-sample gradients where `squared_norms` formed them anyway.
 
 Only the module kinds of T5 are supported (nn.Linear, nn.Embedding, T5/mT5 RMS layer norm, T5/mT5
 relative attention bias); a tracked parameter owned by anything else is refused with a clear error.
@@ -127,7 +127,7 @@ class GradTape:
     >>> with GradTape(model, params, batch_size=B) as tape:
     ...     logits = model(...).logits
     >>> tape.backward(per_sample_losses.sum())
-    >>> tape.sq_norms(params)            # (B,) exact per-sample squared gradient norms
+    >>> tape.squared_norms(params)      # (B,) exact per-sample squared gradient norms
     """
 
     def __init__(self, model: nn.Module, params: Iterable[nn.Parameter], batch_size: int):
@@ -135,7 +135,7 @@ class GradTape:
         self.params = list(dict.fromkeys(params))
         self.batch_size = batch_size
         self.uses: dict[nn.Parameter, list[_Use]] = {p: [] for p in self.params}
-        self.per_sample: dict[nn.Parameter, torch.Tensor] = {}  # per-sample gradients formed by sq_norms
+        self.per_sample: dict[nn.Parameter, torch.Tensor] = {}  # per-sample gradients formed by squared_norms
         self._handles: list = []
         self._patched: list[nn.Module] = []
         self._frozen: list[nn.Parameter] = []
@@ -205,7 +205,7 @@ class GradTape:
             use.output = None  # the graph is gone; the step holds every microbatch's tape until the end
 
     # ---- per-sample squared norms ------------------------------------------------------------------
-    def sq_norms(self, params: Iterable[nn.Parameter] | None = None, group_size: int = 1) -> torch.Tensor:
+    def squared_norms(self, params: Iterable[nn.Parameter] | None = None, group_size: int = 1) -> torch.Tensor:
         """Squared gradient norm restricted to `params` (default: all tracked), per contiguous group of
         `group_size` samples: shape (batch_size // group_size,), float64. Per-sample gradients that this forms on
         the way (small layers: norms, biases, Linear weights when cheaper than the Gram form) are kept

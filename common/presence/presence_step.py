@@ -43,9 +43,9 @@ from torch import nn
 
 from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
 from common.modeling import IGNORE_INDEX, all_finite
-from common.presence.influence import Layers, eager, forward_logits, layer_set, token_losses
+from common.presence.influence import Layers, eager, forward_logits, layer_set, self_influence, token_losses
 from common.presence.per_sample_grads import GradTape
-from common.presence.reweighting import shuffle, softmax_weights, standardise
+from common.presence.reweighting import presence_weights
 
 
 @dataclass
@@ -56,6 +56,32 @@ class StepStats:
     weights: torch.Tensor | None  # the weights applied, in item order
     variance_share: float | None = None  # share of the scores' variance the standardisation kept
     finite: bool = True  # the parameters the step started from and the update direction are all finite
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one step forms its update direction; a run's method (common/presence/methods.py) makes one per
+    step. update: "uniform" (the baseline), "scores" (PRESENCE: self-influence weights at temperature `tau`,
+    of microbatches or samples as `per` says, the scores permuted with `shuffle_seed` for the control) or
+    "fixed" (the given `sample_weights`, one per row of the global batch)."""
+    update: str = "uniform"
+    per: str = "microbatch"
+    tau: float | None = None
+    shuffle_seed: int | None = None
+    sample_weights: torch.Tensor | None = None
+
+
+def update_direction(model: nn.Module, microbatches: list[dict], plan: StepPlan, layers: Layers = "first",
+                     autocast_dtype: torch.dtype | None = None) -> StepStats:
+    """p.grad = the update direction `plan` asks for (see the module docstring); the step's statistics."""
+    if plan.update == "uniform":
+        return baseline_step(model, microbatches, autocast_dtype)
+    if plan.update == "fixed":
+        return fixed_weights_step(model, microbatches, plan.sample_weights, autocast_dtype)
+    if plan.update == "scores":
+        return presence_step(model, microbatches, plan.tau, layers, plan.per, autocast_dtype,
+                             shuffle_seed=plan.shuffle_seed)
+    raise ValueError(f"unknown update {plan.update!r}; use uniform, scores or fixed")
 
 
 def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: torch.dtype | None = None) -> StepStats:
@@ -85,7 +111,8 @@ def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers
     if per not in ("microbatch", "sample"):
         raise ValueError(f"per must be 'microbatch' or 'sample', got {per!r}")
     run = _presence_per_microbatch if per == "microbatch" else _presence_per_sample
-    return run(model, microbatches, tau, layers, autocast_dtype, _Weighting(eps, shuffle_seed))
+    weighting = _Weighting(tau, eps, shuffle_seed)
+    return run(model, microbatches, layers, autocast_dtype, weighting)
 
 
 def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weights: torch.Tensor,
@@ -122,7 +149,7 @@ def release_buffers(model: nn.Module) -> None:
     _BUFFERS.pop(eager(model), None)
 
 
-def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, weighting) -> StepStats:
+def _presence_per_microbatch(model, microbatches, layers, autocast_dtype, weighting) -> StepStats:
     n = len(microbatches)
     flat = _flat_grads(model, layers, n)
     flat.rows.zero_()
@@ -133,15 +160,15 @@ def _presence_per_microbatch(model, microbatches, tau, layers, autocast_dtype, w
             loss = model(**microbatch).loss
         loss.backward()
         losses.append(loss.detach())
-    scores = all_gather_cat(_squared_row_norms(flat.rows[:, :flat.k_numel]))
-    weights, share = weighting(scores, tau)
+    scores = all_gather_cat(self_influence(flat, flat.params[:flat.k_count]))
+    weights, share = weighting(scores)
     torch.mv(flat.rows.t(), weights[rank() * n:(rank() + 1) * n].to(flat.rows.dtype), out=flat.grad)
     all_reduce_sum_(flat.grad)
     flat.point_grads(flat.grad_views)
     return _stats(losses, n * world_size(), flat.params, scores, weights, share)
 
 
-def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, weighting) -> StepStats:
+def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting) -> StepStats:
     model = eager(model)  # hooks do not run inside a compiled graph
     flat = _flat_grads(model, layers, 0)
     k_params = flat.params[:flat.k_count]
@@ -156,11 +183,11 @@ def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, weigh
         counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
         tape.backward((per_token / counts.clamp(min=1)).sum())
         tapes.append(tape)
-        scores.append(tape.sq_norms(k_params))
+        scores.append(self_influence(tape, k_params))
         base_weights.append(counts / (counts.sum().clamp(min=1) * n_global))
         losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
     scores = all_gather_cat(torch.cat(scores))
-    weights, share = weighting(scores, tau, base_weights=all_gather_cat(torch.cat(base_weights)))
+    weights, share = weighting(scores, base_weights=all_gather_cat(torch.cat(base_weights)))
     local = weights[rank() * (weights.numel() // world_size()):]
     flat.grad.zero_()
     grads = dict(zip(flat.params, flat.grad_views))
@@ -176,27 +203,20 @@ def _presence_per_sample(model, microbatches, tau, layers, autocast_dtype, weigh
 
 @dataclass(frozen=True)
 class _Weighting:
-    """From the step's scores to its weights: standardise (eps), optionally shuffle (the control), softmax."""
+    """The step's scores to its weights at temperature tau (common.presence.reweighting.presence_weights)."""
+    tau: float
     eps: float
     shuffle_seed: int | None
 
-    def __call__(self, scores: torch.Tensor, tau: float, base_weights: torch.Tensor | None = None):
-        used = scores if self.shuffle_seed is None else shuffle(scores, self.shuffle_seed)
-        z, share = standardise(used, self.eps)
-        return softmax_weights(z, tau, base_weights).to(scores.dtype), share
+    def __call__(self, scores: torch.Tensor, base_weights: torch.Tensor | None = None):
+        return presence_weights(scores, self.tau, eps=self.eps, shuffle_seed=self.shuffle_seed,
+                                base_weights=base_weights)
 
 
 # Columns summed at a time in float64: bounded extra memory, and a sum of millions of float32 squares
 # exact to float64 rounding (a float32 norm of a 2.4M-element row is off by ~1e-4 relative).
 _NORM_CHUNK = 1 << 20
 
-
-def _squared_row_norms(rows: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean norm of each row, accumulated in float64; returned in float64."""
-    total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
-    for chunk in rows.split(_NORM_CHUNK, dim=1):
-        total += chunk.to(torch.float64).square().sum(1)
-    return total
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in eager(model).parameters() if p.requires_grad]
@@ -257,6 +277,18 @@ class _FlatGrads:
     def point_grads(self, views: list[torch.Tensor]) -> None:
         for p, view in zip(self.params, views):
             p.grad = view
+
+    def squared_norms(self, params, group_size: int = 1) -> torch.Tensor:
+        """Each row's squared norm on `params`, which must be the layer set K the columns start with,
+        accumulated in float64 (common.presence.influence.ItemGradients)."""
+        params = list(params)
+        k_params = self.params[:self.k_count]
+        if group_size != 1 or len(params) != len(k_params) or any(a is not b for a, b in zip(params, k_params)):
+            raise ValueError("microbatch-gradient rows give the squared norms of whole rows on their layer set K")
+        total = torch.zeros(self.rows.shape[0], dtype=torch.float64, device=self.rows.device)
+        for chunk in self.rows[:, :self.k_numel].split(_NORM_CHUNK, dim=1):
+            total += chunk.to(torch.float64).square().sum(1)
+        return total
 
 
 # Buffers per model, kept between steps: allocating (and, on the CPU, page-faulting) n x P floats every

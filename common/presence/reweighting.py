@@ -8,8 +8,9 @@ paper's scale), and an absolute eps would flatten the weights there. `variance_s
 the scores' variance survives the eps (1 when eps is negligible). Since |z_i| <= sqrt(n - 1), the logits
 stay bounded and the softmax (computed with its maximum subtracted) is stable for any |tau| <= 100.
 
-The information control ("presence-shuffled") forms the weights from the same scores permuted at random
-(`shuffle`): the same weight distribution every step, no link between a weight and its item's influence.
+The information control (common/presence/methods.py, control "shuffled") forms the weights from the same
+scores permuted at random (`shuffle`): the same weight distribution every step, no link between a weight and
+its item's influence.
 
 Schedules map an optimizer step to tau. Steps are 1-based: step 1 is the first update, so the two-stage
 schedule uses tau1 for steps 1..I and tau2 from step I + 1 on (the paper: "tau = tau1 for step <= I").
@@ -20,14 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-# Pre-training methods: the paper's (Section 3 and its ablations) and the continuous schedules it
-# names as an open question. "baseline" has no schedule: it does not reweight.
-METHODS = ("baseline", "presence", "presence-shuffled", "presence-D", "presence-I", "presence-I-D",
-           "presence-single", "presence-linear", "presence-cosine")
-# Controls: PRESENCE's schedule with the scores shuffled within each step before the weights are formed.
-SHUFFLED_METHODS = ("presence-shuffled",)
-
 
 def standardise(scores: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, float]:
     """(z, variance share) in float64: z = (s - mean) / sqrt(var + eps * mean(|s|)^2), and the share
@@ -45,15 +38,21 @@ def standardise(scores: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, 
     return centred / denominator.sqrt(), (variance / denominator).item()
 
 
-def presence_weights(scores: torch.Tensor, tau: float, eps: float = 1e-6,
-                     base_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(tau * standardise(scores, eps)), in the dtype of `scores` (computed in float64).
+def presence_weights(scores: torch.Tensor, tau: float, *, eps: float = 1e-6, shuffle_seed: int | None = None,
+                     base_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(weights, variance share): softmax(tau * standardise(scores, eps)), in the dtype of `scores`
+    (computed in float64), and the share of the scores' variance the standardisation kept. Every weight
+    PRESENCE (and its control) applies, and every weight the analyses form, comes from here.
 
-    `base_weights` (positive, summing to 1) are the weights the unweighted method gives each item; the
-    result is then proportional to base_weights * exp(tau * z), so that tau = 0 returns them exactly.
-    The per-sample PRESENCE step needs this when samples have different numbers of target tokens."""
-    z, _ = standardise(scores, eps)
-    return softmax_weights(z, tau, base_weights).to(scores.dtype)
+    With `shuffle_seed` the scores are first permuted at random (`shuffle`): the information control. (z is
+    permutation-equivariant, so permuting before or after standardising gives the same weights; before
+    keeps the arithmetic of the committed runs.) `base_weights` (positive, summing to 1) are the weights the
+    unweighted method gives each item; the result is then proportional to base_weights * exp(tau * z), so
+    that tau = 0 returns them exactly. The per-sample step needs this when samples have different numbers
+    of target tokens."""
+    used = scores if shuffle_seed is None else shuffle(scores, shuffle_seed)
+    z, share = standardise(used, eps)
+    return softmax_weights(z, tau, base_weights).to(scores.dtype), share
 
 
 def softmax_weights(z: torch.Tensor, tau: float, base_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,30 +129,3 @@ def _progress(step: int, total_steps: int) -> float:
 
 
 TauSchedule = Constant | TwoStage | Linear | Cosine
-
-
-def tau_schedule(method: str, *, tau_direct: float = 1.0, tau_inverse: float = -1.0, switch_step: int = 0,
-                 total_steps: int = 1, tau: float | None = None) -> TauSchedule | None:
-    """The schedule of a pre-training method (None for "baseline": no reweighting).
-
-    tau_direct / tau_inverse / switch_step are the paper's tau1 = +1, tau2 = -1 and I (config fields
-    pretrain.tau_direct, tau_inverse, switch_step); `tau` is the constant of "presence-single"."""
-    if method == "presence-single":
-        if tau is None:
-            raise ValueError("method 'presence-single' needs tau (e.g. one of the paper's -2, -1, 1, 2)")
-        return Constant(tau)
-    if tau is not None:
-        raise ValueError(f"tau is only used by 'presence-single', not by {method!r}")
-    schedules = {
-        "baseline": lambda: None,
-        "presence": lambda: TwoStage(tau_direct, tau_inverse, switch_step),
-        "presence-shuffled": lambda: TwoStage(tau_direct, tau_inverse, switch_step),
-        "presence-D": lambda: Constant(tau_direct),
-        "presence-I": lambda: Constant(tau_inverse),
-        "presence-I-D": lambda: TwoStage(tau_inverse, tau_direct, switch_step),
-        "presence-linear": lambda: Linear(tau_direct, tau_inverse, total_steps),
-        "presence-cosine": lambda: Cosine(tau_direct, tau_inverse, total_steps),
-    }
-    if method not in schedules:
-        raise ValueError(f"unknown method {method!r}. Fix: use one of {METHODS}")
-    return schedules[method]()

@@ -1,5 +1,5 @@
 """One pre-training step, as 03_pretrain/pretrain.py runs it and 03_pretrain/bench_train.py times it:
-the update direction (baseline gradient accumulation, or PRESENCE when a temperature is given), a guard
+the update direction (common/presence/presence_step.py, as the step's plan says), a guard
 against a non-finite loss, update direction or starting point before anything is applied, optional
 gradient clipping, then the optimizer and learning-rate steps.
 
@@ -14,24 +14,16 @@ import torch
 from torch import nn
 
 from common.presence.influence import Layers
-from common.presence.presence_step import StepStats, baseline_step, fixed_weights_step, presence_step
+from common.presence.presence_step import StepPlan, StepStats, update_direction
 
 
-def train_step(model: nn.Module, microbatches: list[dict], tau: float | None, optimizer, scheduler, *,
-               layers: Layers = "first", per: str = "microbatch", autocast_dtype: torch.dtype | None = None,
-               grad_clip: float = 0.0, shuffle_seed: int | None = None,
-               sample_weights: torch.Tensor | None = None) -> tuple[StepStats, float]:
-    """Returns the step's statistics and the learning rate it used. tau None is the baseline, or, with
-    `sample_weights`, the given weighting of the samples (the noise oracle); `shuffle_seed` makes PRESENCE
-    the information control. Raises FloatingPointError, with the parameters and optimizer state untouched,
-    when the loss, the update direction or the parameters the step starts from are not finite."""
-    if sample_weights is not None:
-        stats = fixed_weights_step(model, microbatches, sample_weights, autocast_dtype=autocast_dtype)
-    elif tau is None:
-        stats = baseline_step(model, microbatches, autocast_dtype=autocast_dtype)
-    else:
-        stats = presence_step(model, microbatches, tau, layers=layers, per=per, autocast_dtype=autocast_dtype,
-                              shuffle_seed=shuffle_seed)
+def train_step(model: nn.Module, microbatches: list[dict], plan: StepPlan, optimizer, scheduler, *,
+               layers: Layers = "first", autocast_dtype: torch.dtype | None = None,
+               grad_clip: float = 0.0) -> tuple[StepStats, float]:
+    """Returns the step's statistics and the learning rate it used; `plan` says how the update direction is
+    formed. Raises FloatingPointError, with the parameters and optimizer state untouched, when the loss,
+    the update direction or the parameters the step starts from are not finite."""
+    stats = update_direction(model, microbatches, plan, layers, autocast_dtype)
     if not (math.isfinite(stats.loss) and stats.finite):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"loss is {stats.loss}" if stats.finite else

@@ -20,16 +20,13 @@ from matplotlib.ticker import ScalarFormatter
 
 from common.evaluation.score_rows import chance_level
 from common.io import atomic_path
+from common.presence.methods import (BASELINE, CONTROL, METHODS, ORACLE, PRESENCE, SEQUENTIAL, SEQUENTIAL_REVERSE,
+                                     single_stage_taus)
 from common.reporting.run_results import HEADLINE_METRIC, recipe_name
 from common.reporting.stats import auroc
 
 DPI = 130
-METHOD_COLORS = {
-    "baseline": "#4d4d4d", "presence": "#1f77b4", "presence-shuffled": "#b0b0b0", "noise-oracle": "#2ca02c",
-    "presence-D": "#ff7f0e", "presence-I": "#2ca02c",
-    "presence-I-D": "#9467bd", "presence-sequential": "#d62728", "presence-sequential-reverse": "#8c564b",
-    "presence-linear": "#e377c2", "presence-cosine": "#17becf",
-}
+METHOD_COLORS = {method.name: method.color for method in METHODS}
 EXTRA_COLORS = ["#bcbd22", "#7f7f7f", "#393b79", "#8c6d31", "#843c39", "#7b4173", "#637939", "#3182bd"]
 STAGE_COLORS = {"direct": "#fdae6b", "inverse": "#9ecae1"}
 LOSS_LABEL = "span-corruption loss (nats / target token)"
@@ -321,8 +318,8 @@ def plot_training_loss(logs: pd.DataFrame, out_png: str | Path, switch_step: int
     PRESENCE-shuffled, when run) with the direct stage [0, I] and the inverse stage (I, end] marked; below,
     PRESENCE minus each of them: the smoothed training losses (lines) and the held-out losses (points,
     mean over seeds of each seed's difference, bars: std over seeds)."""
-    variants = [v for v in ("baseline", "presence-shuffled", "presence") if v in set(logs["variant"])]
-    missing = [v for v in ("baseline", "presence") if v not in variants]
+    variants = [v for v in (BASELINE.name, CONTROL.name, PRESENCE.name) if v in set(logs["variant"])]
+    missing = [v for v in (BASELINE.name, PRESENCE.name) if v not in variants]
     if missing:
         raise MissingInputError(f"no training logs of {missing}")
     logs = logs[logs["variant"].isin(variants)]
@@ -340,13 +337,13 @@ def plot_training_loss(logs: pd.DataFrame, out_png: str | Path, switch_step: int
     shade_stages(bottom, switch_step, last_step, taus)
     raw = {v: seed_curves(logs[logs["variant"] == v], "loss").mean(axis=1) for v in variants}
     for reference in variants[:-1]:
-        color = color_for(reference, palette) if reference != "baseline" else "#1f77b4"
-        difference = (raw["presence"] - raw[reference]).dropna()
+        color = color_for(reference, palette) if reference != BASELINE.name else PRESENCE.color
+        difference = (raw[PRESENCE.name] - raw[reference]).dropna()
         window = max(1, round(len(difference) / 10))
         smoothed = smooth(difference, window).dropna()
         bottom.plot(smoothed.index, smoothed.to_numpy(), color=color, lw=1.6,
                     label=f"PRESENCE − {reference}, training loss (mean over seeds, smoothed over {window} steps)")
-        points = paired_heldout_differences(logs, "presence", reference)
+        points = paired_heldout_differences(logs, PRESENCE.name, reference)
         if len(points):
             bottom.errorbar(points.index, points["mean"], yerr=points["std"], fmt="o", ms=4, capsize=2, color=color,
                             mec="white", mew=0.6, label=f"PRESENCE − {reference}, held-out loss (same seed; bars: "
@@ -378,9 +375,9 @@ def plot_presence_vs_sequential(logs: pd.DataFrame, downstream: pd.DataFrame, ou
     """The paper's Figure 4 at our scale: PRESENCE (online reweighting) vs PRESENCE-Sequential
     (offline filtering) and the baseline: training loss, held-out loss and downstream scores.
     `downstream`: per-run averages with columns variant, seed, task, value (percent)."""
-    variants = ["baseline", "presence", "presence-sequential", "presence-sequential-reverse"]
+    variants = [BASELINE.name, PRESENCE.name, SEQUENTIAL.name, SEQUENTIAL_REVERSE.name]
     present = [v for v in variants if v in set(logs["variant"])]
-    if not {"presence-sequential", "presence-sequential-reverse"} & set(present) or "presence" not in present:
+    if not {SEQUENTIAL.name, SEQUENTIAL_REVERSE.name} & set(present) or PRESENCE.name not in present:
         raise MissingInputError("needs PRESENCE and at least one PRESENCE-Sequential run; have "
                                 f"{present or 'none'}")
     fig = Figure(figsize=(16, 5.2), layout="constrained")
@@ -485,8 +482,9 @@ def plot_single_stage_tau(logs: pd.DataFrame, runs: pd.DataFrame, downstream: pd
 
 def single_stage_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Standard runs with one temperature throughout, with their τ (baseline: 0, D: +1, I: −1)."""
-    fixed = {"baseline": 0.0, "presence-D": 1.0, "presence-I": -1.0}
-    chosen = runs[runs["standard"] & (runs["method"].isin(list(fixed)) | (runs["method"] == "presence-single"))]
+    fixed = single_stage_taus()
+    own_tau = [m.name for m in METHODS if "tau" in m.reads]
+    chosen = runs[runs["standard"] & (runs["method"].isin(list(fixed)) | runs["method"].isin(own_tau))]
     tau = [fixed.get(m, t) for m, t in zip(chosen["method"], chosen["tau"])]
     return chosen.assign(tau=pd.to_numeric(pd.Series(tau, index=chosen.index), errors="coerce")).dropna(subset=["tau"])
 
@@ -646,11 +644,11 @@ def plot_si_overhead(bench: pd.DataFrame, out_png: str | Path) -> Figure:
 
 
 def _bench_color(method: str) -> str:
-    if method == "baseline":
-        return METHOD_COLORS["baseline"]
+    if method == BASELINE.name:
+        return BASELINE.color
     if "naive" in method:
         return "#d62728"
-    return "#ff7f0e" if "sample" in method else METHOD_COLORS["presence"]
+    return "#ff7f0e" if "sample" in method else PRESENCE.color
 
 
 TASK_TITLES = {"xquad": "XQuAD", "mlqa": "MLQA", "tydiqa": "TyDi QA-GoldP", "xnli": "XNLI", "pawsx": "PAWS-X",
@@ -659,7 +657,7 @@ METRIC_TITLES = {"f1": "F1", "em": "exact match", "accuracy": "accuracy", "span_
 
 
 def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFrame | None, out_png: str | Path,
-                             variants: tuple[str, ...] = ("baseline", "presence-shuffled", "presence")) -> Figure:
+                             variants: tuple[str, ...] = (BASELINE.name, CONTROL.name, PRESENCE.name)) -> Figure:
     """Per-language scores of each fine-tuning task and setting (the paper's metric per task), and the
     offline verse-retrieval accuracy per language: bars per variant, mean over seeds, error bars the std
     over seeds clipped to [0, 100], chance levels where a task has one. One panel per row, page-width,
@@ -769,8 +767,8 @@ def plot_si_reliability(reliability: pd.DataFrame, out_png: str | Path) -> Figur
     return save_figure(fig, out_png)
 
 
-NOISE_VARIANTS = ("baseline", "presence", "presence (per-sample)", "presence-shuffled",
-                  "presence-shuffled (per-sample)", "noise-oracle")
+NOISE_VARIANTS = (BASELINE.name, PRESENCE.name, recipe_name(PRESENCE.name, "sample"), CONTROL.name,
+                  recipe_name(CONTROL.name, "sample"), ORACLE.name)
 
 
 def plot_noise_experiment(logs: pd.DataFrame, runs: pd.DataFrame, noise_runs: pd.DataFrame, out_png: str | Path,

@@ -19,6 +19,9 @@ import numpy as np
 import pandas as pd
 
 from common.evaluation.score_rows import chance_level
+from common.presence.methods import BASELINE, PRESENCE, paper_rows
+from common.presence.methods import CONTROL as CONTROL_METHOD
+from common.presence.methods import label as method_label
 from common.reporting.markdown import markdown_table
 from common.reporting.paper_results import PAPER_SCALE, paper_value
 from common.reporting.run_results import HEADLINE_METRIC
@@ -27,12 +30,7 @@ SETTINGS = ("zero-shot", "translate-train")
 TASK_NAMES = {"xquad": "XQuAD F1", "mlqa": "MLQA F1", "tydiqa": "TyDi QA F1", "xnli": "XNLI acc.",
               "panx": "WikiAnn F1", "pawsx": "PAWS-X acc.", "verse_retrieval": "verse retrieval acc.",
               "heldout_loss": "held-out loss"}
-CONTROL = "presence-shuffled"  # the information control: PRESENCE's weights without PRESENCE's information
-METHOD_NAMES = {"baseline": "Baseline", "presence": "PRESENCE", CONTROL: "PRESENCE-shuffled (control)",
-                "presence-D": "PRESENCE-D",
-                "presence-I": "PRESENCE-I", "presence-I-D": "PRESENCE-I-D",
-                "presence-sequential": "PRESENCE-Sequential",
-                "presence-sequential-reverse": "PRESENCE-Sequential-reverse"}
+CONTROL = CONTROL_METHOD.name  # the information control: PRESENCE's weights without PRESENCE's information
 MODEL_NAMES = {"mt5-base": "mT5-base", "mt5-large": "mT5-large"}
 # Our measures that exist without XTREME: not comparable to the paper's tasks, shown apart.
 OFFLINE_MEASURES = {
@@ -55,7 +53,7 @@ class TableSpec:
     name: str  # output file stem under results/<preset>/tables/
     paper_table: str  # the `table` value in paper_results.csv
     title: str
-    methods: tuple[str, ...]  # in the paper's row order, baseline first
+    methods: tuple[str, ...]  # in the paper's row order, baseline first (common/presence/methods.py)
     tasks: tuple[str, ...]
     paper_models: tuple[str, ...]
     paper_steps: int
@@ -64,13 +62,12 @@ class TableSpec:
 
 TABLES = (
     TableSpec("table2_sequential", "table2", "Table 2: PRESENCE-Sequential (offline self-influence filtering)",
-              ("baseline", "presence-sequential-reverse", "presence-sequential"),
-              ("xquad", "mlqa", "tydiqa", "xnli", "panx"), ("mt5-base",), 200_000),
+              paper_rows("table2"), ("xquad", "mlqa", "tydiqa", "xnli", "panx"), ("mt5-base",), 200_000),
     TableSpec("table3_main", "table3", "Table 3: PRESENCE vs the baseline (main comparison)",
-              ("baseline", CONTROL, "presence"), ("xquad", "mlqa", "tydiqa", "xnli", "panx"),
+              paper_rows("table3"), ("xquad", "mlqa", "tydiqa", "xnli", "panx"),
               ("mt5-base", "mt5-large"), 1_000_000, CONTROL),
     TableSpec("table5_tau_ablation", "table5", "Table 5: temperature ablations",
-              ("baseline", CONTROL, "presence-D", "presence-I", "presence-I-D", "presence"), ("mlqa", "tydiqa", "xnli"),
+              paper_rows("table5"), ("mlqa", "tydiqa", "xnli"),
               ("mt5-base",), 200_000, CONTROL),
 )
 
@@ -106,20 +103,20 @@ def comparison_table(spec: TableSpec, paper: pd.DataFrame, scores: pd.DataFrame,
     rows = []
     for setting in SETTINGS:
         for task in spec.tasks:
-            base_ours = None if summary is None else _lookup(summary, variant="baseline", task=task, setting=setting)
+            base_ours = None if summary is None else _lookup(summary, variant=BASELINE.name, task=task, setting=setting)
             control = None if summary is None or spec.control is None else _lookup(
                 summary, variant=spec.control, task=task, setting=setting)
             for method in spec.methods:
                 mine = None if summary is None else _lookup(summary, variant=method, task=task, setting=setting)
                 ours_delta = (mine["mean"] - base_ours["mean"]) if (
-                    mine is not None and base_ours is not None and method != "baseline") else None
+                    mine is not None and base_ours is not None and method != BASELINE.name) else None
                 vs_control = (mine["mean"] - control["mean"]) if (
-                    mine is not None and control is not None and method == "presence") else None
+                    mine is not None and control is not None and method == PRESENCE.name) else None
                 for model in spec.paper_models:
                     theirs = paper_value(paper, spec.paper_table, model, method, setting, task)
-                    theirs_base = paper_value(paper, spec.paper_table, model, "baseline", setting, task)
+                    theirs_base = paper_value(paper, spec.paper_table, model, BASELINE.name, setting, task)
                     paper_delta = (theirs - theirs_base) if (
-                        theirs is not None and theirs_base is not None and method != "baseline") else None
+                        theirs is not None and theirs_base is not None and method != BASELINE.name) else None
                     agrees = (bool(np.sign(ours_delta) == np.sign(paper_delta))
                               if ours_delta is not None and paper_delta is not None else None)
                     rows.append({
@@ -161,14 +158,14 @@ def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame |
     eval_se = pd.to_numeric(frame["eval_se"], errors="coerce").groupby([frame["variant"], frame["task"]]).mean()
     out = []
     for task, (metric, _) in OFFLINE_MEASURES.items():
-        base = _lookup(summary, variant="baseline", task=task)
+        base = _lookup(summary, variant=BASELINE.name, task=task)
         control = _lookup(summary, variant=spec.control, task=task) if spec.control else None
         for method in spec.methods:
             mine = _lookup(summary, variant=method, task=task)
-            delta = mine["mean"] - base["mean"] if mine is not None and base is not None and method != "baseline" else None
+            delta = mine["mean"] - base["mean"] if mine is not None and base is not None and method != BASELINE.name else None
             vs_control = (mine["mean"] - control["mean"]) if (
-                mine is not None and control is not None and method == "presence") else None
-            vs_base_spread = _paired_spread(paired, method, "baseline") if task == "heldout_loss" else (None, None)
+                mine is not None and control is not None and method == PRESENCE.name) else None
+            vs_base_spread = _paired_spread(paired, method, BASELINE.name) if task == "heldout_loss" else (None, None)
             vs_control_spread = (_paired_spread(paired, method, spec.control)
                                  if task == "heldout_loss" and vs_control is not None else (None, None))
             out.append({"table": spec.paper_table, "setting": "pre-training" if task == "heldout_loss" else "offline",
@@ -242,11 +239,11 @@ def comparison_markdown(spec: TableSpec, table: pd.DataFrame, offline: pd.DataFr
             ours_only = method == spec.control  # the paper has no such row
             for i, model in enumerate(() if ours_only else spec.paper_models):
                 cells = [_cell(block, method, task, model, "paper_value") for task in spec.tasks]
-                rows.append([METHOD_NAMES[method] if i == 0 else "", f"paper ({MODEL_NAMES[model]})"] + cells)
-            rows.append([METHOD_NAMES[method] if ours_only else "", f"ours ({preset})"]
+                rows.append([method_label(method) if i == 0 else "", f"paper ({MODEL_NAMES[model]})"] + cells)
+            rows.append([method_label(method) if ours_only else "", f"ours ({preset})"]
                         + [_our_cell(block, method, task) for task in spec.tasks])
         for method in spec.methods[1:]:
-            label = f"Δ {METHOD_NAMES[method]} − Baseline"
+            label = f"Δ {method_label(method)} − Baseline"
             for i, model in enumerate(spec.paper_models):
                 cells = [format_delta(_cell(block, method, t, model, "paper_delta_vs_baseline", raw=True))
                          for t in spec.tasks]
@@ -257,8 +254,8 @@ def comparison_markdown(spec: TableSpec, table: pd.DataFrame, offline: pd.DataFr
             rows.append(["", "same sign"] + [
                 format_agreement(list(block[(block["method"] == method) & (block["task"] == t)]["direction_agrees"]))
                 for t in spec.tasks])
-            if method == "presence" and spec.control:
-                rows.append([f"Δ PRESENCE − {METHOD_NAMES[spec.control]}", f"ours ({preset}); no paper counterpart"]
+            if method == PRESENCE.name and spec.control:
+                rows.append([f"Δ PRESENCE − {method_label(spec.control)}", f"ours ({preset}); no paper counterpart"]
                             + [format_delta(first[first["task"] == t]["ours_delta_vs_control"].iloc[0])
                                for t in spec.tasks])
         lines += [f"### {setting}", "", markdown_table(header, rows), ""]
@@ -285,12 +282,12 @@ def offline_markdown(spec: TableSpec, offline: pd.DataFrame, heading: bool = Tru
              "rows) and the accuracy of retrieving held-out aligned Bible verses across languages (a "
              "Tatoeba-style check, see 04_finetune/README.md; chance is 1 / the number of candidates).", ""]
     header = ["method"] + [OFFLINE_MEASURES[t][1] for t in OFFLINE_MEASURES] + [
-        "Δ held-out loss vs Baseline", f"Δ held-out loss vs {METHOD_NAMES.get(spec.control, 'control')}"]
+        "Δ held-out loss vs Baseline", f"Δ held-out loss vs {method_label(spec.control) if spec.control else 'control'}"]
     rows = []
     for method in spec.methods:
         mine = offline[offline["method"] == method].set_index("task")
         loss = mine.loc["heldout_loss"]
-        rows.append([METHOD_NAMES[method]]
+        rows.append([method_label(method)]
                     + [format_score(loss["ours_mean"], loss["ours_std"], loss["ours_n_seeds"], 3, loss["ours_reused"])
                        + format_eval_se(loss["ours_eval_se"])]
                     + [format_score(mine.at[t, "ours_mean"], mine.at[t, "ours_std"], mine.at[t, "ours_n_seeds"],
@@ -354,7 +351,7 @@ def describe_our_scale(preset, parameters: int | None) -> str:
 def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame, our_steps: int) -> str:
     """A factual sentence on whether PRESENCE − baseline has the paper's sign at our scale."""
     parts = []
-    presence = table3[(table3["method"] == "presence") & table3["direction_agrees"].notna()]
+    presence = table3[(table3["method"] == PRESENCE.name) & table3["direction_agrees"].notna()]
     if presence.empty:
         parts.append("We have no XTREME scores of both the baseline and PRESENCE at this preset, so the "
                      "paper's downstream direction is not tested here.")
@@ -362,7 +359,7 @@ def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame, our_steps: i
         counts = [f"{int(rows['direction_agrees'].astype(bool).sum())} of {len(rows)} against {MODEL_NAMES[model]}"
                   for model, rows in presence.groupby("paper_model", sort=False)]
         cells = presence.drop_duplicates(["setting", "task"])
-        base = (table3[table3["method"] == "baseline"].drop_duplicates(["setting", "task"])
+        base = (table3[table3["method"] == BASELINE.name].drop_duplicates(["setting", "task"])
                 .set_index(["setting", "task"]))
         base = base.loc[list(zip(cells["setting"], cells["task"]))]
         text = f"PRESENCE − baseline has the paper's sign in {' and '.join(counts)} (task × setting cells)"
@@ -375,8 +372,8 @@ def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame, our_steps: i
                      "(sqrt(std_baseline² + std_PRESENCE²))")
         parts.append(text + ".")
     loss = offline3[(offline3["task"] == "heldout_loss") & offline3["ours_mean"].notna()].set_index("method")
-    if {"baseline", "presence"} <= set(loss.index):
-        b, p = loss.loc["baseline"], loss.loc["presence"]
+    if {BASELINE.name, PRESENCE.name} <= set(loss.index):
+        b, p = loss.loc[BASELINE.name], loss.loc[PRESENCE.name]
         text = (f"Final held-out span-corruption loss: PRESENCE {p['ours_mean']:.3f} vs baseline "
                 f"{b['ours_mean']:.3f} nats/token (Δ {format_delta_spread(p['ours_delta_vs_baseline'], p['ours_delta_seed_std'], p['ours_delta_eval_se'])}; "
                 f"n = {int(p['ours_n_seeds'])} / {int(b['ours_n_seeds'])} seeds)")
@@ -405,9 +402,9 @@ def headline_markdown(preset_name: str, table3: pd.DataFrame, offline3: pd.DataF
     measured = table3[table3["ours_n_seeds"] > 0]["setting"].unique()
     skipped = [s for s in SETTINGS if s not in measured]
     shown = table3[table3["setting"].isin(measured) if len(measured) else table3["setting"] == SETTINGS[0]]
-    for (setting, task), cells in shown[shown["method"] == "presence"].groupby(["setting", "task"], sort=False):
+    for (setting, task), cells in shown[shown["method"] == PRESENCE.name].groupby(["setting", "task"], sort=False):
         by_model = cells.set_index("paper_model")
-        base = table3[(table3["method"] == "baseline") & (table3["setting"] == setting)
+        base = table3[(table3["method"] == BASELINE.name) & (table3["setting"] == setting)
                       & (table3["task"] == task)].iloc[0]
         mine = cells.iloc[0]
         rows.append([setting, task_header(task)]

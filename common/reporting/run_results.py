@@ -17,6 +17,7 @@ import pandas as pd
 
 from common.config import PretrainConfig
 from common.evaluation.heldout import HELDOUT_COLUMNS
+from common.presence.methods import reads
 
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
                "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
@@ -30,20 +31,17 @@ BENCH_COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "devic
 HEADLINE_METRIC = {"xquad": "f1", "mlqa": "f1", "tydiqa": "f1", "xnli": "accuracy", "pawsx": "accuracy",
                    "panx": "span_f1", "verse_retrieval": "accuracy"}
 
-# Methods whose temperature changes at step I, so a different I makes a different recipe.
-TWO_STAGE_METHODS = ("presence", "presence-shuffled", "presence-I-D", "presence-linear", "presence-cosine")
-
-
 def recipe_changes(config: dict, reference: PretrainConfig) -> list[str]:
-    """How a run's recipe differs from the preset's defaults (empty for a standard run)."""
+    """How a run's recipe differs from the preset's defaults (empty for a standard run); a knob the method
+    does not read (common/presence/methods.py) is not part of its recipe."""
     method = config["method"]
     pretrain = config.get("preset", {}).get("pretrain", {})
     changes = []
     if config.get("per", "microbatch") != "microbatch":
         changes.append(f"per-{config['per']}")
-    if method in TWO_STAGE_METHODS and pretrain.get("switch_step", reference.switch_step) != reference.switch_step:
+    if reads(method, "switch_step") and pretrain.get("switch_step", reference.switch_step) != reference.switch_step:
         changes.append(f"I={pretrain['switch_step']}")
-    if method != "baseline" and pretrain.get("si_layers", reference.si_layers) != reference.si_layers:
+    if reads(method, "si_layers") and pretrain.get("si_layers", reference.si_layers) != reference.si_layers:
         changes.append(f"SI on {pretrain['si_layers']}")
     if pretrain.get("steps", reference.steps) != reference.steps:
         changes.append(f"{pretrain['steps']} steps")
