@@ -65,7 +65,7 @@ from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_row
 from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer
-from common.paths import RESULTS_DIR, artefacts_dir, results_dir
+from common.paths import artefacts_dir, results_dir
 from common.presence.influence import batch_self_influence
 from common.presence.methods import NAMES as METHODS
 from common.presence.methods import PRESENCE, Knobs, Method, Recipe, get_method
@@ -73,7 +73,7 @@ from common.presence.presence_step import StepPlan, StepStats
 from common.presence.reweighting import kish_effective_count
 from common.presence.train_step import train_step
 from common.reporting.stats import auroc
-from common.runinfo import bind_store, config_changes, prepare_run_dir, run_lock, write_run_files
+from common.runinfo import bind_store, committed_note, config_changes, prepare_run_dir, run_lock, write_run_files
 from common.seeding import seed_everything
 from common.signals import StopRequests
 
@@ -634,12 +634,6 @@ def rerun_command(run: Run, settings: dict | None = None, start_over: bool = Fal
     return shlex.join(words + ["--overwrite" if start_over else "--resume"])
 
 
-def replaces_committed(run: Run) -> str:
-    """A warning for a suggested --overwrite of a run folder that lies among the committed results."""
-    inside = run.dir.resolve().is_relative_to(RESULTS_DIR.resolve())
-    return f" (this replaces the run in {run.dir}, part of the committed results)" if inside else ""
-
-
 def latest_step(run: Run) -> int | None:
     checkpoint = latest_checkpoint(run.checkpoints)
     return None if checkpoint is None else checkpoint_step(checkpoint)
@@ -659,7 +653,7 @@ def diverged(run: Run, step: int, error: Exception) -> FloatingPointError:
         f"step {step} of {run.name}: {error}. Training stopped; nothing of this step was saved"
         f"{f', and checkpoint {dropped}, which led straight to it, was dropped' if dropped else ''}; {where}. "
         f"Fix: a lower learning rate: {rerun_command(run, lower, start_over)}"
-        f"{replaces_committed(run) if start_over else ''}")
+        f"{committed_note(run.dir) if start_over else ''}")
 
 
 def disk_error(run: Run, error: OSError) -> OSError:

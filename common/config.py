@@ -217,8 +217,10 @@ class PretrainConfig:
         _require(self.batch_size % self.num_microbatches == 0, f"{where}.num_microbatches",
                  f"{self.num_microbatches} does not divide batch_size {self.batch_size}",
                  "choose a microbatch count that divides the batch size")
-        _require(0 <= self.switch_step <= self.steps, f"{where}.switch_step",
-                 f"{self.switch_step} is outside [0, steps={self.steps}]", "set I between 0 and steps")
+        # switch_step <= steps is checked where a method reads I (03_pretrain/pretrain.py): the baseline runs any
+        # number of steps whatever I is.
+        _require(self.switch_step >= 0, f"{where}.switch_step", f"{self.switch_step} is negative",
+                 "set I between 0 and steps")
         _require(self.si_layers in LAYER_SETS, f"{where}.si_layers",
                  f"unknown layer set {self.si_layers!r}", "use 'first', 'embeddings' or 'all'")
         _require(self.optimizer in ("adafactor", "adamw"), f"{where}.optimizer", f"unknown {self.optimizer!r}",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common.io import read_json, write_json
-from common.paths import REPO_ROOT
+from common.paths import REPO_ROOT, RESULTS_DIR
 
 LOCK_FILE = "run.lock"
 OWNER_FILE = "owner.json"
@@ -37,11 +37,17 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
         raise FileNotFoundError(f"cannot resume: {path} holds no run. Fix: drop --resume to start a new run")
     if exists and not (resume or overwrite):
         raise RunExistsError(
-            f"{path} already holds a run. Fix: pass --resume to continue it, --overwrite to replace it, "
-            "or choose another run name"
+            f"{path} already holds a run. Fix: pass --resume to continue it, --overwrite to replace it"
+            f"{committed_note(path)}, or choose another run name (--run-name)"
         )
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def committed_note(path: str | Path) -> str:
+    """A warning for a suggested --overwrite of a run folder that lies among the committed results."""
+    inside = Path(path).resolve().is_relative_to(RESULTS_DIR.resolve())
+    return f" (which replaces the run in {path}, part of the committed results)" if inside else ""
 
 
 @contextlib.contextmanager
@@ -112,13 +118,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+def repository_argv(argv: list[str]) -> list[str]:
+    """The command as run from the repository root: paths inside the repository made relative to it, so
+    that a run record names nothing of the machine that made it."""
+    root = REPO_ROOT.resolve()
+    out = []
+    for word in argv:
+        path = Path(word)
+        out.append(str(path.resolve().relative_to(root)) if path.is_absolute() and path.resolve().is_relative_to(root)
+                   else word)
+    return out
+
+
 def environment_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "git_commit": git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
+        "argv": repository_argv(sys.argv),
     }
     for name in PACKAGES:
         try:

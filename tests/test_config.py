@@ -40,7 +40,7 @@ def test_paper_preset_is_the_paper_recipe():
     [
         (["pretrain.num_microbatches=7"], "pretrain.num_microbatches"),
         (["pretrain.steps=-5"], "pretrain.steps"),
-        (["pretrain.switch_step=100000"], "pretrain.switch_step"),
+        (["pretrain.switch_step=-1"], "pretrain.switch_step"),
         (["pretrain.optimizer=sgd"], "pretrain.optimizer"),
         (["data.languages=[en, xx]"], "data.languages"),
         (["data.source=local", "data.local_dir=/no/such/dir"], "data.local_dir"),

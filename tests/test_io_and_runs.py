@@ -14,6 +14,7 @@ from common.io import (append_csv_row, atomic_open, read_json, remove_interrupte
 from common.paths import REPO_ROOT
 from common.runinfo import (RunExistsError, bind_store, config_changes, environment_info, prepare_run_dir, run_lock,
                             write_run_files)
+from common import runinfo
 from common.signals import StopRequests
 
 
@@ -57,8 +58,9 @@ def test_corrupt_json_gives_a_clear_error(tmp_path):
 def test_a_run_never_silently_overwrites_another(tmp_path):
     run = prepare_run_dir(tmp_path / "run")
     write_run_files(run, {"seed": 0}, {"loss": 1.0})
-    with pytest.raises(RunExistsError, match="--resume"):
+    with pytest.raises(RunExistsError, match="--resume") as error:
         prepare_run_dir(tmp_path / "run")
+    assert "committed results" not in str(error.value)
     assert prepare_run_dir(tmp_path / "run", resume=True) == run
     with pytest.raises(FileNotFoundError, match="drop --resume"):
         prepare_run_dir(tmp_path / "other", resume=True)
@@ -163,3 +165,32 @@ def test_a_stop_signal_is_recorded_and_a_second_one_exits():
             os.kill(os.getpid(), signal.SIGINT)
         assert exit_info.value.code == 130
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_overwriting_a_committed_run_is_said_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(runinfo, "RESULTS_DIR", tmp_path / "results")
+    (tmp_path / "results" / "tiny" / "run").mkdir(parents=True)
+    (tmp_path / "results" / "tiny" / "run" / "config.json").write_text("{}")
+    with pytest.raises(RunExistsError, match="--overwrite to replace it .which replaces the run in .*part of the "
+                                             "committed results"):
+        prepare_run_dir(tmp_path / "results" / "tiny" / "run")
+
+
+def test_run_records_name_the_command_from_the_repository_root(monkeypatch):
+    script = str(REPO_ROOT / "03_pretrain" / "pretrain.py")
+    monkeypatch.setattr(sys, "argv", [script, "--out", str(REPO_ROOT / "results" / "x"), "--set", "a=/etc/b"])
+    assert environment_info()["argv"] == ["03_pretrain/pretrain.py", "--out", "results/x", "--set", "a=/etc/b"]
+
+
+def test_no_committed_run_record_names_an_absolute_path():
+    records = sorted((REPO_ROOT / "results").glob("**/*.json"))
+    assert records
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+    found = [f"{p.relative_to(REPO_ROOT)}: {s}" for p in records for s in strings(json.loads(p.read_text()))
+             if s.startswith("/")]
+    assert not found, found[:5]

@@ -121,6 +121,30 @@ def test_bad_options_fail_before_training(tmp_path):
         pretrain.get_config(pretrain.parse_args(["--method", "presence-single"]))
     with pytest.raises(ConfigError, match="num_microbatches"):
         pretrain.get_config(pretrain.parse_args(["--set", "pretrain.num_microbatches=5"]))
+    with pytest.raises(ConfigError, match=r"pretrain.switch_step: 20 is outside \[0, steps=10\]"):
+        pretrain.get_config(pretrain.parse_args(["--steps", "10"]))  # PRESENCE reads I
+
+
+def test_a_knob_the_method_does_not_read_is_not_checked_against_it():
+    """I = 20 of tiny is beyond 10 steps: refused for PRESENCE (above), not for methods that ignore I."""
+    for method in ("baseline", "presence-D", "presence-linear"):
+        preset, chosen = pretrain.get_config(pretrain.parse_args(["--method", method, "--steps", "10"]))
+        assert preset.pretrain.steps == 10 and chosen.name == method
+
+
+def test_overrides_that_change_the_recipe_change_the_default_name():
+    name = lambda *words: pretrain.default_run_name(pretrain.parse_args(list(words)))  # noqa: E731
+    assert name("--method", "presence") == "presence-s0"  # the committed run's name
+    assert name("--method", "presence", "--steps", "30") == "presence-steps30-s0"
+    assert name("--method", "presence", "--set", "pretrain.steps=30") == "presence-steps30-s0"
+    assert name("--method", "baseline", "--steps", "10", "--seed", "2") == "baseline-steps10-s2"
+    assert name("--method", "presence", "--set", "pretrain.peak_lr=0.001") == "presence-peak_lr0.001-s0"
+    assert name("--method", "presence", "--switch-step", "50", "--per", "sample") == "presence-I50-per-sample-s0"
+    assert name("--method", "presence", "--switch-step", "20") == "presence-s0"  # the preset's own I
+    assert name("--method", "baseline", "--switch-step", "50") == "baseline-s0"  # I is not the baseline's
+    # how often a run logs or saves is not its recipe
+    assert name("--method", "presence", "--set", "pretrain.save_every=7") == "presence-s0"
+    assert name("--method", "presence-single", "--tau", "2", "--si-layers", "all") == "presence-single-tau+2-si-all-s0"
 
 
 def free_port():
