@@ -109,7 +109,6 @@ BY_NAME = {method.name: method for method in METHODS}
 NAMES = tuple(BY_NAME)
 BASELINE = BY_NAME["baseline"]  # the reference of every comparison
 PRESENCE = BY_NAME["presence"]  # the paper's method
-CONTROL = BY_NAME["presence-shuffled"]  # PRESENCE's information control
 ORACLE = BY_NAME["noise-oracle"]
 SEQUENTIAL = BY_NAME["presence-sequential"]
 SEQUENTIAL_REVERSE = BY_NAME["presence-sequential-reverse"]
@@ -155,6 +154,9 @@ def get_method(name: str) -> Method:
 def control_of(name: str) -> Method | None:
     """The information control of method `name` (None if it has none)."""
     return next((m for m in METHODS if m.controls == name), None)
+
+
+CONTROL = control_of(PRESENCE.name)  # PRESENCE's information control
 
 
 def label(name: str) -> str:
