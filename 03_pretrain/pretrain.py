@@ -79,8 +79,11 @@ from common.signals import StopRequests
 
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
                "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
-               "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed"]
+               "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed", "si_loss_spearman"]
 NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", "seed"]
+# Every weight a score-weighted step applied, one row per step (items in order, full precision): what the
+# weight-matched control replays.
+WEIGHT_LOG_COLUMNS = ["step", "weights"]
 # What --resume may change: the schedule (applied from the checkpoint on) and how often the run logs,
 # evaluates and saves; each change is recorded in config.json's "history". Any other difference (method,
 # seed, preset, data, model, the rest of the recipe) would make it another run and is refused.
@@ -107,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise-rate", type=float, default=0.0,
                    help="train on the rows with this share corrupted (one of data.noise_rates)")
     p.add_argument("--run-name", help="default: derived from the method and what differs from the preset's recipe")
+    p.add_argument("--paired-run", help="the run a weight-matched control replays (default: the controlled method's "
+                                        "run of the same seed and recipe, beside this one)")
     p.add_argument("--out", help="run folder for logs and metrics (default results/<preset>/pretrain/runs/<run>)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
@@ -177,10 +182,11 @@ def get_run(args) -> Run:
         raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
                           "it without torchrun")
     cfg = preset.pretrain
-    recipe = Recipe.of(method, args.per, args.seed, Knobs(cfg.tau_direct, cfg.tau_inverse, cfg.switch_step,
-                                                          cfg.steps, args.tau))
     name = args.run_name or default_run_name(args)
     run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / name
+    replayed = paired_weights(args, preset, method, run_dir.parent) if "paired_run" in method.needs else None
+    recipe = Recipe.of(method, args.per, args.seed, Knobs(cfg.tau_direct, cfg.tau_inverse, cfg.switch_step,
+                                                          cfg.steps, args.tau), replayed)
     return Run(args, preset, recipe, args.noise_rate, run_dir.name, run_dir,
                artefacts_dir(preset.name, "pretrain", run_dir.name), rank, world, device)
 
@@ -269,6 +275,33 @@ def recipe_changes(preset: Preset, reference: Preset, method: Method) -> dict[st
                 continue
             changes[f"{section}.{key}"] = value
     return changes
+
+
+def paired_weights(args, preset: Preset, method: Method, runs_dir: Path) -> np.ndarray:
+    """The weights the paired run (the controlled method, same seed and recipe) applied, (steps, items);
+    refused when that run is missing, unfinished, made otherwise, or logged no weights."""
+    paired_args = argparse.Namespace(**{**vars(args), "method": method.controls, "run_name": None})
+    folder = runs_dir / (args.paired_run or default_run_name(paired_args))
+    train_it = shlex.join(["python", "03_pretrain/pretrain.py", "--preset", args.preset, "--method", method.controls,
+                           "--seed", str(args.seed)] + (["--per", args.per] if args.per != "microbatch" else []))
+    if not (folder / "metrics.json").is_file() or not (folder / "step_weights.csv").is_file():
+        raise ConfigError(f"--method {method.name}: it replays the weights of the {method.controls} run {folder}, "
+                          f"which is missing, unfinished or logged no weights. Fix: train it first ({train_it}), or "
+                          "name it with --paired-run")
+    paired = read_json(folder / "config.json")
+    ours = {"seed": args.seed, "per": args.per, "noise_rate": args.noise_rate, "preset": preset.to_dict()}
+    differs = [key for key in config_changes({k: paired.get(k) for k in ours}, ours)
+               if not key.startswith(NOT_PART_OF_THE_RUN) and key.split(".")[-1] not in LOGGING_KNOBS]
+    if differs:
+        raise ConfigError(f"--method {method.name}: the paired run {folder} differs in {', '.join(differs)}. Fix: "
+                          f"pair it with a {method.controls} run of the same seed and recipe ({train_it})")
+    rows = read_csv(folder / "step_weights.csv")
+    weights = np.array([[float(w) for w in row["weights"].split()] for row in rows])
+    steps = preset.pretrain.steps
+    if [int(row["step"]) for row in rows] != list(range(1, steps + 1)):
+        raise ConfigError(f"--method {method.name}: {folder / 'step_weights.csv'} does not hold steps 1..{steps}. "
+                          f"Fix: re-train the paired run ({train_it} --overwrite)")
+    return weights
 
 
 def init_distributed():
@@ -441,7 +474,7 @@ def start_outputs(run: Run, step: int) -> None:
     if step:
         truncate_logs(run.dir, step)
     else:
-        for name in ("train_log.csv", "heldout.csv", "noise_log.csv", "heldout_rows.csv"):
+        for name in ("train_log.csv", "heldout.csv", "noise_log.csv", "heldout_rows.csv", "step_weights.csv"):
             (run.dir / name).unlink(missing_ok=True)
     (run.dir / "metrics.json").unlink(missing_ok=True)
     shutil.rmtree(run.store / "final", ignore_errors=True)
@@ -450,7 +483,7 @@ def start_outputs(run: Run, step: int) -> None:
 def truncate_logs(run_dir: Path, last_step: int) -> None:
     """A resumed run continues its logs from its checkpoint, dropping rows written after it."""
     for name, columns in (("train_log.csv", LOG_COLUMNS), ("heldout.csv", HELDOUT_COLUMNS),
-                          ("noise_log.csv", NOISE_LOG_COLUMNS)):
+                          ("noise_log.csv", NOISE_LOG_COLUMNS), ("step_weights.csv", WEIGHT_LOG_COLUMNS)):
         path = run_dir / name
         if path.exists():
             write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
@@ -472,12 +505,17 @@ class StepRecord:
 
 
 def weight_stats(stats) -> dict:
+    """The step's weight and score columns; with both the items' SI and losses (every score-weighted step
+    forms both), their within-step Spearman correlation."""
+    spearman = ""
+    if stats.scores is not None and stats.item_losses is not None and len(stats.scores) > 2:
+        spearman = float(spearmanr(stats.scores.numpy(), stats.item_losses.numpy()).statistic)
     if stats.weights is None:
         return {"si_mean": "", "si_std": "", "max_weight": "", "weight_entropy": "", "kish_n": "",
-                "z_variance_share": ""}
+                "z_variance_share": "", "si_loss_spearman": spearman}
     w = stats.weights.double()
     row = {"max_weight": w.max().item(), "weight_entropy": -(w * w.clamp_min(1e-300).log()).sum().item(),
-           "kish_n": kish_effective_count(w), "si_mean": "", "si_std": "",
+           "kish_n": kish_effective_count(w), "si_mean": "", "si_std": "", "si_loss_spearman": spearman,
            "z_variance_share": "" if stats.variance_share is None else stats.variance_share}
     if stats.scores is not None:
         row.update(si_mean=stats.scores.double().mean().item(), si_std=stats.scores.double().std(unbiased=False).item())
@@ -538,6 +576,9 @@ def log_step(run: Run, data: Data, trainer: Trainer, record: StepRecord, bar) ->
     if step % cfg.eval_every == 0 or step == cfg.steps:
         row["heldout_loss"] = evaluate(run, data, trainer, step, final=step == cfg.steps)
     append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
+    if record.plan.update == "scores":
+        append_csv_row(run.dir / "step_weights.csv", {"step": step, "weights": " ".join(
+            repr(float(w)) for w in stats.weights.double())}, WEIGHT_LOG_COLUMNS)
     if step % cfg.log_every == 0:
         bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}",
                         refresh=False)  # tqdm redraws at its own interval

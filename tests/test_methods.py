@@ -23,7 +23,13 @@ def test_methods_map_to_the_paper_schedules():
                 "presence-D": Constant(1.0), "presence-I": Constant(-1.0), "presence-I-D": TwoStage(-1.0, 1.0, 10),
                 "presence-single": Constant(-2.0), "presence-linear": Linear(1.0, -1.0, 100),
                 "presence-cosine": Cosine(1.0, -1.0, 100), "presence-sequential": None,
-                "presence-sequential-reverse": None, "noise-oracle": None}
+                "presence-sequential-reverse": None, "noise-oracle": None, "presence-matched": None,
+                "presence-loss": TwoStage(1.0, -1.0, 10), "presence-loss-shuffled": TwoStage(1.0, -1.0, 10),
+                "presence-beyond-loss": TwoStage(1.0, -1.0, 10),
+                "presence-beyond-loss-shuffled": TwoStage(1.0, -1.0, 10),
+                # Sow et al.: uniform (tau 0) for 5% of the steps, then exp(f / r) with r = 1
+                "sow-linupper": TwoStage(0.0, 1.0, 5), "sow-quadratic": TwoStage(0.0, 1.0, 5),
+                "sow-extremes": TwoStage(0.0, 1.0, 5)}
     assert {m.name: m.tau_schedule(KNOBS) for m in METHODS} == expected
 
 
@@ -46,7 +52,7 @@ def test_records_are_consistent():
         assert (m.update == "scores") == (m.scores is not None)
         assert (m.control is None) == (m.controls is None)
         assert m.controls is None or m.controls in BY_NAME
-    assert methods.control_of("presence") is methods.CONTROL
+    assert methods.controls_of("presence") == (methods.CONTROL, BY_NAME["presence-matched"])
     assert methods.paper_rows("table3") == ("baseline", "presence-shuffled", "presence")
     assert methods.paper_rows("table5") == ("baseline", "presence-shuffled", "presence-D", "presence-I",
                                             "presence-I-D", "presence")
@@ -71,6 +77,24 @@ def test_a_recipe_plans_each_step():
     assert plan.update == "fixed" and torch.equal(plan.sample_weights, torch.tensor([0.5, 0, 0.5, 0], dtype=torch.float64))
     with pytest.raises(ValueError, match="every row of the batch is noisy"):
         oracle.plan(1, np.array([1, 3]))
+    loss = Recipe.of(get_method("presence-loss-shuffled"), "sample", 0, KNOBS).plan(1)
+    assert (loss.scores, loss.weighting, loss.update) == ("loss", "softmax-z", "scores") and loss.shuffle_seed
+    peer = Recipe.of(get_method("sow-linupper"), "sample", 0, KNOBS)
+    assert (peer.plan(5).tau, peer.plan(6).tau, peer.plan(6).weighting) == (0.0, 1.0, "linupper")
+
+
+def test_the_weight_matched_control_replays_each_step_in_a_random_order():
+    replayed = np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    for per, field in (("microbatch", "microbatch_weights"), ("sample", "sample_weights")):
+        recipe = Recipe.of(get_method("presence-matched"), per, 5, KNOBS, replayed)
+        plans = [recipe.plan(step) for step in (1, 2, 1)]
+        weights = [getattr(p, field).numpy() for p in plans]
+        assert all(p.update == "fixed" for p in plans)
+        assert sorted(weights[0]) == sorted(replayed[0]) and sorted(weights[1]) == sorted(replayed[1])
+        assert np.array_equal(weights[0], weights[2])  # the same permutation on a resume
+    orders = {tuple(Recipe.of(get_method("presence-matched"), "sample", seed, KNOBS, replayed).plan(1)
+                    .sample_weights.tolist()) for seed in range(8)}
+    assert len(orders) > 1  # the order is random, not the paired run's
 
 
 def test_a_changed_switch_step_is_another_recipe_only_where_it_is_read():

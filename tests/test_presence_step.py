@@ -167,3 +167,76 @@ def test_microbatch_scores_are_exact_sums_of_squares_over_millions_of_entries():
     assert torch.allclose(self_influence(flat, [k_param]), reference, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="layer set K"):
         self_influence(flat, [other])
+
+
+def _residual_by_hand(si, loss):
+    """z(SI) minus its least-squares fit on z(loss), with numpy's own polynomial fit as the regression."""
+    import numpy as np
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731 - population std, as standardise (eps negligible here)
+    zs, zl = z(si.numpy()), z(loss.numpy())
+    slope, intercept = np.polyfit(zl, zs, 1)
+    return torch.from_numpy(zs - (slope * zl + intercept))
+
+
+@pytest.mark.parametrize("per", ["microbatch", "sample"])
+@pytest.mark.parametrize("source", ["loss", "si-beyond-loss"])
+def test_loss_and_beyond_loss_scores_equal_brute_force(model, per, source):
+    """The item's own loss (a model call on that item alone) and SI beyond it, through the same weights."""
+    batch, tau = tiny_batch(), -1.0
+    stats = presence_step(model, split(batch, MICROBATCH), tau, per=per, scores=source)
+    units = split(batch, MICROBATCH if per == "microbatch" else 1)
+    params = list(model.parameters())
+    grads = torch.stack([torch.cat([g.flatten() for g in loss_grads(model, unit, params)]) for unit in units])
+    si = torch.stack([sum(g.square().sum() for g in loss_grads(model, u, layer_set(model, "first"))) for u in units])
+    losses = torch.stack([model(**unit).loss.detach().double() for unit in units])
+    used = losses if source == "loss" else _residual_by_hand(si, losses)
+    base = sample_base_weights(batch, MICROBATCH) if per == "sample" else None
+    weights = presence_weights(used, tau, base_weights=base)[0]
+    assert torch.allclose(stats.item_losses, losses, rtol=1e-10, atol=0)
+    assert torch.allclose(stats.scores, si, rtol=1e-10, atol=0)
+    assert torch.allclose(stats.weights, weights, rtol=1e-8, atol=0)
+    assert rel_err(flat_grad(model), (weights[:, None] * grads).sum(0)) < 1e-8
+
+
+def test_the_loss_peer_weights_samples_as_sow_et_al():
+    """Losses 1, 2, 3 scale to -1, 0, 1; LinUpper gives 0, 1, 1, quadratic 0, 1, 0, extremes 1, 0, 1; the
+    weights are exp(f / r) normalised (r = 1 here)."""
+    from common.presence.reweighting import loss_peer_weights
+    import math
+    e = math.e
+    losses = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    expected = {"linupper": [1, e, e], "quadratic": [1, e, 1], "extremes": [e, 1, e]}
+    for shaping, unnormalised in expected.items():
+        want = torch.tensor(unnormalised, dtype=torch.float64) / sum(unnormalised)
+        assert torch.allclose(loss_peer_weights(losses, 1.0, shaping), want, rtol=1e-12)
+        assert torch.allclose(loss_peer_weights(losses * 7 + 3, 1.0, shaping), want, rtol=1e-12)  # min-max scaled
+    assert torch.equal(loss_peer_weights(losses, 0.0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown shaping"):
+        loss_peer_weights(losses, 1.0, "cubic")
+
+
+def test_the_peer_step_applies_its_weights_to_the_samples(model):
+    batch = tiny_batch()
+    stats = presence_step(model, split(batch, MICROBATCH), 1.0, per="sample", scores="loss", weighting="linupper")
+    samples = split(batch, 1)
+    params = list(model.parameters())
+    grads = torch.stack([torch.cat([g.flatten() for g in loss_grads(model, u, params)]) for u in samples])
+    losses = torch.stack([model(**u).loss.detach().double() for u in samples])
+    span = losses.max() - losses.min()
+    scaled = 2 * (losses - (losses.max() + losses.min()) / 2) / span
+    unnormalised = torch.exp(torch.clamp(scaled + 1, max=1.0)) * sample_base_weights(batch, MICROBATCH)
+    weights = unnormalised / unnormalised.sum()
+    assert torch.allclose(stats.weights, weights, rtol=1e-8, atol=0)
+    assert rel_err(flat_grad(model), (weights[:, None] * grads).sum(0)) < 1e-8
+
+
+def test_given_microbatch_weights_are_applied_as_such(model):
+    """The weight-matched control's step: sum_i w_i g_i for given w, one backward pass per microbatch."""
+    microbatches = split(tiny_batch(), MICROBATCH)
+    weights = torch.tensor([0.5, 0.125, 0.25, 0.125], dtype=torch.float64)[:len(microbatches)]
+    weights = weights / weights.sum()
+    stats = baseline_step(model, microbatches, microbatch_weights=weights)
+    params = list(model.parameters())
+    grads = torch.stack([torch.cat([g.flatten() for g in loss_grads(model, mb, params)]) for mb in microbatches])
+    assert rel_err(flat_grad(model), (weights[:, None] * grads).sum(0)) < 1e-12
+    assert torch.equal(stats.weights, weights)

@@ -34,7 +34,8 @@ def test_resume_is_exact(tmp_path, artefacts, method):
     pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "whole", *method)))
     pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "halves", *method, "--steps", "3")))
     pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "halves", *method, "--resume")))
-    for log in ("train_log.csv", "heldout.csv", "heldout_rows.csv") + (("noise_log.csv",) if NOISY[1] in method else ()):
+    for log in ("train_log.csv", "heldout.csv", "heldout_rows.csv", "step_weights.csv") + (
+            ("noise_log.csv",) if NOISY[1] in method else ()):
         whole, halves = (csv_rows(tmp_path / run / log, drop=["seconds", "run"]) for run in ("whole", "halves"))
         assert whole == halves, log
     assert [step for step, _, _ in losses(tmp_path / "whole")] == [1, 2, 3, 4, 5, 6]
@@ -112,6 +113,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, artefacts, 
     assert latest_checkpoint(checkpoints).name == kept
     assert sorted(p.name for p in checkpoints.glob("step-*")) == [kept]
     assert [step for step, _, _ in losses(tmp_path / "nan")] == list(range(1, nan_step))
+
+
+@pytest.mark.parametrize("per", ["microbatch", "sample"])
+def test_the_weight_matched_control_replays_presence_weights(tmp_path, artefacts, per):
+    """Each step the control applies the multiset of weights its paired PRESENCE run applied (so the same
+    largest weight and Kish count), in another order; without that run it refuses."""
+    extra = ["--per", per, "--seed", "1"]
+    matched = pretrain_args(tmp_path, "matched", "--method", "presence-matched", "--paired-run", "paired", *extra)
+    with pytest.raises(ConfigError, match="replays the weights of the presence run .*paired.*Fix: train it first"):
+        pretrain.main(pretrain.parse_args(matched))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "paired", "--method", "presence", *extra)))
+    pretrain.main(pretrain.parse_args(matched))
+    presence, control = (csv_rows(tmp_path / name / "train_log.csv") for name in ("paired", "matched"))
+    for a, b in zip(presence, control):
+        assert float(a["max_weight"]) == pytest.approx(float(b["max_weight"]), rel=1e-12)
+        assert float(a["kish_n"]) == pytest.approx(float(b["kish_n"]), rel=1e-12)
+        assert a["si_loss_spearman"] != "" and a["tau"] != "" and b["tau"] == ""
+    logged = [list(map(float, r["weights"].split())) for r in csv_rows(tmp_path / "paired" / "step_weights.csv")]
+    assert len(logged) == len(presence) and all(sum(w) == pytest.approx(1.0) for w in logged)
+    other_seed = pretrain_args(tmp_path, "matched2", "--method", "presence-matched", "--paired-run", "paired",
+                               "--per", per, "--seed", "2")
+    with pytest.raises(ConfigError, match="differs in seed"):
+        pretrain.main(pretrain.parse_args(other_seed))
 
 
 def test_bad_options_fail_before_training(tmp_path):

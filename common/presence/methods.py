@@ -35,6 +35,12 @@ from common.presence.presence_step import StepPlan
 from common.presence.reweighting import Constant, Cosine, Linear, TauSchedule, TwoStage
 
 SELF_INFLUENCE = "self-influence"
+LOSS = "loss"  # the item's own mean token loss
+BEYOND_LOSS = "si-beyond-loss"  # z(SI) less its least-squares fit on z(loss) within the step
+# Sow et al. (ICLR 2025): r = 1 ("kl_reg"), uniform weights for the first 5% of the steps (their 1,000 of
+# 20,000 "burnout" steps), delta = 1.
+PEER_R = 1.0
+PEER_WARMUP_FRACTION = 0.05
 BOTH = ("microbatch", "sample")
 TWO_STAGE_KNOBS = ("tau_direct", "tau_inverse", "switch_step")
 # Knobs a method may read: the preset's pretrain.tau_direct, tau_inverse, switch_step (I), steps, si_layers,
@@ -57,14 +63,16 @@ class Method:
     name: str
     label: str  # in tables and figures
     color: str  # in figures; unique
-    update: str = "uniform"  # uniform | scores | clean-rows
+    update: str = "uniform"  # uniform | scores | clean-rows | replay (a paired run's weights, permuted)
     schedule: Callable[[Knobs], TauSchedule] | None = None  # tau per step; None: no temperature
     reads: tuple[str, ...] = ()  # of KNOBS
-    scores: str | None = None  # where the scores come from (SELF_INFLUENCE), for update "scores"
-    control: str | None = None  # None, or "shuffled": scores permuted within the step before weighting
+    scores: str | None = None  # where the scores come from (SELF_INFLUENCE, LOSS, BEYOND_LOSS), update "scores"
+    weighting: str = "softmax-z"  # PRESENCE's softmax(tau * z), or a shaping of Sow et al. (reweighting.SHAPINGS)
+    control: str | None = None  # None; "shuffled": scores permuted within the step before weighting;
+    #                             "weight-matched": the paired run's weights each step, in a random order
     controls: str | None = None  # the method this one is the control of
     granularities: tuple[str, ...] = ("microbatch",)
-    needs: tuple[str, ...] = ()  # "noise_labels", "scorer_run"
+    needs: tuple[str, ...] = ()  # "noise_labels", "scorer_run", "paired_run" (the controlled method's run)
     data_filter: str | None = None  # Sequential: "keep-lowest" / "keep-highest" share of the scored rows
     paper_tables: tuple[str, ...] = ()  # the paper's tables with a row of this method
 
@@ -101,6 +109,30 @@ METHODS = (
     Method("presence-cosine", "PRESENCE-cosine", "#17becf", update="scores", scores=SELF_INFLUENCE,
            granularities=BOTH, reads=("tau_direct", "tau_inverse", "steps", "si_layers"),
            schedule=lambda k: Cosine(k.tau_direct, k.tau_inverse, k.steps)),
+    # The weight-matched control: each step, the weight vector the paired PRESENCE run (same seed and recipe)
+    # applied, given to the items in a random order: the same multiset of weights, no information.
+    Method("presence-matched", "PRESENCE-matched (control)", "#7f7f7f", update="replay", control="weight-matched",
+           controls="presence", granularities=BOTH, needs=("paired_run",), reads=("si_layers",)),
+    # Is self-influence more than the loss? PRESENCE's schedule and weights on the loss, and on the part of
+    # SI the loss does not explain, each with its shuffled control.
+    Method("presence-loss", "loss score", "#8c6d31", update="scores", scores=LOSS, granularities=BOTH,
+           reads=TWO_STAGE_KNOBS, schedule=lambda k: TwoStage(k.tau_direct, k.tau_inverse, k.switch_step)),
+    Method("presence-loss-shuffled", "loss score, shuffled (control)", "#d6c39a", update="scores", scores=LOSS,
+           control="shuffled", controls="presence-loss", granularities=BOTH, reads=TWO_STAGE_KNOBS,
+           schedule=lambda k: TwoStage(k.tau_direct, k.tau_inverse, k.switch_step)),
+    Method("presence-beyond-loss", "SI beyond the loss", "#393b79", update="scores", scores=BEYOND_LOSS,
+           granularities=BOTH, reads=TWO_STAGE_KNOBS + ("si_layers",),
+           schedule=lambda k: TwoStage(k.tau_direct, k.tau_inverse, k.switch_step)),
+    Method("presence-beyond-loss-shuffled", "SI beyond the loss, shuffled (control)", "#9c9ede", update="scores",
+           scores=BEYOND_LOSS, control="shuffled", controls="presence-beyond-loss", granularities=BOTH,
+           reads=TWO_STAGE_KNOBS + ("si_layers",),
+           schedule=lambda k: TwoStage(k.tau_direct, k.tau_inverse, k.switch_step)),
+    # The published loss-reweighting peer (Sow et al., ICLR 2025), per sample as they run it: losses of the
+    # global batch min-max scaled to [-1, 1], shaped, w proportional to exp(f / r), uniform during a warm-up.
+    *(Method(f"sow-{shaping}", f"loss reweighting, {shaping} (Sow et al. 2025)", color, update="scores",
+             scores=LOSS, weighting=shaping, granularities=("sample",), reads=("steps",),
+             schedule=lambda k: TwoStage(0.0, 1 / PEER_R, round(PEER_WARMUP_FRACTION * k.steps)))
+      for shaping, color in (("linupper", "#843c39"), ("quadratic", "#ad494a"), ("extremes", "#e7969c"))),
     # Weight 0 on the rows known to be noisy, uniform on the others: what a perfect detector could gain.
     Method("noise-oracle", "noise oracle", "#98df8a", update="clean-rows", needs=("noise_labels",),
            reads=("si_layers",)),
@@ -122,10 +154,11 @@ class Recipe:
     per: str
     seed: int
     schedule: TauSchedule | None
+    replayed: np.ndarray | None = None  # update "replay": the paired run's weights, one row per step
 
     @classmethod
-    def of(cls, method: Method, per: str, seed: int, knobs: Knobs) -> "Recipe":
-        return cls(method, per, seed, method.tau_schedule(knobs))
+    def of(cls, method: Method, per: str, seed: int, knobs: Knobs, replayed: np.ndarray | None = None) -> "Recipe":
+        return cls(method, per, seed, method.tau_schedule(knobs), replayed)
 
     def plan(self, step: int, noise_labels: np.ndarray | None = None) -> StepPlan:
         """How step `step` (1-based) forms its update; `noise_labels` (one per row of the global batch, 0
@@ -139,10 +172,17 @@ class Recipe:
                 raise ValueError(f"step {step}: every row of the batch is noisy; {self.method.name} has nothing "
                                  "to keep. Fix: lower the noise rate or raise pretrain.batch_size")
             return StepPlan("fixed", self.per, tau, sample_weights=torch.from_numpy(clean / clean.sum()))
+        if self.method.update == "replay":  # a permutation that is a pure function of (seed, step)
+            order = np.random.default_rng(np.random.SeedSequence([self.seed, 11, step])).permutation(
+                self.replayed.shape[1])
+            weights = torch.from_numpy(self.replayed[step - 1][order].copy())
+            return StepPlan("fixed", self.per, tau, **{"sample_weights" if self.per == "sample" else
+                                                      "microbatch_weights": weights})
         shuffle_seed = None
         if self.method.control == "shuffled":  # a pure function of (seed, step): a resume draws the same
             shuffle_seed = int(np.random.SeedSequence([self.seed, 7, step]).generate_state(1)[0])
-        return StepPlan("scores", self.per, tau, shuffle_seed=shuffle_seed)
+        return StepPlan("scores", self.per, tau, shuffle_seed=shuffle_seed, scores=self.method.scores,
+                        weighting=self.method.weighting)
 
 
 def get_method(name: str) -> Method:
@@ -151,12 +191,12 @@ def get_method(name: str) -> Method:
     return BY_NAME[name]
 
 
-def control_of(name: str) -> Method | None:
-    """The information control of method `name` (None if it has none)."""
-    return next((m for m in METHODS if m.controls == name), None)
+def controls_of(name: str) -> tuple[Method, ...]:
+    """The information controls of method `name` (shuffled, weight-matched), in table order."""
+    return tuple(m for m in METHODS if m.controls == name)
 
 
-CONTROL = control_of(PRESENCE.name)  # PRESENCE's information control
+CONTROL = BY_NAME["presence-shuffled"]  # PRESENCE's information control (it has a weight-matched one too)
 
 
 def label(name: str) -> str:

@@ -45,7 +45,7 @@ from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, 
 from common.modeling import IGNORE_INDEX, all_finite
 from common.presence.influence import Layers, eager, forward_logits, layer_set, self_influence, token_losses
 from common.presence.per_sample_grads import GradTape
-from common.presence.reweighting import presence_weights
+from common.presence.reweighting import SHAPINGS, beyond_loss, loss_peer_weights, presence_weights, shuffle
 
 
 @dataclass
@@ -54,6 +54,7 @@ class StepStats:
     loss: float  # mean of the microbatch losses (the same quantity for every method)
     scores: torch.Tensor | None  # the n (or B) raw self-influence scores, in item order (also when shuffled)
     weights: torch.Tensor | None  # the weights applied, in item order
+    item_losses: torch.Tensor | None = None  # the n (or B) items' own mean token losses, in item order
     variance_share: float | None = None  # share of the scores' variance the standardisation kept
     finite: bool = True  # the parameters the step started from and the update direction are all finite
 
@@ -61,14 +62,22 @@ class StepStats:
 @dataclass(frozen=True)
 class StepPlan:
     """How one step forms its update direction; a run's method (common/presence/methods.py) makes one per
-    step. update: "uniform" (the baseline), "scores" (PRESENCE: self-influence weights at temperature `tau`,
-    of microbatches or samples as `per` says, the scores permuted with `shuffle_seed` for the control) or
-    "fixed" (the given `sample_weights`, one per row of the global batch)."""
+    step. update: "uniform" (the baseline), "scores" (weights at temperature `tau` from the items' scores, of
+    microbatches or samples as `per` says) or "fixed" (given weights: `sample_weights`, one per row of the
+    global batch, or `microbatch_weights`, one per microbatch).
+
+    For "scores": `scores` is where they come from ("self-influence", "loss": the item's mean token loss, or
+    "si-beyond-loss", common.presence.reweighting.beyond_loss), `weighting` how they become weights
+    ("softmax-z": PRESENCE's softmax(tau * z); or one of Sow et al.'s shapings, reweighting.loss_peer_weights), and
+    `shuffle_seed` permutes them first (the information control)."""
     update: str = "uniform"
     per: str = "microbatch"
     tau: float | None = None
     shuffle_seed: int | None = None
     sample_weights: torch.Tensor | None = None
+    scores: str = "self-influence"
+    weighting: str = "softmax-z"
+    microbatch_weights: torch.Tensor | None = None
 
 
 def update_direction(model: nn.Module, microbatches: list[dict], plan: StepPlan, layers: Layers = "first",
@@ -76,42 +85,55 @@ def update_direction(model: nn.Module, microbatches: list[dict], plan: StepPlan,
     """p.grad = the update direction `plan` asks for (see the module docstring); the step's statistics."""
     if plan.update == "uniform":
         return baseline_step(model, microbatches, autocast_dtype)
+    if plan.update == "fixed" and plan.microbatch_weights is not None:
+        return baseline_step(model, microbatches, autocast_dtype, plan.microbatch_weights)
     if plan.update == "fixed":
         return fixed_weights_step(model, microbatches, plan.sample_weights, autocast_dtype)
     if plan.update == "scores":
         return presence_step(model, microbatches, plan.tau, layers, plan.per, autocast_dtype,
-                             shuffle_seed=plan.shuffle_seed)
+                             shuffle_seed=plan.shuffle_seed, scores=plan.scores, weighting=plan.weighting)
     raise ValueError(f"unknown update {plan.update!r}; use uniform, scores or fixed")
 
 
-def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: torch.dtype | None = None) -> StepStats:
-    """Gradient accumulation: p.grad = mean over the (global) microbatches of their loss gradients."""
+def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: torch.dtype | None = None,
+                  microbatch_weights: torch.Tensor | None = None) -> StepStats:
+    """Gradient accumulation: p.grad = mean over the (global) microbatches of their loss gradients, or,
+    with `microbatch_weights` (one per microbatch of the global batch, summing to 1), their weighted sum
+    (the weight-matched control replays a PRESENCE run's weights so)."""
     params = _trainable(model)
     n_global = len(microbatches) * world_size()
+    local = None if microbatch_weights is None else \
+        microbatch_weights[rank() * len(microbatches):(rank() + 1) * len(microbatches)]
     for p in params:
         p.grad = None
     losses = []
-    for microbatch in microbatches:
+    for i, microbatch in enumerate(microbatches):
         with _autocast(model, autocast_dtype):
             loss = model(**microbatch).loss
-        (loss / n_global).backward()
+        (loss / n_global if local is None else loss * local[i].to(loss.dtype)).backward()
         losses.append(loss.detach())
     if is_distributed():
         _all_reduce_grads(params)
     loss, finite = _mean_loss(losses, n_global, params)
-    return StepStats(loss=loss, scores=None, weights=None, finite=finite)
+    weights = None if microbatch_weights is None else microbatch_weights.detach().cpu()
+    return StepStats(loss=loss, scores=None, weights=weights, finite=finite)
 
 
 def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers: Layers = "first",
                   per: str = "microbatch", autocast_dtype: torch.dtype | None = None,
-                  eps: float = 1e-6, shuffle_seed: int | None = None) -> StepStats:
+                  eps: float = 1e-6, shuffle_seed: int | None = None, scores: str = "self-influence",
+                  weighting: str = "softmax-z") -> StepStats:
     """PRESENCE: p.grad = sum_i w_i g_i over the (global) microbatches (per="microbatch") or samples
     (per="sample"), w = presence_weights(self-influence on `layers`, tau, eps). With `shuffle_seed` the
-    scores are permuted at random (seeded) before the weights are formed: the information control."""
+    scores are permuted at random (seeded) before the weights are formed: the information control.
+    `scores` and `weighting` choose another score source and rule (StepPlan); self-influence and the
+    items' losses are formed either way, so every step can log how they relate."""
     if per not in ("microbatch", "sample"):
         raise ValueError(f"per must be 'microbatch' or 'sample', got {per!r}")
+    if scores not in _SOURCES or (weighting != "softmax-z" and weighting not in SHAPINGS):
+        raise ValueError(f"unknown scores {scores!r} or weighting {weighting!r}")
     run = _presence_per_microbatch if per == "microbatch" else _presence_per_sample
-    weighting = _Weighting(tau, eps, shuffle_seed)
+    weighting = _Weighting(tau, eps, shuffle_seed, scores, weighting)
     return run(model, microbatches, layers, autocast_dtype, weighting)
 
 
@@ -161,11 +183,12 @@ def _presence_per_microbatch(model, microbatches, layers, autocast_dtype, weight
         loss.backward()
         losses.append(loss.detach())
     scores = all_gather_cat(self_influence(flat, flat.params[:flat.k_count]))
-    weights, share = weighting(scores)
+    item_losses = all_gather_cat(torch.stack(losses).to(torch.float64))
+    weights, share = weighting(scores, item_losses)
     torch.mv(flat.rows.t(), weights[rank() * n:(rank() + 1) * n].to(flat.rows.dtype), out=flat.grad)
     all_reduce_sum_(flat.grad)
     flat.point_grads(flat.grad_views)
-    return _stats(losses, n * world_size(), flat.params, scores, weights, share)
+    return _stats(losses, n * world_size(), flat.params, scores, weights, share, item_losses)
 
 
 def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting) -> StepStats:
@@ -173,7 +196,7 @@ def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting)
     flat = _flat_grads(model, layers, 0)
     k_params = flat.params[:flat.k_count]
     n_global = len(microbatches) * world_size()
-    tapes, scores, base_weights, losses = [], [], [], []
+    tapes, scores, base_weights, losses, sample_losses = [], [], [], [], []
     for microbatch in microbatches:
         labels = microbatch["labels"]
         with GradTape(model, flat.params, labels.shape[0]) as tape, _autocast(model, autocast_dtype):
@@ -181,13 +204,16 @@ def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting)
         per_token = token_losses(logits, labels).sum(1)
         del logits  # B x T x vocabulary floats that the backward does not need
         counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
-        tape.backward((per_token / counts.clamp(min=1)).sum())
+        own_losses = per_token / counts.clamp(min=1)
+        tape.backward(own_losses.sum())
+        sample_losses.append(own_losses.detach().to(torch.float64))
         tapes.append(tape)
         scores.append(self_influence(tape, k_params))
         base_weights.append(counts / (counts.sum().clamp(min=1) * n_global))
         losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
     scores = all_gather_cat(torch.cat(scores))
-    weights, share = weighting(scores, base_weights=all_gather_cat(torch.cat(base_weights)))
+    item_losses = all_gather_cat(torch.cat(sample_losses))
+    weights, share = weighting(scores, item_losses, base_weights=all_gather_cat(torch.cat(base_weights)))
     local = weights[rank() * (weights.numel() // world_size()):]
     flat.grad.zero_()
     grads = dict(zip(flat.params, flat.grad_views))
@@ -196,21 +222,34 @@ def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting)
         local = local[tape.batch_size:]
     all_reduce_sum_(flat.grad)
     flat.point_grads(flat.grad_views)
-    return _stats(losses, n_global, flat.params, scores, weights, share)
+    return _stats(losses, n_global, flat.params, scores, weights, share, item_losses)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
 
+# Where a step's scores come from, given the items' self-influence and losses.
+_SOURCES = {"self-influence": lambda si, loss, eps: si, "loss": lambda si, loss, eps: loss,
+            "si-beyond-loss": lambda si, loss, eps: beyond_loss(si, loss, eps)}
+
+
 @dataclass(frozen=True)
 class _Weighting:
-    """The step's scores to its weights at temperature tau (common.presence.reweighting.presence_weights)."""
+    """The step's scores to its weights at temperature tau: PRESENCE's rule (presence_weights) or one of
+    Sow et al.'s (loss_peer_weights), on the scores of the chosen source, shuffled for a control."""
     tau: float
     eps: float
     shuffle_seed: int | None
+    scores: str = "self-influence"
+    weighting: str = "softmax-z"
 
-    def __call__(self, scores: torch.Tensor, base_weights: torch.Tensor | None = None):
-        return presence_weights(scores, self.tau, eps=self.eps, shuffle_seed=self.shuffle_seed,
-                                base_weights=base_weights)
+    def __call__(self, si: torch.Tensor, losses: torch.Tensor, base_weights: torch.Tensor | None = None):
+        used = _SOURCES[self.scores](si, losses, self.eps)
+        if self.weighting == "softmax-z":
+            weights, share = presence_weights(used, self.tau, eps=self.eps, shuffle_seed=self.shuffle_seed,
+                                              base_weights=base_weights)
+            return weights.to(si.dtype), share
+        used = used if self.shuffle_seed is None else shuffle(used, self.shuffle_seed)
+        return loss_peer_weights(used, self.tau, self.weighting, base_weights=base_weights).to(si.dtype), None
 
 
 # Columns summed at a time in float64: bounded extra memory, and a sum of millions of float32 squares
@@ -237,13 +276,15 @@ def _mean_loss(losses: list[torch.Tensor], n_global: int, params: list[nn.Parame
     return total / n_global, finite == world_size()
 
 
-def _stats(losses, n_global, params, scores, weights, variance_share) -> StepStats:
+def _stats(losses, n_global, params, scores, weights, variance_share, item_losses=None) -> StepStats:
     scores, weights = scores.detach().cpu(), weights.detach().cpu()
+    item_losses = None if item_losses is None else item_losses.detach().cpu()
     loss, finite = _mean_loss(losses, n_global, params)
     if not torch.isfinite(scores).all():
         raise FloatingPointError(f"non-finite self-influence scores {scores.tolist()} (loss {loss}): the "
                                  "gradients overflowed")
-    return StepStats(loss=loss, scores=scores, weights=weights, variance_share=variance_share, finite=finite)
+    return StepStats(loss=loss, scores=scores, weights=weights, variance_share=variance_share, finite=finite,
+                     item_losses=item_losses)
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:

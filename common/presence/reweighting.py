@@ -55,6 +55,39 @@ def presence_weights(scores: torch.Tensor, tau: float, *, eps: float = 1e-6, shu
     return softmax_weights(z, tau, base_weights).to(scores.dtype), share
 
 
+def beyond_loss(si: torch.Tensor, loss: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Self-influence beyond the loss, float64: the residual of z(SI) after the least-squares line through
+    z(loss) within the step (both standardised, so the line has no intercept and its slope is their
+    correlation). presence_weights standardises it again, so that it enters the softmax on PRESENCE's scale."""
+    z_si, _ = standardise(si, eps)
+    z_loss, _ = standardise(loss, eps)
+    spread = z_loss.square().sum()
+    slope = (z_si * z_loss).sum() / spread if spread > 0 else 0.0
+    return z_si - slope * z_loss
+
+
+# The shaping functions of Sow et al. (ICLR 2025, "Dynamic Loss-Based Sample Reweighting for Improved Large
+# Language Model Pretraining"), on losses scaled to [-delta, delta]: LinUpper min(x + delta, delta) lowers
+# the weight of the easiest samples and treats every harder one alike; quadratic 1 - x^2 / delta^2 favours
+# mid-range losses; "extremes" |x| favours both ends.
+SHAPINGS = {"linupper": lambda x, delta: torch.clamp(x + delta, max=delta),
+            "quadratic": lambda x, delta: 1 - x.square() / delta ** 2,
+            "extremes": lambda x, delta: x.abs()}
+
+
+def loss_peer_weights(losses: torch.Tensor, tau: float, shaping: str = "linupper", delta: float = 1.0,
+                      base_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sow et al.'s sample weights, float64: the step's losses scaled to [-delta, delta] by their minimum
+    and maximum, shaped, and w proportional to exp(tau * f) (their exp(f / r): tau = 1 / r; tau = 0 is
+    their uniform warm-up), times `base_weights` as presence_weights does."""
+    if shaping not in SHAPINGS:
+        raise ValueError(f"unknown shaping {shaping!r}. Fix: use one of {', '.join(SHAPINGS)}")
+    loss = losses.to(torch.float64)
+    span = torch.clamp(loss.max() - loss.min(), min=1e-6)  # their floor, for a batch of equal losses
+    scaled = 2 * delta * (loss - (loss.max() + loss.min()) / 2) / span
+    return softmax_weights(SHAPINGS[shaping](scaled, delta), tau, base_weights)
+
+
 def softmax_weights(z: torch.Tensor, tau: float, base_weights: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(tau * z), times `base_weights` and renormalised when given; float64."""
     logits = tau * z.to(torch.float64)

@@ -21,7 +21,7 @@ from common.presence.methods import reads
 
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
                "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
-               "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed"]
+               "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed", "si_loss_spearman"]
 HELDOUT_ROW_COLUMNS = ["row", "lang", "n_tokens", "loss"]
 SCORE_COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
 SI_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "seed"]
