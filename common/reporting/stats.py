@@ -104,8 +104,16 @@ def holm_adjust(pvalues) -> list[float]:
     return out.tolist()
 
 
-def _format_p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value as tables print it: three decimals, '< 0.001' below that, '–' when there is none."""
     return "–" if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def outcome(adjusted_p: float, n: int, alpha: float = 0.05) -> str:
+    """'distinguishable' where the adjusted p is below alpha, else 'not distinguishable at n seeds'."""
+    if not math.isnan(adjusted_p) and adjusted_p < alpha:
+        return "distinguishable"
+    return f"not distinguishable at {n} seed{'' if n == 1 else 's'}"
 
 
 def verdict(adjusted_p: float, difference: dict, alpha: float = 0.05, a: str = "a", b: str = "b") -> str:
@@ -113,11 +121,9 @@ def verdict(adjusted_p: float, difference: dict, alpha: float = 0.05, a: str = "
     distinguishable (Holm p < alpha). `difference` is paired_difference's result."""
     n = difference["n"]
     if n >= 2:
-        interval = (f"{difference['level']:.0%} CI {difference['ci_low']:+.3f} to {difference['ci_high']:+.3f}")
+        interval = f"{difference['level']:.0%} CI {difference['ci_low']:+.3f} to {difference['ci_high']:+.3f}"
     else:
         interval = f"no interval with {n} seed{'' if n == 1 else 's'}"
     mean = "–" if math.isnan(difference["mean"]) else f"{difference['mean']:+.3f}"
-    decided = (not math.isnan(adjusted_p)) and adjusted_p < alpha
-    outcome = "distinguishable" if decided else f"not distinguishable at {n} seed{'' if n == 1 else 's'}"
-    return (f"{a} − {b} = {mean} ({interval}), paired t p = {_format_p(difference['t_p'])}, "
-            f"Holm p = {_format_p(adjusted_p)}: {outcome}")
+    return (f"{a} − {b} = {mean} ({interval}), paired t p = {format_p(difference['t_p'])}, "
+            f"Holm p = {format_p(adjusted_p)}: {outcome(adjusted_p, n, alpha)}")
