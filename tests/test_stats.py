@@ -170,5 +170,5 @@ def test_verdict_wording():
     assert verdict(0.05, difference).endswith("not distinguishable at 3 seeds")  # alpha itself is not below alpha
     single = {"n": 1, "mean": -0.5, "ci_low": float("nan"), "ci_high": float("nan"), "level": 0.95,
               "t_p": float("nan")}
-    assert verdict(float("nan"), single) == ("a − b = -0.500 (no interval with 1 seed), paired t p = –, Holm p = –: "
-                                             "not distinguishable at 1 seed")
+    assert verdict(float("nan"), single) == ("a − b = -0.500 (no interval with 1 seed), paired t p = –, "
+                                             "Holm p = –: not distinguishable at 1 seed")

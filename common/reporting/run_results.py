@@ -50,10 +50,14 @@ def recipe_changes(config: dict, reference: PretrainConfig) -> list[str]:
     return changes
 
 
+def method_and_tau(method: str, tau: float | None) -> str:
+    """The method with the run's own --tau when it has one (presence-single): 'presence-single tau=+2'."""
+    return method if tau is None or pd.isna(tau) else f"{method} tau={tau:+g}"
+
+
 def variant_label(config: dict, reference: PretrainConfig) -> str:
     """The run's recipe in words: its method (with tau for presence-single), then any changes."""
-    method = config["method"]
-    name = f"{method} tau={config['tau']:+g}" if config.get("tau") is not None else method
+    name = method_and_tau(config["method"], config.get("tau"))
     changes = recipe_changes(config, reference)
     return f"{name} ({', '.join(changes)})" if changes else name
 
@@ -114,6 +118,9 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
         run = {"run_name": config.get("run_name", folder.name), "method": config["method"],
                "seed": int(config.get("seed", 0)), "variant": variant,
                "standard": not recipe_changes(config, reference),
+               # the defaults apart from the granularity and the noise rate, which the run's row names: the
+               # runs that method comparisons pair
+               "default_knobs": not recipe_changes({**config, "per": "microbatch", "noise_rate": 0.0}, reference),
                "tau": config.get("tau"), "per": config.get("per", "microbatch"),
                "switch_step": pretrain.get("switch_step"), "steps": pretrain.get("steps"),
                "num_microbatches": pretrain.get("num_microbatches"), "batch_size": pretrain.get("batch_size"),
@@ -127,7 +134,8 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
                              standard=run["standard"], seed=run["seed"])
             logs.append(log)
         runs.append(run)
-    runs_frame = pd.DataFrame(runs, columns=["run_name", "method", "seed", "variant", "standard", "tau", "per",
+    runs_frame = pd.DataFrame(runs, columns=["run_name", "method", "seed", "variant", "standard", "default_knobs",
+                                             "tau", "per",
                                              "switch_step", "steps", "num_microbatches", "batch_size", "final_loss",
                                              "final_heldout_loss", "final_heldout_se", "noise_rate",
                                              "seconds_per_step", "parameters"])
