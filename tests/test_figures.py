@@ -189,6 +189,12 @@ def test_make_figures_compares_presence_with_its_control(tmp_path):
     assert float(loss["ours_delta_vs_baseline"]) == pytest.approx(-0.05)
     text = (tmp_path / "tiny" / "tables" / "table3_main.md").read_text()
     assert "| PRESENCE-shuffled (control) | ours (tiny) |" in text and "Δ PRESENCE − PRESENCE-shuffled" in text
+    comparisons = pd.read_csv(tmp_path / "tiny" / "tables" / "comparisons.csv").set_index(["a", "b"])
+    assert list(comparisons.index) == [("presence-shuffled", "baseline"), ("presence", "baseline"),
+                                       ("presence", "presence-shuffled")]
+    assert comparisons.loc[("presence", "presence-shuffled"), "delta"] == pytest.approx(-0.04)
+    assert (comparisons["n_pairs"] == 2).all()
+    assert "| presence − presence-shuffled | 2 (0,1) |" in (tmp_path / "tiny" / "tables" / "comparisons.md").read_text()
 
 
 def test_headline_commands_name_a_variant_by_its_file():
