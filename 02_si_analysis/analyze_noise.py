@@ -45,6 +45,7 @@ from common.presence.reweighting import presence_weights
 from common.reporting.markdown import markdown_table
 from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table, recipe_name
 from common.reporting.stats import auroc
+from common.threads import set_cpu_threads
 
 COMPARISON_COLUMNS = ["comparison", "noise_rate", "seed", "delta", "eval_se"]
 RUN_COLUMNS = ["run", "method", "per", "noise_kind", "noise_rate", "seed", "clean_heldout_loss", "se",
@@ -231,6 +232,7 @@ def main(args: argparse.Namespace) -> dict:
     train = SpanCorruptionBatches(artefacts_dir(preset.name, "data"), "train", 1, seed=0, noise_rate=rate)
     kinds, scored = train.noise_kinds, scoring_set(train, args.scoring_rows, preset.data.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     run_rows, kind_table, granularity = [], [], []
     for run in tqdm(runs, desc="noise runs"):
         log = read_table(run["dir"] / "train_log.csv", ["step", "loss"], [])

@@ -36,6 +36,7 @@ from common.data.probes import span_corrupted_probes
 from common.runinfo import write_run_files
 from common.reporting.stats import auroc, bootstrap_mean_ci, mann_whitney_p
 from common.data.tokenizer import encode_texts, load_tokenizer
+from common.threads import set_cpu_threads
 
 NOISY = {"jumbled": "clean", "mismatched": "random"}  # noisy condition -> the condition it is compared with
 TABLES = ("si_scores.csv", "si_summary.csv", "si_correlations.csv", "si_reliability.csv")
@@ -161,6 +162,7 @@ def main(args: argparse.Namespace) -> dict:
     probes = read_probes(artefacts_dir(preset.name, "data", "probes.jsonl.gz"))
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     found = checkpoints(args, preset)
     start_outputs(out, {"scorer": scorer, "args": vars(args), "preset": preset.to_dict()})
 

@@ -76,6 +76,7 @@ from common.reporting.stats import auroc
 from common.runinfo import bind_store, committed_note, config_changes, prepare_run_dir, run_lock, write_run_files
 from common.seeding import seed_everything
 from common.signals import StopRequests
+from common.threads import set_cpu_threads
 
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
                "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
@@ -175,6 +176,7 @@ class Run:
 def get_run(args) -> Run:
     preset, method = get_config(args)
     rank, world, device = init_distributed()
+    set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     if preset.pretrain.num_microbatches % world:
         raise ConfigError(f"pretrain.num_microbatches: {preset.pretrain.num_microbatches} microbatches cannot be "
                           f"shared by {world} processes. Fix: use a process count that divides it")

@@ -31,6 +31,7 @@ from common.data.packed_data import (check_files, checked_ids, load_array, load_
                                      recorded_files)
 from common.paths import artefacts_dir, results_dir
 from common.data.span_corruption import span_corrupt
+from common.threads import set_cpu_threads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +66,7 @@ def main(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"{final} holds no finished run. Fix: pre-train the scorer first: "
                                 f"03_pretrain/pretrain.py --preset {preset.name} --method baseline --seed {args.seed}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     model = load_pretrained(final).to(device).eval()
     data_dir = artefacts_dir(preset.name, "data")
     m = load_data_manifest(data_dir)

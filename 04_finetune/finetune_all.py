@@ -44,6 +44,7 @@ from common.evaluation.score_rows import chance_level, upsert_rows
 from common.runinfo import write_run_files
 from common.seeding import seed_everything
 from common.evaluation.xtreme import TASK_METRICS, TaskData, in_xtreme_average, load_hub, load_local, subsample
+from common.threads import set_cpu_threads
 
 KIND = {"xnli": "pair", "pawsx": "pair", "panx": "tagging", "xquad": "qa", "mlqa": "qa", "tydiqa": "qa"}
 
@@ -333,6 +334,7 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoi
     preset = load_preset(preset_name, overrides)
     cfg = preset.finetune
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     ckpts = find_checkpoints(preset.name, checkpoints or [], cfg.seed)
     out = results_dir(preset.name, "finetune")
     print(f"04_finetune | preset {preset.name} | {device} | checkpoints: {', '.join(c.run for c in ckpts)}")
