@@ -88,7 +88,7 @@ WEIGHT_LOG_COLUMNS = ["step", "weights"]
 # What --resume may change: the schedule (applied from the checkpoint on) and how often the run logs,
 # evaluates and saves; each change is recorded in config.json's "history". Any other difference (method,
 # seed, preset, data, model, the rest of the recipe) would make it another run and is refused.
-LOGGING_KNOBS = ("log_every", "eval_every", "save_every", "noise_log_every", "eval_batch_size", "compile")
+LOGGING_KNOBS = ("log_every", "eval_every", "save_every", "noise_log_every", "eval_batch_size", "compile", "log_si_loss")
 RESUMABLE_CHANGES = tuple(f"preset.pretrain.{name}" for name in (
     "steps", "switch_step", "peak_lr", "warmup_steps") + LOGGING_KNOBS) + ("world_size",)
 NOT_PART_OF_THE_RUN = ("history", "preset.description", "preset.si_analysis", "preset.finetune",
@@ -188,7 +188,7 @@ def get_run(args) -> Run:
     run_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "runs" / name
     replayed = paired_weights(args, preset, method, run_dir.parent) if "paired_run" in method.needs else None
     recipe = Recipe.of(method, args.per, args.seed, Knobs(cfg.tau_direct, cfg.tau_inverse, cfg.switch_step,
-                                                          cfg.steps, args.tau), replayed)
+                                                          cfg.steps, args.tau), replayed, cfg.log_si_loss)
     return Run(args, preset, recipe, args.noise_rate, run_dir.name, run_dir,
                artefacts_dir(preset.name, "pretrain", run_dir.name), rank, world, device)
 
@@ -578,7 +578,7 @@ def log_step(run: Run, data: Data, trainer: Trainer, record: StepRecord, bar) ->
     if step % cfg.eval_every == 0 or step == cfg.steps:
         row["heldout_loss"] = evaluate(run, data, trainer, step, final=step == cfg.steps)
     append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
-    if record.plan.update == "scores":
+    if record.plan.update == "scores" and run.method.update == "scores":
         append_csv_row(run.dir / "step_weights.csv", {"step": step, "weights": " ".join(
             repr(float(w)) for w in stats.weights.double())}, WEIGHT_LOG_COLUMNS)
     if step % cfg.log_every == 0:

@@ -209,6 +209,10 @@ class PretrainConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     reproduce_methods: list[str] = field(default_factory=lambda: ["baseline", "presence"])  # what `make pretrain` runs
     sequential_keep_fraction: float = 0.5  # PRESENCE-Sequential: share of candidates kept (paper: not given)
+    # The baseline forms per-microbatch SI too, so that its log has the within-step Spearman of SI and loss
+    # (score-weighted methods log it anyway): PRESENCE's step at tau = 0, the baseline's update to ~1e-12,
+    # at 0.98-1.04x the baseline's step time on the CPU (results/tiny/bench/si_overhead.csv).
+    log_si_loss: bool = False
 
     def validate(self, where: str) -> None:
         _require(self.steps > 0, f"{where}.steps", f"{self.steps} is not positive", "set a positive step count")

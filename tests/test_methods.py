@@ -72,6 +72,8 @@ def test_a_recipe_plans_each_step():
     assert Recipe.of(get_method("presence-shuffled"), "microbatch", 4, KNOBS).plan(1).shuffle_seed != seeds[0]
     baseline = Recipe.of(get_method("baseline"), "microbatch", 0, KNOBS).plan(1)
     assert baseline.update == "uniform" and baseline.tau is None
+    measured = Recipe.of(get_method("baseline"), "microbatch", 0, KNOBS, measure_scores=True).plan(1)
+    assert (measured.update, measured.tau, measured.shuffle_seed) == ("scores", 0.0, None)
     oracle = Recipe.of(get_method("noise-oracle"), "microbatch", 0, KNOBS)
     plan = oracle.plan(1, np.array([0, 2, 0, 1]))
     assert plan.update == "fixed" and torch.equal(plan.sample_weights, torch.tensor([0.5, 0, 0.5, 0], dtype=torch.float64))

@@ -138,6 +138,20 @@ def test_the_weight_matched_control_replays_presence_weights(tmp_path, artefacts
         pretrain.main(pretrain.parse_args(other_seed))
 
 
+def test_the_baseline_logs_si_and_loss_when_asked(tmp_path, artefacts):
+    """pretrain.log_si_loss: the baseline's log gets the within-step Spearman of SI and loss, and its losses
+    stay the baseline's (PRESENCE's step at tau = 0 is the same update to float rounding)."""
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "plain", "--method", "baseline")))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "measured", "--method", "baseline",
+                                                    "--set", "pretrain.log_si_loss=true")))
+    plain, measured = (csv_rows(tmp_path / name / "train_log.csv") for name in ("plain", "measured"))
+    assert all(r["si_loss_spearman"] == "" for r in plain)
+    assert all(-1 <= float(r["si_loss_spearman"]) <= 1 for r in measured)
+    for a, b in zip(plain, measured):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6)
+    assert not (tmp_path / "measured" / "step_weights.csv").exists()
+
+
 def test_bad_options_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="--method"):
         pretrain.get_config(pretrain.parse_args(["--method", "presence-xl"]))

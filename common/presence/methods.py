@@ -155,17 +155,19 @@ class Recipe:
     seed: int
     schedule: TauSchedule | None
     replayed: np.ndarray | None = None  # update "replay": the paired run's weights, one row per step
+    measure_scores: bool = False  # uniform updates too form SI and losses (pretrain.log_si_loss)
 
     @classmethod
-    def of(cls, method: Method, per: str, seed: int, knobs: Knobs, replayed: np.ndarray | None = None) -> "Recipe":
-        return cls(method, per, seed, method.tau_schedule(knobs), replayed)
+    def of(cls, method: Method, per: str, seed: int, knobs: Knobs, replayed: np.ndarray | None = None,
+           measure_scores: bool = False) -> "Recipe":
+        return cls(method, per, seed, method.tau_schedule(knobs), replayed, measure_scores)
 
     def plan(self, step: int, noise_labels: np.ndarray | None = None) -> StepPlan:
         """How step `step` (1-based) forms its update; `noise_labels` (one per row of the global batch, 0
         clean) are read by methods that need them."""
         tau = None if self.schedule is None else self.schedule.tau_at(step)
-        if self.method.update == "uniform":
-            return StepPlan("uniform", self.per, tau)
+        if self.method.update == "uniform":  # tau = 0 weighs every microbatch alike: the same update
+            return StepPlan("scores", self.per, 0.0) if self.measure_scores else StepPlan("uniform", self.per, tau)
         if self.method.update == "clean-rows":
             clean = noise_labels == 0
             if not clean.any():
