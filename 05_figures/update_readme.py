@@ -1,5 +1,7 @@
 """Put results/<preset>/tables/headline.md (written by make_figures.py) into README.md, between the
-lines <!-- results:begin --> and <!-- results:end -->. Everything outside the markers is kept.
+lines <!-- results:begin --> and <!-- results:end -->, and the answer table (does self-influence carry
+information beyond the loss; does any score beat the baseline?) made from the comparisons.csv of the
+--answer-presets between <!-- answer:begin --> and <!-- answer:end -->. Everything outside the markers is kept.
 
     python 05_figures/update_readme.py --preset tiny
     python 05_figures/update_readme.py --preset small --readme README.md
@@ -9,9 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pandas as pd
+
 from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.io import atomic_open
+from common.reporting.comparisons import answer_markdown
 from common.reporting.markdown import replace_marked_block
 from common.paths import REPO_ROOT, results_dir
 
@@ -20,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="whose headline.md to insert: tiny | small | paper | a YAML path")
     p.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    p.add_argument("--answer-presets", nargs="+", default=["tiny", "presets/variants/tiny_x10.yaml"],
+                   help="presets whose tables/comparisons.csv make the answer table")
     return p.parse_args(argv)
 
 
@@ -31,6 +38,15 @@ def main(args: argparse.Namespace) -> dict:
                                 f"python 05_figures/make_figures.py --preset {preset.name}")
     readme = Path(args.readme)
     text = replace_marked_block(readme.read_text(encoding="utf-8"), headline.read_text(encoding="utf-8"))
+    tables = {}
+    for name in args.answer_presets:
+        path = results_dir(load_preset(name).name, "tables") / "comparisons.csv"
+        if path.is_file():
+            tables[load_preset(name).name] = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        else:
+            print(f"note: {path} is missing, so the answer table leaves preset {name} out")
+    if "<!-- answer:begin -->" in text:
+        text = replace_marked_block(text, answer_markdown(tables), "<!-- answer:begin -->", "<!-- answer:end -->")
     with atomic_open(readme) as f:
         f.write(text)
     print(f"put {headline} into {readme}")

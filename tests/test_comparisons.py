@@ -154,3 +154,39 @@ def test_default_knobs_allow_granularity_and_noise_but_no_other_change(tmp_path)
     assert runs.loc["presence-per-sample-noise0.2-s0", "default_knobs"]
     assert not runs.loc["presence-per-sample-noise0.2-s0", "standard"]
     assert not runs.loc["presence-I50-s0", "default_knobs"]
+
+
+def test_the_answer_table_picks_its_questions_across_presets():
+    from common.reporting.comparisons import answer_markdown
+    row = dict(n_pairs=10, seeds="0-9", mean_a=1.0, mean_b=1.0, t_p=0.01, sign_p=0.02, distinguishable=True)
+    tiny = pd.DataFrame([
+        dict(row, a="presence", b="baseline", delta=0.1, ci_low=0.05, ci_high=0.15, holm_p=0.02),
+        dict(row, a="presence-beyond-loss", b="presence-beyond-loss-shuffled", delta=-0.01, ci_low=-0.03,
+             ci_high=0.01, holm_p=0.4, distinguishable=False),
+        dict(row, a="presence-D", b="baseline", delta=0.2, ci_low=0.1, ci_high=0.3, holm_p=0.01)])
+    noisy = pd.DataFrame([dict(row, a="presence (per-sample) at noise 0.2", b="sow-linupper (per-sample) at noise 0.2",
+                               delta=-0.02, ci_low=-0.04, ci_high=0.0, holm_p=0.06, distinguishable=False)])
+    text = answer_markdown({"tiny": tiny, "tiny_x10": noisy})
+    lines = [line for line in text.splitlines() if line.startswith("| tiny")]
+    assert len(lines) == 3  # presence-D answers no question
+    assert "| tiny | does PRESENCE beat the baseline? | presence − baseline | 10 | +0.100 (+0.050 to +0.150) | 0.020 | " \
+           "distinguishable |" in text
+    assert "not distinguishable at 10 seeds" in lines[1] and "SI carry information beyond the loss" in lines[1]
+    assert "presence (per-sample) at noise 0.2 − sow-linupper (per-sample) at noise 0.2" in lines[2]
+    assert answer_markdown({}) == "No comparison has been run yet.\n"
+
+
+def test_heldout_family_sets_presence_against_the_other_score_sources():
+    rows = []
+    for seed in range(2):
+        rows += [("baseline", "microbatch", None, 0.0, seed, 4.0, True),
+                 ("presence", "microbatch", None, 0.0, seed, 4.1, True),
+                 ("presence-loss", "microbatch", None, 0.0, seed, 4.05, True),
+                 ("presence-loss-shuffled", "microbatch", None, 0.0, seed, 4.07, True),
+                 ("presence", "sample", None, 0.0, seed, 4.2, True),
+                 ("sow-linupper", "sample", None, 0.0, seed, 4.02, True)]
+    comparisons = heldout_family(runs_frame(rows))[1]
+    assert ("presence", "presence-loss") in comparisons
+    assert ("presence (per-sample)", "sow-linupper (per-sample)") in comparisons
+    assert ("presence-loss", "presence-loss-shuffled") in comparisons
+    assert ("presence", "presence-loss-shuffled") not in comparisons  # a control is compared with its own method

@@ -142,6 +142,10 @@ NAMES = tuple(BY_NAME)
 BASELINE = BY_NAME["baseline"]  # the reference of every comparison
 PRESENCE = BY_NAME["presence"]  # the paper's method
 ORACLE = BY_NAME["noise-oracle"]
+MATCHED = BY_NAME["presence-matched"]  # PRESENCE's weight-matched control
+LOSS_SCORE, LOSS_CONTROL = BY_NAME["presence-loss"], BY_NAME["presence-loss-shuffled"]
+BEYOND, BEYOND_CONTROL = BY_NAME["presence-beyond-loss"], BY_NAME["presence-beyond-loss-shuffled"]
+PEER = BY_NAME["sow-linupper"]  # the published loss-reweighting peer with its default shaping
 SEQUENTIAL = BY_NAME["presence-sequential"]
 SEQUENTIAL_REVERSE = BY_NAME["presence-sequential-reverse"]
 

@@ -5,7 +5,9 @@ together (Holm–Bonferroni), so that a difference is called distinguishable onl
 
 `compare_recipes` takes tidy per-run results (recipe, seed, value; lower is better) and a family of
 (a, b) pairs; `comparisons_markdown` renders its rows; `heldout_family` forms the recipes and the family
-of a preset's pre-training runs (every method against the baseline, each method against its controls).
+of a preset's pre-training runs (every method against the baseline, each method against its controls,
+PRESENCE against the other score sources); `answer_markdown` picks, across presets, the rows that answer
+whether self-influence carries information beyond the loss and whether any score beats the baseline.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import math
 
 import pandas as pd
 
-from common.presence.methods import BASELINE, NAMES, controls_of
+from common.presence.methods import (BASELINE, BEYOND, BEYOND_CONTROL, BY_NAME, CONTROL, LOSS_CONTROL, LOSS_SCORE,
+                                     MATCHED, NAMES, PEER, PRESENCE, SELF_INFLUENCE, controls_of)
 from common.reporting.markdown import markdown_table
 from common.reporting.run_results import method_and_tau, recipe_name
 from common.reporting.stats import format_p, holm_adjust, outcome, paired_difference
@@ -90,7 +93,8 @@ def heldout_family(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, st
     compare_recipes: value the final held-out loss; recipe the method (with its --tau), per-sample when so,
     and the noise rate of its training data; runs that changed any other default knob are left out. The
     family, at each noise rate: every recipe against the baseline, then each recipe with information
-    controls against each of them at the same granularity."""
+    controls against each of them at the same granularity, then PRESENCE against each recipe that scores
+    by something else than self-influence (the loss, SI beyond the loss, the loss-reweighting peer)."""
     runs = runs[runs["default_knobs"].astype(bool) & runs["final_heldout_loss"].notna()]
     runs = runs.assign(noise_rate=runs["noise_rate"].fillna(0.0).astype(float))
 
@@ -115,4 +119,51 @@ def heldout_family(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, st
         for method, per, name in names:
             controls = [recipe(control.name, per, None, rate) for control in controls_of(method)]
             comparisons += [(name, control) for control in controls if control in present]
+        for method, per, name in names:
+            record = BY_NAME.get(method)
+            presence = recipe(PRESENCE.name, per, None, rate)
+            if record and record.scores not in (None, SELF_INFLUENCE) and record.control is None and presence in present:
+                comparisons.append((presence, name))
     return results, comparisons
+
+
+# The questions the front page answers, each a comparison of the comparisons tables (a, b), per granularity.
+ANSWER_ROWS = [(question, a.name, b.name) for question, a, b in (
+    ("does PRESENCE beat the baseline?", PRESENCE, BASELINE),
+    ("does SI carry information? (the shuffled control)", PRESENCE, CONTROL),
+    ("... (the weight-matched control)", PRESENCE, MATCHED),
+    ("does the loss carry information?", LOSS_SCORE, LOSS_CONTROL),
+    ("does SI carry information beyond the loss?", BEYOND, BEYOND_CONTROL),
+    ("SI against the loss as the score", PRESENCE, LOSS_SCORE),
+    ("does the loss score beat the baseline?", LOSS_SCORE, BASELINE),
+    ("does the published loss peer beat the baseline?", PEER, BASELINE),
+    ("PRESENCE against the loss peer", PRESENCE, PEER))]
+
+
+def answer_markdown(tables: dict[str, pd.DataFrame], alpha: float = 0.05) -> str:
+    """One table across presets ({label: its comparisons table}): for each question of ANSWER_ROWS and
+    granularity, the comparison's Δ with its interval, seeds and Holm p (adjusted within its preset's
+    family), and whether it is distinguishable; a comparison no run made is left out."""
+    header = ["preset", "question", "a − b", "seeds", "Δ held-out loss (95% CI)", "Holm p", "verdict"]
+    rows = []
+    for label, table in tables.items():
+        keyed = {(r.a, r.b): r for r in table.itertuples()}
+        rates = sorted({a.partition(" at noise ")[2] for a in table["a"]})
+        for question, a, b in ANSWER_ROWS:
+            for rate in rates:
+                for per in ("microbatch", "sample"):
+                    suffix = f" at noise {rate}" if rate else ""
+                    key = (recipe_name(a, per) + suffix,
+                           (b if b == BASELINE.name else recipe_name(b, per)) + suffix)
+                    if key in keyed:
+                        rows.append(_answer_row(label, question, key, keyed[key], alpha))
+    if not rows:
+        return "No comparison has been run yet.\n"
+    return markdown_table(header, rows) + "\n"
+
+
+def _answer_row(label: str, question: str, key: tuple[str, str], r, alpha: float) -> list[str]:
+    verdict = "distinguishable" if r.holm_p < alpha else f"not distinguishable at {r.n_pairs} seeds"
+    return [label, question, f"{key[0]} − {key[1]}", str(r.n_pairs),
+            f"{_number(r.delta, 3, sign=True)} ({_number(r.ci_low, 3, sign=True)} to "
+            f"{_number(r.ci_high, 3, sign=True)})", format_p(r.holm_p), verdict]
