@@ -18,9 +18,6 @@ TORCH_PIP_ARGS ?=
 
 # Progress bars redraw at most every few seconds, so logs of non-interactive runs stay readable.
 export TQDM_MININTERVAL ?= 5
-# OpenMP threads sleep rather than spin while they wait: on cores shared with another job, spinning threads
-# that lose their core make every step many times slower (results/tiny/bench/threads.csv).
-export OMP_WAIT_POLICY ?= PASSIVE
 
 STAMP := $(VENV)/.installed
 

@@ -2,9 +2,11 @@
 
 torch starts one OpenMP thread per core, and OpenMP threads spin while they wait for each other. When
 another CPU-bound process shares the cores, a thread that loses its core stalls the others at every
-parallel region, and the small matmuls of the tiny model run tens of times slower (results/tiny/bench/
-threads.csv, made by 03_pretrain/bench_threads.py). Leaving one core to whatever shares the machine costs
-a little on idle cores and keeps a step within a small factor of its idle time when another job runs.
+parallel region. On 2 cores (results/tiny/bench/threads.csv, made by 03_pretrain/bench_threads.py), a tiny
+PRESENCE step with 2 threads took 0.32 s on idle cores and 1.29 s (4.0x) beside one busy loop; with 1
+thread 0.31 s and 0.34 s (1.09x). One thread per core but one therefore costs nothing measurable at tiny
+on idle cores and keeps a step near its idle time when another job runs. (OMP_WAIT_POLICY=PASSIVE helps 2
+threads beside a busy loop, 0.46 s, but slows them on idle cores, 0.43 s, so it is not the default.)
 An explicit OMP_NUM_THREADS (pretrain_all.py --jobs sets it) always wins.
 """
 from __future__ import annotations
