@@ -85,12 +85,15 @@ NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", 
 # Every weight a score-weighted step applied, one row per step (items in order, full precision): what the
 # weight-matched control replays.
 WEIGHT_LOG_COLUMNS = ["step", "weights"]
-# What --resume may change: the schedule (applied from the checkpoint on) and how often the run logs,
-# evaluates and saves; each change is recorded in config.json's "history". Any other difference (method,
-# seed, preset, data, model, the rest of the recipe) would make it another run and is refused.
-LOGGING_KNOBS = ("log_every", "eval_every", "save_every", "noise_log_every", "eval_batch_size", "compile", "log_si_loss")
+# How a run logs, evaluates and saves, and how it executes its steps (the same update to float rounding):
+# not part of its recipe or its name.
+EXECUTION_KNOBS = ("log_every", "eval_every", "save_every", "noise_log_every", "eval_batch_size", "compile",
+                   "log_si_loss", "microbatch_chunks", "activation_checkpointing")
+# What --resume may change: the schedule (applied from the checkpoint on) and the execution knobs; each
+# change is recorded in config.json's "history". Any other difference (method, seed, preset, data, model,
+# the rest of the recipe) would make it another run and is refused.
 RESUMABLE_CHANGES = tuple(f"preset.pretrain.{name}" for name in (
-    "steps", "switch_step", "peak_lr", "warmup_steps") + LOGGING_KNOBS) + ("world_size",)
+    "steps", "switch_step", "peak_lr", "warmup_steps") + EXECUTION_KNOBS) + ("world_size",)
 NOT_PART_OF_THE_RUN = ("history", "preset.description", "preset.si_analysis", "preset.finetune",
                        "preset.pretrain.seeds", "preset.pretrain.reproduce_methods")
 # How a changed knob shows in a default run name (others: the field's name and value).
@@ -224,6 +227,10 @@ def get_config(args) -> tuple[Preset, Method]:
         raise ConfigError(f"--per: {method.name} does not reweight by self-influence per {args.per}. Fix: drop "
                           f"--per {args.per}")
     cfg = preset.pretrain
+    if cfg.activation_checkpointing and args.per == "sample":
+        raise ConfigError("pretrain.activation_checkpointing: the per-sample engine records each forward pass once, "
+                          "and checkpointing runs it again in the backward. Fix: use --per microbatch, or "
+                          "pretrain.microbatch_chunks to save memory")
     if "switch_step" in method.reads and not 0 <= cfg.switch_step <= cfg.steps:
         raise ConfigError(f"pretrain.switch_step: {cfg.switch_step} is outside [0, steps={cfg.steps}]. Fix: set I "
                           "between 0 and steps (--switch-step)")
@@ -271,7 +278,7 @@ def recipe_changes(preset: Preset, reference: Preset, method: Method) -> dict[st
         for key, value in ours.items():
             if value == theirs.get(key):
                 continue
-            if section == "pretrain" and (key in LOGGING_KNOBS + ("seeds", "reproduce_methods") or
+            if section == "pretrain" and (key in EXECUTION_KNOBS + ("seeds", "reproduce_methods") or
                                           (key in ("tau_direct", "tau_inverse", "switch_step", "si_layers")
                                            and key not in method.reads)):
                 continue
@@ -293,7 +300,7 @@ def paired_weights(args, preset: Preset, method: Method, runs_dir: Path) -> np.n
     paired = read_json(folder / "config.json")
     ours = {"seed": args.seed, "per": args.per, "noise_rate": args.noise_rate, "preset": preset.to_dict()}
     differs = [key for key in config_changes({k: paired.get(k) for k in ours}, ours)
-               if not key.startswith(NOT_PART_OF_THE_RUN) and key.split(".")[-1] not in LOGGING_KNOBS]
+               if not key.startswith(NOT_PART_OF_THE_RUN) and key.split(".")[-1] not in EXECUTION_KNOBS]
     if differs:
         raise ConfigError(f"--method {method.name}: the paired run {folder} differs in {', '.join(differs)}. Fix: "
                           f"pair it with a {method.controls} run of the same seed and recipe ({train_it})")
@@ -385,6 +392,8 @@ def get_trainer(run: Run, data: Data) -> Trainer:
     model = build_model(run.preset.model, data.manifest["vocab_size"]).to(run.device)
     broadcast_parameters(model)
     model.train()
+    if run.cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, scheduler = build_optimizer(model, run.cfg)
     on_gpu = run.device.type == "cuda"
     step_model = torch.compile(model) if run.cfg.compile and on_gpu and run.recipe.per == "microbatch" else model
@@ -755,7 +764,7 @@ def train(run: Run, data: Data, trainer: Trainer) -> None:
             try:
                 stats, lr = train_step(trainer.step_model, microbatches, plan, trainer.optimizer, trainer.scheduler,
                                        layers=cfg.si_layers, autocast_dtype=trainer.autocast_dtype,
-                                       grad_clip=cfg.grad_clip)
+                                       grad_clip=cfg.grad_clip, chunks=cfg.microbatch_chunks)
             except FloatingPointError as error:
                 raise diverged(run, step, error) from error
             if progress.unverified and run.main:  # the checkpoint before this finite step is good

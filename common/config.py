@@ -209,6 +209,12 @@ class PretrainConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     reproduce_methods: list[str] = field(default_factory=lambda: ["baseline", "presence"])  # what `make pretrain` runs
     sequential_keep_fraction: float = 0.5  # PRESENCE-Sequential: share of candidates kept (paper: not given)
+    # How a step runs, not what it computes (the update is the same to float rounding): each microbatch as
+    # this many forward/backward passes over equal parts of its rows, whose gradients sum into its own
+    # (its SI is the squared norm of that sum); and activation checkpointing (each block's activations
+    # recomputed in the backward; per microbatch only: the per-sample engine records each forward once).
+    microbatch_chunks: int = 1
+    activation_checkpointing: bool = False
     # The baseline forms per-microbatch SI too, so that its log has the within-step Spearman of SI and loss
     # (score-weighted methods log it anyway): PRESENCE's step at tau = 0, the baseline's update to ~1e-12,
     # at 0.98-1.04x the baseline's step time on the CPU (results/tiny/bench/si_overhead.csv).
@@ -221,6 +227,10 @@ class PretrainConfig:
         _require(self.batch_size % self.num_microbatches == 0, f"{where}.num_microbatches",
                  f"{self.num_microbatches} does not divide batch_size {self.batch_size}",
                  "choose a microbatch count that divides the batch size")
+        rows = self.batch_size // self.num_microbatches
+        _require(self.microbatch_chunks > 0 and rows % self.microbatch_chunks == 0, f"{where}.microbatch_chunks",
+                 f"{self.microbatch_chunks} chunks cannot split microbatches of {rows} rows",
+                 "choose a chunk count that divides the microbatch size")
         # switch_step <= steps is checked where a method reads I (03_pretrain/pretrain.py): the baseline runs any
         # number of steps whatever I is.
         _require(self.switch_step >= 0, f"{where}.switch_step", f"{self.switch_step} is negative",

@@ -152,6 +152,25 @@ def test_the_baseline_logs_si_and_loss_when_asked(tmp_path, artefacts):
     assert not (tmp_path / "measured" / "step_weights.csv").exists()
 
 
+def test_chunks_and_checkpointing_train_the_same_run(tmp_path, artefacts):
+    """Microbatches of 2 rows as 2 chunks of 1, and activation checkpointing: the same losses as the plain
+    run to float rounding; neither is part of the run's recipe."""
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "plain", "--method", "presence")))
+    pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "chunked", "--method", "presence", "--set",
+                                                    "pretrain.microbatch_chunks=2", "--set",
+                                                    "pretrain.activation_checkpointing=true")))
+    plain, chunked = (csv_rows(tmp_path / name / "train_log.csv") for name in ("plain", "chunked"))
+    for a, b in zip(plain, chunked):
+        for column in ("loss", "si_mean", "max_weight"):
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4), column
+    name = lambda *words: pretrain.default_run_name(pretrain.parse_args(list(words)))  # noqa: E731
+    assert name("--set", "pretrain.microbatch_chunks=2") == "presence-s0"
+    with pytest.raises(ConfigError, match="activation_checkpointing.*Fix: use --per microbatch"):
+        pretrain.get_config(pretrain.parse_args(["--per", "sample", "--set", "pretrain.activation_checkpointing=true"]))
+    with pytest.raises(ConfigError, match="microbatch_chunks: 3 chunks cannot split microbatches of 4 rows"):
+        pretrain.get_config(pretrain.parse_args(["--set", "pretrain.microbatch_chunks=3"]))
+
+
 def test_bad_options_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="--method"):
         pretrain.get_config(pretrain.parse_args(["--method", "presence-xl"]))

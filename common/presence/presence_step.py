@@ -81,22 +81,25 @@ class StepPlan:
 
 
 def update_direction(model: nn.Module, microbatches: list[dict], plan: StepPlan, layers: Layers = "first",
-                     autocast_dtype: torch.dtype | None = None) -> StepStats:
-    """p.grad = the update direction `plan` asks for (see the module docstring); the step's statistics."""
+                     autocast_dtype: torch.dtype | None = None, chunks: int = 1) -> StepStats:
+    """p.grad = the update direction `plan` asks for (see the module docstring); the step's statistics.
+    Each microbatch runs as `chunks` forward and backward passes over contiguous parts of its rows
+    (`microbatch_backward`): the same update to float rounding, with a chunk's activations in memory."""
     if plan.update == "uniform":
-        return baseline_step(model, microbatches, autocast_dtype)
+        return baseline_step(model, microbatches, autocast_dtype, chunks=chunks)
     if plan.update == "fixed" and plan.microbatch_weights is not None:
-        return baseline_step(model, microbatches, autocast_dtype, plan.microbatch_weights)
+        return baseline_step(model, microbatches, autocast_dtype, plan.microbatch_weights, chunks)
     if plan.update == "fixed":
-        return fixed_weights_step(model, microbatches, plan.sample_weights, autocast_dtype)
+        return fixed_weights_step(model, microbatches, plan.sample_weights, autocast_dtype, chunks)
     if plan.update == "scores":
         return presence_step(model, microbatches, plan.tau, layers, plan.per, autocast_dtype,
-                             shuffle_seed=plan.shuffle_seed, scores=plan.scores, weighting=plan.weighting)
+                             shuffle_seed=plan.shuffle_seed, scores=plan.scores, weighting=plan.weighting,
+                             chunks=chunks)
     raise ValueError(f"unknown update {plan.update!r}; use uniform, scores or fixed")
 
 
 def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: torch.dtype | None = None,
-                  microbatch_weights: torch.Tensor | None = None) -> StepStats:
+                  microbatch_weights: torch.Tensor | None = None, chunks: int = 1) -> StepStats:
     """Gradient accumulation: p.grad = mean over the (global) microbatches of their loss gradients, or,
     with `microbatch_weights` (one per microbatch of the global batch, summing to 1), their weighted sum
     (the weight-matched control replays a PRESENCE run's weights so)."""
@@ -108,10 +111,8 @@ def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: to
         p.grad = None
     losses = []
     for i, microbatch in enumerate(microbatches):
-        with _autocast(model, autocast_dtype):
-            loss = model(**microbatch).loss
-        (loss / n_global if local is None else loss * local[i].to(loss.dtype)).backward()
-        losses.append(loss.detach())
+        scaled = (lambda loss: loss / n_global) if local is None else (lambda loss, w=local[i]: loss * w.to(loss.dtype))
+        losses.append(microbatch_backward(model, microbatch, autocast_dtype, chunks, scaled))
     if is_distributed():
         _all_reduce_grads(params)
     loss, finite = _mean_loss(losses, n_global, params)
@@ -122,7 +123,7 @@ def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: to
 def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers: Layers = "first",
                   per: str = "microbatch", autocast_dtype: torch.dtype | None = None,
                   eps: float = 1e-6, shuffle_seed: int | None = None, scores: str = "self-influence",
-                  weighting: str = "softmax-z") -> StepStats:
+                  weighting: str = "softmax-z", chunks: int = 1) -> StepStats:
     """PRESENCE: p.grad = sum_i w_i g_i over the (global) microbatches (per="microbatch") or samples
     (per="sample"), w = presence_weights(self-influence on `layers`, tau, eps). With `shuffle_seed` the
     scores are permuted at random (seeded) before the weights are formed: the information control.
@@ -134,11 +135,11 @@ def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers
         raise ValueError(f"unknown scores {scores!r} or weighting {weighting!r}")
     run = _presence_per_microbatch if per == "microbatch" else _presence_per_sample
     weighting = _Weighting(tau, eps, shuffle_seed, scores, weighting)
-    return run(model, microbatches, layers, autocast_dtype, weighting)
+    return run(model, microbatches, layers, autocast_dtype, weighting, chunks)
 
 
 def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weights: torch.Tensor,
-                       autocast_dtype: torch.dtype | None = None) -> StepStats:
+                       autocast_dtype: torch.dtype | None = None, chunks: int = 1) -> StepStats:
     """p.grad = sum_j w_j grad loss_j over the samples of the (global) batch, for given weights (summing
     to 1; loss_j is sample j's mean token loss): one backward pass of the weighted loss per microbatch,
     since the gradient is linear in the loss. The noise oracle gives noisy rows weight 0."""
@@ -149,16 +150,20 @@ def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weight
     local = sample_weights[rank() * (sample_weights.numel() // world_size()):]
     losses = []
     for microbatch in microbatches:
-        labels = microbatch["labels"]
-        with _autocast(model, autocast_dtype):
-            logits = forward_logits(model, microbatch)
-        per_token = token_losses(logits, labels).sum(1)
-        counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
-        size = labels.shape[0]
-        weights = local[:size].to(device=per_token.device, dtype=per_token.dtype)
-        local = local[size:]
-        (weights * per_token / counts.clamp(min=1)).sum().backward()
-        losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
+        microbatch_tokens = (microbatch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+        loss_sum = 0.0
+        for chunk in split_rows(microbatch, chunks):
+            labels = chunk["labels"]
+            with _autocast(model, autocast_dtype):
+                logits = forward_logits(model, chunk)
+            per_token = token_losses(logits, labels).sum(1)
+            counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
+            size = labels.shape[0]
+            weights = local[:size].to(device=per_token.device, dtype=per_token.dtype)
+            local = local[size:]
+            (weights * per_token / counts.clamp(min=1)).sum().backward()
+            loss_sum = loss_sum + per_token.detach().sum()
+        losses.append(loss_sum / microbatch_tokens)
     if is_distributed():
         _all_reduce_grads(params)
     loss, finite = _mean_loss(losses, n_global, params)
@@ -171,17 +176,14 @@ def release_buffers(model: nn.Module) -> None:
     _BUFFERS.pop(eager(model), None)
 
 
-def _presence_per_microbatch(model, microbatches, layers, autocast_dtype, weighting) -> StepStats:
+def _presence_per_microbatch(model, microbatches, layers, autocast_dtype, weighting, chunks) -> StepStats:
     n = len(microbatches)
     flat = _flat_grads(model, layers, n)
     flat.rows.zero_()
     losses = []
     for row_views, microbatch in zip(flat.row_views, microbatches):
-        flat.point_grads(row_views)  # this backward accumulates into row i
-        with _autocast(model, autocast_dtype):
-            loss = model(**microbatch).loss
-        loss.backward()
-        losses.append(loss.detach())
+        flat.point_grads(row_views)  # this microbatch's backward passes accumulate into row i
+        losses.append(microbatch_backward(model, microbatch, autocast_dtype, chunks))
     scores = all_gather_cat(self_influence(flat, flat.params[:flat.k_count]))
     item_losses = all_gather_cat(torch.stack(losses).to(torch.float64))
     weights, share = weighting(scores, item_losses)
@@ -191,26 +193,30 @@ def _presence_per_microbatch(model, microbatches, layers, autocast_dtype, weight
     return _stats(losses, n * world_size(), flat.params, scores, weights, share, item_losses)
 
 
-def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting) -> StepStats:
+def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting, chunks) -> StepStats:
     model = eager(model)  # hooks do not run inside a compiled graph
     flat = _flat_grads(model, layers, 0)
     k_params = flat.params[:flat.k_count]
     n_global = len(microbatches) * world_size()
     tapes, scores, base_weights, losses, sample_losses = [], [], [], [], []
     for microbatch in microbatches:
-        labels = microbatch["labels"]
-        with GradTape(model, flat.params, labels.shape[0]) as tape, _autocast(model, autocast_dtype):
-            logits = forward_logits(model, microbatch)
-        per_token = token_losses(logits, labels).sum(1)
-        del logits  # B x T x vocabulary floats that the backward does not need
-        counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
-        own_losses = per_token / counts.clamp(min=1)
-        tape.backward(own_losses.sum())
-        sample_losses.append(own_losses.detach().to(torch.float64))
-        tapes.append(tape)
-        scores.append(self_influence(tape, k_params))
-        base_weights.append(counts / (counts.sum().clamp(min=1) * n_global))
-        losses.append(per_token.detach().sum() / counts.sum().clamp(min=1))
+        microbatch_tokens = (microbatch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+        loss_sum = 0.0
+        for chunk in split_rows(microbatch, chunks):  # the tapes keep every chunk's factors until the end
+            labels = chunk["labels"]
+            with GradTape(model, flat.params, labels.shape[0]) as tape, _autocast(model, autocast_dtype):
+                logits = forward_logits(model, chunk)
+            per_token = token_losses(logits, labels).sum(1)
+            del logits  # B x T x vocabulary floats that the backward does not need
+            counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
+            own_losses = per_token / counts.clamp(min=1)
+            tape.backward(own_losses.sum())
+            sample_losses.append(own_losses.detach().to(torch.float64))
+            tapes.append(tape)
+            scores.append(self_influence(tape, k_params))
+            base_weights.append(counts / (microbatch_tokens.to(counts.dtype) * n_global))
+            loss_sum = loss_sum + per_token.detach().sum()
+        losses.append(loss_sum / microbatch_tokens)
     scores = all_gather_cat(torch.cat(scores))
     item_losses = all_gather_cat(torch.cat(sample_losses))
     weights, share = weighting(scores, item_losses, base_weights=all_gather_cat(torch.cat(base_weights)))
@@ -226,6 +232,42 @@ def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
+
+def split_rows(microbatch: dict, chunks: int) -> list[dict]:
+    """`chunks` contiguous, equal parts of the microbatch's rows (chunks must divide its size)."""
+    size = microbatch["input_ids"].shape[0]
+    if chunks < 1 or size % chunks:
+        raise ValueError(f"{chunks} accumulation chunks cannot split a microbatch of {size} rows. Fix: use a "
+                         "chunk count that divides the microbatch size (pretrain.microbatch_chunks)")
+    if chunks == 1:
+        return [microbatch]
+    rows = size // chunks
+    return [{k: v[c * rows:(c + 1) * rows] for k, v in microbatch.items()} for c in range(chunks)]
+
+
+def microbatch_backward(model: nn.Module, microbatch: dict, autocast_dtype: torch.dtype | None, chunks: int = 1,
+                        scaled=lambda loss: loss) -> torch.Tensor:
+    """Backpropagate scaled(the microbatch's loss), its mean token loss over all of its target tokens,
+    into the parameters' .grad, in `chunks` passes over contiguous parts of its rows, and return the
+    loss (detached). The microbatch's loss is sum_c (N_c / N) loss_c over the chunks' target tokens N_c,
+    so the gradient accumulated over the chunks is the whole microbatch's, and its self-influence (the
+    squared norm of that sum, not a sum of the chunks' norms) is too. One chunk is today's single pass."""
+    if chunks == 1:
+        with _autocast(model, autocast_dtype):
+            loss = model(**microbatch).loss
+        scaled(loss).backward()
+        return loss.detach()
+    total_tokens = (microbatch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+    loss_sum = 0.0
+    for chunk in split_rows(microbatch, chunks):
+        tokens = (chunk["labels"] != IGNORE_INDEX).sum()
+        if tokens == 0:  # nothing to learn from, and Hugging Face's mean would be 0 / 0
+            continue
+        with _autocast(model, autocast_dtype):
+            part = model(**chunk).loss * (tokens / total_tokens)
+        scaled(part).backward()
+        loss_sum = loss_sum + part.detach()
+    return loss_sum if torch.is_tensor(loss_sum) else torch.zeros((), device=microbatch["labels"].device)
 
 # Where a step's scores come from, given the items' self-influence and losses.
 _SOURCES = {"self-influence": lambda si, loss, eps: si, "loss": lambda si, loss, eps: loss,

@@ -19,11 +19,11 @@ from common.presence.presence_step import StepPlan, StepStats, update_direction
 
 def train_step(model: nn.Module, microbatches: list[dict], plan: StepPlan, optimizer, scheduler, *,
                layers: Layers = "first", autocast_dtype: torch.dtype | None = None,
-               grad_clip: float = 0.0) -> tuple[StepStats, float]:
+               grad_clip: float = 0.0, chunks: int = 1) -> tuple[StepStats, float]:
     """Returns the step's statistics and the learning rate it used; `plan` says how the update direction is
     formed. Raises FloatingPointError, with the parameters and optimizer state untouched, when the loss,
     the update direction or the parameters the step starts from are not finite."""
-    stats = update_direction(model, microbatches, plan, layers, autocast_dtype)
+    stats = update_direction(model, microbatches, plan, layers, autocast_dtype, chunks)
     if not (math.isfinite(stats.loss) and stats.finite):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"loss is {stats.loss}" if stats.finite else
