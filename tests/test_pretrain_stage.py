@@ -270,3 +270,19 @@ def test_grid_trains_jobs_at_once_and_sequential_runs_last(tmp_path, monkeypatch
                                  jobs=2))
     assert sorted(calls[:2]) == [("pretrain.py", "baseline", 2), ("pretrain.py", "presence", 2)]
     assert calls[-2:] == [("score_candidates.py", None, None), ("pretrain.py", "presence-sequential", None)]
+
+
+def test_a_twin_retrains_a_run_and_compares_its_loss(tmp_path, artefacts, monkeypatch):
+    twins = load_stage("03_pretrain/check_twins.py")
+    monkeypatch.setattr(twins, "results_dir", lambda preset, stage: tmp_path / "results" / preset / stage)
+    runs = tmp_path / "results" / "tiny" / "pretrain" / "runs"
+    pretrain.main(pretrain.parse_args(pretrain_args(runs, "presence-s0", "--method", "presence")))
+    environment = runs / "presence-s0" / "environment.json"
+    environment.write_text(environment.read_text().replace('"git_commit": "', '"git_commit": "older-'))
+    assert twins.main(argparse.Namespace(preset="tiny", recipes=None, tolerance=1e-6)) == 0
+    row = csv_rows(tmp_path / "results" / "tiny" / "pretrain" / "twins.csv")[0]
+    assert row["run"] == "presence-s0" and row["run_commit"].startswith("older-") and row["within_tolerance"] == "True"
+    assert float(row["abs_difference"]) <= 1e-6
+    metrics = runs / "presence-s0" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"final_heldout_loss": ', '"final_heldout_loss": 1'))
+    assert twins.main(argparse.Namespace(preset="tiny", recipes=["presence-s0"], tolerance=1e-6)) == 1

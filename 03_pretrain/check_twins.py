@@ -1,0 +1,122 @@
+"""Do the committed runs come from the code that is committed? For every recipe of a preset's finished runs,
+train its lowest seed again from this checkout, in a scratch folder, and compare the final held-out loss with
+the committed run's; a run trained from this very commit needs no twin.
+
+    python 03_pretrain/check_twins.py --preset tiny                       # ~1.5 min a recipe on one core
+    python 03_pretrain/check_twins.py --preset tiny --recipes presence-s0 baseline-s0
+
+Writes results/<preset>/pretrain/twins.csv: per recipe the run, the commit it was trained from, the commit of
+the twin, both losses, |difference| and whether it is within --tolerance (default 1e-6). Exits 1 when one is
+not. Sequential runs need their scores, which the twin re-uses from artefacts/<preset>/pretrain/sequential/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common.cli import exit_on_known_errors
+from common.config import load_preset
+from common.io import read_json, write_csv
+from common.paths import artefacts_dir, results_dir
+from common.reporting.run_results import finished_runs
+from common.runinfo import git_commit
+
+HERE = Path(__file__).resolve().parent
+COLUMNS = ["run", "method", "seed", "run_commit", "twin_commit", "run_loss", "twin_loss", "abs_difference",
+           "within_tolerance"]
+
+
+def twin_arguments(config: dict, preset_arg: str, out: Path) -> list[str]:
+    """pretrain.py arguments that repeat a run's recipe from its config.json, into `out`."""
+    args = ["--preset", preset_arg, "--method", config["method"], "--seed", str(config["seed"]),
+            "--run-name", config["run_name"], "--out", str(out), "--overwrite"]
+    if config.get("tau") is not None:
+        args += ["--tau", f"{config['tau']:g}"]
+    if config.get("per", "microbatch") != "microbatch":
+        args += ["--per", config["per"]]
+    if config.get("noise_rate"):
+        args += ["--noise-rate", f"{config['noise_rate']:g}"]
+    reference = load_preset(preset_arg).to_dict()
+    for section in ("data", "model", "pretrain"):
+        for key, value in flatten(config["preset"][section]).items():
+            if flatten(reference[section]).get(key) != value:
+                args += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return args
+
+
+def flatten(section: dict, prefix: str = "") -> dict:
+    """{"tokenizer": {"vocab_size": 800}} -> {"tokenizer.vocab_size": 800}."""
+    out = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def lowest_seed_per_recipe(runs_dir: Path) -> list[Path]:
+    """One run folder per recipe (the run name without its seed): the one of the lowest seed."""
+    chosen: dict[str, tuple[int, Path]] = {}
+    for folder in finished_runs(runs_dir):
+        config = read_json(folder / "config.json")
+        recipe = folder.name.rsplit("-s", 1)[0]
+        if recipe not in chosen or config["seed"] < chosen[recipe][0]:
+            chosen[recipe] = (config["seed"], folder)
+    return [folder for _, folder in sorted(chosen.values(), key=lambda item: item[1].name)]
+
+
+def main(args: argparse.Namespace) -> int:
+    preset = load_preset(args.preset)
+    runs_dir = results_dir(preset.name, "pretrain") / "runs"
+    folders = [runs_dir / name for name in args.recipes] if args.recipes else lowest_seed_per_recipe(runs_dir)
+    commit = git_commit()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="twins-") as scratch:
+        for folder in folders:
+            config, metrics = read_json(folder / "config.json"), read_json(folder / "metrics.json")
+            run_commit = read_json(folder / "environment.json").get("git_commit", "unknown")
+            row = {"run": folder.name, "method": config["method"], "seed": config["seed"], "run_commit": run_commit,
+                   "twin_commit": commit, "run_loss": metrics["final_heldout_loss"]}
+            if run_commit == commit and not commit.endswith("+dirty"):
+                row.update(twin_loss=row["run_loss"], abs_difference=0.0, within_tolerance=True)
+            else:
+                out = Path(scratch) / folder.name
+                # the twin shares the run's name, so its checkpoints go to a scratch artefacts folder of its own
+                subprocess.run([sys.executable, str(HERE / "pretrain.py"), *twin_arguments(config, args.preset, out)],
+                               check=True, env=twin_environment(Path(scratch), preset.name))
+                twin = read_json(out / "metrics.json")["final_heldout_loss"]
+                row.update(twin_loss=twin, abs_difference=abs(twin - row["run_loss"]),
+                           within_tolerance=abs(twin - row["run_loss"]) <= args.tolerance)
+            print(f"{folder.name}: {row['run_loss']:.9f} vs {row['twin_loss']:.9f} (|Δ| {row['abs_difference']:.1e})")
+            rows.append(row)
+    path = results_dir(preset.name, "pretrain") / "twins.csv"
+    write_csv(path, rows, COLUMNS)
+    print(f"wrote {path}")
+    return 0 if all(r["within_tolerance"] for r in rows) else 1
+
+
+def twin_environment(scratch: Path, preset_name: str) -> dict:
+    """The environment of a twin: artefacts in `scratch`, reading this checkout's data (and Sequential's
+    scores) through links, so that no committed run's checkpoints are touched."""
+    root = scratch / "artefacts"
+    (root / preset_name / "pretrain").mkdir(parents=True, exist_ok=True)
+    for part in (("data",), ("pretrain", "sequential")):
+        link, target = root.joinpath(preset_name, *part), artefacts_dir(preset_name, *part)
+        if target.exists() and not link.exists():
+            link.symlink_to(target)
+    return {**os.environ, "PRESENCE_ARTEFACTS": str(root)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--recipes", nargs="+", help="run folder names (default: the lowest seed of each recipe)")
+    parser.add_argument("--tolerance", type=float, default=1e-6)
+    with exit_on_known_errors():
+        sys.exit(main(parser.parse_args()))
