@@ -62,6 +62,7 @@ from common.data.packed_data import (SpanCorruptionBatches, check_files, load_da
                                      recorded_files)
 from common.distributed import broadcast_parameters
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
+from common.families import get_family
 from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer
@@ -346,11 +347,13 @@ def get_data(run: Run) -> Data:
     manifest = load_data_manifest(data_dir)
     files = recorded_files(data_dir, run.noise_rate)
     check_files(data_dir, files, full=run.args.verify_data)
-    train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=run.seed, noise_rate=run.noise_rate)
+    objective = get_family(run.preset.model.family).objective
+    train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=run.seed, noise_rate=run.noise_rate,
+                                  objective=objective)
     rows = training_rows(run, train.num_rows)
     if rows is not None:
-        train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=run.seed, rows=rows)
-    heldout = SpanCorruptionBatches(data_dir, "heldout", 1, seed=HELDOUT_SEED)
+        train = SpanCorruptionBatches(data_dir, "train", cfg.batch_size, seed=run.seed, rows=rows, objective=objective)
+    heldout = SpanCorruptionBatches(data_dir, "heldout", 1, seed=HELDOUT_SEED, objective=objective)
     return Data(manifest, load_tokenizer_from_data(data_dir), train, heldout,
                 heldout_rows(heldout.num_rows, cfg.eval_rows), None if rows is None else len(rows),
                 None if files is None else {name: record["sha256"] for name, record in files.items()})
@@ -389,7 +392,7 @@ class Trainer:
 
 def get_trainer(run: Run, data: Data) -> Trainer:
     seed_everything(run.seed)
-    model = build_model(run.preset.model, data.manifest["vocab_size"]).to(run.device)
+    model = build_model(run.preset.model, data.manifest["vocab_size"], data.manifest["raw_length"]).to(run.device)
     broadcast_parameters(model)
     model.train()
     if run.cfg.activation_checkpointing:
@@ -614,6 +617,13 @@ def evaluate(run: Run, data: Data, trainer: Trainer, step: int, final: bool) -> 
     return summary[-1]["loss"]
 
 
+def batch_tokens(batch: dict, objective: str) -> int:
+    """The tokens a step processes: T5's inputs and targets; a one-stack model's inputs (its labels are its
+    inputs, or a share of them)."""
+    tokens = int(batch["attention_mask"].sum())
+    return tokens + int((batch["labels"] != IGNORE_INDEX).sum()) if objective == "span-corruption" else tokens
+
+
 def split_microbatches(batch: dict, num_microbatches: int, rank: int, world: int, device) -> list[dict]:
     """This rank's contiguous share of the global batch's microbatches, moved to the device."""
     per_rank = num_microbatches // world
@@ -773,7 +783,7 @@ def train(run: Run, data: Data, trainer: Trainer) -> None:
             if run.device.type == "cuda" and step % cfg.log_every == 0:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
-            step_tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
+            step_tokens = batch_tokens(batch, data.train.objective)
             progress.step, progress.elapsed, progress.tokens_seen = step, progress.elapsed + seconds, \
                 progress.tokens_seen + step_tokens
             if step > first_step + 2:  # the first steps pay for compilation and warm-up
@@ -790,7 +800,8 @@ def train(run: Run, data: Data, trainer: Trainer) -> None:
 def finish(run: Run, data: Data, trainer: Trainer) -> dict:
     """metrics.json and the final model; metrics.json comes last, so that its presence means finished."""
     cfg, progress, model = run.cfg, run.progress, trainer.model
-    flops_per_step = model_flops_per_sequence(model, data.manifest["input_length"],
+    one_stack = data.train.objective != "span-corruption"  # the row itself is the input
+    flops_per_step = model_flops_per_sequence(model, data.manifest["raw_length" if one_stack else "input_length"],
                                               data.manifest["target_length"]) * cfg.batch_size
     metrics = {"run_name": run.name, "method": run.method.name, "seed": run.seed, "steps": cfg.steps,
                "noise_rate": run.noise_rate, "wall_seconds": progress.elapsed, "tokens_seen": progress.tokens_seen,

@@ -23,6 +23,8 @@ from common.paths import PRESETS_DIR
 NOISE_KINDS = ("jumbled", "random", "python")
 # The named layer sets K of self-influence (common/presence/influence.py says what each holds).
 LAYER_SETS = ("first", "embeddings", "all")
+# The model families (common/families.py holds one record each; this list validates presets).
+MODEL_FAMILIES = ("t5", "gpt2", "llama", "bert")
 # The XTREME tasks 04_finetune runs (common/evaluation/xtreme.py reads them).
 XTREME_TASKS = ("xnli", "pawsx", "panx", "xquad", "mlqa", "tydiqa")
 
@@ -162,7 +164,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # T5 v1.1 / mT5 architecture (gated-GELU, untied output layer, no dropout in pre-training).
+    # T5 v1.1 / mT5 architecture (gated-GELU, untied output layer, no dropout in pre-training) by default.
+    family: str = "t5"  # t5 (the paper's) | gpt2 | llama | bert: common/families.py
     hub_config: str | None = None  # e.g. "google/mt5-base": take the dimensions from the hub config instead
     d_model: int = 512
     d_ff: int = 1024
@@ -177,6 +180,10 @@ class ModelConfig:
     relative_attention_max_distance: int = 128
 
     def validate(self, where: str) -> None:
+        _require(self.family in MODEL_FAMILIES, f"{where}.family", f"unknown family {self.family!r}",
+                 f"use one of {', '.join(MODEL_FAMILIES)}")
+        _require(self.family == "t5" or not self.hub_config, f"{where}.hub_config",
+                 "a hub config is read for T5 / mT5 only", "drop hub_config or use family t5")
         for name in ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "d_kv"):
             _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive", "use a positive size")
         _require(self.feed_forward_proj in ("gated-gelu", "relu", "gated-relu", "gelu"),

@@ -1,5 +1,6 @@
-"""The model: a randomly initialised T5 v1.1 / mT5 encoder-decoder, the FLOP count used for
-throughput and MFU figures, and the finiteness check of its tensors."""
+"""The model: a randomly initialised T5 v1.1 / mT5 encoder-decoder (or a model of another family,
+common/families.py), the FLOP count used for throughput and MFU figures, and the finiteness check of its
+tensors."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5
 from transformers.utils import logging as hf_logging
 
 from common.config import ModelConfig
+from common.families import family_of, get_family
 
 IGNORE_INDEX = -100  # the label Hugging Face's losses skip (padding); every label tensor here uses it
 
@@ -51,9 +53,13 @@ def model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> T5ForConditionalGeneration:
+def build_model(cfg: ModelConfig, vocab_size: int, positions: int = 512):
     """A freshly initialised model (the caller seeds torch first). mT5 configs give MT5ForConditionalGeneration,
-    which is the same network as T5ForConditionalGeneration."""
+    which is the same network as T5ForConditionalGeneration. A family with learned positions (GPT-2, BERT)
+    gets `positions` of them: the data's row length."""
+    family = get_family(cfg.family)
+    if family.build_config is not None:
+        return family.auto_class.from_config(family.build_config(cfg, vocab_size, positions))
     model = AutoModelForSeq2SeqLM.from_config(model_config(cfg, vocab_size))
     if not cfg.tie_word_embeddings:
         # transformers 5 always builds T5 with the output layer tied to the input embedding (its loader
@@ -70,12 +76,18 @@ def say_untied(model) -> None:
     """Make the config say what the model is. transformers 5 sets tie_word_embeddings to true for every T5;
     saved so, transformers 4.x ties the output layer to the embedding again and rescales the decoder output
     (T5 v1.0's recipe) and computes other logits without a warning. google/mt5's configs say false."""
-    if model.lm_head.weight is not model.get_input_embeddings().weight:
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
         model.config.tie_word_embeddings = False
 
 
 def parameter_counts(model) -> dict[str, int]:
-    """Parameters per part: the embedding matrix is a lookup (no FLOPs), the output layer is a matmul."""
+    """Parameters per part: the embedding matrix is a lookup (no FLOPs), the output layer is a matmul. For
+    T5: encoder, decoder, embedding, lm_head (0 when tied); for one-stack families: the lookups (token and
+    position embeddings), the output layer when untied, and the rest as "blocks"."""
+    family = family_of(model)
+    if family.name != "t5":
+        return _one_stack_counts(model, family)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     embedding = model.shared.weight.numel()
     lm_head = 0 if model.lm_head.weight is model.shared.weight else model.lm_head.weight.numel()
@@ -85,11 +97,25 @@ def parameter_counts(model) -> dict[str, int]:
             "total": sum(p.numel() for p in model.parameters())}
 
 
+def _one_stack_counts(model, family) -> dict[str, int]:
+    named = dict(model.named_parameters())  # tied parameters once
+    lookups = sum(p.numel() for n, p in named.items() if n.startswith(family.lookups))
+    output = model.get_output_embeddings()
+    tied = output is None or output.weight is model.get_input_embeddings().weight
+    lm_head = 0 if tied else output.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return {"blocks": total - lookups - lm_head, "embedding": lookups, "lm_head": lm_head, "total": total}
+
+
 def model_flops_per_sequence(model, input_length: int, target_length: int) -> float:
     """Training FLOPs of one sequence: 6 x matmul parameters x tokens, per stack (attention score
     FLOPs excluded), the usual model-FLOPs convention (Kaplan et al. 2020; Chowdhery et al. 2022's MFU). The
-    output layer runs on target tokens."""
+    output layer runs on target tokens. One-stack families run every parameter but the lookups, and the
+    output layer (tied or not), on `input_length` tokens (`target_length` is T5's)."""
     counts = parameter_counts(model)
+    if "blocks" in counts:
+        output = model.get_output_embeddings()
+        return 6.0 * (counts["blocks"] + (output.weight.numel() if output is not None else 0)) * input_length
     decoder_matmul = counts["decoder"] + (counts["lm_head"] or counts["embedding"])
     return 6.0 * (counts["encoder"] * input_length + decoder_matmul * target_length)
 
@@ -131,7 +157,9 @@ def load_pretrained(name_or_path, **config_overrides):
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **config_overrides)
+        config = AutoConfig.from_pretrained(str(name_or_path))
+        auto_class = family_of(type("Loaded", (), {"config": config})).auto_class
+        model = auto_class.from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
     say_untied(model)

@@ -36,6 +36,8 @@ import torch
 
 from common.data.noise import noise_dir_name
 from common.data.span_corruption import span_corrupt
+from common.families import OBJECTIVES, mask_token_id, random_token_range
+from common.modeling import IGNORE_INDEX
 from common.io import atomic_path, read_json, sha256_file
 
 SPLITS = ("train", "heldout")
@@ -213,6 +215,31 @@ def load_tokenizer_from_data(data_dir: str | Path):
     return load_tokenizer(local if local.is_dir() else name)
 
 
+MASKED_SHARE, MASK_SHARE, RANDOM_SHARE = 0.15, 0.8, 0.1  # BERT: 15% chosen; of those 80% [MASK], 10% random
+
+
+def objective_batch(tokens: np.ndarray, objective: str, rng: np.random.Generator, vocab_size: int) -> dict:
+    """The batch of a family's objective (common/families.py) from packed rows (B, L): for "next-token" the
+    rows as inputs and labels (Hugging Face shifts them); for "masked-lm" the rows with MASKED_SHARE of the
+    tokens chosen (at least one per row), MASK_SHARE of those replaced by the mask id, RANDOM_SHARE by a
+    random ordinary piece, and labels only at the chosen positions."""
+    tokens = tokens.astype(np.int64)  # stored as uint16, where -100 would wrap around
+    ids = torch.from_numpy(tokens)
+    mask = torch.from_numpy(np.ones_like(tokens))
+    if objective == "next-token":
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+    rows, length = tokens.shape
+    chosen = rng.random((rows, length)) < MASKED_SHARE
+    chosen[np.arange(rows), rng.integers(0, length, rows)] = True  # every row predicts something
+    action = rng.random((rows, length))
+    low, high = random_token_range(vocab_size)
+    replaced = np.where(chosen & (action < MASK_SHARE), mask_token_id(vocab_size), tokens)
+    randomised = chosen & (action >= MASK_SHARE) & (action < MASK_SHARE + RANDOM_SHARE)
+    replaced = np.where(randomised, rng.integers(low, high, (rows, length)), replaced)
+    labels = np.where(chosen, tokens, IGNORE_INDEX)
+    return {"input_ids": torch.from_numpy(replaced), "attention_mask": mask, "labels": torch.from_numpy(labels)}
+
+
 class SpanCorruptionBatches:
     """Span-corrupted batches of one split: `batch(step)` is a dict of LongTensors that
     T5ForConditionalGeneration(**batch) takes: input_ids and attention_mask (batch, input_length),
@@ -224,7 +251,7 @@ class SpanCorruptionBatches:
     then holds each row's label (0 clean), else it is None. The rows served are the same at every rate."""
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seed: int,
-                 rows: np.ndarray | None = None, noise_rate: float = 0.0):
+                 rows: np.ndarray | None = None, noise_rate: float = 0.0, objective: str = "span-corruption"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if noise_rate and split != "train":
@@ -240,6 +267,9 @@ class SpanCorruptionBatches:
             self.noise_kinds = read_json(folder / NOISE_MANIFEST)["kinds"]
         self.row_language = load_array(Path(data_dir) / "packed" / f"{split}_language.npy", self.num_rows)
         self.split, self.batch_size, self.seed = split, batch_size, seed
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}. Fix: use one of {', '.join(OBJECTIVES)}")
+        self.objective = objective
         self.input_length, self.target_length = m["input_length"], m["target_length"]
         self.subset = None if rows is None else np.asarray(rows, dtype=np.int64)
         if self.subset is not None:
@@ -293,6 +323,8 @@ class SpanCorruptionBatches:
         tokens = np.empty((len(rows), self.tokens.shape[1]), dtype=self.tokens.dtype)
         tokens[order] = self._checked(self.tokens[rows[order]], rows[order])
         m = self.manifest
+        if self.objective != "span-corruption":
+            return objective_batch(tokens, self.objective, np.random.default_rng([self.seed, 1, step]), m["vocab_size"])
         inputs, targets = span_corrupt(tokens, np.random.default_rng([self.seed, 1, step]), eos_id=m["eos_id"],
                                        first_sentinel_id=m["first_sentinel_id"], noise_density=m["noise_density"],
                                        mean_noise_span_length=m["mean_noise_span_length"])
@@ -306,6 +338,11 @@ class SpanCorruptionBatches:
         row reads the same in any batch: the fixed yardstick of the held-out evaluation."""
         inputs, targets = [], []
         m = self.manifest
+        if self.objective != "span-corruption":
+            parts = [objective_batch(self._checked(self.tokens[row:row + 1], [row]), self.objective,
+                                     np.random.default_rng([self.seed, 2, int(row)]), m["vocab_size"])
+                     for row in row_ids]
+            return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         for row in row_ids:
             i, t = span_corrupt(self._checked(self.tokens[row:row + 1], [row]), np.random.default_rng([self.seed, 2, int(row)]),
                                 eos_id=m["eos_id"], first_sentinel_id=m["first_sentinel_id"],
