@@ -87,7 +87,12 @@ def get_family(name: str) -> Family:
 
 def family_of(model) -> Family:
     """The family of a Hugging Face model (or of the module behind torch.compile's wrapper)."""
-    model_type = getattr(getattr(model, "_orig_mod", model).config, "model_type", None)
+    return family_of_config(getattr(model, "_orig_mod", model).config)
+
+
+def family_of_config(config: PretrainedConfig) -> Family:
+    """The family a Hugging Face config (built, or read from a saved model) belongs to."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
         raise ValueError(f"a {model_type!r} model is of no family here. Fix: use one of {', '.join(BY_NAME)}")
     return BY_NAME[MODEL_TYPES[model_type]]

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5
 from transformers.utils import logging as hf_logging
 
 from common.config import ModelConfig
-from common.families import family_of, get_family
+from common.families import family_of, family_of_config, get_family
 
 IGNORE_INDEX = -100  # the label Hugging Face's losses skip (padding); every label tensor here uses it
 
@@ -158,8 +158,7 @@ def load_pretrained(name_or_path, **config_overrides):
     hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
-        auto_class = family_of(type("Loaded", (), {"config": config})).auto_class
-        model = auto_class.from_pretrained(str(name_or_path), **config_overrides)
+        model = family_of_config(config).auto_class.from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
     say_untied(model)
