@@ -435,6 +435,11 @@ def _finite_float(value: Any, where: str) -> float:
     return number
 
 
+# What a field of each type takes, as the fix of a value of the wrong type says it.
+VALUE_KINDS = {int: "an integer such as 200", float: "a number such as 0.01", str: "a text value",
+               bool: "true or false"}
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -453,6 +458,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _finite_float(value, where)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    if hint in (int, float, str, bool):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}. Fix: give a {hint.__name__}")
+    if hint in VALUE_KINDS:
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}. Fix: give {VALUE_KINDS[hint]}")
     return value
