@@ -26,7 +26,7 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
-from common.config import check_seed, load_preset
+from common.config import check_seed, load_preset, preset_argument
 from common.presence.influence import forward_logits, group_losses, self_influence, token_losses
 from common.io import iter_jsonl_gz, read_json, remove_interrupted_writes, write_csv, write_json
 from common.modeling import load_pretrained, require_model
@@ -68,7 +68,7 @@ def checkpoints(args, preset) -> list[tuple[str, int | None, str]]:
     final = store / "final"
     if not (final / "presence_run.json").is_file():
         raise FileNotFoundError(f"{final} holds no finished run. Fix: run `make pretrain` (or 03_pretrain/pretrain.py "
-                                f"--preset {preset.name} --method baseline) first, or pass --run / --checkpoint")
+                                f"--preset {preset_argument(args.preset)} --method baseline) first, or pass --run / --checkpoint")
     found = [(f"{args.run}/{p.name}", int(p.name.split("-")[1]), str(p))
              for p in sorted(store.glob("snapshots/step-*"), key=lambda p: int(p.name.split("-")[1]))]
     return found + [(f"{args.run}/final", read_json(final / "presence_run.json")["steps"], str(final))]

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
-from common.config import check_seed, load_preset
+from common.config import check_seed, load_preset, preset_argument
 from common.presence.influence import self_influence
 from common.io import atomic_path, write_csv
 from common.modeling import load_pretrained
@@ -62,8 +62,8 @@ def main(args: argparse.Namespace) -> dict:
     scorer = args.scorer or f"baseline-s{args.seed}"
     final = artefacts_dir(preset.name, "pretrain", scorer, "final")
     if not (final / "presence_run.json").is_file():
-        raise FileNotFoundError(f"{final} holds no finished run. Fix: pre-train the scorer first: "
-                                f"03_pretrain/pretrain.py --preset {preset.name} --method baseline --seed {args.seed}")
+        raise FileNotFoundError(f"{final} holds no finished run. Fix: pre-train the scorer first: 03_pretrain/"
+                                f"pretrain.py --preset {preset_argument(args.preset)} --method baseline --seed {args.seed}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(final).to(device).eval()
     data_dir = artefacts_dir(preset.name, "data")

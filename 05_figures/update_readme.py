@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from common.cli import exit_on_known_errors
-from common.config import load_preset
+from common.config import load_preset, preset_argument
 from common.io import atomic_open
 from common.reporting.markdown import replace_marked_block
 from common.paths import REPO_ROOT, results_dir
@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> dict:
     headline = results_dir(preset.name, "tables") / "headline.md"
     if not headline.is_file():
         raise FileNotFoundError(f"{headline} is missing. Fix: run "
-                                f"python 05_figures/make_figures.py --preset {preset.name}")
+                                f"python 05_figures/make_figures.py --preset {preset_argument(args.preset)}")
     readme = Path(args.readme)
     text = replace_marked_block(readme.read_text(encoding="utf-8"), headline.read_text(encoding="utf-8"))
     with atomic_open(readme) as f:

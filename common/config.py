@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from common.paths import PRESETS_DIR
+from common.paths import PRESETS_DIR, REPO_ROOT
 
 # The kinds of known noise 01_data can put into the training rows (common/data/noise.py).
 NOISE_KINDS = ("jumbled", "random", "python")
@@ -318,6 +318,21 @@ class Preset:
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_argument(name_or_path: str) -> str:
+    """--preset as a reader should retype it in the repository: a preset's name when presets/<name>.yaml
+    exists, else the path of its file relative to the repository (a variant such as tiny_x10 is
+    presets/variants/tiny_x10.yaml: `--preset tiny_x10` would not load), else the text as given."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        with contextlib.suppress(ValueError):
+            return str(path.resolve().relative_to(REPO_ROOT))
+        return name_or_path
+    if (PRESETS_DIR / f"{name_or_path}.yaml").is_file():
+        return name_or_path
+    found = sorted(PRESETS_DIR.rglob(f"{name_or_path}.yaml"))
+    return str(found[0].relative_to(REPO_ROOT)) if found else name_or_path
 
 
 def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import common.reporting.plotting as plotting
-from common.config import load_preset
+from common.config import load_preset, preset_argument
 from common.paths import REPO_ROOT
 from synthetic_results import write_synthetic_noise_results, write_synthetic_results
 
@@ -194,12 +194,12 @@ def test_make_figures_compares_presence_with_its_control(tmp_path):
 def test_headline_commands_name_a_variant_by_its_file():
     """A variant has no presets/<name>.yaml, so `--preset tiny_x10` would not load: the headline's
     commands must give its path, relative to the repository wherever the user typed it from."""
-    make_figures = load_make_figures()
     variant = REPO_ROOT / "presets" / "variants" / "tiny_x10.yaml"
-    assert make_figures.preset_argument(str(variant)) == "presets/variants/tiny_x10.yaml"
-    assert make_figures.preset_argument("tiny") == "tiny"
-    assert make_figures.preset_argument("/elsewhere/mine.yaml") == "/elsewhere/mine.yaml"
-    assert load_preset(str(REPO_ROOT / make_figures.preset_argument(str(variant)))).name == "tiny_x10"
+    assert preset_argument(str(variant)) == "presets/variants/tiny_x10.yaml"
+    assert preset_argument("tiny") == "tiny"
+    assert preset_argument("tiny_x10") == "presets/variants/tiny_x10.yaml"  # a stage knows only preset.name
+    assert preset_argument("/elsewhere/mine.yaml") == "/elsewhere/mine.yaml"
+    assert load_preset(str(REPO_ROOT / preset_argument(str(variant)))).name == "tiny_x10"
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path, monkeypatch):

@@ -229,7 +229,7 @@ def test_damaged_data_names_the_file_and_the_fix_and_keeps_the_checkpoint(tmp_pa
                            *(["--verify-data"] if noisy else []))
     with pytest.raises(ValueError, match=f"{data_copy / file}.*{expected}|{expected}.*{data_copy / file}") as error:
         run(*resume)
-    assert "Fix: rebuild the data" in str(error.value)
+    assert "Fix: rebuild the data: python 01_data/prepare_data.py --preset tiny --force" in str(error.value)
     assert latest_checkpoint(data_copy.parent / "pretrain" / "run" / "checkpoints").name == "step-2"
 
 
