@@ -285,8 +285,8 @@ def describe_average(task: str, metric: str, average: float | None, languages: l
     """The log line's score: the XTREME average beside chance, and the languages reported apart from it."""
     extra = [lang for lang in languages if not in_xtreme_average(task, lang)]
     chance = chance_level(task, metric, 1)  # XTREME's chance levels do not depend on the example count
-    text = f"no {metric} avg" if average is None else f"{metric} avg {average:.2f}"
-    text += "" if chance is None else f" (chance {chance:.2f})"
+    text = f"no {metric} avg" if average is None else f"{metric} avg {average:.2f}%"
+    text += "" if chance is None else f" (chance {chance:.2f}%)"
     text += f" over {len(languages) - len(extra)} languages"
     return text + (f" (+ {', '.join(extra)} in rows of their own)" if extra else "")
 
@@ -348,8 +348,9 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoi
             save_run(preset, ckpt, "verse_retrieval", "zero-shot", {"languages": languages}, metrics)
             average = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == "accuracy")
             chance = chance_level("verse_retrieval", "accuracy", len(verse_ids))
-            print(f"{ckpt.run} | verse_retrieval | X->en accuracy avg {average:.1f} (chance {chance:.1f}) over "
-                  f"{len(languages)} languages | {metrics['sentences_per_second']:.0f} sentences/s")
+            print(f"{ckpt.run} | verse_retrieval | X->en accuracy avg {average:.1f}% (chance {chance:.1f}%) over "
+                  f"{len(languages)} language{'s' * (len(languages) != 1)} | "
+                  f"{metrics['sentences_per_second']:.0f} sentences/s")
             summary["retrieval"][ckpt.run] = average
 
     for setting in ("zero-shot", "translate-train"):

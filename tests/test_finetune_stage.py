@@ -163,7 +163,9 @@ def test_without_xtreme_data_only_retrieval_runs(stage, model_dir, tmp_path, cap
     # "translations" identical to the English verses: every verse must find itself, in both directions
     _write_verses(tmp_path / "artefacts", languages=("en", "de"), copies_of_english=True)
     summary = stage.main("tiny", FAST, None, None)
-    assert "XTREME tasks skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "XTREME tasks skipped" in out
+    assert "X->en accuracy avg 100.0% (chance 16.7%) over 1 language |" in out  # 1 right verse of 6: 16.7%
     assert summary["xtreme"] == {} and not (tmp_path / "results/tiny/finetune/xtreme.csv").exists()
     rows = _read(tmp_path / "results/tiny/finetune/retrieval.csv")
     assert {r["seed"] for r in rows} == {"1"} and {r["lang"] for r in rows} == {"de", "avg"}
@@ -230,7 +232,7 @@ def test_the_average_row_is_over_the_given_languages_only(stage):
     assert [r["lang"] for r in stage.result_rows(ckpt, "xquad", "zero-shot", {"ro": {"f1": 1.0}}, {"ro": 5}, [])] \
         == ["ro"], "no XTREME language, no average"
     assert stage.describe_average("xnli", "accuracy", 40.0, ["en", "de", "ro"]) == \
-        "accuracy avg 40.00 (chance 33.33) over 2 languages (+ ro in rows of their own)"
+        "accuracy avg 40.00% (chance 33.33%) over 2 languages (+ ro in rows of their own)"
 
 
 def test_a_run_folder_is_replaced_whole_or_not_at_all(stage, tmp_path, monkeypatch):
