@@ -12,10 +12,15 @@
      child's status.
 - anything else is a bug and keeps its traceback (and Python's exit status 1). KeyboardInterrupt and
   SystemExit pass through untouched.
+
+It also quiets the libraries' own progress bars when stderr is not a terminal (a log file, `make reproduce`
+piped to tee): transformers draws one per model saved or loaded ("Writing model shards", "Loading
+weights"), dozens in a run, each a line of a log. Our own tqdm bars are off there already (disable=None).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +42,25 @@ def child_exit_status(error: subprocess.CalledProcessError) -> int:
     return error.returncode if error.returncode > 0 else 128 - error.returncode
 
 
+def quiet_library_progress_bars(stream=None) -> bool:
+    """Turn the Hugging Face libraries' progress bars off when `stream` (default stderr) is not a terminal;
+    returns whether it did. The environment variable reaches libraries imported later and child processes
+    (pretrain_all.py runs pretrain.py); the calls reach those already imported, which read it at import."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        return False
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    return True
+
+
 @contextlib.contextmanager
 def exit_on_known_errors() -> Iterator[None]:
     script = Path(sys.argv[0]).name
+    quiet_library_progress_bars()
     try:
         yield
     except subprocess.CalledProcessError as error:
