@@ -42,7 +42,7 @@ from common.paths import artefacts_dir, results_dir
 from common.presence.influence import self_influence
 from common.presence.reweighting import presence_weights
 from common.reporting.markdown import markdown_table
-from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table, recipe_name
+from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table, recipe_name, repeated_runs
 from common.reporting.stats import auroc
 
 COMPARISON_COLUMNS = ["comparison", "noise_rate", "seed", "delta", "eval_se"]
@@ -226,6 +226,11 @@ def main(args: argparse.Namespace) -> dict:
             and r["method"] in ("baseline", "presence", "presence-shuffled", "noise-oracle")]
     if not runs:
         raise FileNotFoundError(f"no finished runs in {runs_dir}. Fix: run the noise grid (see 02_si_analysis/README.md)")
+    notes: list[str] = []
+    repeats = repeated_runs(runs, preset.pretrain, notes)  # one run per recipe and seed, as 05_figures takes
+    for note in notes:
+        print(f"note: {note}")
+    runs = [run for run in runs if run["run_name"] not in repeats]
     train = SpanCorruptionBatches(artefacts_dir(preset.name, "data"), "train", 1, seed=0, noise_rate=rate)
     kinds, scored = train.noise_kinds, scoring_set(train, args.scoring_rows, preset.data.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,6 +3,7 @@ expected title, labelled axes and a legend; missing inputs skip a figure with it
 make_figures.py runs end to end on a small synthetic results tree."""
 import importlib.util
 import json
+import shutil
 import sys
 
 import pandas as pd
@@ -11,7 +12,7 @@ import pytest
 import common.reporting.plotting as plotting
 from common.config import load_preset, preset_argument
 from common.paths import REPO_ROOT
-from synthetic_results import write_synthetic_noise_results, write_synthetic_results
+from synthetic_results import add_repeat_run, write_synthetic_noise_results, write_synthetic_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -189,6 +190,39 @@ def test_make_figures_compares_presence_with_its_control(tmp_path):
     assert float(loss["ours_delta_vs_baseline"]) == pytest.approx(-0.05)
     text = (tmp_path / "tiny" / "tables" / "table3_main.md").read_text()
     assert "| PRESENCE-shuffled (control) | ours (tiny) |" in text and "Δ PRESENCE − PRESENCE-shuffled" in text
+
+
+@pytest.mark.slow
+def test_a_recipe_run_twice_for_a_seed_counts_once(tmp_path):
+    """A second finished run of a recipe and seed (here with all its losses and scores 1 and 10 higher) is
+    left out of every table and figure, with a note: the run named as pretrain.py names the recipe's run is
+    used; when none is, the first by name."""
+    base = write_synthetic_results(tmp_path, "tiny", si=False, bench=False,
+                                   methods=("baseline", "presence", "presence-shuffled"))
+    make_figures = load_make_figures()
+    args = make_figures.parse_args(["--preset", "tiny", "--results-root", str(tmp_path)])
+    first = make_figures.main(args)
+    tables = {p.name: p.read_text() for p in (base / "tables").glob("*.csv")}
+    add_repeat_run(base, "presence-s0", "presence-resume-check-s0")
+    # seed 1: no run has the default name presence-s1; the first by name, presence-b-s1, is the original
+    add_repeat_run(base, "presence-s1", "presence-b-s1", shift=0.0)
+    add_repeat_run(base, "presence-s1", "presence-z-s1")
+    shutil.rmtree(base / "pretrain" / "runs" / "presence-s1")
+    for scores in ("xtreme.csv", "retrieval.csv"):
+        frame = pd.read_csv(base / "finetune" / scores)
+        frame[frame["run"] != "presence-s1"].to_csv(base / "finetune" / scores, index=False)
+    again = make_figures.main(args)
+    assert again["figures"] == first["figures"]
+    assert {p.name: p.read_text() for p in (base / "tables").glob("*.csv")} == tables
+    notes = " | ".join(again["notes"])
+    assert ("recipe 'presence', seed 0, has 2 finished runs (presence-resume-check-s0, presence-s0): tables and "
+            "figures use presence-s0 (named as 03_pretrain/pretrain.py names this recipe's run) and leave out "
+            "presence-resume-check-s0") in notes
+    assert ("use presence-b-s1 (the first by name; none is named presence-s1, as pretrain.py would name it) and "
+            "leave out presence-z-s1") in notes
+    assert "scores of presence-resume-check-s0, presence-z-s1 left out" in notes
+    headline = (base / "tables" / "headline.md").read_text()
+    assert "`presence-s0`" in headline and "presence-resume-check-s0" not in headline
 
 
 def test_headline_commands_name_a_variant_by_its_file():

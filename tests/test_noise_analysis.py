@@ -1,6 +1,9 @@
 """02_si_analysis/analyze_noise.py on miniature noisy runs: its shares agree with the runs' batches and
 labels, its final AUROC with self-influence computed by brute force (one autograd pass per row) and
 counted pair by pair, and it writes one row per run, checkpoint, kind and microbatch size."""
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,6 +28,10 @@ def brute_force_auroc(positive, negative) -> float:
 def test_noise_analysis_on_miniature_runs(tmp_path, artefacts):
     for method in ("baseline", "presence"):
         pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, f"{method}-noise", "--method", method, *NOISY)))
+    # a second run of PRESENCE's recipe and seed (its run folder only): counted once, as the tables count it
+    repeat = shutil.copytree(tmp_path / "presence-noise", tmp_path / "presence-noise-again")
+    config = json.loads((repeat / "config.json").read_text())
+    (repeat / "config.json").write_text(json.dumps({**config, "run_name": repeat.name}))
     out = tmp_path / "noise"
     analyze_noise.main(analyze_noise.parse_args(["--preset", "tiny", "--set", "data.noise_rates=[0.3]",
                                                  "--runs-dir", str(tmp_path), "--out", str(out),

@@ -11,8 +11,9 @@ from common.reporting.markdown import markdown_table, replace_marked_block
 from common.reporting.paper_results import load_paper_results, paper_value
 from common.reporting.result_tables import (TABLES, comparison_markdown, comparison_table, direction_summary,
                                             format_score, offline_markdown, offline_table, summarise_seeds)
-from common.reporting.run_results import (attach_variants, language_averages, load_pretrain_runs, load_scores,
-                                          paired_heldout_delta, read_table, variant_label)
+from common.reporting.run_results import (attach_variants, default_run_name, language_averages, load_pretrain_runs,
+                                          load_scores, paired_heldout_delta, read_table, repeated_runs, variant_label)
+from conftest import load_stage
 
 SCORE_HEADER = "run,method,seed,task,setting,lang,metric,value,n_examples\n"
 TABLE3 = next(spec for spec in TABLES if spec.paper_table == "table3")
@@ -235,3 +236,28 @@ def test_offline_table_reports_the_control_and_both_noises():
     sentence = direction_summary(comparison_table(TABLE3, load_paper_results(), pd.DataFrame(
         columns=["variant", "seed", "task", "setting", "metric", "value"]), "tiny"), offline.reset_index(), 200)
     assert "against the information control" in sentence and "Δ -0.250" in sentence
+
+
+@pytest.mark.parametrize("options", [
+    ["--method", "presence", "--seed", "1"], ["--method", "presence-single", "--tau", "-2"],
+    ["--method", "presence", "--switch-step", "50"], ["--method", "presence", "--si-layers", "all"],
+    ["--method", "presence-shuffled", "--per", "sample", "--noise-rate", "0.2", "--set", "data.noise_rates=[0.2]"],
+    ["--method", "noise-oracle", "--noise-rate", "0.2", "--set", "data.noise_rates=[0.2]", "--seed", "2"],
+])
+def test_the_default_run_name_of_a_recipe_is_the_one_pretrain_gives(options):
+    """The tables pick a recipe's run by the name 03_pretrain/pretrain.py gives it by default; both must agree."""
+    pretrain = load_stage("03_pretrain/pretrain.py")
+    args = pretrain.parse_args(["--preset", "tiny", *options])
+    config = {"method": args.method, "seed": args.seed, "tau": args.tau, "per": args.per,
+              "noise_rate": args.noise_rate, "preset": pretrain.get_config(args).to_dict()}
+    assert default_run_name(config, load_preset("tiny").pretrain) == pretrain.default_run_name(args)
+
+
+def test_repeats_of_a_recipe_and_seed_are_named_with_the_run_used_instead():
+    reference, preset = load_preset("tiny").pretrain, load_preset("tiny").to_dict()
+    run = {"method": "presence", "tau": None, "per": "microbatch", "preset": preset}
+    configs = [{**run, "run_name": name, "seed": seed} for name, seed in
+               (("presence-s0", 0), ("check-s0", 0), ("b-s1", 1), ("a-s1", 1), ("presence-s2", 2))]
+    notes = []
+    assert repeated_runs(configs, reference, notes) == {"check-s0": "presence-s0", "b-s1": "a-s1"}
+    assert len(notes) == 2 and "none is named presence-s1" in notes[1]

@@ -6,6 +6,11 @@ Runs are grouped by their config.json fields, not by parsing run names: `variant
 recipe ("presence", "presence-single tau=+2", "presence (I=50)", ...) relative to the preset's
 defaults, and `standard` marks runs that used exactly those defaults (the ones tables and figures
 compare; the tables take the standard run of each method).
+
+A recipe may have been run more than once for a seed (a resume check under another --run-name, a rerun
+kept beside the first). Tables and figures then use one of them: the one named as 03_pretrain/pretrain.py
+names that recipe's run by default (`presence-s0`), else the first by name; the others are "repeats"
+(`repeat_of` names the run used instead), left out of every table and figure, and listed in the notes.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ HELDOUT_ROW_COLUMNS = ["row", "lang", "n_tokens", "loss"]
 SCORE_COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
 SI_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "seed"]
 BENCH_COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "preset"]
+RUN_COLUMNS = ["run_name", "method", "seed", "variant", "standard", "repeat_of", "tau", "per", "switch_step", "steps",
+               "num_microbatches", "batch_size", "final_loss", "final_heldout_loss", "final_heldout_se", "noise_rate",
+               "seconds_per_step", "parameters"]
 
 # The metric the paper reports for each task (the others, e.g. exact match, are kept but not tabled).
 HEADLINE_METRIC = {"xquad": "f1", "mlqa": "f1", "tydiqa": "f1", "xnli": "accuracy", "pawsx": "accuracy",
@@ -58,6 +66,49 @@ def variant_label(config: dict, reference: PretrainConfig) -> str:
     name = f"{method} tau={config['tau']:+g}" if config.get("tau") is not None else method
     changes = recipe_changes(config, reference)
     return f"{name} ({', '.join(changes)})" if changes else name
+
+
+def default_run_name(config: dict, reference: PretrainConfig) -> str:
+    """The name 03_pretrain/pretrain.py gives by default (its default_run_name) to a run of this config's
+    recipe and seed: the method, then the options that make the recipe (--tau, --switch-step, --per sample,
+    --si-layers, --noise-rate), then the seed."""
+    method, pretrain = config["method"], config.get("preset", {}).get("pretrain", {})
+    parts = [method]
+    if config.get("tau") is not None:
+        parts.append(f"tau{config['tau']:+g}")
+    if method in TWO_STAGE_METHODS and pretrain.get("switch_step", reference.switch_step) != reference.switch_step:
+        parts.append(f"I{pretrain['switch_step']}")
+    if config.get("per", "microbatch") == "sample":
+        parts.append("per-sample")
+    if method != "baseline" and pretrain.get("si_layers", reference.si_layers) != reference.si_layers:
+        parts.append(f"si-{pretrain['si_layers']}")
+    if config.get("noise_rate"):
+        parts.append(f"noise{config['noise_rate']:g}")
+    return "-".join(parts + [f"s{int(config.get('seed', 0))}"])
+
+
+def repeated_runs(configs: list[dict], reference: PretrainConfig, notes: list[str]) -> dict[str, str]:
+    """{run name: the run used instead} for runs whose recipe (variant) and seed another run has too. Of
+    each such group the run named as pretrain.py names it by default is used, else (none or, across
+    folders, several) the first by name; a note says which and why."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for config in configs:
+        groups.setdefault((variant_label(config, reference), int(config.get("seed", 0))), []).append(config)
+    repeats = {}
+    for (variant, seed), group in groups.items():
+        if len(group) < 2:
+            continue
+        names = sorted(str(c["run_name"]) for c in group)
+        expected = default_run_name(group[0], reference)
+        if names.count(expected) == 1:
+            chosen, why = expected, "named as 03_pretrain/pretrain.py names this recipe's run"
+        else:
+            chosen, why = names[0], f"the first by name; none is named {expected}, as pretrain.py would name it"
+        others = [n for n in names if n != chosen]
+        repeats.update({n: chosen for n in others})
+        notes.append(f"recipe '{variant}', seed {seed}, has {len(names)} finished runs ({', '.join(names)}): tables "
+                     f"and figures use {chosen} ({why}) and leave out {', '.join(others)}")
+    return repeats
 
 
 def _read_json(path: Path, notes: list[str]) -> dict | None:
@@ -94,8 +145,9 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
                        notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, logs): one row per finished run folder with its config and final metrics, and the
     concatenated train_log.csv rows tagged with run_name, method, variant and standard. Unfinished
-    runs (no metrics.json) are left out, with a note."""
-    runs, logs = [], []
+    runs (no metrics.json) are left out, with a note; repeats of a recipe and seed (see the module's
+    docstring) keep their row, with `repeat_of` set and `standard` false, but have no log rows."""
+    found = []
     folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     if not folders:
         notes.append(f"no pre-training runs in {runs_dir}")
@@ -110,12 +162,17 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
             notes.append(f"run {folder.name} left out: unfinished (no metrics.json). Fix: let it finish, or "
                          "resume it with 03_pretrain/pretrain.py --resume")
             continue
+        found.append((folder, {**config, "run_name": config.get("run_name", folder.name)}))
+    repeats = repeated_runs([config for _, config in found], reference, notes)
+    runs, logs = [], []
+    for folder, config in found:
         metrics = _read_json(folder / "metrics.json", notes) or {}
         pretrain = config.get("preset", {}).get("pretrain", {})
         variant = variant_label(config, reference)
-        run = {"run_name": config.get("run_name", folder.name), "method": config["method"],
+        repeat_of = repeats.get(config["run_name"], "")
+        run = {"run_name": config["run_name"], "method": config["method"],
                "seed": int(config.get("seed", 0)), "variant": variant,
-               "standard": not recipe_changes(config, reference),
+               "standard": not recipe_changes(config, reference) and not repeat_of, "repeat_of": repeat_of,
                "tau": config.get("tau"), "per": config.get("per", "microbatch"),
                "switch_step": pretrain.get("switch_step"), "steps": pretrain.get("steps"),
                "num_microbatches": pretrain.get("num_microbatches"), "batch_size": pretrain.get("batch_size"),
@@ -123,16 +180,13 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
                "final_heldout_se": final_heldout_se(folder / "heldout.csv"), "noise_rate": config.get("noise_rate", 0.0),
                "seconds_per_step": metrics.get("seconds_per_step"),
                "parameters": (metrics.get("parameters") or {}).get("total")}
-        log = read_table(folder / "train_log.csv", ["step", "loss"], notes)
+        log = None if repeat_of else read_table(folder / "train_log.csv", ["step", "loss"], notes)
         if log is not None:
             log = log.assign(run_name=run["run_name"], method=run["method"], variant=variant,
                              standard=run["standard"], seed=run["seed"])
             logs.append(log)
         runs.append(run)
-    runs_frame = pd.DataFrame(runs, columns=["run_name", "method", "seed", "variant", "standard", "tau", "per",
-                                             "switch_step", "steps", "num_microbatches", "batch_size", "final_loss",
-                                             "final_heldout_loss", "final_heldout_se", "noise_rate",
-                                             "seconds_per_step", "parameters"])
+    runs_frame = pd.DataFrame(runs, columns=RUN_COLUMNS)
     for column in ("final_loss", "final_heldout_loss", "final_heldout_se", "seconds_per_step", "tau"):
         runs_frame[column] = pd.to_numeric(runs_frame[column], errors="coerce")
     tags = ["run_name", "method", "variant", "standard"]
@@ -246,7 +300,12 @@ def language_averages(scores: pd.DataFrame) -> pd.DataFrame:
 
 def attach_variants(scores: pd.DataFrame, runs: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
     """Give score rows their run's variant; rows of runs without a pre-training config keep their
-    method as variant (noted), since nothing tells their recipe apart."""
+    method as variant (noted), since nothing tells their recipe apart. Rows of repeated runs go (noted)."""
+    repeats = set(runs.loc[runs["repeat_of"].fillna("") != "", "run_name"]) if "repeat_of" in runs else set()
+    left_out = sorted(repeats & set(scores["run"]))
+    if left_out:
+        notes.append(f"scores of {', '.join(left_out)} left out: each repeats the recipe and seed of another run")
+        scores = scores[~scores["run"].isin(repeats)]
     known = runs.set_index("run_name")["variant"].to_dict()
     unknown = sorted(set(scores["run"]) - set(known))
     if unknown:
