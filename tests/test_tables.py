@@ -180,11 +180,14 @@ def test_an_unfinished_run_is_left_out_of_tables_and_curves_with_a_note(tmp_path
 def test_offline_measures_and_direction_sentence():
     runs = pd.DataFrame({"run_name": ["b0", "b1", "p0", "p1"], "method": ["baseline"] * 2 + ["presence"] * 2,
                          "seed": [0, 1, 0, 1], "standard": [True] * 4, "final_heldout_loss": [4.0, 4.2, 3.9, 3.9]})
-    retrieval = pd.DataFrame({"variant": ["baseline", "presence"], "seed": [0, 0], "task": ["verse_retrieval"] * 2,
-                              "value": [10.0, 12.5]})
+    # 04 writes three retrieval metrics per run; the table's column is X -> en accuracy ("accuracy") alone
+    retrieval = pd.DataFrame({"variant": ["baseline", "presence"] * 3, "seed": [0] * 6, "task": ["verse_retrieval"] * 6,
+                              "metric": ["accuracy"] * 2 + ["accuracy_en_to_x"] * 2 + ["accuracy_middle_layer"] * 2,
+                              "value": [10.0, 12.5, 50.0, 30.0, 1.0, 90.0]})
     offline = offline_table(TABLE3, runs, retrieval, "tiny").set_index(["task", "method"])
     assert offline.loc[("heldout_loss", "baseline"), "ours_mean"] == pytest.approx(4.1)
     assert offline.loc[("heldout_loss", "presence"), "ours_delta_vs_baseline"] == pytest.approx(-0.2)
+    assert offline.loc[("verse_retrieval", "baseline"), "ours_mean"] == pytest.approx(10.0)
     assert offline.loc[("verse_retrieval", "presence"), "ours_delta_vs_baseline"] == pytest.approx(2.5)
     empty = comparison_table(TABLE3, load_paper_results(), pd.DataFrame(
         columns=["variant", "seed", "task", "setting", "metric", "value"]), "tiny")
