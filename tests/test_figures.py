@@ -93,6 +93,22 @@ def test_figure4(inputs, tmp_path):
     assert_readable(fig, out, "Figure 4", ["Training loss", "Held-out loss", "Downstream"])
 
 
+def test_figure4_draws_each_task_s_own_chance_level(inputs, tmp_path):
+    """Over each task's bars: its chance level, from the language averages (verse retrieval: 1 of the 200
+    candidates, 0.5%, not 100%); none for F1."""
+    logs = inputs["logs"][inputs["logs"]["standard"]]
+    fig = plotting.plot_presence_vs_sequential(logs, inputs["downstream"], tmp_path / "f4.png")
+    bars = fig.axes[2]
+    tasks = [t.get_text() for t in bars.get_xticklabels()]
+    levels = {}
+    for collection in bars.collections:
+        for (x0, y0), (x1, y1) in collection.get_segments():
+            if y0 == y1 and x1 - x0 == pytest.approx(0.9):  # a chance line spans its group of bars
+                levels[tasks[round((x0 + x1) / 2)]] = y0
+    assert levels == {"xnli": pytest.approx(100 / 3), "pawsx": pytest.approx(50.0),
+                      "verse retrieval": pytest.approx(0.5)}
+
+
 def test_figure5_puts_the_baseline_at_tau_zero(inputs, tmp_path):
     out = tmp_path / "f5.png"
     logs = inputs["logs"][inputs["logs"]["standard"]]

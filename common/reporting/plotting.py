@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import ScalarFormatter
 
-from common.evaluation.score_rows import chance_level
+from common.evaluation.score_rows import RETRIEVAL_TASK, chance_level
 from common.io import atomic_path
 from common.reporting.run_results import HEADLINE_METRIC, recipe_name
 from common.reporting.stats import auroc
@@ -204,12 +204,15 @@ def _mean_ci95(values: np.ndarray) -> tuple[float, float]:
 
 
 def chance_percent(task: str, rows: pd.DataFrame | None = None) -> float | None:
-    """The task's chance level in percent (04's `chance` column, else common/evaluation/score_rows.py's
-    rule), or None (F1 tasks have no single chance level)."""
-    if rows is not None and "chance" in rows and pd.to_numeric(rows["chance"], errors="coerce").notna().any():
-        return float(pd.to_numeric(rows["chance"], errors="coerce").mean())
-    n = int(rows["n_examples"].median()) if rows is not None and "n_examples" in rows and len(rows) else 1
-    return chance_level(task, HEADLINE_METRIC.get(task, "accuracy"), n)
+    """The task's chance level in percent: the mean of the rows' `chance` (04 writes it beside every
+    score, run_results fills it in for older files, language averages carry it), else
+    common/evaluation/score_rows.py's rule where it needs no example count; None where there is no single
+    level (F1) or the rows do not tell it (verse retrieval: 1 / the number of candidates)."""
+    levels = pd.to_numeric(rows["chance"], errors="coerce").dropna() if rows is not None and "chance" in rows \
+        else pd.Series(dtype=float)
+    if len(levels):
+        return float(levels.mean())
+    return None if task == RETRIEVAL_TASK else chance_level(task, HEADLINE_METRIC.get(task, "accuracy"), 1)
 
 
 def score_yerr(mean, std, low: float = 0.0, high: float = 100.0) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from common.config import PretrainConfig
+from common.evaluation.score_rows import chance_level
 from common.evaluation.heldout import HELDOUT_COLUMNS
 
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
@@ -271,7 +272,9 @@ def language_weights(corpus_manifest: Path, notes: list[str]) -> dict[str, float
 
 def load_scores(path: Path, notes: list[str]) -> pd.DataFrame | None:
     """A fine-tuning CSV (xtreme.csv, retrieval.csv) with values in percent. A file whose values all
-    lie in [0, 1] was written as fractions: it is converted to percent and a note says so."""
+    lie in [0, 1] was written as fractions: it is converted to percent and a note says so. Every row
+    gets its chance level (`chance`, NaN where there is none): as written, else by
+    common/evaluation/score_rows.py's rule (an `avg` row: the mean of its languages')."""
     frame = read_table(path, SCORE_COLUMNS, notes)
     if frame is None:
         return None
@@ -284,18 +287,36 @@ def load_scores(path: Path, notes: list[str]) -> pd.DataFrame | None:
         notes.append(f"{path}: every value is in [0, 1], read as fractions and converted to percent")
         frame = frame.assign(value=frame["value"] * 100)
     frame = frame.assign(lang=frame["lang"].astype(str), seed=frame["seed"].astype(int))
-    return frame
+    return with_chance_levels(frame)
+
+
+def with_chance_levels(scores: pd.DataFrame) -> pd.DataFrame:
+    """`chance` as written, filled where it is missing (files written before 04 wrote it): a language's
+    from its task, metric and example count, an `avg` row's as the mean of its languages'."""
+    written = pd.to_numeric(scores["chance"], errors="coerce") if "chance" in scores else pd.Series(
+        np.nan, index=scores.index)
+    rule = pd.Series([chance_level(t, m, int(n)) if lang != "avg" else None for t, m, n, lang in
+                      zip(scores["task"], scores["metric"], scores["n_examples"], scores["lang"])],
+                     index=scores.index, dtype=float)
+    chance = written.fillna(rule)
+    languages = scores["lang"] != "avg"
+    keys = ["run", "task", "setting", "metric"]
+    means = chance[languages].groupby([scores.loc[languages, k] for k in keys]).mean()
+    averages = pd.Series([means.get(tuple(row), np.nan) for row in scores[keys].to_numpy()], index=scores.index)
+    return scores.assign(chance=chance.where(languages, chance.fillna(averages)))
 
 
 def language_averages(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, method, seed, task, setting, metric): the `avg` row the stage wrote, else the
-    mean over that run's languages (the paper averages over languages the same way)."""
+    mean over that run's languages (the paper averages over languages the same way); with the chance
+    level of the average (`chance`, when the scores have it)."""
     keys = ["run", "method", "seed", "task", "setting", "metric"]
+    columns = ["value"] + (["chance"] if "chance" in scores else [])
     written = scores[scores["lang"] == "avg"]
-    computed = (scores[scores["lang"] != "avg"].groupby(keys, as_index=False)["value"].mean())
+    computed = (scores[scores["lang"] != "avg"].groupby(keys, as_index=False, dropna=False)[columns].mean())
     have = set(map(tuple, written[keys].to_numpy()))
     computed = computed[[tuple(row) not in have for row in computed[keys].to_numpy()]]
-    return pd.concat([written[keys + ["value"]], computed], ignore_index=True)
+    return pd.concat([written[keys + columns], computed], ignore_index=True)
 
 
 def attach_variants(scores: pd.DataFrame, runs: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
