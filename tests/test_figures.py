@@ -119,6 +119,21 @@ def test_figure5_puts_the_baseline_at_tau_zero(inputs, tmp_path):
     assert taus["presence-single-tau+2-s0"] == 2
 
 
+def test_figure5_says_which_temperatures_were_not_fine_tuned(inputs, tmp_path):
+    """Only the baseline (τ = 0) fine-tuned, as at tiny: the score panel names the runs without scores and keeps
+    the axis of the other temperatures, instead of showing one point and nothing else."""
+    logs = inputs["logs"][inputs["logs"]["standard"]]
+    baseline_only = inputs["downstream"][inputs["downstream"]["variant"] == "baseline"]
+    fig = plotting.plot_single_stage_tau(logs, inputs["runs"], baseline_only, tmp_path / "f5.png")
+    loss_ax, score_ax = fig.axes[1], fig.axes[2]
+    text = " ".join(t.get_text() for t in score_ax.texts)
+    assert text.startswith("not fine-tuned:")
+    for line in ("τ = -2: presence-single, 1 of 1 runs", "τ = -1: presence-I, 1 of 1 runs",
+                 "τ = +1: presence-D, 1 of 1 runs", "τ = +2: presence-single, 1 of 1 runs"):
+        assert line in text
+    assert "τ = 0" not in text and score_ax.get_xlim() == loss_ax.get_xlim()
+
+
 def test_schedules(inputs, tmp_path):
     out = tmp_path / "sched.png"
     fig = plotting.plot_schedules(inputs["logs"], out, switch_step=20)
@@ -280,6 +295,25 @@ def test_chance_levels_are_drawn_where_a_task_has_one(inputs, tmp_path):
     assert lines["XNLI"] == [pytest.approx(100 / 3)] and lines["PAWS-X"] == [pytest.approx(50.0)]
     assert lines["verse"] == [pytest.approx(100 / 200)]  # 1 of n_examples = 200 candidates
     assert lines["XQuAD"] == []  # F1: no chance level
+
+
+def test_per_language_panels_at_the_floor_are_drawn_on_a_fixed_scale(tmp_path):
+    """MLQA F1 of 0.1-0.4% and retrieval at its chance (0.5%) are floor noise: a fixed 0-10% scale and a
+    note, not an axis that makes 0.1 and 0.4 look far apart; XNLI at 40% keeps its own scale."""
+    rows = [{"run": f"{v}-s0", "variant": v, "seed": 0, "task": task, "setting": "zero-shot", "lang": lang,
+             "metric": metric, "value": value, "n_examples": 200, "chance": chance}
+            for v, shift in (("baseline", 0.0), ("presence", 0.3))
+            for task, metric, chance, base in (("mlqa", "f1", None, 0.1), ("xnli", "accuracy", 100 / 3, 40.0),
+                                               ("verse_retrieval", "accuracy", 0.5, 0.3))
+            for lang, value in (("de", base + shift), ("hi", base + 2 * shift))]
+    frame = pd.DataFrame(rows)
+    fig = plotting.plot_xtreme_per_language(frame[frame["task"] != "verse_retrieval"],
+                                            frame[frame["task"] == "verse_retrieval"], tmp_path / "x.png")
+    panels = {ax.get_title().split(" ")[0]: ax for ax in fig.axes}
+    for name, top, note in (("MLQA", 10.0, "within 0.7 points of 0"), ("verse", 10.5, "within 0.4 points of chance")):
+        assert panels[name].get_ylim() == (0.0, top)
+        assert note in " ".join(t.get_text() for t in panels[name].texts)
+    assert not panels["XNLI"].texts and panels["XNLI"].get_ylim()[1] > 40
 
 
 def test_noise_figures(tmp_path):
