@@ -46,6 +46,7 @@ from common.reporting.run_results import finished_runs, paired_heldout_delta, re
 from common.reporting.stats import auroc
 
 COMPARISON_COLUMNS = ["comparison", "noise_rate", "seed", "delta", "eval_se"]
+DIGITS = 6  # significant digits of the tables: float noise of a rerun (7th digit) rewrites nothing
 RUN_COLUMNS = ["run", "method", "per", "noise_kind", "noise_rate", "seed", "clean_heldout_loss", "se",
                "noisy_weight_share", "noisy_batch_share", "noisy_weight_share_direct", "noisy_weight_share_inverse",
                "si_auroc_final", "si_auroc_mean"]
@@ -260,12 +261,12 @@ def main(args: argparse.Namespace) -> dict:
                          "si_auroc_final": final_auroc,
                          "si_auroc_mean": pd.to_numeric(log["si_noise_auroc"], errors="coerce").mean()})
     out = Path(args.out) if args.out else results_dir(preset.name, "noise")
-    write_csv(out / "noise_runs.csv", run_rows, RUN_COLUMNS)
-    write_csv(out / "noise_si_by_kind.csv", kind_table, KIND_COLUMNS)
-    write_csv(out / "granularity.csv", granularity, GRANULARITY_COLUMNS)
+    write_csv(out / "noise_runs.csv", run_rows, RUN_COLUMNS, digits=DIGITS)
+    write_csv(out / "noise_si_by_kind.csv", kind_table, KIND_COLUMNS, digits=DIGITS)
+    write_csv(out / "granularity.csv", granularity, GRANULARITY_COLUMNS, digits=DIGITS)
     weights = load_data_manifest(artefacts_dir(preset.name, "data"))["sampling_probabilities"]
     comparisons = comparison_rows(runs, rate, weights)
-    write_csv(out / "noise_comparisons.csv", comparisons, COMPARISON_COLUMNS)
+    write_csv(out / "noise_comparisons.csv", comparisons, COMPARISON_COLUMNS, digits=DIGITS)
     with atomic_open(out / "noise_summary.md") as f:
         f.write(summary_markdown(pd.DataFrame(run_rows), pd.DataFrame(kind_table), pd.DataFrame(comparisons),
                                  preset.name, args.scoring_rows))

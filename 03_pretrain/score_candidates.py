@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> dict:
     final = artefacts_dir(preset.name, "pretrain", scorer, "final")
     if not (final / "presence_run.json").is_file():
         raise FileNotFoundError(f"{final} holds no finished run. Fix: pre-train the scorer first: 03_pretrain/"
-                                f"pretrain.py --preset {preset_argument(args.preset)} --method baseline --seed {args.seed}")
+                                f"pretrain.py --preset {preset_argument(args.preset)} --method baseline "
+                                f"--seed {args.seed}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(final).to(device).eval()
     data_dir = artefacts_dir(preset.name, "data")
@@ -94,7 +95,8 @@ def main(args: argparse.Namespace) -> dict:
     summary_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "sequential"
     summary = summary_dir / f"scores-s{args.seed}.csv"
     write_csv(summary, [dict(row, scorer=scorer, seed=args.seed) for row in
-                        language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)])
+                        language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)],
+              digits=6)  # a rerun's float noise (7th digit) leaves the file as it was
     out = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:

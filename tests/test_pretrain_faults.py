@@ -281,3 +281,33 @@ def test_the_grid_driver_reads_finished_from_metrics_and_final(tmp_path, monkeyp
     assert not grid.finished("tiny", "baseline-s0")  # killed between final/ and metrics.json
     metrics.write_text("{}")
     assert grid.finished("tiny", "baseline-s0")
+
+
+def test_a_retrained_run_whose_losses_moved_by_float_noise_keeps_its_tables(tmp_path, monkeypatch):
+    """A fresh clone has the committed run folders but no checkpoints, so the grid trains its runs again; held-out
+    losses that moved in the 9th digit (another thread count) leave heldout.csv and heldout_rows.csv as committed,
+    a loss that really moved gets its new text."""
+    grid = load_stage("03_pretrain/pretrain_all.py")
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    monkeypatch.setattr(grid, "results_dir", lambda preset, stage: tmp_path / "results" / preset / stage)
+    run_dir = tmp_path / "results" / "tiny" / "pretrain" / "runs" / "baseline-s0"
+    run_dir.mkdir(parents=True)
+    committed = {"heldout_rows.csv": "row,lang,n_tokens,loss\r\n0,en,29,5.207934622106881\r\n"
+                                     "1,hi,29,5.66559319840423\r\n",
+                 "heldout.csv": "run,step,lang,n_rows,loss,se\r\n"
+                                "baseline-s0,50,all,2,6.413615794915447,0.021929849795302776\r\n"}
+    for name, text in committed.items():
+        (run_dir / name).write_bytes(text.encode())
+    (run_dir / "metrics.json").write_text("{}")
+
+    def retrain(script, args, threads=None):  # what pretrain.py --overwrite writes: every digit, new noise
+        assert args[-1] == "--overwrite"
+        (run_dir / "heldout_rows.csv").write_bytes(b"row,lang,n_tokens,loss\r\n0,en,29,5.2079346230\r\n1,hi,29,5.7\r\n")
+        (run_dir / "heldout.csv").write_bytes(
+            b"run,step,lang,n_rows,loss,se\r\nbaseline-s0,50,all,2,6.4136157951,0.0219298497958\r\n")
+
+    monkeypatch.setattr(grid, "call", retrain)
+    grid.ensure_run("tiny", ["--preset", "tiny", "--method", "baseline", "--seed", "0"])
+    assert (run_dir / "heldout.csv").read_bytes() == committed["heldout.csv"].encode()
+    assert (run_dir / "heldout_rows.csv").read_bytes() == \
+        committed["heldout_rows.csv"].replace("5.66559319840423", "5.7").encode()
