@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from common.cli import exit_on_known_errors
+from common.cli import exit_on_interrupt, exit_on_known_errors
 from common.config import FinetuneConfig, load_preset
 from common.evaluation.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
@@ -377,4 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     with exit_on_known_errors():
-        main(args.preset, args.set, args.checkpoint, args.xtreme_dir)
+        out = results_dir(load_preset(args.preset, args.set).name, "finetune")
+        # every evaluation's rows are written (atomically) as soon as it ends: an interruption loses the one
+        # under way only
+        with exit_on_interrupt(f"the evaluations that finished are kept in {out} (a rerun evaluates every "
+                               "checkpoint again and replaces its rows)"):
+            main(args.preset, args.set, args.checkpoint, args.xtreme_dir)

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
+
+from common.paths import REPO_ROOT
 
 KNOWN_ERROR_STATUS = 2
 FIX_MARKER = "Fix:"
@@ -40,6 +44,27 @@ def is_known_error(error: BaseException) -> bool:
 def child_exit_status(error: subprocess.CalledProcessError) -> int:
     """The status to exit with after a child failed: its own, or 128 + signal when a signal killed it."""
     return error.returncode if error.returncode > 0 else 128 - error.returncode
+
+
+def command_line() -> str:
+    """This script's command as a user retypes it from the repository root: python <script> <arguments>."""
+    script = Path(sys.argv[0])
+    with contextlib.suppress(ValueError):
+        script = script.resolve().relative_to(REPO_ROOT)
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(kept: str) -> Iterator[None]:
+    """Ctrl-C (SIGINT) ends the block with one line instead of a traceback: `kept` (what stays of the work
+    done) and the command that runs the script again; exit status 130, 128 + SIGINT, as a shell reports a
+    process that SIGINT ended."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted (Ctrl-C); {kept}. Run again with: {command_line()}",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def quiet_library_progress_bars(stream=None) -> bool:

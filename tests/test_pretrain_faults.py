@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.checkpoint import latest_checkpoint
+from common.checkpoint import CheckpointError, latest_checkpoint
 from common.config import ConfigError
 from common.paths import REPO_ROOT
 from common.runinfo import RunExistsError
@@ -311,3 +311,40 @@ def test_a_retrained_run_whose_losses_moved_by_float_noise_keeps_its_tables(tmp_
     assert (run_dir / "heldout.csv").read_bytes() == committed["heldout.csv"].encode()
     assert (run_dir / "heldout_rows.csv").read_bytes() == \
         committed["heldout_rows.csv"].replace("5.66559319840423", "5.7").encode()
+
+
+def test_a_truncated_checkpoint_is_skipped_at_resume_for_the_newest_intact_one(tmp_path, artefacts, monkeypatch,
+                                                                               capsys):
+    """A run stopped after its step-4 checkpoint, before it was confirmed (step-2 is kept beside it), whose
+    step-4 weights are then cut short: --resume says so, resumes from step 2, and ends like a run that never
+    stopped. With no intact checkpoint left, one line names the file and the fix."""
+    def stopped(*args, **kwargs):
+        raise OSError(28, "No space left on device", "metrics.json")
+
+    finish = pretrain.finish
+    monkeypatch.setattr(pretrain, "finish", stopped)
+    with pytest.raises(OSError, match="No space left"):
+        run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "4"))
+    monkeypatch.setattr(pretrain, "finish", finish)
+    checkpoints = store(artefacts, "run") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2", "step-4"]
+    weights = checkpoints / "step-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "4", "--resume"))
+    out = capsys.readouterr().out
+    assert f"checkpoint {checkpoints / 'step-4'} skipped: {weights} cannot be read (" in out
+    assert f"using {checkpoints / 'step-2'}, the newest intact checkpoint" in out
+    assert f"resumed run from {checkpoints / 'step-2'} at step 2" in out
+    run(*pretrain_args(tmp_path, "whole", "--method", "presence", "--steps", "4"))
+    assert_same_run(tmp_path, artefacts, "whole", "run")
+    final = store(artefacts, "run") / "final" / "model.safetensors"  # what 04's fix for a damaged final/ says
+    final.write_bytes(final.read_bytes()[:100])
+    run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "4", "--resume"))
+    assert_same_run(tmp_path, artefacts, "whole", "run")
+
+    only = checkpoints / "step-4" / "model.safetensors"  # the finished run keeps one checkpoint
+    only.write_bytes(only.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{only} cannot be read .*: checkpoint .* is damaged and the run has "
+                                              "no other. Fix: start the run anew"):
+        run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "6", "--resume"))
