@@ -43,11 +43,12 @@ from common.presence.influence import batch_self_influence
 from common.presence.methods import BASELINE, CONTROL, ORACLE, PRESENCE
 from common.presence.reweighting import presence_weights
 from common.reporting.markdown import markdown_table
-from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table, recipe_name
+from common.reporting.run_results import finished_runs, paired_heldout_delta, read_table, recipe_name, repeated_runs
 from common.reporting.stats import auroc
 from common.threads import set_cpu_threads
 
 COMPARISON_COLUMNS = ["comparison", "noise_rate", "seed", "delta", "eval_se"]
+DIGITS = 6  # significant digits of the tables: float noise of a rerun (7th digit) rewrites nothing
 RUN_COLUMNS = ["run", "method", "per", "noise_kind", "noise_rate", "seed", "clean_heldout_loss", "se",
                "noisy_weight_share", "noisy_batch_share", "noisy_weight_share_direct", "noisy_weight_share_inverse",
                "si_auroc_final", "si_auroc_mean"]
@@ -229,6 +230,11 @@ def main(args: argparse.Namespace) -> dict:
             and r["method"] in (BASELINE.name, PRESENCE.name, CONTROL.name, ORACLE.name)]
     if not runs:
         raise FileNotFoundError(f"no finished runs in {runs_dir}. Fix: run the noise grid (see 02_si_analysis/README.md)")
+    notes: list[str] = []
+    repeats = repeated_runs(runs, preset.pretrain, notes)  # one run per recipe and seed, as 05_figures takes
+    for note in notes:
+        print(f"note: {note}")
+    runs = [run for run in runs if run["run_name"] not in repeats]
     train = SpanCorruptionBatches(artefacts_dir(preset.name, "data"), "train", 1, seed=0, noise_rate=rate)
     kinds, scored = train.noise_kinds, scoring_set(train, args.scoring_rows, preset.data.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,12 +265,12 @@ def main(args: argparse.Namespace) -> dict:
                          "si_auroc_final": final_auroc,
                          "si_auroc_mean": pd.to_numeric(log["si_noise_auroc"], errors="coerce").mean()})
     out = Path(args.out) if args.out else results_dir(preset.name, "noise")
-    write_csv(out / "noise_runs.csv", run_rows, RUN_COLUMNS)
-    write_csv(out / "noise_si_by_kind.csv", kind_table, KIND_COLUMNS)
-    write_csv(out / "granularity.csv", granularity, GRANULARITY_COLUMNS)
+    write_csv(out / "noise_runs.csv", run_rows, RUN_COLUMNS, digits=DIGITS)
+    write_csv(out / "noise_si_by_kind.csv", kind_table, KIND_COLUMNS, digits=DIGITS)
+    write_csv(out / "granularity.csv", granularity, GRANULARITY_COLUMNS, digits=DIGITS)
     weights = load_data_manifest(artefacts_dir(preset.name, "data"))["sampling_probabilities"]
     comparisons = comparison_rows(runs, rate, weights)
-    write_csv(out / "noise_comparisons.csv", comparisons, COMPARISON_COLUMNS)
+    write_csv(out / "noise_comparisons.csv", comparisons, COMPARISON_COLUMNS, digits=DIGITS)
     with atomic_open(out / "noise_summary.md") as f:
         f.write(summary_markdown(pd.DataFrame(run_rows), pd.DataFrame(kind_table), pd.DataFrame(comparisons),
                                  preset.name, args.scoring_rows))

@@ -26,9 +26,9 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
-from common.config import check_seed, load_preset
+from common.config import check_seed, load_preset, preset_argument
 from common.presence.influence import batch_self_influence, forward_logits, group_losses, token_losses
-from common.io import iter_jsonl_gz, read_json, remove_interrupted_writes, write_csv, write_json
+from common.io import iter_jsonl_gz, read_json, read_stored_text, remove_interrupted_writes, write_csv, write_json
 from common.modeling import load_pretrained, require_model
 from common.paths import artefacts_dir, finished_pretrain_runs, results_dir
 from common.reporting.plotting import plot_figure1, plot_si_layer_sets, plot_si_reliability
@@ -41,6 +41,9 @@ from common.threads import set_cpu_threads
 NOISY = {"jumbled": "clean", "mismatched": "random"}  # noisy condition -> the condition it is compared with
 TABLES = ("si_scores.csv", "si_summary.csv", "si_correlations.csv", "si_reliability.csv")
 SCORE_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "step", "layer_set", "seed"]
+# Significant digits of the tables: SI and losses are float32 sums, which another thread count or checkpoint
+# retrained on another machine moves in the 7th digit; at this precision a rerun rewrites nothing.
+DIGITS = 6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +72,8 @@ def checkpoints(args, preset) -> list[tuple[str, int | None, str]]:
     final = store / "final"
     if not (final / "presence_run.json").is_file():
         raise FileNotFoundError(f"{final} holds no finished run. Fix: run `make pretrain` (or 03_pretrain/pretrain.py "
-                                f"--preset {preset.name} --method baseline) first, or pass --run / --checkpoint")
+                                f"--preset {preset_argument(args.preset)} --method baseline) first, or pass --run / "
+                                "--checkpoint")
     found = [(f"{args.run}/{p.name}", int(p.name.split("-")[1]), str(p))
              for p in sorted(store.glob("snapshots/step-*"), key=lambda p: int(p.name.split("-")[1]))]
     return found + [(f"{args.run}/final", read_json(final / "presence_run.json")["steps"], str(final))]
@@ -141,13 +145,16 @@ def reliability_rows(scores: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def start_outputs(out: Path, config: dict) -> None:
+def start_outputs(out: Path, config: dict) -> dict[str, str]:
     """The previous analysis's tables and metrics.json go (and leftovers of interrupted writes); this one's
-    config.json comes first, so that the folder always names the scorer of the tables it holds."""
+    config.json comes first, so that the folder always names the scorer of the tables it holds. Returns
+    the previous tables' text: the new ones are written against it (common.io.write_csv, DIGITS)."""
     remove_interrupted_writes(out)
+    previous = {name: read_stored_text(out / name) for name in TABLES if (out / name).is_file()}
     for name in TABLES + ("metrics.json",):
         (out / name).unlink(missing_ok=True)
     write_run_files(out, config)
+    return previous
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -164,7 +171,9 @@ def main(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     found = checkpoints(args, preset)
-    start_outputs(out, {"scorer": scorer, "args": vars(args), "preset": preset.to_dict()})
+    # --overwrite says how to write, not what was analysed: left out, so that it does not change the record
+    settings = {key: value for key, value in vars(args).items() if key != "overwrite"}
+    previous = start_outputs(out, {"scorer": scorer, "args": settings, "preset": preset.to_dict()})
 
     frames, started, scored = [], time.perf_counter(), 0
     for label, step, folder in found:
@@ -182,10 +191,13 @@ def main(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - started
     scores = pd.concat(frames, ignore_index=True)[SCORE_COLUMNS]
 
-    write_csv(out / "si_scores.csv", scores.to_dict("records"), SCORE_COLUMNS)
-    write_csv(out / "si_summary.csv", summary_rows(scores, preset.si_analysis.bootstrap_samples))
-    write_csv(out / "si_correlations.csv", correlation_rows(scores))
-    write_csv(out / "si_reliability.csv", reliability_rows(scores))
+    def write(name: str, rows: list[dict], columns: list[str] | None = None) -> None:
+        write_csv(out / name, rows, columns, digits=DIGITS, previous=previous.get(name))
+
+    write("si_scores.csv", scores.to_dict("records"), SCORE_COLUMNS)
+    write("si_summary.csv", summary_rows(scores, preset.si_analysis.bootstrap_samples))
+    write("si_correlations.csv", correlation_rows(scores))
+    write("si_reliability.csv", reliability_rows(scores))
     figures = out / "figures" if args.out else results_dir(preset.name, "figures")
     final_label = found[-1][0]
     plot_figure1(scores, figures / "figure1_si_noise_domain.png", f" ({preset.name} preset, {final_label})")

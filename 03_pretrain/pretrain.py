@@ -74,7 +74,8 @@ from common.presence.presence_step import StepPlan, StepStats
 from common.presence.reweighting import kish_effective_count
 from common.presence.train_step import train_step
 from common.reporting.stats import auroc
-from common.runinfo import bind_store, committed_note, config_changes, prepare_run_dir, run_lock, write_run_files
+from common.runinfo import (bind_store, committed_note, config_changes, prepare_run_dir, run_lock, run_name,
+                            write_run_files)
 from common.seeding import seed_everything
 from common.signals import StopRequests
 from common.threads import set_cpu_threads
@@ -97,8 +98,6 @@ RESUMABLE_CHANGES = tuple(f"preset.pretrain.{name}" for name in (
     "steps", "switch_step", "peak_lr", "warmup_steps") + EXECUTION_KNOBS) + ("world_size",)
 NOT_PART_OF_THE_RUN = ("history", "preset.description", "preset.si_analysis", "preset.finetune",
                        "preset.pretrain.seeds", "preset.pretrain.reproduce_methods")
-# How a changed knob shows in a default run name (others: the field's name and value).
-NAME_PARTS = {"pretrain.switch_step": "I{}", "pretrain.si_layers": "si-{}", "pretrain.steps": "steps{}"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -249,24 +248,8 @@ def default_run_name(args) -> str:
     """The method, its --tau, the granularity, the noise rate, then every recipe field that differs from
     the preset as its file states it (a knob the method does not read is left out), then the seed."""
     preset, method = get_config(args)
-    parts = [method.name]
-    if args.tau is not None:
-        parts.append(f"tau{args.tau:+g}")
-    changes = recipe_changes(preset, load_preset(args.preset), method)
-    if "pretrain.switch_step" in changes:
-        parts.append(NAME_PARTS["pretrain.switch_step"].format(changes.pop("pretrain.switch_step")))
-    if args.per == "sample":
-        parts.append("per-sample")
-    if "pretrain.si_layers" in changes:
-        parts.append(NAME_PARTS["pretrain.si_layers"].format(changes.pop("pretrain.si_layers")))
-    if args.noise_rate:
-        parts.append(f"noise{args.noise_rate:g}")
-    for key, value in sorted(changes.items()):
-        shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-            else value
-        parts.append(NAME_PARTS[key].format(shown) if key in NAME_PARTS else f"{key.split('.')[-1]}{shown}")
-    parts.append(f"s{args.seed}")
-    return "-".join(parts)
+    return run_name(method.name, args.seed, args.tau, args.per, args.noise_rate,
+                    recipe_changes(preset, load_preset(args.preset), method))
 
 
 def recipe_changes(preset: Preset, reference: Preset, method: Method) -> dict[str, object]:
@@ -279,6 +262,8 @@ def recipe_changes(preset: Preset, reference: Preset, method: Method) -> dict[st
         for key, value in ours.items():
             if value == theirs.get(key):
                 continue
+            if section == "data" and (key == "noise_rates" or key.startswith("probe")):
+                continue  # which noisy copies and probe sets the data build holds: not how this run trains
             if section == "pretrain" and (key in EXECUTION_KNOBS + ("seeds", "reproduce_methods") or
                                           (key in ("tau_direct", "tau_inverse", "switch_step", "si_layers")
                                            and key not in method.reads)):

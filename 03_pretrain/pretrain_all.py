@@ -27,7 +27,7 @@ from pathlib import Path
 from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.evaluation.heldout import HELDOUT_COLUMNS
-from common.io import read_json, write_csv
+from common.io import keep_equal_numbers, read_json, read_stored_text, write_csv
 from common.paths import artefacts_dir, results_dir
 from common.presence.methods import BASELINE, NAMES as METHODS, get_method
 from common.reporting.run_results import collect_heldout, finished_runs
@@ -38,6 +38,10 @@ OPTION_FLAGS = {"tau": "--tau", "switch_step": "--switch-step", "per": "--per", 
 SUMMARY_COLUMNS = ["run", "method", "seed", "tau", "per", "switch_step", "si_layers", "noise_rate", "steps",
                    "final_loss", "final_heldout_loss", "si_noise_auroc_mean", "tokens_per_second",
                    "seconds_per_step", "model_tflops", "mfu", "wall_seconds"]
+# A finished run trained again (make reproduce on a fresh clone, which has no checkpoints) moves its held-out
+# losses by float noise only (another thread count sums in another order): equal at this many significant
+# digits, they keep the text the run folder had, so that the tables of losses per row stay as committed.
+SETTLED_TABLES, DIGITS = ("heldout.csv", "heldout_rows.csv"), 6
 
 
 def run_arguments(spec: str, seed: int, preset: str) -> list[str]:
@@ -82,7 +86,12 @@ def ensure_run(preset_name: str, args: list[str], threads: int | None = None) ->
         print(f"{name}: finished, skipped")
         return
     started = (artefacts_dir(preset_name, "pretrain", name, "checkpoints") / "LATEST").is_file()
+    run_dir = results_dir(preset_name, "pretrain") / "runs" / name
+    previous = {table: read_stored_text(run_dir / table) for table in SETTLED_TABLES
+                if (run_dir / "metrics.json").is_file() and (run_dir / table).is_file()}
     call("pretrain.py", args + (["--resume"] if started else ["--overwrite"]), threads=threads)
+    for table, text in previous.items():
+        keep_equal_numbers(run_dir / table, text, DIGITS)
 
 
 def ensure_runs(preset_name: str, runs: list[list[str]], jobs: int) -> None:
@@ -109,9 +118,11 @@ def summarise(preset_name: str) -> Path:
                      "si_layers": pretrain_cfg["si_layers"], "noise_rate": config.get("noise_rate", 0.0),
                      "steps": pretrain_cfg["steps"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[9:]}})
     path = results_dir(preset_name, "pretrain") / "summary.csv"
-    write_csv(path, rows, SUMMARY_COLUMNS)
+    # at 6 significant digits a retrained run's losses (float noise in the 8th) leave their cells as they were;
+    # its timings do change
+    write_csv(path, rows, SUMMARY_COLUMNS, digits=DIGITS)
     write_csv(path.with_name("heldout.csv"), collect_heldout(results_dir(preset_name, "pretrain") / "runs"),
-              HELDOUT_COLUMNS)
+              HELDOUT_COLUMNS, digits=DIGITS)
     return path
 
 

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
-from common.config import check_seed, load_preset
+from common.config import check_seed, load_preset, preset_argument
 from common.presence.influence import batch_self_influence
 from common.io import atomic_path, write_csv
 from common.modeling import load_pretrained
@@ -63,8 +63,9 @@ def main(args: argparse.Namespace) -> dict:
     scorer = args.scorer or f"baseline-s{args.seed}"
     final = artefacts_dir(preset.name, "pretrain", scorer, "final")
     if not (final / "presence_run.json").is_file():
-        raise FileNotFoundError(f"{final} holds no finished run. Fix: pre-train the scorer first: "
-                                f"03_pretrain/pretrain.py --preset {preset.name} --method baseline --seed {args.seed}")
+        raise FileNotFoundError(f"{final} holds no finished run. Fix: pre-train the scorer first: 03_pretrain/"
+                                f"pretrain.py --preset {preset_argument(args.preset)} --method baseline "
+                                f"--seed {args.seed}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     model = load_pretrained(final).to(device).eval()
@@ -96,7 +97,8 @@ def main(args: argparse.Namespace) -> dict:
     summary_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "sequential"
     summary = summary_dir / f"scores-s{args.seed}.csv"
     write_csv(summary, [dict(row, scorer=scorer, seed=args.seed) for row in
-                        language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)])
+                        language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)],
+              digits=6)  # a rerun's float noise (7th digit) leaves the file as it was
     out = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from common.cli import exit_on_known_errors
+from common.cli import exit_on_interrupt, exit_on_known_errors
 from common.config import FinetuneConfig, load_preset
 from common.evaluation.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
                                generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
@@ -286,8 +286,8 @@ def describe_average(task: str, metric: str, average: float | None, languages: l
     """The log line's score: the XTREME average beside chance, and the languages reported apart from it."""
     extra = [lang for lang in languages if not in_xtreme_average(task, lang)]
     chance = chance_level(task, metric, 1)  # XTREME's chance levels do not depend on the example count
-    text = f"no {metric} avg" if average is None else f"{metric} avg {average:.2f}"
-    text += "" if chance is None else f" (chance {chance:.2f})"
+    text = f"no {metric} avg" if average is None else f"{metric} avg {average:.2f}%"
+    text += "" if chance is None else f" (chance {chance:.2f}%)"
     text += f" over {len(languages) - len(extra)} languages"
     return text + (f" (+ {', '.join(extra)} in rows of their own)" if extra else "")
 
@@ -350,8 +350,9 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, checkpoi
             save_run(preset, ckpt, "verse_retrieval", "zero-shot", {"languages": languages}, metrics)
             average = next(r["value"] for r in rows if r["lang"] == "avg" and r["metric"] == "accuracy")
             chance = chance_level("verse_retrieval", "accuracy", len(verse_ids))
-            print(f"{ckpt.run} | verse_retrieval | X->en accuracy avg {average:.1f} (chance {chance:.1f}) over "
-                  f"{len(languages)} languages | {metrics['sentences_per_second']:.0f} sentences/s")
+            print(f"{ckpt.run} | verse_retrieval | X->en accuracy avg {average:.1f}% (chance {chance:.1f}%) over "
+                  f"{len(languages)} language{'s' * (len(languages) != 1)} | "
+                  f"{metrics['sentences_per_second']:.0f} sentences/s")
             summary["retrieval"][ckpt.run] = average
 
     for setting in ("zero-shot", "translate-train"):
@@ -378,4 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     with exit_on_known_errors():
-        main(args.preset, args.set, args.checkpoint, args.xtreme_dir)
+        out = results_dir(load_preset(args.preset, args.set).name, "finetune")
+        # every evaluation's rows are written (atomically) as soon as it ends: an interruption loses the one
+        # under way only
+        with exit_on_interrupt(f"the evaluations that finished are kept in {out} (a rerun evaluates every "
+                               "checkpoint again and replaces its rows)"):
+            main(args.preset, args.set, args.checkpoint, args.xtreme_dir)

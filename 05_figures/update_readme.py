@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.cli import exit_on_known_errors
-from common.config import load_preset
+from common.config import load_preset, preset_argument
 from common.io import atomic_open
 from common.reporting.comparisons import answer_markdown
 from common.reporting.markdown import replace_marked_block
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> dict:
     headline = results_dir(preset.name, "tables") / "headline.md"
     if not headline.is_file():
         raise FileNotFoundError(f"{headline} is missing. Fix: run "
-                                f"python 05_figures/make_figures.py --preset {preset.name}")
+                                f"python 05_figures/make_figures.py --preset {preset_argument(args.preset)}")
     readme = Path(args.readme)
     text = replace_marked_block(readme.read_text(encoding="utf-8"), headline.read_text(encoding="utf-8"))
     tables = {}

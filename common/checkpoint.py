@@ -12,12 +12,17 @@ others). If that step is not finite, the new checkpoint is suspect, since it led
 (parameters can be finite and already huge): `roll_back_checkpoint` drops it and points `LATEST` back at
 the verified one.
 
+A checkpoint damaged on disk afterwards (a truncated file: a full disk, a copy cut short) is found before
+anything is loaded from it: `latest_checkpoint` then says which it skips and why, and falls back to the
+newest intact checkpoint (pointing LATEST at it), or refuses with the fix when none is left.
+
 Models for later stages (snapshots, the final model) are written the same way by save_model_folder."""
 from __future__ import annotations
 
 import contextlib
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,11 +32,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model
 
 from common.io import atomic_open, write_json
-from common.modeling import all_finite
+from common.modeling import all_finite, unreadable_weights
 
 POINTER = "LATEST"
 VERIFIED = "VERIFIED"
 STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run can be read; the message names the damaged files and the fix."""
 
 
 def rng_states() -> dict[str, Any]:
@@ -117,13 +126,39 @@ def roll_back_checkpoint(root: str | Path) -> tuple[str | None, str | None]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    pointer = Path(root) / POINTER
-    if not pointer.is_file():
+    """The checkpoint to resume from: LATEST's, when its files are intact; else the newest intact one (a line
+    says which was skipped and why, and LATEST points at the one used). None before the first checkpoint;
+    CheckpointError when no checkpoint is intact."""
+    root = Path(root)
+    latest = _read_pointer(root, POINTER)
+    if latest is None:
         return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is incomplete. Fix: delete {root} and restart the run")
-    return path
+    path = root / latest
+    problems = checkpoint_problems(path)
+    if not problems:
+        return path
+    intact = [p for p in sorted(root.glob("step-*"), key=checkpoint_step, reverse=True)
+              if p.name != latest and not checkpoint_problems(p)]
+    if not intact:
+        raise CheckpointError(f"{problems[0]}: checkpoint {path} is damaged and the run has no other. Fix: start "
+                              "the run anew (--overwrite instead of --resume)")
+    print(f"checkpoint {path} skipped: {'; '.join(problems)}; using {intact[0]}, the newest intact checkpoint")
+    _point(root, POINTER, intact[0].name)
+    return intact[0]
+
+
+def checkpoint_problems(path: str | Path) -> list[str]:
+    """What keeps a checkpoint folder from loading, one sentence per file (empty: intact): the weights'
+    safetensors headers against their files (common.modeling.unreadable_weights) and trainer_state.pt's
+    zip directory, which torch.save writes last, so that a truncated file lacks it. No tensor is read."""
+    path = Path(path)
+    problems = unreadable_weights(path)
+    state = path / STATE_FILE
+    if not state.is_file():
+        problems.append(f"{state} is missing")
+    elif not zipfile.is_zipfile(state):
+        problems.append(f"{state} is not a complete torch.save file (truncated?)")
+    return problems
 
 
 def checkpoint_step(path: str | Path) -> int:

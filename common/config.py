@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from common.paths import PRESETS_DIR
+from common.paths import PRESETS_DIR, REPO_ROOT
 
 # The kinds of known noise 01_data can put into the training rows (common/data/noise.py).
 NOISE_KINDS = ("jumbled", "random", "python")
@@ -343,6 +343,21 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def preset_argument(name_or_path: str) -> str:
+    """--preset as a reader should retype it in the repository: a preset's name when presets/<name>.yaml
+    exists, else the path of its file relative to the repository (a variant such as tiny_x10 is
+    presets/variants/tiny_x10.yaml: `--preset tiny_x10` would not load), else the text as given."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        with contextlib.suppress(ValueError):
+            return str(path.resolve().relative_to(REPO_ROOT))
+        return name_or_path
+    if (PRESETS_DIR / f"{name_or_path}.yaml").is_file():
+        return name_or_path
+    found = sorted(PRESETS_DIR.rglob(f"{name_or_path}.yaml"))
+    return str(found[0].relative_to(REPO_ROOT)) if found else name_or_path
+
+
 def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
     """Load presets/<name>.yaml (or a YAML path), apply `section.field=value` overrides, validate.
 
@@ -458,6 +473,11 @@ def _finite_float(value: Any, where: str) -> float:
     return number
 
 
+# What a field of each type takes, as the fix of a value of the wrong type says it.
+VALUE_KINDS = {int: "an integer such as 200", float: "a number such as 0.01", str: "a text value",
+               bool: "true or false"}
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -476,6 +496,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _finite_float(value, where)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    if hint in (int, float, str, bool):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}. Fix: give a {hint.__name__}")
+    if hint in VALUE_KINDS:
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}. Fix: give {VALUE_KINDS[hint]}")
     return value

@@ -7,9 +7,12 @@ import csv
 import gzip
 import hashlib
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
+from io import StringIO
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -102,16 +105,95 @@ def read_json(path: str | os.PathLike) -> Any:
                          "Fix: delete it and re-run the stage that writes it") from None
 
 
-def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> int:
-    """Write dict rows as a CSV (columns: given, else the first row's keys). Returns the row count."""
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None,
+              digits: int | None = None, previous: str | None = None) -> int:
+    """Write dict rows as a CSV (columns: given, else the first row's keys). Returns the row count.
+
+    `digits` states the precision of a table of measurements: its floats are written with that many
+    significant digits, and where a previous version of the file (`previous`, its text; default: the file
+    at `path`) has the same columns and row count, a number equal to the previous one at that precision
+    keeps the previous text; a file with nothing else changed is not rewritten. So a stage run again, with
+    float noise below the stated precision (thread counts, summation order), leaves its tables
+    byte-identical, and `git diff` shows what really changed."""
     rows = list(rows)
     if columns is None:
         columns = list(rows[0].keys()) if rows else []
+    if digits is None:
+        texts = None
+    else:
+        if previous is None and Path(path).is_file():
+            previous = read_stored_text(path)
+        texts = [[format_cell(row.get(c), digits) for c in columns] for row in rows]
+        old = list(csv.reader(StringIO(previous, newline=""))) if previous else []
+        if old[:1] == [columns] and len(old) == len(texts) + 1:
+            texts = [[o if t == o or same_number(row.get(c), o, digits) else t for c, t, o in zip(columns, new, prior)]
+                     for row, new, prior in zip(rows, texts, old[1:])]
+            if texts == old[1:]:
+                if not (Path(path).is_file() and read_stored_text(path) == previous):
+                    with atomic_open(path) as f:  # the previous file was moved away: back as it was
+                        f.write(previous)
+                return len(rows)
     with atomic_open(path) as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
-        writer.writeheader()
-        writer.writerows(rows)
+        if texts is None:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            unknown = sorted({key for row in rows for key in row} - set(columns))
+            if unknown:
+                raise ValueError(f"{path}: rows have fields {unknown} outside the columns {columns}")
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(texts)
     return len(rows)
+
+
+def read_stored_text(path: str | os.PathLike) -> str:
+    """A text file as stored, line endings included (csv writes \\r\\n; read_text would turn them into \\n)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def format_cell(value: Any, digits: int) -> str:
+    """A CSV cell: floats rounded to `digits` significant digits (written as Python writes floats, so that
+    0.0 stays a float for the reader), None empty, anything else as csv writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return repr(float(f"{float(value):.{digits}g}"))
+    return str(value)
+
+
+def same_number(value: Any, text: str, digits: int) -> bool:
+    """Whether `value` is a float (or the text of one, as a CSV read back holds it) equal to the number in
+    `text` at `digits` significant digits: a relative difference of at most 10^(1 - digits), about one unit
+    in the last digit (so that noise across a rounding boundary, 1.0000049 written 1.00000 and 1.0000051
+    now, counts as equal). NaN equals NaN. Integers (counts) are equal only when they are the same."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            int(value)
+            return False
+    elif not isinstance(value, numbers.Real) or isinstance(value, numbers.Integral):
+        return False
+    try:
+        a, b = float(value), float(text)
+    except ValueError:
+        return False
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= 10.0 ** (1 - digits) * max(abs(a), abs(b))
+
+
+def keep_equal_numbers(path: str | os.PathLike, previous: str | None, digits: int) -> None:
+    """Settle the CSV at `path` (written at full precision, e.g. row by row while a run trains) against the
+    text its previous version had: numbers equal at `digits` significant digits get their previous text back
+    (write_csv's rule), so that a rerun whose numbers moved only by float noise leaves the file as it was."""
+    if previous is None or not Path(path).is_file():
+        return
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    write_csv(path, rows, list(reader.fieldnames or []), digits=digits, previous=previous)
 
 
 def append_csv_row(path: str | os.PathLike, row: Mapping[str, Any], columns: list[str]) -> None:

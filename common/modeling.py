@@ -3,10 +3,13 @@ common/families.py), the FLOP count used for throughput and MFU figures, and the
 tensors."""
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5Config, T5ForConditionalGeneration
 
 from transformers.utils import logging as hf_logging
@@ -19,6 +22,10 @@ IGNORE_INDEX = -100  # the label Hugging Face's losses skip (padding); every lab
 # Bucketed relative positions mean T5 has no position embeddings; these ids are T5's conventions
 # (decoding starts from the pad id) and our tokenizer's.
 PAD_ID, EOS_ID = 0, 1
+
+
+class ModelFileError(ValueError):
+    """A saved model whose weights cannot be read (a truncated or damaged file); the message names the file."""
 
 
 def model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
@@ -150,10 +157,31 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2)).isfinite().all()
 
 
+def unreadable_weights(folder: str | Path) -> list[str]:
+    """What keeps a saved model folder's weights from loading, one sentence per file (empty: none): no
+    *.safetensors file, or one whose header does not describe the file (truncated, or not safetensors).
+    Reads the headers only, not the tensors."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return [f"{Path(folder) / 'model.safetensors'} is missing"]
+    problems = []
+    for path in files:
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            problems.append(f"{path} cannot be read ({err})")
+    return problems
+
+
 def load_pretrained(name_or_path, **config_overrides):
     """A saved model (a folder of ours, or a hub name such as google/mt5-base). transformers 5 warns on
     every load that our untied output layer differs from the embedding it would tie it to, which is
-    exactly what T5 v1.1 / mT5 want; only that warning is silenced."""
+    exactly what T5 v1.1 / mT5 want; only that warning is silenced. A local folder whose weights are
+    damaged is refused with ModelFileError, naming the file and the fix."""
+    if Path(name_or_path).is_dir() and (problems := unreadable_weights(name_or_path)):
+        raise ModelFileError(f"{problems[0]}: the model in {name_or_path} is truncated or damaged. Fix: "
+                             f"{remake_model_fix(Path(name_or_path))}")
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -163,6 +191,20 @@ def load_pretrained(name_or_path, **config_overrides):
         hf_logging.set_verbosity(previous)
     say_untied(model)
     return model
+
+
+def remake_model_fix(folder: Path) -> str:
+    """How to get a damaged model folder back: a pre-training run's final/ is written again when the run
+    is resumed from its checkpoint (presence_run.json names the run), anything else from its source."""
+    info = folder / "presence_run.json"
+    run = None
+    if info.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            run = json.loads(info.read_text(encoding="utf-8"))["run_name"]
+    if run is None:
+        return "save or download the model again, or use another"
+    return (f"write it again by resuming the pre-training run {run} (03_pretrain/pretrain.py with that run's "
+            "arguments and --resume; a finished run rewrites final/ from its last checkpoint), or use another model")
 
 
 def random_microbatches(batch_size: int, num_microbatches: int, input_length: int, target_length: int,

@@ -44,6 +44,33 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
     return path
 
 
+# How a changed knob shows in a default run name (others: the field's name and value).
+NAME_PARTS = {"pretrain.switch_step": "I{}", "pretrain.si_layers": "si-{}", "pretrain.steps": "steps{}"}
+
+
+def run_name(method: str, seed: int, tau: float | None = None, per: str = "microbatch", noise_rate: float = 0.0,
+             changes: dict[str, object] | None = None) -> str:
+    """A run's default name: the method, its --tau, I, per-sample, the layer set, the noise rate, then every
+    other recipe field that differs from the preset's own ({"pretrain.steps": 30}, sorted), then the seed:
+    presence-single-tau+2-s0, presence-I50-per-sample-s0, presence-steps30-s0. 03_pretrain/pretrain.py names
+    new runs so, and the tables find a recipe's standard run by it."""
+    changes = dict(changes or {})
+    parts = [method] + ([f"tau{tau:+g}"] if tau is not None else [])
+    if "pretrain.switch_step" in changes:
+        parts.append(NAME_PARTS["pretrain.switch_step"].format(changes.pop("pretrain.switch_step")))
+    if per == "sample":
+        parts.append("per-sample")
+    if "pretrain.si_layers" in changes:
+        parts.append(NAME_PARTS["pretrain.si_layers"].format(changes.pop("pretrain.si_layers")))
+    if noise_rate:
+        parts.append(f"noise{noise_rate:g}")
+    for key, value in sorted(changes.items()):
+        shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+            else value
+        parts.append(NAME_PARTS[key].format(shown) if key in NAME_PARTS else f"{key.split('.')[-1]}{shown}")
+    return "-".join(parts + [f"s{seed}"])
+
+
 def committed_note(path: str | Path) -> str:
     """A warning for a suggested --overwrite of a run folder that lies among the committed results."""
     inside = Path(path).resolve().is_relative_to(RESULTS_DIR.resolve())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,31 @@ def write_synthetic_noise_results(root: Path, preset_name: str = "tiny", seed: i
                    for s in (0, 1) for step in (100, 200) for m in (1, 4, 16, 64)]
     pd.DataFrame(granularity).to_csv(base / "noise" / "granularity.csv", index=False)
     return base
+
+
+def add_repeat_run(base: Path, source: str, name: str, shift: float = 1.0) -> Path:
+    """A second finished run of `source`'s recipe and seed, in folder `name` (as a resume check under
+    another --run-name makes one): a copy whose losses and scores are all `shift` higher, so that a table
+    that used it would show."""
+    runs = base / "pretrain" / "runs"
+    folder = runs / name
+    shutil.copytree(runs / source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "run_name": name}))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.update(run_name=name, final_loss=metrics["final_loss"] + shift,
+                   final_heldout_loss=metrics["final_heldout_loss"] + shift)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    for table, columns in (("train_log.csv", ["loss", "heldout_loss"]), ("heldout.csv", ["loss"]),
+                           ("heldout_rows.csv", ["loss"])):
+        frame = pd.read_csv(folder / table)
+        frame[columns] = frame[columns] + shift
+        frame.to_csv(folder / table, index=False)
+    for scores in ("xtreme.csv", "retrieval.csv"):
+        path = base / "finetune" / scores
+        if path.is_file():
+            frame = pd.read_csv(path)
+            copy = frame[frame["run"] == source].assign(run=name)
+            copy["value"] = (copy["value"] + 10 * shift).clip(0, 100)
+            pd.concat([frame, copy], ignore_index=True).to_csv(path, index=False)
+    return folder

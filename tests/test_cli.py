@@ -85,3 +85,29 @@ def test_every_stage_script_runs_main_inside_the_wrapper(script):
     assert wrapped, f"{script}: run main() inside `with exit_on_known_errors():`"
     calls = [ast.unparse(node.func) for node in ast.walk(wrapped[0]) if isinstance(node, ast.Call)]
     assert "main" in calls, f"{script}: main() must run inside the wrapper"
+
+
+SAVE_AND_LOAD = """
+import sys
+from transformers import T5Config, T5ForConditionalGeneration
+from common.cli import exit_on_known_errors
+config = T5Config(vocab_size=64, d_model=8, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=1, d_kv=8)
+def main():
+    T5ForConditionalGeneration(config).save_pretrained(sys.argv[1])
+    T5ForConditionalGeneration.from_pretrained(sys.argv[1])
+if sys.argv[2] == "wrapped":
+    with exit_on_known_errors():
+        main()
+else:
+    main()
+"""
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["inside exit_on_known_errors", "without it"])
+def test_library_progress_bars_stay_out_of_a_log(tmp_path, wrapped):
+    """stderr to a pipe, as in a log: transformers draws a bar per model saved and loaded, unless the
+    script runs inside exit_on_known_errors (every stage script does)."""
+    result = _run(["-c", SAVE_AND_LOAD, str(tmp_path / "model"), "wrapped" if wrapped else "bare"])
+    assert result.returncode == 0, result.stderr
+    bars = [name for name in ("Writing model shards", "Loading weights") if name in result.stderr]
+    assert bars == ([] if wrapped else ["Writing model shards", "Loading weights"])

@@ -129,3 +129,14 @@ def test_negative_seeds_are_refused(override, field):
 def test_a_field_set_twice_is_refused():
     with pytest.raises(ConfigError, match="pretrain.steps: set twice .'pretrain.steps=5' and ' pretrain.steps=abc'.*Fix"):
         load_preset("tiny", ["pretrain.steps=5", " pretrain.steps=abc"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("pretrain.steps=many", "pretrain.steps: expected int, got 'many'. Fix: give an integer such as 200"),
+    ("pretrain.compile=maybe", "pretrain.compile: expected bool, got 'maybe'. Fix: give true or false"),
+    ("pretrain.optimizer=3", "pretrain.optimizer: expected str, got 3. Fix: give a text value"),
+])
+def test_a_value_of_the_wrong_type_says_what_the_field_takes(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_preset("tiny", [override])
+    assert str(err.value) == expected

@@ -3,15 +3,16 @@ expected title, labelled axes and a legend; missing inputs skip a figure with it
 make_figures.py runs end to end on a small synthetic results tree."""
 import importlib.util
 import json
+import shutil
 import sys
 
 import pandas as pd
 import pytest
 
 import common.reporting.plotting as plotting
-from common.config import load_preset
+from common.config import load_preset, preset_argument
 from common.paths import REPO_ROOT
-from synthetic_results import write_synthetic_noise_results, write_synthetic_results
+from synthetic_results import add_repeat_run, write_synthetic_noise_results, write_synthetic_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,6 +93,22 @@ def test_figure4(inputs, tmp_path):
     assert_readable(fig, out, "Figure 4", ["Training loss", "Held-out loss", "Downstream"])
 
 
+def test_figure4_draws_each_task_s_own_chance_level(inputs, tmp_path):
+    """Over each task's bars: its chance level, from the language averages (verse retrieval: 1 of the 200
+    candidates, 0.5%, not 100%); none for F1."""
+    logs = inputs["logs"][inputs["logs"]["standard"]]
+    fig = plotting.plot_presence_vs_sequential(logs, inputs["downstream"], tmp_path / "f4.png")
+    bars = fig.axes[2]
+    tasks = [t.get_text() for t in bars.get_xticklabels()]
+    levels = {}
+    for collection in bars.collections:
+        for (x0, y0), (x1, y1) in collection.get_segments():
+            if y0 == y1 and x1 - x0 == pytest.approx(0.9):  # a chance line spans its group of bars
+                levels[tasks[round((x0 + x1) / 2)]] = y0
+    assert levels == {"xnli": pytest.approx(100 / 3), "pawsx": pytest.approx(50.0),
+                      "verse retrieval": pytest.approx(0.5)}
+
+
 def test_figure5_puts_the_baseline_at_tau_zero(inputs, tmp_path):
     out = tmp_path / "f5.png"
     logs = inputs["logs"][inputs["logs"]["standard"]]
@@ -100,6 +117,21 @@ def test_figure5_puts_the_baseline_at_tau_zero(inputs, tmp_path):
     taus = plotting.single_stage_runs(inputs["runs"]).set_index("run_name")["tau"]
     assert taus["baseline-s0"] == 0 and taus["presence-D-s0"] == 1 and taus["presence-I-s0"] == -1
     assert taus["presence-single-tau+2-s0"] == 2
+
+
+def test_figure5_says_which_temperatures_were_not_fine_tuned(inputs, tmp_path):
+    """Only the baseline (τ = 0) fine-tuned, as at tiny: the score panel names the runs without scores and keeps
+    the axis of the other temperatures, instead of showing one point and nothing else."""
+    logs = inputs["logs"][inputs["logs"]["standard"]]
+    baseline_only = inputs["downstream"][inputs["downstream"]["variant"] == "baseline"]
+    fig = plotting.plot_single_stage_tau(logs, inputs["runs"], baseline_only, tmp_path / "f5.png")
+    loss_ax, score_ax = fig.axes[1], fig.axes[2]
+    text = " ".join(t.get_text() for t in score_ax.texts)
+    assert text.startswith("not fine-tuned:")
+    for line in ("τ = -2: presence-single, 1 of 1 runs", "τ = -1: presence-I, 1 of 1 runs",
+                 "τ = +1: presence-D, 1 of 1 runs", "τ = +2: presence-single, 1 of 1 runs"):
+        assert line in text
+    assert "τ = 0" not in text and score_ax.get_xlim() == loss_ax.get_xlim()
 
 
 def test_schedules(inputs, tmp_path):
@@ -197,15 +229,48 @@ def test_make_figures_compares_presence_with_its_control(tmp_path):
     assert "| presence − presence-shuffled | 2 (0,1) |" in (tmp_path / "tiny" / "tables" / "comparisons.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_recipe_run_twice_for_a_seed_counts_once(tmp_path):
+    """A second finished run of a recipe and seed (here with all its losses and scores 1 and 10 higher) is
+    left out of every table and figure, with a note: the run named as pretrain.py names the recipe's run is
+    used; when none is, the first by name."""
+    base = write_synthetic_results(tmp_path, "tiny", si=False, bench=False,
+                                   methods=("baseline", "presence", "presence-shuffled"))
+    make_figures = load_make_figures()
+    args = make_figures.parse_args(["--preset", "tiny", "--results-root", str(tmp_path)])
+    first = make_figures.main(args)
+    tables = {p.name: p.read_text() for p in (base / "tables").glob("*.csv")}
+    add_repeat_run(base, "presence-s0", "presence-resume-check-s0")
+    # seed 1: no run has the default name presence-s1; the first by name, presence-b-s1, is the original
+    add_repeat_run(base, "presence-s1", "presence-b-s1", shift=0.0)
+    add_repeat_run(base, "presence-s1", "presence-z-s1")
+    shutil.rmtree(base / "pretrain" / "runs" / "presence-s1")
+    for scores in ("xtreme.csv", "retrieval.csv"):
+        frame = pd.read_csv(base / "finetune" / scores)
+        frame[frame["run"] != "presence-s1"].to_csv(base / "finetune" / scores, index=False)
+    again = make_figures.main(args)
+    assert again["figures"] == first["figures"]
+    assert {p.name: p.read_text() for p in (base / "tables").glob("*.csv")} == tables
+    notes = " | ".join(again["notes"])
+    assert ("recipe 'presence', seed 0, has 2 finished runs (presence-resume-check-s0, presence-s0): tables and "
+            "figures use presence-s0 (named as 03_pretrain/pretrain.py names this recipe's run) and leave out "
+            "presence-resume-check-s0") in notes
+    assert ("use presence-b-s1 (the first by name; none is named presence-s1, as pretrain.py would name it) and "
+            "leave out presence-z-s1") in notes
+    assert "scores of presence-resume-check-s0, presence-z-s1 left out" in notes
+    headline = (base / "tables" / "headline.md").read_text()
+    assert "`presence-s0`" in headline and "presence-resume-check-s0" not in headline
+
+
 def test_headline_commands_name_a_variant_by_its_file():
     """A variant has no presets/<name>.yaml, so `--preset tiny_x10` would not load: the headline's
     commands must give its path, relative to the repository wherever the user typed it from."""
-    make_figures = load_make_figures()
     variant = REPO_ROOT / "presets" / "variants" / "tiny_x10.yaml"
-    assert make_figures.preset_argument(str(variant)) == "presets/variants/tiny_x10.yaml"
-    assert make_figures.preset_argument("tiny") == "tiny"
-    assert make_figures.preset_argument("/elsewhere/mine.yaml") == "/elsewhere/mine.yaml"
-    assert load_preset(str(REPO_ROOT / make_figures.preset_argument(str(variant)))).name == "tiny_x10"
+    assert preset_argument(str(variant)) == "presets/variants/tiny_x10.yaml"
+    assert preset_argument("tiny") == "tiny"
+    assert preset_argument("tiny_x10") == "presets/variants/tiny_x10.yaml"  # a stage knows only preset.name
+    assert preset_argument("/elsewhere/mine.yaml") == "/elsewhere/mine.yaml"
+    assert load_preset(str(REPO_ROOT / preset_argument(str(variant)))).name == "tiny_x10"
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path, monkeypatch):
@@ -236,6 +301,25 @@ def test_chance_levels_are_drawn_where_a_task_has_one(inputs, tmp_path):
     assert lines["XNLI"] == [pytest.approx(100 / 3)] and lines["PAWS-X"] == [pytest.approx(50.0)]
     assert lines["verse"] == [pytest.approx(100 / 200)]  # 1 of n_examples = 200 candidates
     assert lines["XQuAD"] == []  # F1: no chance level
+
+
+def test_per_language_panels_at_the_floor_are_drawn_on_a_fixed_scale(tmp_path):
+    """MLQA F1 of 0.1-0.4% and retrieval at its chance (0.5%) are floor noise: a fixed 0-10% scale and a
+    note, not an axis that makes 0.1 and 0.4 look far apart; XNLI at 40% keeps its own scale."""
+    rows = [{"run": f"{v}-s0", "variant": v, "seed": 0, "task": task, "setting": "zero-shot", "lang": lang,
+             "metric": metric, "value": value, "n_examples": 200, "chance": chance}
+            for v, shift in (("baseline", 0.0), ("presence", 0.3))
+            for task, metric, chance, base in (("mlqa", "f1", None, 0.1), ("xnli", "accuracy", 100 / 3, 40.0),
+                                               ("verse_retrieval", "accuracy", 0.5, 0.3))
+            for lang, value in (("de", base + shift), ("hi", base + 2 * shift))]
+    frame = pd.DataFrame(rows)
+    fig = plotting.plot_xtreme_per_language(frame[frame["task"] != "verse_retrieval"],
+                                            frame[frame["task"] == "verse_retrieval"], tmp_path / "x.png")
+    panels = {ax.get_title().split(" ")[0]: ax for ax in fig.axes}
+    for name, top, note in (("MLQA", 10.0, "within 0.7 points of 0"), ("verse", 10.5, "within 0.4 points of chance")):
+        assert panels[name].get_ylim() == (0.0, top)
+        assert note in " ".join(t.get_text() for t in panels[name].texts)
+    assert not panels["XNLI"].texts and panels["XNLI"].get_ylim()[1] > 40
 
 
 def test_noise_figures(tmp_path):

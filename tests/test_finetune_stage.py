@@ -5,7 +5,12 @@ import gzip
 import importlib.util
 import io
 import json
+import os
+import shlex
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -163,7 +168,9 @@ def test_without_xtreme_data_only_retrieval_runs(stage, model_dir, tmp_path, cap
     # "translations" identical to the English verses: every verse must find itself, in both directions
     _write_verses(tmp_path / "artefacts", languages=("en", "de"), copies_of_english=True)
     summary = stage.main("tiny", FAST, None, None)
-    assert "XTREME tasks skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "XTREME tasks skipped" in out
+    assert "X->en accuracy avg 100.0% (chance 16.7%) over 1 language |" in out  # 1 right verse of 6: 16.7%
     assert summary["xtreme"] == {} and not (tmp_path / "results/tiny/finetune/xtreme.csv").exists()
     rows = _read(tmp_path / "results/tiny/finetune/retrieval.csv")
     assert {r["seed"] for r in rows} == {"1"} and {r["lang"] for r in rows} == {"de", "avg"}
@@ -230,7 +237,7 @@ def test_the_average_row_is_over_the_given_languages_only(stage):
     assert [r["lang"] for r in stage.result_rows(ckpt, "xquad", "zero-shot", {"ro": {"f1": 1.0}}, {"ro": 5}, [])] \
         == ["ro"], "no XTREME language, no average"
     assert stage.describe_average("xnli", "accuracy", 40.0, ["en", "de", "ro"]) == \
-        "accuracy avg 40.00 (chance 33.33) over 2 languages (+ ro in rows of their own)"
+        "accuracy avg 40.00% (chance 33.33%) over 2 languages (+ ro in rows of their own)"
 
 
 def test_a_run_folder_is_replaced_whole_or_not_at_all(stage, tmp_path, monkeypatch):
@@ -316,3 +323,67 @@ def test_truncated_inputs_keep_eos_and_batched_generation_keeps_input_order(mode
     batched = generate(model, tokenizer, inputs, 3, 4, torch.device("cpu"))
     one_by_one = [generate(model, tokenizer, [ex], 1, 4, torch.device("cpu"))[0] for ex in inputs]
     assert batched == one_by_one
+
+
+RUN_WITH_RESULTS_IN = """
+import runpy, sys
+from pathlib import Path
+import common.paths
+common.paths.RESULTS_DIR = Path(sys.argv.pop(1))  # not the repository's results/
+sys.argv[0] = "04_finetune/finetune_all.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _start(args, results, artefacts):
+    """finetune_all.py as a user runs it (its __main__), writing its results under `results`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PRESENCE_ARTEFACTS": str(artefacts), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("PRESENCE_XTREME_DIR", None)
+    return subprocess.Popen([sys.executable, "-c", RUN_WITH_RESULTS_IN, str(results), *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_keeps_what_finished_and_says_how_to_run_again(model_dir, tmp_path):
+    """SIGINT while XTREME fine-tunes (asked for far more steps than it gets), after verse retrieval finished."""
+    artefacts, results = tmp_path / "artefacts", tmp_path / "results"
+    _install_checkpoint(model_dir, artefacts, "baseline-seed0", "baseline", 0)
+    _write_verses(artefacts)
+    sets = [item for item in FAST if not item.startswith("finetune.steps")] + ["finetune.steps=1000000",
+                                                                              "finetune.tasks=[xnli]"]
+    args = ["--preset", "tiny", *[x for item in sets for x in ("--set", item)],
+            "--xtreme-dir", str(write_xtreme_folder(tmp_path / "xtreme"))]
+    process = _start(args, results, artefacts)
+    deadline = time.monotonic() + 300
+    for line in process.stdout:  # fine-tuning starts once retrieval is written
+        assert time.monotonic() < deadline
+        if "| step 1 |" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    kept = results / "tiny" / "finetune"
+    assert err.strip().splitlines()[-1] == (
+        f"finetune_all.py: interrupted (Ctrl-C); the evaluations that finished are kept in {kept} (a rerun "
+        "evaluates every checkpoint again and replaces its rows). Run again with: python 04_finetune/finetune_all.py "
+        + shlex.join(args))
+    assert {r["run"] for r in _read(kept / "retrieval.csv")} == {"baseline-seed0"}
+    assert not (kept / "xtreme.csv").exists()
+
+
+def test_a_truncated_model_is_one_line_naming_the_file_and_the_fix(model_dir, tmp_path):
+    artefacts = tmp_path / "artefacts"
+    final = _install_checkpoint(model_dir, artefacts, "baseline-seed0", "baseline", 0)
+    _write_verses(artefacts)
+    weights = final / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    process = _start(["--preset", "tiny", "--checkpoint", str(final)], tmp_path / "results", artefacts)
+    err = process.communicate(timeout=300)[1]
+    assert process.returncode == 2, err[-2000:]
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"finetune_all.py: error: {weights} cannot be read (")
+    assert line.endswith(f"): the model in {final} is truncated or damaged. Fix: write it again by resuming the "
+                         "pre-training run baseline-seed0 (03_pretrain/pretrain.py with that run's arguments and "
+                         "--resume; a finished run rewrites final/ from its last checkpoint), or use another model")

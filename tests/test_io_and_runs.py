@@ -194,3 +194,28 @@ def test_no_committed_run_record_names_an_absolute_path():
     found = [f"{p.relative_to(REPO_ROOT)}: {s}" for p in records for s in strings(json.loads(p.read_text()))
              if s.startswith("/")]
     assert not found, found[:5]
+
+
+def test_a_table_rewritten_with_float_noise_below_its_precision_stays_byte_identical(tmp_path):
+    """digits=6: noise in the 7th digit, also across a rounding boundary (1.000005: ...49 / ...51), keeps the
+    file as it is, even text written with more digits earlier; a real change rewrites that cell only."""
+    path = tmp_path / "scores.csv"
+    columns = ["lang", "n", "loss", "si", "note"]
+    rows = [{"lang": "en", "n": 88, "loss": 5.823085308074951, "si": 1.0000049999, "note": ""},
+            {"lang": "hi", "n": 91, "loss": float("nan"), "si": 1e-7, "note": "x"}]
+    write_csv(path, rows, columns, digits=6)
+    first = path.read_bytes()
+    assert first.decode().splitlines() == ["lang,n,loss,si,note", "en,88,5.82309,1.0,", "hi,91,nan,1e-07,x"]
+    noisy = [{**rows[0], "loss": 5.823085308074951 * (1 + 3e-7), "si": 1.0000050001},
+             {**rows[1], "si": 1.0000003e-7}]
+    before = path.stat().st_mtime_ns
+    write_csv(path, noisy, columns, digits=6)
+    assert path.read_bytes() == first and path.stat().st_mtime_ns == before  # not even rewritten
+    older = b"lang,n,loss,si,note\r\nen,88,5.823085308074951,1.0000049999,\r\nhi,91,nan,1e-07,x\r\n"
+    path.write_bytes(older)
+    write_csv(path, noisy, columns, digits=6)
+    assert path.read_bytes() == older
+    write_csv(path, [{**noisy[0], "loss": 5.9}, noisy[1]], columns, digits=6)
+    assert path.read_bytes() == older.replace(b"5.823085308074951", b"5.9")
+    write_csv(path, noisy[:1], columns, digits=6)  # another shape: written afresh
+    assert path.read_text().splitlines() == ["lang,n,loss,si,note", "en,88,5.82309,1.00001,"]

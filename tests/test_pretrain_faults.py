@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.checkpoint import latest_checkpoint
+from common.checkpoint import CheckpointError, latest_checkpoint
 from common.config import ConfigError
 from common.paths import REPO_ROOT
 from common.runinfo import RunExistsError
@@ -229,7 +229,7 @@ def test_damaged_data_names_the_file_and_the_fix_and_keeps_the_checkpoint(tmp_pa
                            *(["--verify-data"] if noisy else []))
     with pytest.raises(ValueError, match=f"{data_copy / file}.*{expected}|{expected}.*{data_copy / file}") as error:
         run(*resume)
-    assert "Fix: rebuild the data" in str(error.value)
+    assert "Fix: rebuild the data: python 01_data/prepare_data.py --preset tiny --force" in str(error.value)
     assert latest_checkpoint(data_copy.parent / "pretrain" / "run" / "checkpoints").name == "step-2"
 
 
@@ -281,3 +281,70 @@ def test_the_grid_driver_reads_finished_from_metrics_and_final(tmp_path, monkeyp
     assert not grid.finished("tiny", "baseline-s0")  # killed between final/ and metrics.json
     metrics.write_text("{}")
     assert grid.finished("tiny", "baseline-s0")
+
+
+def test_a_retrained_run_whose_losses_moved_by_float_noise_keeps_its_tables(tmp_path, monkeypatch):
+    """A fresh clone has the committed run folders but no checkpoints, so the grid trains its runs again; held-out
+    losses that moved in the 9th digit (another thread count) leave heldout.csv and heldout_rows.csv as committed,
+    a loss that really moved gets its new text."""
+    grid = load_stage("03_pretrain/pretrain_all.py")
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    monkeypatch.setattr(grid, "results_dir", lambda preset, stage: tmp_path / "results" / preset / stage)
+    run_dir = tmp_path / "results" / "tiny" / "pretrain" / "runs" / "baseline-s0"
+    run_dir.mkdir(parents=True)
+    committed = {"heldout_rows.csv": "row,lang,n_tokens,loss\r\n0,en,29,5.207934622106881\r\n"
+                                     "1,hi,29,5.66559319840423\r\n",
+                 "heldout.csv": "run,step,lang,n_rows,loss,se\r\n"
+                                "baseline-s0,50,all,2,6.413615794915447,0.021929849795302776\r\n"}
+    for name, text in committed.items():
+        (run_dir / name).write_bytes(text.encode())
+    (run_dir / "metrics.json").write_text("{}")
+
+    def retrain(script, args, threads=None):  # what pretrain.py --overwrite writes: every digit, new noise
+        assert args[-1] == "--overwrite"
+        (run_dir / "heldout_rows.csv").write_bytes(b"row,lang,n_tokens,loss\r\n0,en,29,5.2079346230\r\n1,hi,29,5.7\r\n")
+        (run_dir / "heldout.csv").write_bytes(
+            b"run,step,lang,n_rows,loss,se\r\nbaseline-s0,50,all,2,6.4136157951,0.0219298497958\r\n")
+
+    monkeypatch.setattr(grid, "call", retrain)
+    grid.ensure_run("tiny", ["--preset", "tiny", "--method", "baseline", "--seed", "0"])
+    assert (run_dir / "heldout.csv").read_bytes() == committed["heldout.csv"].encode()
+    assert (run_dir / "heldout_rows.csv").read_bytes() == \
+        committed["heldout_rows.csv"].replace("5.66559319840423", "5.7").encode()
+
+
+def test_a_truncated_checkpoint_is_skipped_at_resume_for_the_newest_intact_one(tmp_path, artefacts, monkeypatch,
+                                                                               capsys):
+    """A run stopped after its step-4 checkpoint, before it was confirmed (step-2 is kept beside it), whose
+    step-4 weights are then cut short: --resume says so, resumes from step 2, and ends like a run that never
+    stopped. With no intact checkpoint left, one line names the file and the fix."""
+    def stopped(*args, **kwargs):
+        raise OSError(28, "No space left on device", "metrics.json")
+
+    finish = pretrain.finish
+    monkeypatch.setattr(pretrain, "finish", stopped)
+    with pytest.raises(OSError, match="No space left"):
+        run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "4"))
+    monkeypatch.setattr(pretrain, "finish", finish)
+    checkpoints = store(artefacts, "run") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2", "step-4"]
+    weights = checkpoints / "step-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "4", "--resume"))
+    out = capsys.readouterr().out
+    assert f"checkpoint {checkpoints / 'step-4'} skipped: {weights} cannot be read (" in out
+    assert f"using {checkpoints / 'step-2'}, the newest intact checkpoint" in out
+    assert f"resumed run from {checkpoints / 'step-2'} at step 2" in out
+    run(*pretrain_args(tmp_path, "whole", "--method", "presence", "--steps", "4"))
+    assert_same_run(tmp_path, artefacts, "whole", "run")
+    final = store(artefacts, "run") / "final" / "model.safetensors"  # what 04's fix for a damaged final/ says
+    final.write_bytes(final.read_bytes()[:100])
+    run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "4", "--resume"))
+    assert_same_run(tmp_path, artefacts, "whole", "run")
+
+    only = checkpoints / "step-4" / "model.safetensors"  # the finished run keeps one checkpoint
+    only.write_bytes(only.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{only} cannot be read .*: checkpoint .* is damaged and the run has "
+                                              "no other. Fix: start the run anew"):
+        run(*pretrain_args(tmp_path, "run", "--method", "presence", "--steps", "6", "--resume"))

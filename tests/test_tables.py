@@ -11,8 +11,9 @@ from common.reporting.markdown import markdown_table, replace_marked_block
 from common.reporting.paper_results import load_paper_results, paper_value
 from common.reporting.result_tables import (TABLES, comparison_markdown, comparison_table, direction_summary,
                                             format_score, offline_markdown, offline_table, summarise_seeds)
-from common.reporting.run_results import (attach_variants, language_averages, load_pretrain_runs, load_scores,
-                                          paired_heldout_delta, read_table, variant_label)
+from common.reporting.run_results import (attach_variants, default_run_name, language_averages, load_pretrain_runs,
+                                          load_scores, paired_heldout_delta, read_table, repeated_runs, variant_label)
+from conftest import load_stage
 
 SCORE_HEADER = "run,method,seed,task,setting,lang,metric,value,n_examples\n"
 TABLE3 = next(spec for spec in TABLES if spec.paper_table == "table3")
@@ -179,11 +180,14 @@ def test_an_unfinished_run_is_left_out_of_tables_and_curves_with_a_note(tmp_path
 def test_offline_measures_and_direction_sentence():
     runs = pd.DataFrame({"run_name": ["b0", "b1", "p0", "p1"], "method": ["baseline"] * 2 + ["presence"] * 2,
                          "seed": [0, 1, 0, 1], "standard": [True] * 4, "final_heldout_loss": [4.0, 4.2, 3.9, 3.9]})
-    retrieval = pd.DataFrame({"variant": ["baseline", "presence"], "seed": [0, 0], "task": ["verse_retrieval"] * 2,
-                              "value": [10.0, 12.5]})
+    # 04 writes three retrieval metrics per run; the table's column is X -> en accuracy ("accuracy") alone
+    retrieval = pd.DataFrame({"variant": ["baseline", "presence"] * 3, "seed": [0] * 6, "task": ["verse_retrieval"] * 6,
+                              "metric": ["accuracy"] * 2 + ["accuracy_en_to_x"] * 2 + ["accuracy_middle_layer"] * 2,
+                              "value": [10.0, 12.5, 50.0, 30.0, 1.0, 90.0]})
     offline = offline_table(TABLE3, runs, retrieval, "tiny").set_index(["task", "method"])
     assert offline.loc[("heldout_loss", "baseline"), "ours_mean"] == pytest.approx(4.1)
     assert offline.loc[("heldout_loss", "presence"), "ours_delta_vs_baseline"] == pytest.approx(-0.2)
+    assert offline.loc[("verse_retrieval", "baseline"), "ours_mean"] == pytest.approx(10.0)
     assert offline.loc[("verse_retrieval", "presence"), "ours_delta_vs_baseline"] == pytest.approx(2.5)
     empty = comparison_table(TABLE3, load_paper_results(), pd.DataFrame(
         columns=["variant", "seed", "task", "setting", "metric", "value"]), "tiny")
@@ -235,3 +239,28 @@ def test_offline_table_reports_the_control_and_both_noises():
     sentence = direction_summary(comparison_table(TABLE3, load_paper_results(), pd.DataFrame(
         columns=["variant", "seed", "task", "setting", "metric", "value"]), "tiny"), offline.reset_index(), 200)
     assert "against the information control" in sentence and "Δ -0.250" in sentence
+
+
+@pytest.mark.parametrize("options", [
+    ["--method", "presence", "--seed", "1"], ["--method", "presence-single", "--tau", "-2"],
+    ["--method", "presence", "--switch-step", "50"], ["--method", "presence", "--si-layers", "all"],
+    ["--method", "presence-shuffled", "--per", "sample", "--noise-rate", "0.2", "--set", "data.noise_rates=[0.2]"],
+    ["--method", "noise-oracle", "--noise-rate", "0.2", "--set", "data.noise_rates=[0.2]", "--seed", "2"],
+])
+def test_the_default_run_name_of_a_recipe_is_the_one_pretrain_gives(options):
+    """The tables pick a recipe's run by the name 03_pretrain/pretrain.py gives it by default; both must agree."""
+    pretrain = load_stage("03_pretrain/pretrain.py")
+    args = pretrain.parse_args(["--preset", "tiny", *options])
+    config = {"method": args.method, "seed": args.seed, "tau": args.tau, "per": args.per,
+              "noise_rate": args.noise_rate, "preset": pretrain.get_config(args)[0].to_dict()}
+    assert default_run_name(config, load_preset("tiny").pretrain) == pretrain.default_run_name(args)
+
+
+def test_repeats_of_a_recipe_and_seed_are_named_with_the_run_used_instead():
+    reference, preset = load_preset("tiny").pretrain, load_preset("tiny").to_dict()
+    run = {"method": "presence", "tau": None, "per": "microbatch", "preset": preset}
+    configs = [{**run, "run_name": name, "seed": seed} for name, seed in
+               (("presence-s0", 0), ("check-s0", 0), ("b-s1", 1), ("a-s1", 1), ("presence-s2", 2))]
+    notes = []
+    assert repeated_runs(configs, reference, notes) == {"check-s0": "presence-s0", "b-s1": "a-s1"}
+    assert len(notes) == 2 and "none is named presence-s1" in notes[1]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
-from common.checkpoint import (confirm_checkpoint, latest_checkpoint, load_checkpoint, roll_back_checkpoint,
-                               save_checkpoint, save_model_folder)
+from common.checkpoint import (CheckpointError, confirm_checkpoint, latest_checkpoint, load_checkpoint,
+                               roll_back_checkpoint, save_checkpoint, save_model_folder)
 from common.config import ModelConfig, load_preset
 from common.modeling import all_finite, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer, inverse_sqrt_lr
@@ -108,9 +108,34 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 def test_incomplete_checkpoint_is_reported(tmp_path):
     (tmp_path / "LATEST").write_text("step-9")
     (tmp_path / "step-9").mkdir()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="step-9/model.safetensors is missing: checkpoint .* is damaged and the "
+                                              "run has no other. Fix: start the run anew"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def cut(path, keep=0.5):
+    """Truncate a file, as a full disk or an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt"])
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, capsys, damaged):
+    model, optimizer, scheduler = trained(2)
+    save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {})
+    confirm_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {})  # unverified: step-2 is kept beside it
+    cut(tmp_path / "step-4" / damaged)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-2"
+    said = capsys.readouterr().out
+    assert said.startswith(f"checkpoint {tmp_path / 'step-4'} skipped: {tmp_path / 'step-4' / damaged} ")
+    assert said.rstrip().endswith(f"using {tmp_path / 'step-2'}, the newest intact checkpoint")
+    assert (tmp_path / "LATEST").read_text() == "step-2"  # said once: the next call finds step-2 at once
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-2" and capsys.readouterr().out == ""
+    cut(tmp_path / "step-2" / damaged)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'step-2' / damaged}.*Fix: start the run anew"):
+        latest_checkpoint(tmp_path)
 
 
 def trained(steps: int, peak_lr: float = 0.01):

@@ -38,12 +38,12 @@ from common.data.noise import noise_dir_name
 from common.data.span_corruption import span_corrupt
 from common.families import OBJECTIVES, mask_token_id, random_token_range
 from common.modeling import IGNORE_INDEX
+from common.config import preset_argument
 from common.io import atomic_path, read_json, sha256_file
 
 SPLITS = ("train", "heldout")
 MANIFEST = "data_manifest.json"
 NOISE_MANIFEST = "noise_manifest.json"
-DATA_FIX = "rebuild the data: python 01_data/prepare_data.py --preset <preset> --force"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -96,6 +96,18 @@ class PackedWriter:
         os.replace(self._tmp, self.path)
 
 
+def data_preset(path: str | Path) -> str:
+    """The --preset whose data `path` lies in (artefacts/<preset>/data/...), or "<preset>" when the path
+    does not say."""
+    folder = next((p for p in (Path(path), *Path(path).parents) if p.name == "data"), None)
+    return preset_argument(folder.parent.name) if folder is not None and folder.parent.name else "<preset>"
+
+
+def data_fix(path: str | Path) -> str:
+    """The fix of missing or damaged data at `path`: the command that rebuilds that preset's data."""
+    return f"rebuild the data: python 01_data/prepare_data.py --preset {data_preset(path)} --force"
+
+
 def read_rows(data_dir: str | Path, split: str, manifest: dict, folder: str = "packed") -> np.ndarray:
     """The (rows, raw_length) token matrix of a split, memory-mapped read-only; a file of another size than
     the manifest describes is an error naming it."""
@@ -103,11 +115,11 @@ def read_rows(data_dir: str | Path, split: str, manifest: dict, folder: str = "p
     shape = (manifest["splits"][split]["rows"], manifest["raw_length"])
     expected = shape[0] * shape[1] * np.dtype(manifest["token_dtype"]).itemsize
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing. Fix: {DATA_FIX}")
+        raise FileNotFoundError(f"{path} is missing. Fix: {data_fix(path)}")
     if path.stat().st_size != expected:
         raise ValueError(f"{path} has {path.stat().st_size} bytes, but the manifest describes {shape[0]} rows of "
                          f"{shape[1]} {manifest['token_dtype']} tokens ({expected} bytes): the file is truncated or "
-                         f"damaged. Fix: {DATA_FIX}")
+                         f"damaged. Fix: {data_fix(path)}")
     return np.memmap(path, dtype=manifest["token_dtype"], mode="r", shape=shape)
 
 
@@ -136,18 +148,18 @@ def check_files(data_dir: str | Path, records: dict[str, dict] | None, full: boo
     if records is None:
         if full:
             raise ValueError(f"{Path(data_dir) / MANIFEST} records no file sizes and hashes (the data were built "
-                             f"before they were recorded), so the data cannot be verified. Fix: {DATA_FIX}")
+                             f"before they were recorded), so the data cannot be verified. Fix: {data_fix(data_dir)}")
         return
     for name, record in records.items():
         path = Path(data_dir) / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing. Fix: {DATA_FIX}")
+            raise FileNotFoundError(f"{path} is missing. Fix: {data_fix(path)}")
         if path.stat().st_size != record["bytes"]:
             raise ValueError(f"{path} has {path.stat().st_size} bytes, the manifest records {record['bytes']}: "
-                             f"the file is truncated or damaged. Fix: {DATA_FIX}")
+                             f"the file is truncated or damaged. Fix: {data_fix(path)}")
         if full and sha256_file(path) != record["sha256"]:
             raise ValueError(f"{path} does not match the sha256 its manifest records: the file is damaged. "
-                             f"Fix: {DATA_FIX}")
+                             f"Fix: {data_fix(path)}")
 
 
 def load_array(path: str | Path, length: int) -> np.ndarray:
@@ -155,9 +167,9 @@ def load_array(path: str | Path, length: int) -> np.ndarray:
     try:
         array = np.load(path)
     except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path} cannot be read ({err}). Fix: {DATA_FIX}") from None
+        raise ValueError(f"{path} cannot be read ({err}). Fix: {data_fix(path)}") from None
     if array.shape != (length,):
-        raise ValueError(f"{path} holds shape {array.shape}, expected ({length},). Fix: {DATA_FIX}")
+        raise ValueError(f"{path} holds shape {array.shape}, expected ({length},). Fix: {data_fix(path)}")
     return array
 
 
@@ -167,7 +179,7 @@ def checked_ids(tokens: np.ndarray, rows, vocab_size: int, path: str | Path) -> 
     if tokens.size and tokens.max() >= vocab_size:
         bad = np.asarray(rows)[tokens.max(axis=1) >= vocab_size]
         raise ValueError(f"{path}: rows {bad[:5].tolist()} hold token ids up to {tokens.max()}, outside the "
-                         f"vocabulary of {vocab_size}: the file is damaged. Fix: {DATA_FIX}")
+                         f"vocabulary of {vocab_size}: the file is damaged. Fix: {data_fix(path)}")
     return np.asarray(tokens)
 
 
@@ -202,7 +214,7 @@ def load_data_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the data stage has not finished. Fix: run "
-                                "python 01_data/prepare_data.py --preset <preset>")
+                                f"python 01_data/prepare_data.py --preset {data_preset(path)}")
     return read_json(path)
 
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import ScalarFormatter
 
-from common.evaluation.score_rows import chance_level
+from common.evaluation.score_rows import RETRIEVAL_TASK, chance_level
 from common.io import atomic_path
 from common.presence.methods import (BASELINE, CONTROL, METHODS, ORACLE, PRESENCE, SEQUENTIAL, SEQUENTIAL_REVERSE,
                                      single_stage_taus)
@@ -201,12 +201,15 @@ def _mean_ci95(values: np.ndarray) -> tuple[float, float]:
 
 
 def chance_percent(task: str, rows: pd.DataFrame | None = None) -> float | None:
-    """The task's chance level in percent (04's `chance` column, else common/evaluation/score_rows.py's
-    rule), or None (F1 tasks have no single chance level)."""
-    if rows is not None and "chance" in rows and pd.to_numeric(rows["chance"], errors="coerce").notna().any():
-        return float(pd.to_numeric(rows["chance"], errors="coerce").mean())
-    n = int(rows["n_examples"].median()) if rows is not None and "n_examples" in rows and len(rows) else 1
-    return chance_level(task, HEADLINE_METRIC.get(task, "accuracy"), n)
+    """The task's chance level in percent: the mean of the rows' `chance` (04 writes it beside every
+    score, run_results fills it in for older files, language averages carry it), else
+    common/evaluation/score_rows.py's rule where it needs no example count; None where there is no single
+    level (F1) or the rows do not tell it (verse retrieval: 1 / the number of candidates)."""
+    levels = pd.to_numeric(rows["chance"], errors="coerce").dropna() if rows is not None and "chance" in rows \
+        else pd.Series(dtype=float)
+    if len(levels):
+        return float(levels.mean())
+    return None if task == RETRIEVAL_TASK else chance_level(task, HEADLINE_METRIC.get(task, "accuracy"), 1)
 
 
 def score_yerr(mean, std, low: float = 0.0, high: float = 100.0) -> np.ndarray:
@@ -225,6 +228,14 @@ def mark_chance(ax, level: float | None, label: bool = True) -> None:
 def mark_not_measured(ax) -> None:
     """An empty panel that says so, instead of blank axes a reader could take for zeros."""
     ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
+
+
+def mark_not_finetuned(ax, lines: list[str]) -> None:
+    """Say in a panel of downstream scores which of its runs have none, so that a missing point or bar is
+    not taken for a method that was not run, or for a zero."""
+    if lines:
+        ax.text(0.02, 0.02, "not fine-tuned:\n" + "\n".join(lines), transform=ax.transAxes, ha="left", va="bottom",
+                fontsize=8, color="#666666")
 
 
 def _si_bars(ax, frame: pd.DataFrame, languages: list[str], conditions: list[str], colors: dict) -> None:
@@ -414,6 +425,7 @@ def draw_downstream_bars(ax, downstream: pd.DataFrame, variants: list[str], pale
         return
     tasks = list(dict.fromkeys(frame["task"]))
     shown = [v for v in variants if v in set(frame["variant"])]
+    mark_not_finetuned(ax, [v for v in variants if v not in shown])
     width = 0.8 / len(shown)
     for j, variant in enumerate(shown):
         stats = frame[frame["variant"] == variant].groupby("task")["value"].agg(["mean", "std", "count"])
@@ -470,6 +482,11 @@ def plot_single_stage_tau(logs: pd.DataFrame, runs: pd.DataFrame, downstream: pd
         _metric_vs_tau(score_ax, scores, "value", scores=True)
         score_ax.set_ylabel(label)
         score_ax.set_title("Downstream score vs τ")
+        score_ax.set_xlim(loss_ax.get_xlim())  # the temperatures without scores stay visible as gaps
+        runs = table.groupby(["tau", "method"]).size()
+        missing = table[~table["run_name"].isin(scores["run_name"])].groupby(["tau", "method"]).size()
+        mark_not_finetuned(score_ax, [f"τ = {_tau_text(tau)}: {method}, {n} of {runs[(tau, method)]} runs"
+                                      for (tau, method), n in missing.items()])
     else:
         score_ax.text(0.5, 0.5, "no fine-tuning results for these runs", ha="center", va="center",
                       transform=score_ax.transAxes, color="#888888")
@@ -654,6 +671,10 @@ def _bench_color(method: str) -> str:
 TASK_TITLES = {"xquad": "XQuAD", "mlqa": "MLQA", "tydiqa": "TyDi QA-GoldP", "xnli": "XNLI", "pawsx": "PAWS-X",
                "panx": "WikiAnn (PAN-X) NER", "verse_retrieval": "verse retrieval"}
 METRIC_TITLES = {"f1": "F1", "em": "exact match", "accuracy": "accuracy", "span_f1": "span F1"}
+# A panel whose every mean score lies within this many points of its floor (the chance level, or 0 where there
+# is none) is drawn on a fixed scale from 0 to floor + 2x this: auto-scaled, differences of a fraction of a
+# point at the floor (0.2 vs 1% F1) would fill the panel and look like real ones.
+FLOOR_POINTS = 5.0
 
 
 def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFrame | None, out_png: str | Path,
@@ -681,7 +702,9 @@ def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFram
             ax.bar(np.arange(len(languages)) + (j - (len(shown) - 1) / 2) * width, stats["mean"], width,
                    yerr=score_yerr(stats["mean"], stats["std"]), capsize=1.5, color=color_for(variant, palette),
                    error_kw={"lw": 0.8})
-        mark_chance(ax, chance_percent(task, rows))
+        level = chance_percent(task, rows)
+        mark_chance(ax, level)
+        mark_floor_level(ax, rows.groupby(["variant", "lang"])["value"].mean(), level)
         metric = METRIC_TITLES.get(rows["metric"].iloc[0], rows["metric"].iloc[0])
         ax.set_xticks(np.arange(len(languages)), languages, rotation=90 if len(languages) > 20 else 0, fontsize=9)
         ax.set_xlim(-0.6, len(languages) - 0.4)
@@ -698,6 +721,20 @@ def plot_xtreme_per_language(scores: pd.DataFrame | None, retrieval: pd.DataFram
     fig.suptitle("Per-language scores (bars: mean over seeds; error bars: std over seeds, clipped to 0–100)",
                  fontsize=12)
     return save_figure(fig, out_png)
+
+
+def mark_floor_level(ax, means: pd.Series, chance: float | None) -> bool:
+    """When every mean score lies within FLOOR_POINTS of the floor (chance, or 0), fix the scale to
+    0 .. floor + 2 x FLOOR_POINTS and say so in the panel; returns whether it did."""
+    floor = chance or 0.0
+    spread = float((means - floor).abs().max())
+    if not spread <= FLOOR_POINTS:
+        return False
+    ax.set_ylim(0, floor + 2 * FLOOR_POINTS)
+    where = f"chance ({chance:.3g}%)" if chance else "0"
+    ax.text(0.01, 0.96, f"every score within {spread:.2g} points of {where}: floor level, drawn on a fixed scale",
+            transform=ax.transAxes, ha="left", va="top", fontsize=8, color="#666666")
+    return True
 
 
 def plot_si_layer_sets(scores: pd.DataFrame, out_png: str | Path) -> Figure:

@@ -148,7 +148,9 @@ def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame |
                             "value": float(run.final_heldout_loss),
                             "eval_se": getattr(run, "final_heldout_se", None), "reused": getattr(run, "reused", False)})
     if retrieval is not None:
-        rows = retrieval[(retrieval["task"] == "verse_retrieval") & retrieval["variant"].isin(spec.methods)]
+        metric = OFFLINE_MEASURES["verse_retrieval"][0]  # X -> en from the last layer; not its other directions
+        rows = retrieval[(retrieval["task"] == "verse_retrieval") & (retrieval["metric"] == metric)
+                         & retrieval["variant"].isin(spec.methods)]
         per_run += [{"variant": r.variant, "seed": r.seed, "task": "verse_retrieval", "value": r.value,
                      "eval_se": None, "reused": getattr(r, "reused", False)} for r in rows.itertuples()]
     if not per_run:

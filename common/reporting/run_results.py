@@ -6,6 +6,11 @@ Runs are grouped by their config.json fields, not by parsing run names: `variant
 recipe ("presence", "presence-single tau=+2", "presence (I=50)", ...) relative to the preset's
 defaults, and `standard` marks runs that used exactly those defaults (the ones tables and figures
 compare; the tables take the standard run of each method).
+
+A recipe may have been run more than once for a seed (a resume check under another --run-name, a rerun
+kept beside the first). Tables and figures then use one of them: the one named as 03_pretrain/pretrain.py
+names that recipe's run by default (`presence-s0`), else the first by name; the others are "repeats"
+(`repeat_of` names the run used instead), left out of every table and figure, and listed in the notes.
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import numpy as np
 import pandas as pd
 
 from common.config import PretrainConfig
+from common.evaluation.score_rows import chance_level
 from common.evaluation.heldout import HELDOUT_COLUMNS
 from common.presence.methods import reads
+from common.runinfo import run_name
 
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
                "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
@@ -26,10 +33,15 @@ HELDOUT_ROW_COLUMNS = ["row", "lang", "n_tokens", "loss"]
 SCORE_COLUMNS = ["run", "method", "seed", "task", "setting", "lang", "metric", "value", "n_examples"]
 SI_COLUMNS = ["lang", "condition", "sample_id", "n_tokens", "loss", "si", "checkpoint", "seed"]
 BENCH_COLUMNS = ["method", "step_ms", "ratio_to_baseline", "peak_mem_mb", "device", "preset"]
+RUN_COLUMNS = ["run_name", "method", "seed", "variant", "standard", "repeat_of", "default_knobs", "tau", "per",
+               "switch_step", "steps",
+               "num_microbatches", "batch_size", "final_loss", "final_heldout_loss", "final_heldout_se", "noise_rate",
+               "seconds_per_step", "parameters"]
 
 # The metric the paper reports for each task (the others, e.g. exact match, are kept but not tabled).
 HEADLINE_METRIC = {"xquad": "f1", "mlqa": "f1", "tydiqa": "f1", "xnli": "accuracy", "pawsx": "accuracy",
                    "panx": "span_f1", "verse_retrieval": "accuracy"}
+
 
 def recipe_changes(config: dict, reference: PretrainConfig) -> list[str]:
     """How a run's recipe differs from the preset's defaults (empty for a standard run); a knob the method
@@ -60,6 +72,41 @@ def variant_label(config: dict, reference: PretrainConfig) -> str:
     name = method_and_tau(config["method"], config.get("tau"))
     changes = recipe_changes(config, reference)
     return f"{name} ({', '.join(changes)})" if changes else name
+
+
+def default_run_name(config: dict, reference: PretrainConfig) -> str:
+    """The name 03_pretrain/pretrain.py gives by default (common.runinfo.run_name) to a run of this config's
+    recipe and seed, from the recipe fields the tables compare (I, the layer set and the steps, where the
+    method reads them)."""
+    method, pretrain = config["method"], config.get("preset", {}).get("pretrain", {})
+    changes = {f"pretrain.{key}": pretrain[key] for key in ("switch_step", "si_layers", "steps")
+               if key in pretrain and pretrain[key] != getattr(reference, key) and (key == "steps" or reads(method, key))}
+    return run_name(method, int(config.get("seed", 0)), config.get("tau"), config.get("per", "microbatch"),
+                    config.get("noise_rate") or 0.0, changes)
+
+
+def repeated_runs(configs: list[dict], reference: PretrainConfig, notes: list[str]) -> dict[str, str]:
+    """{run name: the run used instead} for runs whose recipe (variant) and seed another run has too. Of
+    each such group the run named as pretrain.py names it by default is used, else (none or, across
+    folders, several) the first by name; a note says which and why."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for config in configs:
+        groups.setdefault((variant_label(config, reference), int(config.get("seed", 0))), []).append(config)
+    repeats = {}
+    for (variant, seed), group in groups.items():
+        if len(group) < 2:
+            continue
+        names = sorted(str(c["run_name"]) for c in group)
+        expected = default_run_name(group[0], reference)
+        if names.count(expected) == 1:
+            chosen, why = expected, "named as 03_pretrain/pretrain.py names this recipe's run"
+        else:
+            chosen, why = names[0], f"the first by name; none is named {expected}, as pretrain.py would name it"
+        others = [n for n in names if n != chosen]
+        repeats.update({n: chosen for n in others})
+        notes.append(f"recipe '{variant}', seed {seed}, has {len(names)} finished runs ({', '.join(names)}): tables "
+                     f"and figures use {chosen} ({why}) and leave out {', '.join(others)}")
+    return repeats
 
 
 def _read_json(path: Path, notes: list[str]) -> dict | None:
@@ -96,8 +143,9 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
                        notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, logs): one row per finished run folder with its config and final metrics, and the
     concatenated train_log.csv rows tagged with run_name, method, variant and standard. Unfinished
-    runs (no metrics.json) are left out, with a note."""
-    runs, logs = [], []
+    runs (no metrics.json) are left out, with a note; repeats of a recipe and seed (see the module's
+    docstring) keep their row, with `repeat_of` set and `standard` false, but have no log rows."""
+    found = []
     folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     if not folders:
         notes.append(f"no pre-training runs in {runs_dir}")
@@ -112,15 +160,21 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
             notes.append(f"run {folder.name} left out: unfinished (no metrics.json). Fix: let it finish, or "
                          "resume it with 03_pretrain/pretrain.py --resume")
             continue
+        found.append((folder, {**config, "run_name": config.get("run_name", folder.name)}))
+    repeats = repeated_runs([config for _, config in found], reference, notes)
+    runs, logs = [], []
+    for folder, config in found:
         metrics = _read_json(folder / "metrics.json", notes) or {}
         pretrain = config.get("preset", {}).get("pretrain", {})
         variant = variant_label(config, reference)
-        run = {"run_name": config.get("run_name", folder.name), "method": config["method"],
+        repeat_of = repeats.get(config["run_name"], "")
+        run = {"run_name": config["run_name"], "method": config["method"],
                "seed": int(config.get("seed", 0)), "variant": variant,
-               "standard": not recipe_changes(config, reference),
+               "standard": not recipe_changes(config, reference) and not repeat_of, "repeat_of": repeat_of,
                # the defaults apart from the granularity and the noise rate, which the run's row names: the
                # runs that method comparisons pair
-               "default_knobs": not recipe_changes({**config, "per": "microbatch", "noise_rate": 0.0}, reference),
+               "default_knobs": not recipe_changes({**config, "per": "microbatch", "noise_rate": 0.0}, reference)
+                                and not repeat_of,
                "tau": config.get("tau"), "per": config.get("per", "microbatch"),
                "switch_step": pretrain.get("switch_step"), "steps": pretrain.get("steps"),
                "num_microbatches": pretrain.get("num_microbatches"), "batch_size": pretrain.get("batch_size"),
@@ -128,17 +182,13 @@ def load_pretrain_runs(runs_dir: Path, reference: PretrainConfig,
                "final_heldout_se": final_heldout_se(folder / "heldout.csv"), "noise_rate": config.get("noise_rate", 0.0),
                "seconds_per_step": metrics.get("seconds_per_step"),
                "parameters": (metrics.get("parameters") or {}).get("total")}
-        log = read_table(folder / "train_log.csv", ["step", "loss"], notes)
+        log = None if repeat_of else read_table(folder / "train_log.csv", ["step", "loss"], notes)
         if log is not None:
             log = log.assign(run_name=run["run_name"], method=run["method"], variant=variant,
                              standard=run["standard"], seed=run["seed"])
             logs.append(log)
         runs.append(run)
-    runs_frame = pd.DataFrame(runs, columns=["run_name", "method", "seed", "variant", "standard", "default_knobs",
-                                             "tau", "per",
-                                             "switch_step", "steps", "num_microbatches", "batch_size", "final_loss",
-                                             "final_heldout_loss", "final_heldout_se", "noise_rate",
-                                             "seconds_per_step", "parameters"])
+    runs_frame = pd.DataFrame(runs, columns=RUN_COLUMNS)
     for column in ("final_loss", "final_heldout_loss", "final_heldout_se", "seconds_per_step", "tau"):
         runs_frame[column] = pd.to_numeric(runs_frame[column], errors="coerce")
     tags = ["run_name", "method", "variant", "standard"]
@@ -223,7 +273,9 @@ def language_weights(corpus_manifest: Path, notes: list[str]) -> dict[str, float
 
 def load_scores(path: Path, notes: list[str]) -> pd.DataFrame | None:
     """A fine-tuning CSV (xtreme.csv, retrieval.csv) with values in percent. A file whose values all
-    lie in [0, 1] was written as fractions: it is converted to percent and a note says so."""
+    lie in [0, 1] was written as fractions: it is converted to percent and a note says so. Every row
+    gets its chance level (`chance`, NaN where there is none): as written, else by
+    common/evaluation/score_rows.py's rule (an `avg` row: the mean of its languages')."""
     frame = read_table(path, SCORE_COLUMNS, notes)
     if frame is None:
         return None
@@ -236,23 +288,46 @@ def load_scores(path: Path, notes: list[str]) -> pd.DataFrame | None:
         notes.append(f"{path}: every value is in [0, 1], read as fractions and converted to percent")
         frame = frame.assign(value=frame["value"] * 100)
     frame = frame.assign(lang=frame["lang"].astype(str), seed=frame["seed"].astype(int))
-    return frame
+    return with_chance_levels(frame)
+
+
+def with_chance_levels(scores: pd.DataFrame) -> pd.DataFrame:
+    """`chance` as written, filled where it is missing (files written before 04 wrote it): a language's
+    from its task, metric and example count, an `avg` row's as the mean of its languages'."""
+    written = pd.to_numeric(scores["chance"], errors="coerce") if "chance" in scores else pd.Series(
+        np.nan, index=scores.index)
+    rule = pd.Series([chance_level(t, m, int(n)) if lang != "avg" else None for t, m, n, lang in
+                      zip(scores["task"], scores["metric"], scores["n_examples"], scores["lang"])],
+                     index=scores.index, dtype=float)
+    chance = written.fillna(rule)
+    languages = scores["lang"] != "avg"
+    keys = ["run", "task", "setting", "metric"]
+    means = chance[languages].groupby([scores.loc[languages, k] for k in keys]).mean()
+    averages = pd.Series([means.get(tuple(row), np.nan) for row in scores[keys].to_numpy()], index=scores.index)
+    return scores.assign(chance=chance.where(languages, chance.fillna(averages)))
 
 
 def language_averages(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, method, seed, task, setting, metric): the `avg` row the stage wrote, else the
-    mean over that run's languages (the paper averages over languages the same way)."""
+    mean over that run's languages (the paper averages over languages the same way); with the chance
+    level of the average (`chance`, when the scores have it)."""
     keys = ["run", "method", "seed", "task", "setting", "metric"]
+    columns = ["value"] + (["chance"] if "chance" in scores else [])
     written = scores[scores["lang"] == "avg"]
-    computed = (scores[scores["lang"] != "avg"].groupby(keys, as_index=False)["value"].mean())
+    computed = (scores[scores["lang"] != "avg"].groupby(keys, as_index=False, dropna=False)[columns].mean())
     have = set(map(tuple, written[keys].to_numpy()))
     computed = computed[[tuple(row) not in have for row in computed[keys].to_numpy()]]
-    return pd.concat([written[keys + ["value"]], computed], ignore_index=True)
+    return pd.concat([written[keys + columns], computed], ignore_index=True)
 
 
 def attach_variants(scores: pd.DataFrame, runs: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
     """Give score rows their run's variant; rows of runs without a pre-training config keep their
-    method as variant (noted), since nothing tells their recipe apart."""
+    method as variant (noted), since nothing tells their recipe apart. Rows of repeated runs go (noted)."""
+    repeats = set(runs.loc[runs["repeat_of"].fillna("") != "", "run_name"]) if "repeat_of" in runs else set()
+    left_out = sorted(repeats & set(scores["run"]))
+    if left_out:
+        notes.append(f"scores of {', '.join(left_out)} left out: each repeats the recipe and seed of another run")
+        scores = scores[~scores["run"].isin(repeats)]
     known = runs.set_index("run_name")["variant"].to_dict()
     unknown = sorted(set(scores["run"]) - set(known))
     if unknown:
