@@ -59,6 +59,7 @@ from common.data.packed_data import (SpanCorruptionBatches, check_files, load_da
 from common.distributed import broadcast_parameters
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
 from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
+from common.memory import check_resources
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer
 from common.paths import artefacts_dir, results_dir
@@ -141,6 +142,7 @@ def get_config(args):
         raise ConfigError(f"--method {args.method} needs noisy data to drop. Fix: pass --noise-rate")
     if args.noise_rate and args.method in SEQUENTIAL_METHODS:
         raise ConfigError("--noise-rate: PRESENCE-Sequential scores the clean data. Fix: drop --noise-rate")
+    check_resources(preset, args.method, args.per)
     return preset
 
 
