@@ -64,6 +64,7 @@ from common.distributed import broadcast_parameters
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
 from common.families import get_family
 from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
+from common.memory import check_resources
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer
 from common.paths import artefacts_dir, results_dir
@@ -241,6 +242,7 @@ def get_config(args) -> tuple[Preset, Method]:
         raise ConfigError(f"--method {method.name} needs noisy data to drop. Fix: pass --noise-rate")
     if args.noise_rate and method.data_filter:
         raise ConfigError(f"--noise-rate: {method.label} scores the clean data. Fix: drop --noise-rate")
+    check_resources(preset, method.name, args.per)
     return preset, method
 
 

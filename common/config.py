@@ -207,6 +207,9 @@ class PretrainConfig:
     grad_clip: float = 0.0  # 0 disables clipping (T5X default)
     precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
     compile: bool = False  # torch.compile the model (GPU)
+    # Refuse a run before it starts when its estimated peak memory (common/memory.py) exceeds what the machine
+    # has, or when it asks for bf16 or compile without a GPU; false: try anyway (on a CPU in fp32, eager)
+    memory_check: bool = True
     log_every: int = 10
     eval_every: int = 100  # held-out span-corruption loss interval
     eval_rows: int | None = None  # held-out rows scored (a fixed subset); null: the whole held-out split

@@ -118,6 +118,9 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
     rows = list(rows)
     if columns is None:
         columns = list(rows[0].keys()) if rows else []
+    unknown = sorted({key for row in rows for key in row} - set(columns))
+    if unknown:
+        raise ValueError(f"{path}: rows have fields {unknown} outside the columns {columns}")
     if digits is None:
         texts = None
     else:
@@ -139,9 +142,6 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
             writer.writeheader()
             writer.writerows(rows)
         else:
-            unknown = sorted({key for row in rows for key in row} - set(columns))
-            if unknown:
-                raise ValueError(f"{path}: rows have fields {unknown} outside the columns {columns}")
             writer = csv.writer(f)
             writer.writerow(columns)
             writer.writerows(texts)

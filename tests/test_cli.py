@@ -107,7 +107,10 @@ else:
 def test_library_progress_bars_stay_out_of_a_log(tmp_path, wrapped):
     """stderr to a pipe, as in a log: transformers draws a bar per model saved and loaded, unless the
     script runs inside exit_on_known_errors (every stage script does)."""
-    result = _run(["-c", SAVE_AND_LOAD, str(tmp_path / "model"), "wrapped" if wrapped else "bare"])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)  # set in this process by the wrapper the tests above ran
+    result = subprocess.run([sys.executable, "-c", SAVE_AND_LOAD, str(tmp_path / "model"),
+                             "wrapped" if wrapped else "bare"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     bars = [name for name in ("Writing model shards", "Loading weights") if name in result.stderr]
     assert bars == ([] if wrapped else ["Writing model shards", "Loading weights"])
