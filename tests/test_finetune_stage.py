@@ -361,7 +361,7 @@ def test_ctrl_c_exits_130_keeps_what_finished_and_says_how_to_run_again(model_di
         if "| step 1 |" in line:
             break
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=300)  # a loaded machine finishes the step slowly
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     kept = results / "tiny" / "finetune"
