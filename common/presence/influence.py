@@ -7,22 +7,30 @@ scoring call) all take their scores from it. It reads them off whatever holds th
 microbatch-gradient rows a PRESENCE step materialises anyway, or a `GradTape` that forms per-sample
 squared norms without per-sample gradients (common/presence/per_sample_grads.py).
 
+Models: T5 / mT5 (what the pipeline trains), and the decoder-only (GPT-2, Llama) and encoder-only (BERT)
+language models of Hugging Face, each with its own loss convention (`loss_convention`).
+
 Layer sets (`layers`):
-- "first" (default): encoder.block.0 + decoder.block.0. The paper's "first layer of the encoder and of
-  the decoder", read as the first transformer blocks; they own the relative attention biases, which every
-  layer of their stack adds to its scores, so the biases' gradients collect every layer's use.
-- "embeddings": the token embedding `shared.weight`, which feeds both the encoder and the decoder. When the
-  output layer is tied to it (transformers 5.x ties T5's output layer by default, see the report) its use as
-  output layer is part of the same parameter and counts; an untied `lm_head` is not included (the paper
-  says nothing about it; pass ["shared", "lm_head"] to include it).
+- "first" (default): the first transformer block of each stack (common/families.py): T5's encoder.block.0 +
+  decoder.block.0, GPT-2's transformer.h.0, Llama's model.layers.0, BERT's bert.encoder.layer.0. For T5 the
+  paper's "first layer of the encoder and of the decoder", read as the first transformer blocks; they own
+  the relative attention biases, which every layer of their stack adds to its scores, so the biases'
+  gradients collect every layer's use.
+- "embeddings": the input token embedding (T5's `shared.weight`, which feeds both the encoder and the
+  decoder). When the output layer is tied to it (transformers 5.x ties T5's output layer by default, see the
+  report; GPT-2 and BERT tie theirs) its use as output layer is part of the same parameter and counts; an
+  untied `lm_head` is not included (the paper says nothing about it; pass ["shared", "lm_head"] to include it).
 - "all": every parameter that requires grad.
 - a list of parameter-name prefixes, matched on whole dotted components ("encoder.block.1" does not match
   "encoder.block.10"); names include tied aliases, so "lm_head" selects the output layer tied or not.
 
-Losses are Hugging Face's span-corruption loss, `model(**batch).loss`: the mean token cross-entropy over
-labels != -100. A sample's loss is the mean over its own target tokens (what the model returns given that
-sample alone); a microbatch's loss is the mean over all of the microbatch's target tokens. A sample without
-target tokens has loss 0 and self-influence 0 (Hugging Face would return 0/0).
+Losses are Hugging Face's, `model(**batch).loss` on a batch in its convention (input_ids, attention_mask,
+labels with -100 where no loss is taken): the mean token cross-entropy over the target tokens, i.e. the
+labels != -100 that the model predicts (a causal LM predicts labels[:, 1:] from logits[:, :-1]; T5's
+span corruption and BERT's masked LM predict every label). A sample's loss is the mean over its own target
+tokens (what the model returns given that sample alone); a microbatch's loss is the mean over all of the
+microbatch's target tokens. A sample without target tokens has loss 0 and self-influence 0 (Hugging Face
+would return 0/0).
 
 `batch_self_influence` scores a batch in one forward and one backward pass (common/presence/per_sample_grads.py); the
 model is scored in the mode the caller set (train: with dropout, as in training; eval: deterministic).
@@ -37,12 +45,12 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from common.config import LAYER_SETS
+from common.families import family_of
 from common.modeling import IGNORE_INDEX
 from common.presence.per_sample_grads import GradTape
-
-FIRST_BLOCKS = ("encoder.block.0", "decoder.block.0")
 
 Layers = str | Sequence[str]
 
@@ -60,7 +68,7 @@ def layer_set(model: nn.Module, layers: Layers = "first") -> list[nn.Parameter]:
         if layers == "all":
             prefixes = None
         elif layers == "first":
-            prefixes = FIRST_BLOCKS
+            prefixes = family_of(model).first_blocks
         elif layers == "embeddings":
             return [model.get_input_embeddings().weight]
         else:
@@ -78,11 +86,42 @@ def layer_set(model: nn.Module, layers: Layers = "first") -> list[nn.Parameter]:
     return list(chosen)
 
 
+def loss_convention(model: nn.Module) -> str:
+    """How `model(**batch).loss` pairs logits with labels: "seq2seq" (T5: the decoder reads the labels shifted
+    right, logits[:, t] predicts labels[:, t]), "causal" (GPT-2, Llama: logits[:, t] predicts labels[:, t + 1],
+    Hugging Face shifts inside) or "masked" (BERT: logits[:, t] predicts labels[:, t]). Read from Hugging
+    Face's own tables of which class is a model type's causal or masked LM, not guessed from names."""
+    model = eager(model)  # a compiled wrapper's class is no model class
+    config = model.config
+    if config.is_encoder_decoder:
+        return "seq2seq"
+    classes = {cls.__name__ for cls in type(model).__mro__}
+    if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type) in classes:
+        return "causal"
+    if MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(config.model_type) in classes:
+        return "masked"
+    raise NotImplementedError(f"{type(model).__name__} is neither an encoder-decoder nor Hugging Face's causal or "
+                              "masked LM of its model type, so its loss convention is unknown. Fix: score its "
+                              "causal-LM or masked-LM class")
+
+
+def targets(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The labels `forward_logits` predicts, aligned with its logits: (B, T - 1) labels[:, 1:] for a causal
+    LM, the labels otherwise. -100: no loss."""
+    labels = batch["labels"]
+    return labels[:, 1:] if loss_convention(model) == "causal" else labels
+
+
 def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Logits of the span-corruption targets, (B, T_target, V), without Hugging Face's own loss."""
+    """Logits of the targets (`targets(model, batch)`), (B, T_target, V), without Hugging Face's own loss.
+    A causal LM's last position predicts nothing and is dropped, so that pairing these logits with the
+    unshifted labels fails on the shapes rather than scoring the wrong tokens."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    inputs.setdefault("decoder_input_ids", model.prepare_decoder_input_ids_from_labels(batch["labels"]))
-    return model(**inputs).logits
+    convention = loss_convention(model)
+    if convention == "seq2seq":
+        inputs.setdefault("decoder_input_ids", model.prepare_decoder_input_ids_from_labels(batch["labels"]))
+    logits = model(**inputs).logits
+    return logits[:, :-1] if convention == "causal" else logits
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -137,7 +176,7 @@ def batch_self_influence(model: nn.Module, batch: dict, layers: Layers = "first"
         raise ValueError(f"per must be 'sample' or 'microbatch', got {per!r}")
     model = eager(model)
     params = layer_set(model, layers)
-    labels = batch["labels"]
+    labels = targets(model, batch)
     with torch.enable_grad():
         with GradTape(model, params, batch_size) as tape:
             # the logits (B x T x vocabulary) get no name: the backward keeps only what the loss saved

@@ -1,15 +1,15 @@
-"""Per-sample gradient norms and per-sample-weighted gradients of a T5 / mT5 from one backward pass,
-without forming per-sample gradients of the whole model.
+"""Per-sample gradient norms and per-sample-weighted gradients of a Hugging Face transformer (T5 / mT5,
+GPT-2, Llama, BERT, ...) from one backward pass, without forming per-sample gradients of the whole model.
 
 During one forward pass a `GradTape` records, for every call of a module that owns a tracked
 parameter, the two factors that parameter's gradient is made of: what went into the module (activations,
 token ids, relative-position buckets) and the module's output. One `torch.autograd.grad` call with those
 outputs as its inputs then yields the gradient arriving at each output, sample by sample (samples never
-interact in T5, so row j of it comes from sample j's loss alone). The tape keeps each output's place in the
-graph (its gradient edge), not the output itself, which autograd may not need to keep.
+interact in these models, so row j of it comes from sample j's loss alone). The tape keeps each output's
+place in the graph (its gradient edge), not the output itself, which autograd may not need to keep.
 
 Inside the tape no parameter of the model requires grad, so that autograd keeps only what the gradients
-of activations need (a Linear's input, an RMS norm's normalised input are needed only for weight
+of activations need (a Linear's input, a norm's normalised input are needed only for weight
 gradients, which the tape forms from its own records); a tracked module whose inputs do not require grad
 (the first of the set, fed by frozen layers) returns its output as a leaf that does, and the graph starts
 there. requires_grad is restored on leaving the tape, also on error. From the two factors:
@@ -17,20 +17,39 @@ there. requires_grad is restored on leaving the tape, also on error. From the tw
 - `squared_norms`: the squared norm of each sample's (or each contiguous group of samples') gradient, exactly, in
   float64. Long float32 sums (a norm over a per-sample weight matrix, a bias-table entry over every
   query/key pair of its bucket) are float32 partial sums over short runs, added in float64.
-  Linear weight: the per-sample matrix d^T a, or the Gram form sum_{t,t'} <a_t, a_t'> <d_t, d_t'>
-  ("ghost norm") when that is cheaper, T (d_in + d_out) < d_in d_out. Embedding: a segment sum of the output gradients
-  over equal token ids. RMS layer norm: sum_t d_t * x_hat_t. Relative attention bias: the gradient of the
-  bias *expanded over the batch* (see `_expand_relative_bias`), scattered onto its buckets.
-  A parameter used several times (the shared embedding: encoder and decoder inputs, and the output layer
-  when tied) gets the norm of the sum of its uses, cross terms included.
+  Linear weight (and transformers' Conv1D, the same map with the weight stored transposed): the per-sample
+  matrix d^T a, or the Gram form sum_{t,t'} <a_t, a_t'> <d_t, d_t'> ("ghost norm") when that is cheaper,
+  T (d_in + d_out) < d_in d_out. Embedding: a segment sum of the output gradients over equal token ids.
+  Norm (LayerNorm, RMS norm): sum_t d_t * x_hat_t, x_hat the output for a unit weight and zero bias. Bias:
+  sum_t d_t. Relative attention bias: the gradient of the bias *expanded over the batch* (see
+  `_expand_relative_bias`), scattered onto its buckets. A parameter used several times (a tied embedding:
+  T5's encoder and decoder inputs, the output layer of GPT-2, BERT or a tied T5) gets the norm of the sum
+  of its uses, cross terms included.
 - `add_weighted_grads`: the gradient of sum_j w_j loss_j, by the usual weight-gradient formulas with
   each sample's output gradient scaled by w_j (backpropagation is linear in the loss), or as w @ the
   per-sample gradients where `squared_norms` formed them anyway.
 
-Only the module kinds of T5 are supported (nn.Linear, nn.Embedding, T5/mT5 RMS layer norm, T5/mT5
-relative attention bias); a tracked parameter owned by anything else is refused with a clear error.
-The relative attention bias relies on transformers' T5Attention.compute_bias (checked against brute force
-in tests/test_influence.py).
+Module kinds: nn.Linear, transformers' Conv1D, nn.Embedding, norms (any module whose only parameters are a
+1-D weight and perhaps a bias of its size, and whose output is weight * f(input) + bias: nn.LayerNorm with
+or without bias, T5LayerNorm, LlamaRMSNorm, nn.RMSNorm, ...), T5/mT5 relative attention bias (relying on
+transformers' T5Attention.compute_bias, checked against brute force in tests/test_influence.py). What the
+records model is checked, so that nothing is scored wrongly without an error:
+- a tracked parameter owned by no module of these kinds is refused as soon as anything uses it (one that
+  nothing uses, as BERT's prediction-head bias when the output layer is untied, has gradient 0 and is
+  fine; so is one also owned by another module, as that bias is when tied, if only the recorded module
+  uses it);
+- on its first call within a plan, each recorded module's output is compared with the kind's formula
+  computed from its recorded input (a Linear subclass that computes something else, a norm whose output is
+  (1 + weight) * x_hat, an output changed by another hook are refused);
+- inputs must be batch-first: leading dimension the batch size, or 1 for a tensor every sample shares
+  (learned position ids (1, T)), which is expanded to the batch with the module's output, so that each
+  sample gets its own gradient; that output may then only be broadcast by arithmetic (added to the token
+  embeddings), since expanding is what broadcasting does but not what, say, indexing it does;
+- a tracked parameter read by any torch function outside the forward of a recorded module that owns it
+  (e.g. logits = h @ embedding.weight.T) is refused, since that use is missing from the records;
+- a model with gradient checkpointing on is refused (its backward runs the forward again, unrecorded).
+Not detectable, so not supported: a module whose input mixes samples along the batch axis (batch norm),
+or whose batch axis is not the first.
 """
 from __future__ import annotations
 
@@ -40,18 +59,22 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.overrides import TorchFunctionMode
+from transformers.pytorch_utils import Conv1D
 
 
 @dataclass(eq=False)
 class _Use:
     """One call of a module that owns a tracked parameter, batch-first."""
-    kind: str  # "linear" | "embedding" | "rms_norm" | "relative_bias"
+    kind: str  # "linear" | "conv1d" | "embedding" | "norm" | "relative_bias"
     module: nn.Module
     inputs: torch.Tensor | None  # activations (B, T, d_in) | token ids (B, T) | buckets (Tq, Tk)
     output: GradientEdge | None  # where the output enters the graph: what the backward differentiates against
     output_like: torch.Tensor  # a meta tensor, the output's shape and dtype: (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk)
+    autocast: torch.dtype | None = None  # the autocast dtype the call ran under (a norm's x_hat is recomputed so)
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
     cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
 
@@ -63,16 +86,43 @@ def _in_graph(output: torch.Tensor) -> torch.Tensor:
 
 def _record(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> _Use:
     like = torch.empty(output.shape, dtype=output.dtype, device="meta")
-    return _Use(kind, module, inputs, get_gradient_edge(output), like)
+    device = output.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return _Use(kind, module, inputs, get_gradient_edge(output), like, autocast)
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    # T5LayerNorm and MT5LayerNorm: weight * x / rms(x), no bias, no mean subtraction.
-    return type(module).__name__.endswith("LayerNorm") and hasattr(module, "variance_epsilon")
+def _is_norm(module: nn.Module) -> bool:
+    """A candidate norm: a leaf module owning a 1-D weight and at most a bias of the same shape. Whether it
+    computes weight * f(input) + bias is checked on its first call (_check_modelled), not read from its class."""
+    own = dict(module.named_parameters(recurse=False))
+    weight, bias = own.pop("weight", None), own.pop("bias", None)
+    return (not own and weight is not None and weight.dim() == 1 and next(module.children(), None) is None
+            and (bias is None or bias.shape == weight.shape))
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if _is_norm(module):
+        return "norm"
+    return None
 
 
 def _has_relative_bias(module: nn.Module) -> bool:
     return bool(getattr(module, "has_relative_attention_bias", False)) and hasattr(module, "compute_bias")
+
+
+@dataclass
+class _Plan:
+    """What a tape hooks for one model and parameter set."""
+    attentions: list[nn.Module]  # attention modules whose relative bias table is tracked
+    recorded: list[tuple[str, nn.Module, str, list[nn.Parameter]]]  # (name, module, kind, its tracked parameters)
+    owners: dict[int, tuple[set, str, str | None]]  # id(p) -> (modules allowed to use p, p's name, unknown owner)
+    checked: set = field(default_factory=set)  # modules whose output was checked against their kind's formula
 
 
 # Which modules to hook for a model and parameter set, found once (walking the model every microbatch
@@ -81,8 +131,7 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 _PLANS_PER_MODEL = 4
 
 
-def _recording_plan(model: nn.Module, params: list[nn.Parameter]):
-    """(attention modules whose relative bias is tracked, [(module, kind, its tracked parameters)])."""
+def _recording_plan(model: nn.Module, params: list[nn.Parameter]) -> _Plan:
     key = tuple(map(id, params))
     plans = _PLANS.setdefault(model, {})
     if key not in plans:
@@ -92,33 +141,132 @@ def _recording_plan(model: nn.Module, params: list[nn.Parameter]):
     return plans[key]
 
 
-def _find_uses(model: nn.Module, tracked: set):
+def _find_uses(model: nn.Module, tracked: set) -> _Plan:
     names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
     attentions = [m for m in model.modules() if _has_relative_bias(m) and m.relative_attention_bias.weight in tracked]
     bias_tables = {m.relative_attention_bias for m in attentions}
-    recorded = []
-    for name, module in model.named_modules(remove_duplicate=False):
+    owners = {id(table.weight): ({table}, names[table.weight], None) for table in bias_tables}
+    recorded, unknown = [], []
+    for name, module in model.named_modules():  # each module once, also when it sits at several names
         own = [p for p in module.parameters(recurse=False) if p in tracked]
         if not own or module in bias_tables:
             continue
-        if isinstance(module, nn.Linear):
-            kind = "linear"
-        elif isinstance(module, nn.Embedding):
-            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-                raise NotImplementedError(f"{name}: embeddings with max_norm, scale_grad_by_freq or sparse "
-                                          "gradients are not supported by the per-sample engine")
-            kind = "embedding"
-        elif _is_rms_norm(module):
-            kind = "rms_norm"
-        else:
-            raise NotImplementedError(
-                f"{name} ({type(module).__name__}) owns {[names.get(p, '?') for p in own]}, which the "
-                "per-sample engine cannot handle (it knows Linear, Embedding, T5 RMS norm, T5 relative "
-                "attention bias). Fix: leave these parameters out of the layer set")
+        kind = _kind(module)
+        if kind is None:
+            unknown.append((name, module, own))
+            continue
+        if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+            raise NotImplementedError(f"{name}: embeddings with max_norm, scale_grad_by_freq or sparse "
+                                      "gradients are not supported by the per-sample engine. Fix: leave its "
+                                      "parameters out of the layer set")
         if not all(p.requires_grad for p in own):
             raise ValueError(f"{name}: its parameters do not require grad; self-influence needs them to")
-        recorded.append((module, kind, own))
-    return attentions, recorded
+        recorded.append((name, module, kind, own))
+        for p in own:
+            owners.setdefault(id(p), (set(), names[p], None))[0].add(module)
+    for name, module, own in unknown:
+        # Whether such a module uses the parameter is known only when it runs: BERT's prediction head holds
+        # an output bias it never uses itself (its decoder does when tied; nothing does when untied). The
+        # guard refuses any use other than by a recorded owner; with none, any use at all.
+        for p in own:
+            owners.setdefault(id(p), (set(), names[p], f"{name} ({type(module).__name__})"))
+    return _Plan(attentions, recorded, owners)
+
+
+# What may be done with an output expanded over the batch (`GradTape._recorder`): broadcasting arithmetic,
+# which is what gave each sample the same rows, and moving it, which keeps its shape.
+_BROADCASTING = frozenset({"__add__", "__radd__", "__iadd__", "add", "add_", "__sub__", "__rsub__", "sub",
+                           "__mul__", "__rmul__", "mul", "to"})
+
+
+class _OwnUsesOnly(TorchFunctionMode):
+    """Refuses any use of a tracked parameter by a torch function outside the forward of a recorded module
+    that owns it: the tape sees a parameter only through its modules' inputs and outputs, so such a use
+    would be missing from its gradient. Reading metadata (dtype, shape, device) is no use: only calls that
+    return a tensor count. Also refuses any use other than broadcasting arithmetic of a shared output the
+    tape expanded over the batch (`self.shared`): what it assumed of such an output (e.g. out[0], a sum
+    over the batch axis, would make sample 0's row collect every sample's gradient)."""
+
+    def __init__(self, owners: dict[int, tuple[set, str, str | None]]):
+        super().__init__()
+        self.owners = owners
+        self.running: list[nn.Module] = []  # the recorded modules whose forward is under way, innermost last
+        self.shared: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (expanded output, its module's name)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list))
+                                             and any(isinstance(o, torch.Tensor) for o in out)):
+            for arg in (*args, *kwargs.values()):
+                for x in (arg if isinstance(arg, (tuple, list)) else (arg,)):
+                    if isinstance(x, torch.Tensor):
+                        self._check(func, x)
+        return out
+
+    def _check(self, func, x: torch.Tensor) -> None:
+        func_name = getattr(func, "__name__", str(func))
+        entry = self.owners.get(id(x))
+        if entry is not None and not (self.running and self.running[-1] in entry[0]):
+            allowed, param_name, unknown_owner = entry
+            if not allowed:
+                raise NotImplementedError(
+                    f"{unknown_owner} owns {param_name}, used by {func_name}, and is a module the per-sample "
+                    "engine cannot handle (it knows Linear, transformers' Conv1D, Embedding, LayerNorm / RMS "
+                    "norms and T5's relative attention bias). Fix: leave its parameters out of the layer set")
+            where = type(self.running[-1]).__name__ if self.running else "no recorded module"
+            raise NotImplementedError(
+                f"{param_name} is used by {func_name} outside the forward of the module that owns it (inside "
+                f"{where}), which the per-sample engine does not model. Fix: leave this parameter out of the "
+                "layer set, or use it through its module")
+        shared = self.shared.get(id(x))
+        if shared is not None and func_name not in _BROADCASTING:
+            raise NotImplementedError(
+                f"the output of {shared[1]}, computed once for the whole batch (leading dimension 1), is passed "
+                f"to {func_name}; the per-sample engine models such an output only as broadcast over the batch "
+                "by arithmetic. Fix: leave its parameters out of the layer set")
+
+
+def _sole_input(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    inputs = [*args, *kwargs.values()]
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+        raise NotImplementedError(f"{name} is called with {len(inputs)} arguments; the per-sample engine models "
+                                  "a module of its kind called on one tensor. Fix: leave its parameters out of the "
+                                  "layer set")
+    return inputs[0]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to rounding: ||actual - expected|| <= sqrt(eps) ||expected|| (float32: 3e-4, bfloat16: 0.09),
+    far below any difference a mis-modelled computation makes."""
+    tolerance = torch.finfo(actual.dtype).eps ** 0.5 if actual.is_floating_point() else 0.0
+    actual, expected = actual.double(), expected.double()
+    return actual.shape == expected.shape and bool((actual - expected).norm() <= tolerance * expected.norm())
+
+
+def _check_modelled(name: str, use: _Use, output: torch.Tensor) -> None:
+    """Refuses a module whose output is not its kind's formula applied to its recorded input."""
+    module, x = use.module, use.inputs
+    with torch.no_grad():
+        if use.kind == "linear":
+            ok = _close(output, F.linear(x, module.weight, module.bias))
+        elif use.kind == "conv1d":
+            expected = x @ module.weight
+            ok = _close(output, expected if module.bias is None else expected + module.bias)
+        elif use.kind == "embedding":
+            ok = _close(output, F.embedding(x, module.weight, module.padding_idx))
+        else:
+            x_hat = _norm_factor(use)
+            bias = getattr(module, "bias", None)
+            expected = module.weight * x_hat if bias is None else module.weight * x_hat + bias
+            ok = (output.shape == x.shape and x.shape[-1] == module.weight.shape[0] and _close(output, expected)
+                  and not _with_unit_weight(module, x, 0.0).any())
+    if not ok:
+        formula = {"linear": "x W^T + b", "conv1d": "x W + b", "embedding": "W[ids]",
+                   "norm": "weight * f(x) + bias"}[use.kind]
+        raise NotImplementedError(f"{name} ({type(module).__name__}): its output is not {formula} of its input, "
+                                  f"which is what the per-sample engine models for a {use.kind}. Fix: leave its "
+                                  "parameters out of the layer set")
 
 
 class GradTape:
@@ -139,37 +287,70 @@ class GradTape:
         self._handles: list = []
         self._patched: list[nn.Module] = []
         self._frozen: list[nn.Parameter] = []
+        self._guard: _OwnUsesOnly | None = None
 
     # ---- recording ---------------------------------------------------------------------------------
     def __enter__(self) -> "GradTape":
-        attentions, recorded = _recording_plan(self.model, self.params)
-        for attention in attentions:
+        if getattr(self.model, "is_gradient_checkpointing", False):
+            raise NotImplementedError("gradient checkpointing runs the forward again inside the backward, where "
+                                      "the tape records nothing. Fix: model.gradient_checkpointing_disable() "
+                                      "for the per-sample pass")
+        plan = _recording_plan(self.model, self.params)
+        self._guard = _OwnUsesOnly(plan.owners)
+        for attention in plan.attentions:
             self._expand_relative_bias(attention)
-        for module, kind, owned in recorded:
-            self._handles.append(module.register_forward_hook(self._recorder(kind, owned)))
+        for name, module, kind, owned in plan.recorded:
+            self._handles.append(module.register_forward_pre_hook(self._enter_module))
+            recorder = self._recorder(plan, name, kind, owned)
+            self._handles.append(module.register_forward_hook(recorder, with_kwargs=True))
         self._frozen = [p for p in self.model.parameters() if p.requires_grad]
         for p in self._frozen:
             p.requires_grad_(False)
+        self._guard.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._guard is not None:
+            self._guard.__exit__(None, None, None)
         for p in self._frozen:
             p.requires_grad_(True)
         for handle in self._handles:
             handle.remove()
         for attention in self._patched:
             del attention.compute_bias  # back to the class method
-        self._handles, self._patched, self._frozen = [], [], []
+        self._handles, self._patched, self._frozen, self._guard = [], [], [], None
 
-    def _recorder(self, kind: str, owned: list[nn.Parameter]):
+    def _enter_module(self, module, args) -> None:
+        self._guard.running.append(module)
+
+    def _recorder(self, plan: _Plan, name: str, kind: str, owned: list[nn.Parameter]):
         lists = [self.uses[p] for p in owned]  # a Linear's weight and bias share one record
+        batch_size = self.batch_size
 
-        def hook(module, args, output):
-            output = _in_graph(output)
-            use = _record(kind, module, args[0], output)
-            for uses in lists:
-                uses.append(use)
-            return output
+        def hook(module, args, kwargs, output):
+            try:
+                inputs = _sole_input(name, args, kwargs)
+                if inputs.dim() < 2 or inputs.shape[0] not in (batch_size, 1) or output.shape[0] != inputs.shape[0]:
+                    raise NotImplementedError(
+                        f"{name} is called on a tensor of shape {tuple(inputs.shape)}: the per-sample engine needs "
+                        f"the batch ({batch_size}) first, or 1 for a tensor every sample shares. Fix: leave its "
+                        "parameters out of the layer set")
+                output = _in_graph(output)
+                shared = inputs.shape[0] != batch_size
+                if shared:  # by every sample (position ids (1, T)): one row each
+                    inputs = inputs.expand(batch_size, *inputs.shape[1:])
+                    output = output.expand(batch_size, *output.shape[1:])
+                use = _record(kind, module, inputs, output)
+                if module not in plan.checked:
+                    _check_modelled(name, use, output)
+                    plan.checked.add(module)
+                for uses in lists:
+                    uses.append(use)
+                if shared:
+                    self._guard.shared[id(output)] = (output, name)
+                return output
+            finally:
+                self._guard.running.pop()
         return hook
 
     def _expand_relative_bias(self, attention: nn.Module) -> None:
@@ -179,7 +360,13 @@ class GradTape:
         table = attention.relative_attention_bias
         class_compute_bias = type(attention).compute_bias
         buckets: list[torch.Tensor] = []
-        bucket_hook = table.register_forward_pre_hook(lambda module, args: buckets.append(args[0]))
+
+        def enter_table(module, args) -> None:
+            buckets.append(args[0])
+            self._guard.running.append(module)
+
+        def leave_table(module, args, output) -> None:
+            self._guard.running.pop()
 
         def compute_bias(query_length, key_length, device=None, past_seen_tokens=0):
             values = _in_graph(class_compute_bias(attention, query_length, key_length, device=device,
@@ -189,7 +376,8 @@ class GradTape:
             return expanded
 
         attention.compute_bias = compute_bias
-        self._handles.append(bucket_hook)
+        self._handles.append(table.register_forward_pre_hook(enter_table))
+        self._handles.append(table.register_forward_hook(leave_table))
         self._patched.append(attention)
 
     # ---- backward ----------------------------------------------------------------------------------
@@ -294,19 +482,35 @@ def _linear_factors(use: _Use, n_groups: int) -> tuple[torch.Tensor, torch.Tenso
     return _grouped(use.inputs.to(grad.dtype), n_groups).to(dtype), _grouped(grad, n_groups).to(dtype)
 
 
-def _rms_norm_factor(use: _Use) -> torch.Tensor:
-    """x_hat = the layer norm's output for a unit weight, computed by the module's own forward (so it is
-    bit-identical to what the weight was multiplied with); cached on the use."""
+def _with_unit_weight(module: nn.Module, x: torch.Tensor, weight_value: float = 1.0) -> torch.Tensor:
+    """The module's own forward on x with its weight set to `weight_value` everywhere and its bias to 0
+    (.forward: no hooks, nothing recorded)."""
+    saved = dict(module._parameters)
+    module._parameters["weight"] = torch.full_like(saved["weight"], weight_value)
+    if saved.get("bias") is not None:
+        module._parameters["bias"] = torch.zeros_like(saved["bias"])
+    try:
+        with torch.no_grad():
+            return module.forward(x)
+    finally:
+        module._parameters.update(saved)
+
+
+def _norm_factor(use: _Use) -> torch.Tensor:
+    """x_hat, what a norm's weight multiplies: its output for a unit weight and zero bias, by the module's own
+    forward under the autocast the call ran under (so it is what the weight was multiplied with); cached."""
     if "x_hat" not in use.cache:
-        module = use.module
-        weight = module._parameters["weight"]
-        module._parameters["weight"] = torch.ones_like(weight)
-        try:
-            with torch.no_grad():
-                use.cache["x_hat"] = module.forward(use.inputs)  # .forward: no hooks, nothing recorded
-        finally:
-            module._parameters["weight"] = weight
+        x = use.inputs
+        if use.autocast is None:
+            use.cache["x_hat"] = _with_unit_weight(use.module, x)
+        else:
+            with torch.autocast(x.device.type, dtype=use.autocast):
+                use.cache["x_hat"] = _with_unit_weight(use.module, x)
     return use.cache["x_hat"]
+
+
+def _is_bias(p: nn.Parameter, use: _Use) -> bool:
+    return use.kind in ("linear", "conv1d", "norm") and p is getattr(use.module, "bias", None)
 
 
 def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -314,16 +518,22 @@ def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> tuple[t
     if not uses:
         return torch.zeros(n_groups, device=p.device, dtype=torch.float64), None
     kinds = {u.kind for u in uses}
-    if kinds == {"rms_norm"}:
-        per_group = sum((u.grad.to(_acc_dtype(u.grad)) * _rms_norm_factor(u)).reshape(n_groups, -1, p.shape[0]).sum(1)
+    biases = {_is_bias(p, u) for u in uses}
+    if len(biases) > 1:
+        raise NotImplementedError("a parameter used both as a bias and as a weight is not supported")
+    if biases == {True}:
+        per_group = _cat([_grouped(u.grad, n_groups).to(_acc_dtype(u.grad)) for u in uses], 1).sum(1)
+        return sq_norm_per_group(per_group), per_group
+    if kinds == {"norm"}:
+        per_group = sum((u.grad.to(_acc_dtype(u.grad)) * _norm_factor(u)).reshape(n_groups, -1, p.shape[0]).sum(1)
                         for u in uses)
         return sq_norm_per_group(per_group), per_group
     if kinds == {"relative_bias"}:
         per_group = sum(_relative_bias_tables(u, n_groups) for u in uses)
         return per_group.square().sum((1, 2)), per_group
-    if kinds == {"linear"} and p is uses[0].module.bias:
-        per_group = _cat([_linear_factors(u, n_groups)[1] for u in uses], 1).sum(1)
-        return sq_norm_per_group(per_group), per_group
+    if kinds == {"conv1d"}:  # weight (d_in, d_out): the Linear formulas with the two factors swapped
+        conv = [_linear_factors(u, n_groups) for u in uses]
+        return _linear_sq_norms(_cat([g for _, g in conv], 1), _cat([a for a, _ in conv], 1))
     if not kinds <= {"linear", "embedding"}:
         raise NotImplementedError(f"a parameter used as {sorted(kinds)} at once is not supported")
     # Uses of the same kind concatenate along the token axis; an embedding tied to the output layer
@@ -409,17 +619,18 @@ def _add_weighted_grad(p: nn.Parameter, use: _Use, weights: torch.Tensor, out: t
     if use.kind == "embedding":
         scaled = _masked_embedding_grad(use) * per_token
         out.index_add_(0, use.inputs.flatten(), scaled.flatten(0, -2).to(out.dtype))
-    elif use.kind == "rms_norm":
-        out.add_((grad * per_token * _rms_norm_factor(use)).flatten(0, -2).sum(0).to(out.dtype))
-    elif p is use.module.bias:
+    elif _is_bias(p, use):
         out.add_((grad * per_token).flatten(0, -2).sum(0).to(out.dtype))
-    else:  # Linear weight: (weighted output gradients)^T @ activations, scaling the narrower factor
+    elif use.kind == "norm":
+        out.add_((grad * per_token * _norm_factor(use)).flatten(0, -2).sum(0).to(out.dtype))
+    else:  # weight: (weighted output gradients)^T @ activations (Conv1D: its transpose), scaling the narrower factor
         acts = use.inputs.to(grad.dtype)
         if grad.shape[-1] <= acts.shape[-1]:
             grad = grad * per_token
         else:
             acts = acts * per_token
+        left, right = (grad, acts) if use.kind == "linear" else (acts, grad)
         if out.dtype == grad.dtype:
-            out.addmm_(grad.flatten(0, -2).t(), acts.flatten(0, -2))
+            out.addmm_(left.flatten(0, -2).t(), right.flatten(0, -2))
         else:
-            out.add_(torch.mm(grad.flatten(0, -2).t(), acts.flatten(0, -2)).to(out.dtype))
+            out.add_(torch.mm(left.flatten(0, -2).t(), right.flatten(0, -2)).to(out.dtype))

@@ -43,7 +43,8 @@ from torch import nn
 
 from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
 from common.modeling import IGNORE_INDEX, all_finite
-from common.presence.influence import Layers, eager, forward_logits, layer_set, self_influence, token_losses
+from common.presence.influence import (Layers, eager, forward_logits, layer_set, self_influence, targets,
+                                       token_losses)
 from common.presence.per_sample_grads import GradTape
 from common.presence.reweighting import SHAPINGS, beyond_loss, loss_peer_weights, presence_weights, shuffle
 
@@ -150,10 +151,10 @@ def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weight
     local = sample_weights[rank() * (sample_weights.numel() // world_size()):]
     losses = []
     for microbatch in microbatches:
-        microbatch_tokens = (microbatch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+        microbatch_tokens = (targets(model, microbatch) != IGNORE_INDEX).sum().clamp(min=1)
         loss_sum = 0.0
         for chunk in split_rows(microbatch, chunks):
-            labels = chunk["labels"]
+            labels = targets(model, chunk)  # a causal LM's are shifted
             with _autocast(model, autocast_dtype):
                 logits = forward_logits(model, chunk)
             per_token = token_losses(logits, labels).sum(1)
@@ -200,10 +201,10 @@ def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting,
     n_global = len(microbatches) * world_size()
     tapes, scores, base_weights, losses, sample_losses = [], [], [], [], []
     for microbatch in microbatches:
-        microbatch_tokens = (microbatch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+        microbatch_tokens = (targets(model, microbatch) != IGNORE_INDEX).sum().clamp(min=1)
         loss_sum = 0.0
         for chunk in split_rows(microbatch, chunks):  # the tapes keep every chunk's factors until the end
-            labels = chunk["labels"]
+            labels = targets(model, chunk)  # a causal LM's are shifted
             with GradTape(model, flat.params, labels.shape[0]) as tape, _autocast(model, autocast_dtype):
                 logits = forward_logits(model, chunk)
             per_token = token_losses(logits, labels).sum(1)
@@ -257,10 +258,10 @@ def microbatch_backward(model: nn.Module, microbatch: dict, autocast_dtype: torc
             loss = model(**microbatch).loss
         scaled(loss).backward()
         return loss.detach()
-    total_tokens = (microbatch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+    total_tokens = (targets(model, microbatch) != IGNORE_INDEX).sum().clamp(min=1)
     loss_sum = 0.0
     for chunk in split_rows(microbatch, chunks):
-        tokens = (chunk["labels"] != IGNORE_INDEX).sum()
+        tokens = (targets(model, chunk) != IGNORE_INDEX).sum()
         if tokens == 0:  # nothing to learn from, and Hugging Face's mean would be 0 / 0
             continue
         with _autocast(model, autocast_dtype):
