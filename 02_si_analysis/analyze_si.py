@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
 from common.config import check_seed, load_preset, preset_argument
-from common.presence.influence import batch_self_influence, forward_logits, group_losses, token_losses
+from common.presence.influence import batch_self_influence, forward_logits, group_losses, targets, token_losses
 from common.io import iter_jsonl_gz, read_json, read_stored_text, remove_interrupted_writes, write_csv, write_json
 from common.modeling import load_pretrained, require_model
 from common.paths import artefacts_dir, finished_pretrain_runs, results_dir
@@ -91,8 +91,8 @@ def score(model, tokenizer, probes: pd.DataFrame, layer_set: str, cfg, seed: int
         batch = {k: v.to(model.device) for k, v in batch.items()}
         sis.append(batch_self_influence(model, batch, layers=layer_set, per="sample").double().cpu())
         with torch.no_grad():
-            losses.append(group_losses(token_losses(forward_logits(model, batch), batch["labels"]),
-                                       batch["labels"]).double().cpu())
+            labels = targets(model, batch)  # a causal LM's are shifted
+            losses.append(group_losses(token_losses(forward_logits(model, batch), labels), labels).double().cpu())
     return torch.cat(sis).numpy(), torch.cat(losses).numpy()
 
 

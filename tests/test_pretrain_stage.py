@@ -286,3 +286,30 @@ def test_a_twin_retrains_a_run_and_compares_its_loss(tmp_path, artefacts, monkey
     metrics = runs / "presence-s0" / "metrics.json"
     metrics.write_text(metrics.read_text().replace('"final_heldout_loss": ', '"final_heldout_loss": 1'))
     assert twins.main(argparse.Namespace(preset="tiny", recipes=["presence-s0"], tolerance=1e-6)) == 1
+
+
+FAMILY_MODELS = {"gpt2": ["model.family=gpt2", "model.tie_word_embeddings=true"],
+                 "llama": ["model.family=llama", "model.num_heads=2"],
+                 "bert": ["model.family=bert", "model.tie_word_embeddings=true"]}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+@pytest.mark.parametrize("per", ["microbatch", "sample"])
+def test_every_family_pretrains_with_presence_and_reloads(tmp_path, artefacts, family, per):
+    """One script for every family: PRESENCE trains a GPT-2, a Llama and a BERT on their own objectives, the
+    held-out loss is finite, and the final model loads with its Auto class to equal logits."""
+    from common.modeling import load_pretrained
+    sets = [x for item in FAMILY_MODELS[family] for x in ("--set", item)]
+    metrics = pretrain.main(pretrain.parse_args(pretrain_args(tmp_path, "run", "--method", "presence", "--per", per,
+                                                              *sets)))
+    assert 0 < metrics["final_heldout_loss"] < 20 and metrics["parameters"]["total"] > 0
+    rows = csv_rows(tmp_path / "run" / "train_log.csv")
+    assert all(r["si_mean"] != "" and float(r["si_mean"]) > 0 for r in rows)
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    final = artefacts / "tiny" / "pretrain" / "run" / "final"
+    model = load_pretrained(final).eval()
+    assert type(model).__name__.lower().startswith(family)
+    auto = (AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM).from_pretrained(final).eval()
+    ids = torch.randint(3, 700, (2, 12))
+    with torch.no_grad():  # Hugging Face's own Auto class reads the same network
+        assert torch.equal(model(input_ids=ids).logits, auto(input_ids=ids).logits)

@@ -1,4 +1,5 @@
-"""The held-out span-corruption loss: the pre-training yardstick, with its own noise.
+"""The held-out loss of the pre-training objective (span corruption for T5, the next token or the masked
+tokens for other families: common/families.py): the pre-training yardstick, with its own noise.
 
 Every run is scored on the same rows of the held-out split (all of them by default; `eval_rows` takes a
 fixed subset), each row corrupted the same way in every run (noise seeded by the row), so differences
@@ -20,7 +21,7 @@ import torch
 
 from common.data.packed_data import SpanCorruptionBatches
 from common.modeling import IGNORE_INDEX
-from common.presence.influence import eager, forward_logits, token_losses
+from common.presence.influence import eager, forward_logits, targets, token_losses
 
 HELDOUT_SEED = 12345  # span-corruption noise of the held-out rows: the same for every run and seed
 HELDOUT_COLUMNS = ["run", "method", "seed", "step", "lang", "n_rows", "n_tokens", "loss", "se"]
@@ -45,8 +46,9 @@ def row_losses(model, heldout: SpanCorruptionBatches, rows: np.ndarray, batch_si
         batch = {k: v.to(device) for k, v in heldout.fixed_rows(rows[start:start + batch_size]).items()}
         with autocast():
             logits = forward_logits(model, batch)
-        per_token = token_losses(logits, batch["labels"]).double()
-        count = (batch["labels"] != IGNORE_INDEX).sum(1)
+        labels = targets(model, batch)  # a causal LM's are shifted
+        per_token = token_losses(logits, labels).double()
+        count = (labels != IGNORE_INDEX).sum(1)
         losses.append((per_token.sum(1) / count.clamp(min=1)).cpu())
         counts.append(count.cpu())
     model.train(was_training)
