@@ -313,3 +313,15 @@ def test_every_family_pretrains_with_presence_and_reloads(tmp_path, artefacts, f
     ids = torch.randint(3, 700, (2, 12))
     with torch.no_grad():  # Hugging Face's own Auto class reads the same network
         assert torch.equal(model(input_ids=ids).logits, auto(input_ids=ids).logits)
+
+
+def test_the_script_reads_as_a_table_of_contents():
+    """The run's state is one object: no function of pretrain.py takes more than six parameters, and main
+    stays a short list of the stages of a run."""
+    import ast
+    tree = ast.parse((REPO_ROOT / "03_pretrain" / "pretrain.py").read_text())
+    wide = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+            and len(f.args.args) + len(f.args.kwonlyargs) > 6]
+    assert not wide, wide
+    main = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "main")
+    assert main.end_lineno - main.lineno < 25
