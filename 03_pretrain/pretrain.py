@@ -179,6 +179,7 @@ class Run:
 
 def get_run(args) -> Run:
     preset, method = get_config(args)
+    check_resources(preset, method.name, args.per)  # at launch: naming a run needs no machine that fits it
     rank, world, device = init_distributed()
     set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
     if preset.pretrain.num_microbatches % world:
@@ -242,7 +243,6 @@ def get_config(args) -> tuple[Preset, Method]:
         raise ConfigError(f"--method {method.name} needs noisy data to drop. Fix: pass --noise-rate")
     if args.noise_rate and method.data_filter:
         raise ConfigError(f"--noise-rate: {method.label} scores the clean data. Fix: drop --noise-rate")
-    check_resources(preset, method.name, args.per)
     return preset, method
 
 

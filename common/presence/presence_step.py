@@ -265,7 +265,8 @@ def microbatch_backward(model: nn.Module, microbatch: dict, autocast_dtype: torc
         if tokens == 0:  # nothing to learn from, and Hugging Face's mean would be 0 / 0
             continue
         with _autocast(model, autocast_dtype):
-            part = model(**chunk).loss * (tokens / total_tokens)
+            loss = model(**chunk).loss
+            part = loss * (tokens.to(loss.dtype) / total_tokens.to(loss.dtype))
         scaled(part).backward()
         loss_sum = loss_sum + part.detach()
     return loss_sum if torch.is_tensor(loss_sum) else torch.zeros((), device=microbatch["labels"].device)
