@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from common.benchmark import median_ms, paired_ratio_quartiles, round_robin_seconds, write_benchmark_csv
+from common.cli import exit_on_known_errors
 from common.config import ModelConfig
 from common.modeling import build_model
 from common.presence.influence import batch_self_influence, layer_set
@@ -118,4 +119,5 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with exit_on_known_errors():
+        main(parse_args())
