@@ -341,7 +341,14 @@ def _start(args, results, artefacts):
            "OMP_NUM_THREADS": "1"}
     env.pop("PRESENCE_XTREME_DIR", None)
     return subprocess.Popen([sys.executable, "-c", RUN_WITH_RESULTS_IN, str(results), *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """The child takes Ctrl-C as a user's shell gives it, whatever signal state the test process passes on
+    (a blocked or ignored SIGINT is inherited across exec)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
