@@ -74,6 +74,7 @@ from common.presence.methods import PRESENCE, Knobs, Method, Recipe, get_method
 from common.presence.presence_step import StepPlan, StepStats
 from common.presence.reweighting import kish_effective_count
 from common.presence.train_step import train_step
+from common.reporting.run_results import LOG_COLUMNS  # train_log.csv, as the tables read it
 from common.reporting.stats import auroc
 from common.runinfo import (bind_store, committed_note, config_changes, prepare_run_dir, run_lock, run_name,
                             write_run_files)
@@ -81,9 +82,6 @@ from common.seeding import seed_everything
 from common.signals import StopRequests
 from common.threads import set_cpu_threads
 
-LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
-               "z_variance_share", "noisy_batch_share", "noisy_weight_share", "si_noise_auroc",
-               "mb_si_noise_spearman", "tokens_seen", "seconds", "heldout_loss", "seed", "si_loss_spearman"]
 NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", "seed"]
 # Every weight a score-weighted step applied, one row per step (items in order, full precision): what the
 # weight-matched control replays.
