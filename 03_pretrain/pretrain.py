@@ -56,7 +56,8 @@ from common.benchmark import mfu_ceiling_tflops
 from common.checkpoint import (checkpoint_step, confirm_checkpoint, latest_checkpoint, load_checkpoint,
                                roll_back_checkpoint, save_checkpoint, save_model_folder)
 from common.cli import exit_on_known_errors
-from common.config import LAYER_SETS, ConfigError, Preset, check_seed, load_preset
+from common.config import (EXECUTION_KNOBS, LAYER_SETS, ConfigError, Preset, check_seed, load_preset,
+                           recipe_differences)
 from common.data.noise import noise_shares
 from common.data.packed_data import (SpanCorruptionBatches, check_files, load_data_manifest, load_tokenizer_from_data,
                                      recorded_files)
@@ -86,10 +87,6 @@ NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", 
 # Every weight a score-weighted step applied, one row per step (items in order, full precision): what the
 # weight-matched control replays.
 WEIGHT_LOG_COLUMNS = ["step", "weights"]
-# How a run logs, evaluates and saves, and how it executes its steps (the same update to float rounding):
-# not part of its recipe or its name.
-EXECUTION_KNOBS = ("log_every", "eval_every", "save_every", "noise_log_every", "eval_batch_size", "compile",
-                   "log_si_loss", "microbatch_chunks", "activation_checkpointing")
 # What --resume may change: the schedule (applied from the checkpoint on) and the execution knobs; each
 # change is recorded in config.json's "history". Any other difference (method, seed, preset, data, model,
 # the rest of the recipe) would make it another run and is refused.
@@ -254,22 +251,10 @@ def default_run_name(args) -> str:
 
 def recipe_changes(preset: Preset, reference: Preset, method: Method) -> dict[str, object]:
     """The fields of data, model and pretrain whose value in `preset` differs from `reference`'s, as
-    {"pretrain.steps": 30}; how often a run logs, evaluates or saves is not part of its recipe, and neither
-    is a knob the method does not read."""
-    changes = {}
-    for section in ("data", "model", "pretrain"):
-        ours, theirs = dataclasses.asdict(getattr(preset, section)), dataclasses.asdict(getattr(reference, section))
-        for key, value in ours.items():
-            if value == theirs.get(key):
-                continue
-            if section == "data" and (key == "noise_rates" or key.startswith("probe")):
-                continue  # which noisy copies and probe sets the data build holds: not how this run trains
-            if section == "pretrain" and (key in EXECUTION_KNOBS + ("seeds", "reproduce_methods") or
-                                          (key in ("tau_direct", "tau_inverse", "switch_step", "si_layers")
-                                           and key not in method.reads)):
-                continue
-            changes[f"{section}.{key}"] = value
-    return changes
+    {"pretrain.steps": 30} (common.config.recipe_differences)."""
+    sections = ("data", "model", "pretrain")
+    return recipe_differences({s: dataclasses.asdict(getattr(preset, s)) for s in sections},
+                              {s: dataclasses.asdict(getattr(reference, s)) for s in sections}, method.reads)
 
 
 def paired_weights(args, preset: Preset, method: Method, runs_dir: Path) -> np.ndarray:
@@ -278,7 +263,8 @@ def paired_weights(args, preset: Preset, method: Method, runs_dir: Path) -> np.n
     paired_args = argparse.Namespace(**{**vars(args), "method": method.controls, "run_name": None})
     folder = runs_dir / (args.paired_run or default_run_name(paired_args))
     train_it = shlex.join(["python", "03_pretrain/pretrain.py", "--preset", args.preset, "--method", method.controls,
-                           "--seed", str(args.seed)] + (["--per", args.per] if args.per != "microbatch" else []))
+                           "--seed", str(args.seed)] + (["--per", args.per] if args.per != "microbatch" else [])
+                         + [part for change in args.set for part in ("--set", change)])
     if not (folder / "metrics.json").is_file() or not (folder / "step_weights.csv").is_file():
         raise ConfigError(f"--method {method.name}: it replays the weights of the {method.controls} run {folder}, "
                           f"which is missing, unfinished or logged no weights. Fix: train it first ({train_it}), or "

@@ -9,7 +9,8 @@ the same seed.
                "presence-single tau=2" "presence switch_step=100" presence-sequential
 
 A run is a method followed by options of 03_pretrain/pretrain.py written key=value
-(tau, switch_step, per, si_layers, noise_rate). --jobs N trains N runs at once, each on cores / N threads
+(tau, switch_step, per, si_layers, noise_rate) or section.field=value for any other preset field
+("presence pretrain.batch_size=256", passed on as --set). --jobs N trains N runs at once, each on cores / N threads
 (on a CPU, two one-thread runs of the tiny model finish sooner than two two-thread runs in turn); the
 Sequential runs come after the others. A run counts as finished when its metrics.json and final model are
 both written. Writes results/<preset>/pretrain/summary.csv and heldout.csv (every run's held-out losses:
@@ -50,9 +51,12 @@ def run_arguments(spec: str, seed: int, preset: str) -> list[str]:
     args = ["--preset", preset, "--method", method, "--seed", str(seed)]
     for option in options:
         key, _, value = option.partition("=")
+        if "." in key and value:  # any preset field, e.g. pretrain.batch_size=256
+            args += ["--set", option]
+            continue
         if key not in OPTION_FLAGS or not value:
             raise SystemExit(f"run {spec!r}: unknown option {option!r}. Fix: use key=value with key in "
-                             f"{sorted(OPTION_FLAGS)}")
+                             f"{sorted(OPTION_FLAGS)}, or section.field=value for a preset field")
         args += [OPTION_FLAGS[key], value]
     return args
 

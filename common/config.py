@@ -191,6 +191,36 @@ class ModelConfig:
         _require(0 <= self.dropout_rate < 1, f"{where}.dropout_rate", "must be in [0, 1)", "pre-training uses 0")
 
 
+# Fields of PretrainConfig that say how a run logs, evaluates and saves, and how it executes its steps (the same
+# update to float rounding): not part of its recipe or its name.
+EXECUTION_KNOBS = ("log_every", "eval_every", "save_every", "noise_log_every", "eval_batch_size", "compile",
+                   "log_si_loss", "microbatch_chunks", "activation_checkpointing")
+# The two-stage schedule's knobs and the layer set: part of a recipe only for a method that reads them.
+METHOD_KNOBS = ("tau_direct", "tau_inverse", "switch_step", "si_layers")
+
+
+def recipe_differences(ours: dict[str, dict], theirs: dict[str, dict],
+                       method_reads: tuple[str, ...]) -> dict[str, object]:
+    """The recipe fields whose value in `ours` differs from `theirs` ({section: {field: value}}, the sections
+    data, model and pretrain that `theirs` gives), as {"pretrain.steps": 30}: how often a run logs, evaluates
+    or saves and how it executes is not part of a recipe, nor is a knob of METHOD_KNOBS its method does not
+    read, nor which noisy copies and probe sets a data build holds."""
+    changes = {}
+    for section in ("data", "model", "pretrain"):
+        if section not in theirs:
+            continue
+        for key, value in ours.get(section, {}).items():
+            if value == theirs[section].get(key):
+                continue
+            if section == "data" and (key == "noise_rates" or key.startswith("probe")):
+                continue
+            if section == "pretrain" and (key in EXECUTION_KNOBS + ("seeds", "reproduce_methods") or
+                                          (key in METHOD_KNOBS and key not in method_reads)):
+                continue
+            changes[f"{section}.{key}"] = value
+    return changes
+
+
 @dataclass
 class PretrainConfig:
     steps: int = 1000  # optimizer steps (paper: 1,000,000 main runs, 200,000 ablations)

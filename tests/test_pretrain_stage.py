@@ -235,6 +235,12 @@ def test_grid_specs_become_pretrain_arguments_and_names():
         "presence-I50-per-sample-s0"
     with pytest.raises(SystemExit, match="unknown option"):
         grid.run_arguments("presence temperature=2", 0, "tiny")
+    # any preset field, as pretrain.py's --set; a field the method does not read is not in its name
+    spec = "presence pretrain.batch_size=64 pretrain.tau_direct=0.5 pretrain.tau_inverse=-0.5"
+    assert grid.run_arguments(spec, 2, "tiny")[-6:] == ["--set", "pretrain.batch_size=64", "--set",
+                                                       "pretrain.tau_direct=0.5", "--set", "pretrain.tau_inverse=-0.5"]
+    assert grid.run_name(grid.run_arguments(spec, 2, "tiny")) == "presence-batch_size64-tau_direct0.5-tau_inverse-0.5-s2"
+    assert grid.run_name(grid.run_arguments("baseline pretrain.tau_direct=0.5", 0, "tiny")) == "baseline-s0"
 
 
 def test_grid_finds_the_runs_of_a_preset_given_as_a_yaml_path(tmp_path, monkeypatch):

@@ -147,6 +147,15 @@ def test_runs_are_grouped_by_config_not_by_name(tmp_path):
     changed["pretrain"]["switch_step"] = 50
     label = variant_label({"method": "presence", "tau": None, "per": "sample", "preset": changed}, reference)
     assert label == "presence (per-sample, I=50)"
+    # any other recipe field (a grid's batch size or temperatures) makes a variant too; an execution knob,
+    # or a knob the method does not read, does not
+    grid = json.loads(json.dumps(preset))
+    grid["pretrain"].update(batch_size=256, tau_direct=0.5, log_every=1, microbatch_chunks=2)
+    assert variant_label({"method": "presence", "preset": grid}, reference) == \
+        "presence (batch_size=256, tau_direct=0.5)"
+    assert variant_label({"method": "baseline", "preset": grid}, reference) == "baseline (batch_size=256)"
+    assert default_run_name({"method": "presence", "seed": 3, "preset": grid}, reference) == \
+        "presence-batch_size256-tau_direct0.5-s3"
     # a run named like the standard recipe still counts as a variant when its config differs
     folder = tmp_path / "runs" / "presence-s0"
     folder.mkdir(parents=True)

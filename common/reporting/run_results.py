@@ -14,16 +14,17 @@ names that recipe's run by default (`presence-s0`), else the first by name; the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.config import PretrainConfig
+from common.config import PretrainConfig, recipe_differences
 from common.evaluation.score_rows import chance_level
 from common.evaluation.heldout import HELDOUT_COLUMNS
-from common.presence.methods import reads
+from common.presence.methods import BY_NAME
 from common.runinfo import run_name
 
 LOG_COLUMNS = ["step", "loss", "lr", "tau", "si_mean", "si_std", "max_weight", "weight_entropy", "kish_n",
@@ -43,20 +44,26 @@ HEADLINE_METRIC = {"xquad": "f1", "mlqa": "f1", "tydiqa": "f1", "xnli": "accurac
                    "panx": "span_f1", "verse_retrieval": "accuracy"}
 
 
+# How a table names a recipe field a run changed; any other field is named "field=value".
+CHANGE_LABELS = {"pretrain.switch_step": "I={}", "pretrain.si_layers": "SI on {}", "pretrain.steps": "{} steps"}
+
+
+def recipe_fields(config: dict, reference: PretrainConfig) -> dict[str, object]:
+    """The pretrain fields of a run's recipe that differ from the preset's defaults (common.config's
+    recipe_differences: a knob the method does not read is not part of its recipe)."""
+    method = BY_NAME.get(config["method"])
+    return recipe_differences(config.get("preset", {}), {"pretrain": dataclasses.asdict(reference)},
+                              method.reads if method else ())
+
+
 def recipe_changes(config: dict, reference: PretrainConfig) -> list[str]:
-    """How a run's recipe differs from the preset's defaults (empty for a standard run); a knob the method
-    does not read (common/presence/methods.py) is not part of its recipe."""
-    method = config["method"]
-    pretrain = config.get("preset", {}).get("pretrain", {})
-    changes = []
-    if config.get("per", "microbatch") != "microbatch":
-        changes.append(f"per-{config['per']}")
-    if reads(method, "switch_step") and pretrain.get("switch_step", reference.switch_step) != reference.switch_step:
-        changes.append(f"I={pretrain['switch_step']}")
-    if reads(method, "si_layers") and pretrain.get("si_layers", reference.si_layers) != reference.si_layers:
-        changes.append(f"SI on {pretrain['si_layers']}")
-    if pretrain.get("steps", reference.steps) != reference.steps:
-        changes.append(f"{pretrain['steps']} steps")
+    """How a run's recipe differs from the preset's defaults, in words (empty for a standard run): the
+    granularity, I, the layer set and the steps, any other pretrain field, then the noise rate."""
+    changes = [f"per-{config['per']}"] if config.get("per", "microbatch") != "microbatch" else []
+    fields = recipe_fields(config, reference)
+    changes += [CHANGE_LABELS[key].format(fields.pop(key)) for key in CHANGE_LABELS if key in fields]
+    changes += [f"{key.split('.')[-1]}={value:g}" if isinstance(value, float) else f"{key.split('.')[-1]}={value}"
+                for key, value in sorted(fields.items())]
     if config.get("noise_rate"):
         changes.append(f"noise {config['noise_rate']:g}")
     return changes
@@ -76,13 +83,9 @@ def variant_label(config: dict, reference: PretrainConfig) -> str:
 
 def default_run_name(config: dict, reference: PretrainConfig) -> str:
     """The name 03_pretrain/pretrain.py gives by default (common.runinfo.run_name) to a run of this config's
-    recipe and seed, from the recipe fields the tables compare (I, the layer set and the steps, where the
-    method reads them)."""
-    method, pretrain = config["method"], config.get("preset", {}).get("pretrain", {})
-    changes = {f"pretrain.{key}": pretrain[key] for key in ("switch_step", "si_layers", "steps")
-               if key in pretrain and pretrain[key] != getattr(reference, key) and (key == "steps" or reads(method, key))}
-    return run_name(method, int(config.get("seed", 0)), config.get("tau"), config.get("per", "microbatch"),
-                    config.get("noise_rate") or 0.0, changes)
+    recipe and seed."""
+    return run_name(config["method"], int(config.get("seed", 0)), config.get("tau"), config.get("per", "microbatch"),
+                    config.get("noise_rate") or 0.0, recipe_fields(config, reference))
 
 
 def repeated_runs(configs: list[dict], reference: PretrainConfig, notes: list[str]) -> dict[str, str]:
