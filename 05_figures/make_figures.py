@@ -9,6 +9,8 @@ results/paper/paper_results.csv (the paper's numbers). Writes
   results/<preset>/tables/   table2_sequential, table3_main, table5_tau_ablation (.csv and .md), headline.md,
                              comparisons (.csv and .md: the held-out loss comparisons, paired by seed, Holm-adjusted)
   results/<preset>/figures/  the PNGs below and README.md, an index saying which exist and why others do not.
+  results/<preset>/<grid>/   for each grid 03_pretrain/run_grid.py collected (runs.csv): differences.csv, the
+                             figure, README.md and, for the microbatch size, extrapolation.csv
 A missing input is reported and the table cells that need it say "not run"; a figure without its
 inputs is skipped with the reason (and a stale PNG of it removed). No number is ever filled in.
 """
@@ -25,7 +27,10 @@ import pandas as pd
 from common.cli import exit_on_known_errors
 from common.config import load_preset, preset_argument
 from common.io import atomic_open, write_csv
+from common.grids import GRIDS_DIR, load_grid
 from common.reporting.comparisons import compare_recipes, comparisons_markdown, heldout_family
+from common.reporting.grid_plots import plot_heat_maps, plot_trend_grid
+from common.reporting.grid_results import differences_markdown, extrapolate, grid_differences, trend_sentences
 from common.reporting.markdown import markdown_table
 from common.reporting.paper_results import PAPER_RESULTS_CSV, load_paper_results
 from common.paths import RESULTS_DIR, artefacts_dir
@@ -145,6 +150,57 @@ def write_comparisons(runs: pd.DataFrame, preset_name: str, tables_dir: Path) ->
                                    "control ran beside another recipe.\n"))
     print(f"wrote {tables_dir / 'comparisons'}.csv and .md ({int(table['distinguishable'].sum())} of {len(table)} "
           "comparisons distinguishable after Holm)")
+
+
+def write_grid(grid, runs: pd.DataFrame, folder: Path, preset_arg: str) -> str:
+    """A collected grid's differences.csv, extrapolation.csv (a one-axis grid with a marked value), figure and
+    README.md, beside its runs.csv; returns what was made."""
+    axes = list(grid.axes)
+    differences = grid_differences(runs, axes, grid.comparisons)
+    write_csv(folder / "differences.csv", differences.astype(object).where(differences.notna(), "").to_dict("records"),
+              list(differences.columns))
+    trends, lines = None, []
+    if len(axes) == 1 and axes[0] in grid.marked:
+        trends = extrapolate(differences, axes[0], float(grid.marked[axes[0]]))
+        write_csv(folder / "extrapolation.csv", trends.to_dict("records"), list(trends.columns))
+        lines = trend_sentences(trends, axes[0], (PRESENCE.name, BASELINE.name))
+    try:
+        if len(axes) == 1:
+            plot_trend_grid(differences, trends, axes[0], grid.marked.get(axes[0]), folder / f"{grid.name}.png")
+        else:
+            plot_heat_maps(differences, axes, grid.marked, folder / f"{grid.name}.png")
+        figure = f"![{grid.name}]({grid.name}.png)"
+    except MissingInputError as err:
+        (folder / f"{grid.name}.png").unlink(missing_ok=True)
+        figure = f"No figure: {err}."
+    text = [f"# Grid `{grid.name}`: {grid.description}", "",
+            f"Trained and collected by `python 03_pretrain/run_grid.py --grid {grid.name} --preset {preset_arg}` "
+            f"(grid: `03_pretrain/grids/{grid.name}.yaml`); tables and figure by `05_figures/make_figures.py` from "
+            "runs.csv only; do not edit by hand. Δ is the final held-out loss of a − b (nats/token, below 0: a is "
+            "lower) paired by seed, with its Student-t 95% interval; Holm p adjusts the paired t p over every row "
+            "of this table; 'eval. se' is the held-out set's own standard error of one run's loss.", "",
+            differences_markdown(differences, axes), figure, ""]
+    if lines:
+        text += ["## Extrapolation", "", "A line in log2 of the axis, fitted to the cells' differences weighted "
+                 "by their seed noise, evaluated where the grid could not afford to train. It assumes the trend "
+                 "stays linear in log2 m out to there, at tiny's model, data and step count; the interval covers "
+                 "the cells' seed noise (inflated where they scatter about the line more than it allows), not "
+                 "that assumption.", ""] + lines + [""]
+    with atomic_open(folder / "README.md") as f:
+        f.write("\n".join(text))
+    return f"{len(differences)} differences" + (f", {len(trends)} trends" if trends is not None else "")
+
+
+def write_grids(stage_dir: Callable[[str], Path], preset_arg: str) -> dict[str, str]:
+    """Every grid of 03_pretrain/grids/ that run_grid.py has collected at this preset (its runs.csv)."""
+    made = {}
+    for path in sorted(GRIDS_DIR.glob("*.yaml")):
+        grid = load_grid(str(path))
+        notes: list[str] = []
+        runs = read_table(stage_dir(grid.name) / "runs.csv", ["recipe", "seed", "final_heldout_loss"], notes)
+        made[grid.name] = "not run" if runs is None else write_grid(grid, runs, stage_dir(grid.name), preset_arg)
+        print(f"grid {grid.name}: {made[grid.name]}")
+    return made
 
 
 def with_reused(averages: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -294,6 +350,7 @@ def main(args: argparse.Namespace) -> dict:
 
     tables = write_tables(inputs, paper, preset, stage_dir("tables"), notes)
     write_comparisons(inputs["runs"], preset.name, stage_dir("tables"))
+    grids = write_grids(stage_dir, preset_argument(args.preset))
     figures = figure_list(inputs, preset)
     status = draw_figures(figures, stage_dir("figures"))
     write_figure_index(figures, status, stage_dir("figures"), preset.name, notes, inputs["provenance"],
@@ -309,7 +366,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"wrote {stage_dir('tables') / 'headline.md'}")
     if since is not None:
         report_provenance(inputs["provenance"], since, stage_dir("tables") / "provenance.md")
-    return {"tables": [spec.name for spec in TABLES], "figures": status, "notes": notes}
+    return {"tables": [spec.name for spec in TABLES], "figures": status, "grids": grids, "notes": notes}
 
 
 if __name__ == "__main__":
