@@ -40,6 +40,7 @@ from common.data.packed_data import (MANIFEST, NOISE_MANIFEST, PackedWriter, fil
                                      token_dtype)
 from common.paths import artefacts_dir, results_dir
 from common.data.probes import choose, document_samples, jumble, mismatched_samples
+from common.data.sources import BIBLE, sources_fingerprint, split_stream
 from common.data.span_corruption import compute_input_and_target_lengths
 from common.data.tokenizer import encode_texts, load_tokenizer, special_ids, train_sentencepiece_tokenizer
 
@@ -74,9 +75,10 @@ def build_corpus(cfg, corpus_dir: Path, settings: dict, force: bool) -> dict:
         return read_json(marker)
     shutil.rmtree(corpus_dir, ignore_errors=True)
     corpus = open_corpus(cfg)
-    offline = cfg.source == "offline"
-    # the offline corpus holds out whole books in every language (parallel check); mC4 needs held-out
-    # documents only for the probe languages, as many as there are probe samples
+    offline = cfg.source in ("offline", "mixed")
+    # the offline corpus holds out whole books in every language (parallel check), a mixed one also a share
+    # of each source's documents; mC4 needs held-out documents only for the probe languages, as many as there
+    # are probe samples
     counts = write_corpus(corpus, cfg.languages, corpus_dir, cfg.max_chars_per_language,
                           heldout_languages=cfg.languages if offline else cfg.probe_languages,
                           max_heldout_documents=None if offline else cfg.probe_samples_per_language)
@@ -202,7 +204,8 @@ def build_probes(cfg, data_dir: Path, tokenizer, raw_length: int, settings: dict
     records, summary = [], {}
     for index, lang in enumerate(tqdm(cfg.probe_languages, desc="probes", unit="language")):
         documents = ((d.url, d.text) for d in corpus.documents(lang, "heldout"))
-        candidates = document_samples(documents, tokenizer, budget, one_per_document=cfg.source != "offline")
+        candidates = document_samples(documents, tokenizer, budget,
+                                      one_per_document=cfg.source not in ("offline", "mixed"))
         samples = choose(candidates, n, np.random.default_rng([cfg.seed, 2, index]), f"probes for {lang}")
         unchanged = 0
         for sample_id, sample in enumerate(samples):
@@ -219,9 +222,10 @@ def build_probes(cfg, data_dir: Path, tokenizer, raw_length: int, settings: dict
                     for i, s in enumerate(samples)]
         summary["en_mismatched"] = {"samples": n, "mean_tokens": float(np.mean([s["tokens"] for s in samples]))}
     write_jsonl_gz(data_dir / "probes.jsonl.gz", records)
-    if cfg.source == "offline":
+    if cfg.source in ("offline", "mixed"):
         overrides = dict(item.split("=", 1) for item in cfg.translations)
-        verses = heldout_parallel_verses(cfg.languages, corpus=SonofmanCorpus(translations=overrides,
+        bible = [lang for lang in cfg.languages if split_stream(lang)[1] == BIBLE]
+        verses = heldout_parallel_verses(bible, corpus=SonofmanCorpus(translations=overrides,
                                                                               heldout_books=cfg.heldout_books))
         write_jsonl_gz(data_dir / "heldout_parallel_verses.jsonl.gz", verses)
         summary["parallel_verses"] = len(verses)
@@ -236,7 +240,8 @@ def write_summary(path: Path, preset_name: str, cfg, manifest: dict) -> None:
     for lang in manifest["languages"]:
         s = manifest["per_language"][lang]
         skipped = s.get("skipped", {})
-        rows.append({"preset": preset_name, "language": lang, "source": cfg.source,
+        rows.append({"preset": preset_name, "language": lang,
+                     "source": split_stream(lang)[1] if cfg.source == "mixed" else cfg.source,
                      "translation": s.get("translation", ""), "documents": s["documents"],
                      "characters": s["characters"], "tokens": s["tokens"], "train_rows": s["train_rows"],
                      "heldout_loss_rows": s["heldout_rows"], "heldout_documents": s.get("heldout_documents", 0),
@@ -258,7 +263,9 @@ def main(preset: str = "tiny", overrides: list[str] | None = None, force: bool =
     # each step's settings include those of the steps it reads from, so a change upstream rebuilds it
     corpus_settings = {k: getattr(cfg, k) for k in ("source", "local_dir", "mc4_dataset", "languages", "seed",
                                                     "max_chars_per_language", "translations", "heldout_books")}
-    if cfg.source != "offline":  # mC4's held-out documents are as many as the probe samples
+    if cfg.source == "mixed":  # the gathered sources, by their manifest (a new gathering rebuilds the data)
+        corpus_settings["sources"] = sources_fingerprint(cfg)
+    if cfg.source not in ("offline", "mixed"):  # mC4's held-out documents are as many as the probe samples
         corpus_settings.update(probe_languages=cfg.probe_languages, probe_samples=cfg.probe_samples_per_language)
     tokenizer_settings = {**corpus_settings, "alpha": cfg.alpha, "tokenizer": vars(cfg.tokenizer)}
     packed_settings = {**tokenizer_settings, **{k: getattr(cfg, k) for k in (

@@ -20,7 +20,8 @@ picks the layer set; --noise-rate trains on the data with that share of the trai
 own recipe (tau, I, per-sample, layer set, noise, steps, any other --set), then the seed.
 
 Writes results/<preset>/pretrain/runs/<run>/ (config, environment, train_log.csv, heldout.csv,
-heldout_rows.csv, noise_log.csv with --noise-rate, metrics.json) and artefacts/<preset>/pretrain/<run>/
+heldout_rows.csv, noise_log.csv with --noise-rate, step_weights.csv and stream_weights.csv for weighted
+methods, metrics.json) and artefacts/<preset>/pretrain/<run>/
 (checkpoints/ to resume, snapshots/ for 02, final/ for 04). metrics.json comes last: a run is finished
 when it is there.
 
@@ -73,7 +74,7 @@ from common.presence.influence import batch_self_influence
 from common.presence.methods import NAMES as METHODS
 from common.presence.methods import PRESENCE, Knobs, Method, Recipe, get_method
 from common.presence.presence_step import StepPlan, StepStats
-from common.presence.reweighting import kish_effective_count
+from common.presence.reweighting import group_shares, kish_effective_count
 from common.presence.train_step import train_step
 from common.reporting.run_results import LOG_COLUMNS  # train_log.csv, as the tables read it
 from common.reporting.stats import auroc
@@ -87,6 +88,9 @@ NOISE_LOG_COLUMNS = ["step", "kind", "batch_share", "weight_share", "si_auroc", 
 # Every weight a score-weighted step applied, one row per step (items in order, full precision): what the
 # weight-matched control replays.
 WEIGHT_LOG_COLUMNS = ["step", "weights"]
+# Every log_every steps of a weighted run, each stream's (language's, or source's) share of the batch and of the
+# weight: how the weights shift across languages and sources over training.
+STREAM_LOG_COLUMNS = ["step", "stream", "batch_share", "weight_share", "seed"]
 # What --resume may change: the schedule (applied from the checkpoint on) and the execution knobs; each
 # change is recorded in config.json's "history". Any other difference (method, seed, preset, data, model,
 # the rest of the recipe) would make it another run and is refused.
@@ -459,7 +463,8 @@ def start_outputs(run: Run, step: int) -> None:
     if step:
         truncate_logs(run.dir, step)
     else:
-        for name in ("train_log.csv", "heldout.csv", "noise_log.csv", "heldout_rows.csv", "step_weights.csv"):
+        for name in ("train_log.csv", "heldout.csv", "noise_log.csv", "heldout_rows.csv", "step_weights.csv",
+                     "stream_weights.csv"):
             (run.dir / name).unlink(missing_ok=True)
     (run.dir / "metrics.json").unlink(missing_ok=True)
     shutil.rmtree(run.store / "final", ignore_errors=True)
@@ -468,7 +473,8 @@ def start_outputs(run: Run, step: int) -> None:
 def truncate_logs(run_dir: Path, last_step: int) -> None:
     """A resumed run continues its logs from its checkpoint, dropping rows written after it."""
     for name, columns in (("train_log.csv", LOG_COLUMNS), ("heldout.csv", HELDOUT_COLUMNS),
-                          ("noise_log.csv", NOISE_LOG_COLUMNS), ("step_weights.csv", WEIGHT_LOG_COLUMNS)):
+                          ("noise_log.csv", NOISE_LOG_COLUMNS), ("step_weights.csv", WEIGHT_LOG_COLUMNS),
+                          ("stream_weights.csv", STREAM_LOG_COLUMNS)):
         path = run_dir / name
         if path.exists():
             write_csv(path, [r for r in read_csv(path) if int(r["step"]) <= last_step], columns)
@@ -564,6 +570,11 @@ def log_step(run: Run, data: Data, trainer: Trainer, record: StepRecord, bar) ->
     if record.plan.update == "scores" and run.method.update == "scores":
         append_csv_row(run.dir / "step_weights.csv", {"step": step, "weights": " ".join(
             repr(float(w)) for w in stats.weights.double())}, WEIGHT_LOG_COLUMNS)
+    if step % cfg.log_every == 0 and stats.weights is not None:
+        streams = data.train.row_language[data.train.batch_rows(step - 1)]
+        for shares in group_shares(streams, row_weights(stats, len(streams)), data.manifest["languages"]):
+            append_csv_row(run.dir / "stream_weights.csv", {"step": step, **shares, "seed": run.seed},
+                           STREAM_LOG_COLUMNS)
     if step % cfg.log_every == 0:
         bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}",
                         refresh=False)  # tqdm redraws at its own interval

