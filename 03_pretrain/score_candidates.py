@@ -7,8 +7,9 @@ after 200k steps). pretrain.py --method presence-sequential then keeps the lowes
     python 03_pretrain/score_candidates.py --preset small --seed 1 --scorer presence-s1
 
 Reads the packed training rows (01_data) and artefacts/<preset>/pretrain/<scorer>/final (03_pretrain).
-Writes results/<preset>/pretrain/sequential/scores-s<seed>.csv (per language: score quantiles and the
-share of its rows that Sequential keeps, since one global ranking can favour some languages), then
+Writes results/<preset>/pretrain/sequential/scores-s<seed>.csv (per language, or source stream: quantiles of
+the rows' SI and loss, their rank correlation, and the share of its rows that Sequential keeps, since one
+global ranking can favour some languages), then
 artefacts/<preset>/pretrain/sequential/scores-s<seed>.npy (one score per training row, in row order),
 which pretrain.py and pretrain_all.py read: written last, so that its presence means both are there.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from common.cli import exit_on_known_errors
@@ -45,14 +47,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def language_rows(languages, row_language, scores, keep_fraction) -> list[dict]:
+def language_rows(languages, row_language, scores, losses, keep_fraction) -> list[dict]:
+    """Per language (or source stream): quantiles of the rows' SI and loss, their rank correlation, and the
+    share of its rows Sequential keeps."""
     kept = np.zeros(len(scores), dtype=bool)
     kept[np.argsort(scores, kind="stable")[:round(keep_fraction * len(scores))]] = True
     rows = []
     for index, lang in enumerate(languages):
         mine = row_language == index
-        q10, q50, q90 = np.quantile(scores[mine], [0.1, 0.5, 0.9])
-        rows.append({"lang": lang, "rows": int(mine.sum()), "si_q10": q10, "si_median": q50, "si_q90": q90,
+        si_q, loss_q = np.quantile(scores[mine], [0.1, 0.5, 0.9]), np.quantile(losses[mine], [0.1, 0.5, 0.9])
+        rows.append({"lang": lang, "rows": int(mine.sum()), "si_q10": si_q[0], "si_median": si_q[1], "si_q90": si_q[2],
+                     "loss_q10": loss_q[0], "loss_median": loss_q[1], "loss_q90": loss_q[2],
+                     "si_loss_spearman": float(spearmanr(scores[mine], losses[mine]).statistic) if mine.sum() > 2
+                     else float("nan"),
                      "kept_share_sequential": kept[mine].mean(), "kept_share_reverse": (~kept[mine]).mean()})
     return rows
 
@@ -75,7 +82,7 @@ def main(args: argparse.Namespace) -> dict:
     tokens = read_rows(data_dir, "train", m)
     batch_size = args.batch_size or preset.si_analysis.batch_size
 
-    started, scores = time.perf_counter(), []
+    started, scores, losses = time.perf_counter(), [], []
     for start in tqdm(range(0, len(tokens), batch_size), desc=f"scoring {len(tokens)} rows with {scorer}"):
         # each chunk's noise is seeded by its position, so the scores do not depend on the batch size's history
         rows = np.arange(start, min(start + batch_size, len(tokens)))
@@ -86,8 +93,10 @@ def main(args: argparse.Namespace) -> dict:
         batch = {"input_ids": torch.from_numpy(inputs).to(device),
                  "attention_mask": torch.ones(inputs.shape, dtype=torch.long, device=device),
                  "labels": torch.from_numpy(targets).to(device)}
-        scores.append(batch_self_influence(model, batch, layers=preset.pretrain.si_layers, per="sample").double().cpu())
-    scores = torch.cat(scores).numpy()
+        si, loss = batch_self_influence(model, batch, layers=preset.pretrain.si_layers, per="sample", with_losses=True)
+        scores.append(si.double().cpu())
+        losses.append(loss.double().cpu())
+    scores, losses = torch.cat(scores).numpy(), torch.cat(losses).numpy()
     seconds = time.perf_counter() - started
     if not np.isfinite(scores).all():
         raise FloatingPointError(f"{(~np.isfinite(scores)).sum()} rows got a non-finite score from {scorer}. "
@@ -97,7 +106,8 @@ def main(args: argparse.Namespace) -> dict:
     summary_dir = Path(args.out) if args.out else results_dir(preset.name, "pretrain") / "sequential"
     summary = summary_dir / f"scores-s{args.seed}.csv"
     write_csv(summary, [dict(row, scorer=scorer, seed=args.seed) for row in
-                        language_rows(m["languages"], row_language, scores, preset.pretrain.sequential_keep_fraction)],
+                        language_rows(m["languages"], row_language, scores, losses,
+                                      preset.pretrain.sequential_keep_fraction)],
               digits=6)  # a rerun's float noise (7th digit) leaves the file as it was
     out = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{args.seed}.npy")
     with atomic_path(out) as tmp:

@@ -247,3 +247,14 @@ def test_requires_grad_is_restored_when_the_pass_fails(untied):
     finally:
         handle.remove()
     assert all(p.requires_grad for p in untied.parameters())
+
+
+def test_the_losses_beside_the_scores_are_each_samples_own_loss(untied):
+    """with_losses: the mean token loss of each sample, as Hugging Face computes it for that sample alone."""
+    batch = tiny_batch()
+    scores, losses = batch_self_influence(untied, batch, "first", with_losses=True)
+    assert torch.equal(scores, batch_self_influence(untied, batch, "first"))
+    with torch.no_grad():
+        alone = torch.stack([untied(**{k: v[i:i + 1] for k, v in batch.items()}).loss
+                             for i in range(len(batch["input_ids"]))])
+    assert torch.allclose(losses, alone.to(losses.dtype), rtol=1e-10, atol=0)

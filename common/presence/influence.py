@@ -158,10 +158,10 @@ def self_influence(gradients: ItemGradients, layer_set: Sequence[nn.Parameter], 
 
 
 def batch_self_influence(model: nn.Module, batch: dict, layers: Layers = "first", per: str = "sample",
-                         microbatch_size: int | None = None) -> torch.Tensor:
+                         microbatch_size: int | None = None, with_losses: bool = False):
     """Self-influence scores of `batch` (input_ids, attention_mask, labels): one per sample (per="sample")
     or one per contiguous microbatch of `microbatch_size` samples (per="microbatch"); a 1-D tensor on the
-    model's device, float64."""
+    model's device, float64. with_losses: (scores, the items' mean token losses) from the same forward."""
     batch_size = batch["input_ids"].shape[0]
     if per == "sample":
         if microbatch_size is not None:
@@ -182,4 +182,5 @@ def batch_self_influence(model: nn.Module, batch: dict, layers: Layers = "first"
             # the logits (B x T x vocabulary) get no name: the backward keeps only what the loss saved
             losses = group_losses(token_losses(forward_logits(model, batch), labels), labels, group_size)
         tape.backward(losses.sum())
-    return self_influence(tape, params, group_size).detach()
+    scores = self_influence(tape, params, group_size).detach()
+    return (scores, losses.detach()) if with_losses else scores
