@@ -46,9 +46,6 @@ def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
 
 # ---- the fsdp strategy: PyTorch FSDP2 ------------------------------------------------------------------------
 
-STRATEGIES = ("replicate", "fsdp")
-
-
 def is_sharded(model: nn.Module) -> bool:
     """Whether `model` (or the module behind torch.compile's wrapper) was sharded by `shard_model`."""
     from torch.distributed.fsdp import FSDPModule

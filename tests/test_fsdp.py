@@ -7,11 +7,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import PretrainConfig
+from common.config import ConfigError, PretrainConfig
 from common.distributed import block_lists, rank_rows, shard_model
 from common.optim import build_optimizer
 from common.presence.presence_step import StepPlan, presence_step
 from common.presence.train_step import train_step
+from conftest import load_stage
 from tiny_t5 import one_thread, split, tiny_batch, tiny_t5  # noqa: F401 (autouse fixture)
 
 WORLD = 2
@@ -136,3 +137,13 @@ def test_a_sharded_checkpoint_resumes_exactly_on_two_processes_and_on_one(runs):
     assert all(close(one[key], straight[key]) for key in straight)
     assert [s.loss for s in one_stats] == pytest.approx([s.loss for s in runs[WORLD, 0]["straight"][0]],
                                                         rel=TOLERANCE)
+
+
+def test_pretrain_refuses_per_sample_and_the_noise_experiment_under_fsdp():
+    pretrain = load_stage("03_pretrain/pretrain.py")
+    fsdp = ["--set", "distributed.strategy=fsdp"]
+    for extra in (["--per", "sample"], ["--noise-rate", "0.2", "--set", "data.noise_rates=[0.2]"]):
+        with pytest.raises(ConfigError, match=r"^distributed.strategy: fsdp reweights per microbatch.*Fix: use --per "
+                                              r"microbatch without --noise-rate, or --set distributed.strategy=replicate"):
+            pretrain.get_config(pretrain.parse_args(fsdp + extra))
+    pretrain.get_config(pretrain.parse_args(fsdp))  # per microbatch it runs
