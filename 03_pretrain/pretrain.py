@@ -64,7 +64,7 @@ from common.distributed import block_lists, broadcast_parameters, shard_model
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
 from common.families import get_family
 from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
-from common.memory import check_resources
+from common.memory import GB, PLAN_PARTS, available_memory, check_process_count, check_resources, plan_memory
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer
 from common.paths import artefacts_dir, results_dir
@@ -121,6 +121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify-data", action="store_true",
                    help="hash every data file against its manifest first (the sizes are always checked)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="preset override")
+    p.add_argument("--plan-memory", action="store_true",
+                   help="print the run's memory per device (common/memory.py) and exit; nothing is built")
+    p.add_argument("--device-memory-gb", type=float, help="the memory of one device for --plan-memory (default: "
+                                                          "this machine's free GPU memory, else its MemAvailable)")
+    p.add_argument("--nproc", type=int, help="processes for --plan-memory (default: WORLD_SIZE, else 1)")
     return p.parse_args(argv)
 
 
@@ -184,14 +189,7 @@ def get_run(args) -> Run:
     check_resources(preset, method.name, args.per)  # at launch: naming a run needs no machine that fits it
     rank, world, device = init_distributed(preset.distributed.strategy == "fsdp")
     set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
-    rows = preset.pretrain.batch_size // preset.pretrain.num_microbatches
-    if preset.distributed.strategy == "fsdp" and rows % (world * preset.pretrain.microbatch_chunks):
-        raise ConfigError(f"distributed.strategy: fsdp shares every microbatch of {rows} rows among the {world} "
-                          f"processes, in {preset.pretrain.microbatch_chunks} chunks each. Fix: use a process count "
-                          "times pretrain.microbatch_chunks that divides the microbatch size")
-    if preset.distributed.strategy == "replicate" and preset.pretrain.num_microbatches % world:
-        raise ConfigError(f"pretrain.num_microbatches: {preset.pretrain.num_microbatches} microbatches cannot be "
-                          f"shared by {world} processes. Fix: use a process count that divides it")
+    check_process_count(preset, world)
     if args.noise_rate and world > 1:
         raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
                           "it without torchrun")
@@ -838,6 +836,19 @@ def finish(run: Run, data: Data, trainer: Trainer) -> dict:
     return metrics
 
 
+def plan(args) -> dict:
+    """--plan-memory: the run's memory per device, printed, in bytes per part; refused when it does not fit."""
+    preset, method = get_config(args)
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    gpu = torch.cuda.is_available()
+    device = args.device_memory_gb * GB if args.device_memory_gb else available_memory(gpu)[0]
+    if device is None:
+        raise ConfigError("--plan-memory: this machine's memory is unknown. Fix: pass --device-memory-gb")
+    estimate, text = plan_memory(preset, method.name, args.per, world, device, gpu=gpu or bool(args.device_memory_gb))
+    print(text)
+    return {**{part: getattr(estimate, part) for part in PLAN_PARTS}, "total": estimate.total}
+
+
 def final_info(run: Run) -> dict:
     """presence_run.json of the final model."""
     return {"run_name": run.name, "method": run.method.name, "seed": run.seed, "preset": run.preset.name,
@@ -845,6 +856,8 @@ def final_info(run: Run) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.plan_memory:
+        return plan(args)
     run = get_run(args)
     data = get_data(run)
     with claim_run(run):
