@@ -62,11 +62,11 @@ from common.config import (EXECUTION_KNOBS, LAYER_SETS, ConfigError, Preset, che
 from common.data.noise import noise_shares
 from common.data.packed_data import (SpanCorruptionBatches, check_files, load_data_manifest, load_tokenizer_from_data,
                                      recorded_files)
-from common.distributed import broadcast_parameters
+from common.distributed import block_lists, broadcast_parameters, shard_model
 from common.evaluation.heldout import HELDOUT_COLUMNS, HELDOUT_SEED, heldout_rows, row_losses, summarise
 from common.families import get_family
 from common.io import append_csv_row, read_csv, read_json, remove_interrupted_writes, write_csv, write_json
-from common.memory import check_resources
+from common.memory import GB, PLAN_PARTS, available_memory, check_process_count, check_resources, plan_memory
 from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
 from common.optim import apply_schedule, build_optimizer
 from common.paths import artefacts_dir, results_dir
@@ -122,6 +122,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify-data", action="store_true",
                    help="hash every data file against its manifest first (the sizes are always checked)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="preset override")
+    p.add_argument("--plan-memory", action="store_true",
+                   help="print the run's memory per device (common/memory.py) and exit; nothing is built")
+    p.add_argument("--device-memory-gb", type=float, help="the memory of one device for --plan-memory (default: "
+                                                          "this machine's free GPU memory, else its MemAvailable)")
+    p.add_argument("--nproc", type=int, help="processes for --plan-memory (default: WORLD_SIZE, else 1)")
     return p.parse_args(argv)
 
 
@@ -172,6 +177,10 @@ class Run:
         return self.rank == 0
 
     @property
+    def sharded(self) -> bool:  # FSDP2: every rank takes part in each forward pass and checkpoint
+        return self.preset.distributed.strategy == "fsdp"
+
+    @property
     def checkpoints(self) -> Path:
         return self.store / "checkpoints"
 
@@ -179,11 +188,9 @@ class Run:
 def get_run(args) -> Run:
     preset, method = get_config(args)
     check_resources(preset, method.name, args.per)  # at launch: naming a run needs no machine that fits it
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(preset.distributed.strategy == "fsdp")
     set_cpu_threads(device)  # common/threads.py: one core left to whatever shares the machine
-    if preset.pretrain.num_microbatches % world:
-        raise ConfigError(f"pretrain.num_microbatches: {preset.pretrain.num_microbatches} microbatches cannot be "
-                          f"shared by {world} processes. Fix: use a process count that divides it")
+    check_process_count(preset, world)
     if args.noise_rate and world > 1:
         raise ConfigError("--noise-rate: the noise experiment logs per-row statistics in one process. Fix: run "
                           "it without torchrun")
@@ -232,6 +239,11 @@ def get_config(args) -> tuple[Preset, Method]:
         raise ConfigError("pretrain.activation_checkpointing: the per-sample engine records each forward pass once, "
                           "and checkpointing runs it again in the backward. Fix: use --per microbatch, or "
                           "pretrain.microbatch_chunks to save memory")
+    if preset.distributed.strategy == "fsdp" and (args.per == "sample" or args.noise_rate):
+        raise ConfigError("distributed.strategy: fsdp reweights per microbatch, without the noise experiment's "
+                          "per-row logs: the per-sample engine keys its tape by parameter objects, which FSDP2 swaps "
+                          "for unsharded ones during the forward. Fix: use --per microbatch without --noise-rate, or "
+                          "--set distributed.strategy=replicate")
     if "switch_step" in method.reads and not 0 <= cfg.switch_step <= cfg.steps:
         raise ConfigError(f"pretrain.switch_step: {cfg.switch_step} is outside [0, steps={cfg.steps}]. Fix: set I "
                           "between 0 and steps (--switch-step)")
@@ -289,12 +301,16 @@ def paired_weights(args, preset: Preset, method: Method, runs_dir: Path) -> np.n
     return weights
 
 
-def init_distributed():
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; nccl on GPU, gloo on CPU."""
+def init_distributed(sharded: bool = False):
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; nccl on GPU, gloo on CPU. A sharded model
+    needs a process group also in one process (e.g. to resume a sharded run there)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if world > 1 or sharded:
         use_cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if world > 1:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
@@ -372,6 +388,8 @@ def get_trainer(run: Run, data: Data) -> Trainer:
     model.train()
     if run.cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if run.sharded:  # before the optimizer, which must hold the sharded parameters
+        shard_model(model, block_lists(get_family(run.preset.model.family).first_blocks), run.device)
     optimizer, scheduler = build_optimizer(model, run.cfg)
     on_gpu = run.device.type == "cuda"
     step_model = torch.compile(model) if run.cfg.compile and on_gpu and run.recipe.per == "microbatch" else model
@@ -554,18 +572,21 @@ def noise_row(run: Run, record: StepRecord, kinds: list[str]) -> dict:
 
 def log_step(run: Run, data: Data, trainer: Trainer, record: StepRecord, bar) -> None:
     """The step's row of train_log.csv (with the held-out loss every eval_every steps and the noise columns
-    with --noise-rate) and, every log_every steps, one log line."""
+    with --noise-rate) and, every log_every steps, one log line. Every rank of a sharded model calls it, since
+    its evaluation is a collective; rank 0 writes."""
     cfg, progress, step, stats = run.cfg, run.progress, record.step, record.stats
+    heldout = evaluate(run, data, trainer, step, final=step == cfg.steps) if step % cfg.eval_every == 0 or \
+        step == cfg.steps else ""
+    if not run.main:
+        return
     row = {"step": step, "loss": stats.loss, "lr": record.lr, "tau": "" if record.plan.tau is None else record.plan.tau,
            **weight_stats(stats), "noisy_batch_share": "", "noisy_weight_share": "", "si_noise_auroc": "",
            "mb_si_noise_spearman": "", "tokens_seen": progress.tokens_seen, "seconds": round(progress.elapsed, 3),
-           "heldout_loss": "", "seed": run.seed}
+           "heldout_loss": heldout, "seed": run.seed}
     if record.labels is not None:
         row.update(noise_row(run, record, data.train.noise_kinds))
         if row["si_noise_auroc"] != "" and np.isfinite(row["si_noise_auroc"]):
             progress.si_aurocs.append(row["si_noise_auroc"])
-    if step % cfg.eval_every == 0 or step == cfg.steps:
-        row["heldout_loss"] = evaluate(run, data, trainer, step, final=step == cfg.steps)
     append_csv_row(run.dir / "train_log.csv", row, LOG_COLUMNS)
     if record.plan.update == "scores" and run.method.update == "scores":
         append_csv_row(run.dir / "step_weights.csv", {"step": step, "weights": " ".join(
@@ -589,6 +610,8 @@ def evaluate(run: Run, data: Data, trainer: Trainer, step: int, final: bool) -> 
                                 trainer.autocast)
     languages = [data.manifest["languages"][i] for i in data.heldout.row_language[data.heldout_ids]]
     summary = summarise(losses, counts, languages, data.manifest["sampling_probabilities"])
+    if not run.main:
+        return summary[-1]["loss"]
     for row in summary:
         append_csv_row(run.dir / "heldout.csv", {"run": run.name, "method": run.method.name, "seed": run.seed,
                                                  "step": step, **row}, HELDOUT_COLUMNS)
@@ -606,10 +629,16 @@ def batch_tokens(batch: dict, objective: str) -> int:
     return tokens + int((batch["labels"] != IGNORE_INDEX).sum()) if objective == "span-corruption" else tokens
 
 
-def split_microbatches(batch: dict, num_microbatches: int, rank: int, world: int, device) -> list[dict]:
-    """This rank's contiguous share of the global batch's microbatches, moved to the device."""
-    per_rank = num_microbatches // world
+def split_microbatches(batch: dict, num_microbatches: int, run: Run) -> list[dict]:
+    """This rank's contiguous share of the global batch's microbatches, moved to the device; a sharded model's
+    ranks each take their contiguous share of the rows of every microbatch (common/presence/sharded_step.py)."""
+    rank, world, device = run.rank, run.world, run.device
     size = batch["input_ids"].shape[0] // num_microbatches
+    if run.sharded:
+        part = size // world
+        return [{k: v[i * size + rank * part:i * size + (rank + 1) * part].to(device, non_blocking=True)
+                 for k, v in batch.items()} for i in range(num_microbatches)]
+    per_rank = num_microbatches // world
     rows = slice(rank * per_rank * size, (rank + 1) * per_rank * size)
     local = {k: v[rows].to(device, non_blocking=True) for k, v in batch.items()}
     return [{k: v[i * size:(i + 1) * size] for k, v in local.items()} for i in range(per_rank)]
@@ -721,9 +750,9 @@ def stop(run: Run, stops: StopRequests, trainer: Trainer) -> NoReturn:
     """After a stop signal: the step is complete; save it (unless it was just saved), say how to resume, and
     exit with 128 + the signal's number."""
     signum = stops.received or signal.SIGTERM  # another rank received it
+    if (run.main or run.sharded) and not save_due(run.progress.step, run.cfg):
+        save(run, trainer)
     if run.main:
-        if not save_due(run.progress.step, run.cfg):
-            save(run, trainer)
         tqdm.write(f"{signal.Signals(signum).name}: {run.name} stopped after step {run.progress.step}, saved in "
                    f"{latest_checkpoint(run.checkpoints)}. Resume with: {rerun_command(run)}")
     raise SystemExit(128 + signum)
@@ -748,7 +777,7 @@ def train(run: Run, data: Data, trainer: Trainer) -> None:
                 upcoming = loader.submit(train_data.batch, step)
             labels = None if train_data.noise_labels is None else \
                 train_data.noise_labels[train_data.batch_rows(step - 1)]
-            microbatches = split_microbatches(batch, cfg.num_microbatches, run.rank, run.world, run.device)
+            microbatches = split_microbatches(batch, cfg.num_microbatches, run)
             probe_start = time.perf_counter()
             si = probe_self_influence(run, trainer.model, microbatches, step) if labels is not None else None
             t0 += time.perf_counter() - probe_start  # the probe is measurement, not training: untimed
@@ -772,7 +801,7 @@ def train(run: Run, data: Data, trainer: Trainer) -> None:
                 progress.timed_steps += 1
                 progress.timed_seconds += seconds
                 progress.timed_tokens += step_tokens
-            if run.main:
+            if run.main or run.sharded:  # a sharded model's evaluation and saving are collectives
                 log_step(run, data, trainer, StepRecord(step, plan, stats, lr, seconds, labels, si), bar)
                 maybe_save(run, data, trainer, snapshot_steps)
             if stop_requested(stops, run):
@@ -789,6 +818,8 @@ def finish(run: Run, data: Data, trainer: Trainer) -> dict:
                "noise_rate": run.noise_rate, "wall_seconds": progress.elapsed, "tokens_seen": progress.tokens_seen,
                "device": str(run.device), "world_size": run.world, "parameters": parameter_counts(model),
                **throughput(run, flops_per_step)}
+    if run.main or run.sharded:  # a sharded model's is gathered from every rank's shards; rank 0 writes
+        save_model_folder(run.store / "final", model, data.tokenizer, final_info(run))
     if not run.main:
         return metrics
     log = read_csv(run.dir / "train_log.csv")  # the whole run's, also when it was resumed
@@ -797,15 +828,33 @@ def finish(run: Run, data: Data, trainer: Trainer) -> dict:
     metrics["final_loss"] = float(np.mean([float(r["loss"]) for r in log[-cfg.log_every:]]))
     if progress.si_aurocs:
         metrics["si_noise_auroc_mean"] = float(np.mean(progress.si_aurocs))
-    save_model_folder(run.store / "final", model, data.tokenizer, {"run_name": run.name, "method": run.method.name,
-                                                                    "seed": run.seed, "preset": run.preset.name,
-                                                                    "steps": cfg.steps})
     confirm_checkpoint(run.checkpoints)  # the run ended finite: the last checkpoint is good
     write_json(run.dir / "metrics.json", metrics)
     return metrics
 
 
+def plan(args) -> dict:
+    """--plan-memory: the run's memory per device, printed, in bytes per part; refused when it does not fit."""
+    preset, method = get_config(args)
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    gpu = torch.cuda.is_available()
+    device = args.device_memory_gb * GB if args.device_memory_gb else available_memory(gpu)[0]
+    if device is None:
+        raise ConfigError("--plan-memory: this machine's memory is unknown. Fix: pass --device-memory-gb")
+    estimate, text = plan_memory(preset, method.name, args.per, world, device, gpu=gpu or bool(args.device_memory_gb))
+    print(text)
+    return {**{part: getattr(estimate, part) for part in PLAN_PARTS}, "total": estimate.total}
+
+
+def final_info(run: Run) -> dict:
+    """presence_run.json of the final model."""
+    return {"run_name": run.name, "method": run.method.name, "seed": run.seed, "preset": run.preset.name,
+            "steps": run.cfg.steps}
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.plan_memory:
+        return plan(args)
     run = get_run(args)
     data = get_data(run)
     with claim_run(run):
@@ -821,7 +870,7 @@ def main(args: argparse.Namespace) -> dict:
             metrics = finish(run, data, trainer)
         except OSError as error:
             raise disk_error(run, error) from error
-    if run.world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
 

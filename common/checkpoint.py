@@ -16,7 +16,15 @@ A checkpoint damaged on disk afterwards (a truncated file: a full disk, a copy c
 anything is loaded from it: `latest_checkpoint` then says which it skips and why, and falls back to the
 newest intact checkpoint (pointing LATEST at it), or refuses with the fix when none is left.
 
-Models for later stages (snapshots, the final model) are written the same way by save_model_folder."""
+Models for later stages (snapshots, the final model) are written the same way by save_model_folder.
+
+A model sharded by FSDP2 (the fsdp strategy) is checkpointed sharded: `shards/` holds the model and the
+optimizer state as torch.distributed.checkpoint writes them (each rank its own shards, one `.metadata`
+file), beside the same trainer_state.pt (rank 0's RNG states: every rank draws the same). Every rank
+calls save_checkpoint and load_checkpoint (collectives); rank 0 writes the rest and moves the pointers, so
+the folder must be shared by all ranks (one machine, or a shared file system). torch.distributed.checkpoint
+reshards on load, so a run may resume onto another number of processes; the final model and snapshots are
+gathered into ordinary Hugging Face folders."""
 from __future__ import annotations
 
 import contextlib
@@ -31,12 +39,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 
+from common.distributed import all_reduce_sum_, barrier, is_sharded, local_part, rank, world_size
 from common.io import atomic_open, write_json
 from common.modeling import all_finite, unreadable_weights
 
 POINTER = "LATEST"
 VERIFIED = "VERIFIED"
 STATE_FILE = "trainer_state.pt"
+SHARDS = "shards"  # a sharded model's and optimizer's files (torch.distributed.checkpoint)
 
 
 class CheckpointError(ValueError):
@@ -60,10 +70,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def check_finite(model, what: str) -> None:
     """Raise FloatingPointError, naming `what` (the folder that would have been written), if a parameter of
-    `model` is not finite (common.modeling.all_finite: NaN, inf, or a norm that overflows)."""
-    if all_finite(list(model.parameters())):
+    `model` is not finite (common.modeling.all_finite: NaN, inf, or a norm that overflows); a sharded model's
+    ranks check their shards and agree, so that all of them raise or none."""
+    shards = [local_part(p) for p in model.parameters()]
+    finite = all_finite(shards)
+    if is_sharded(model):
+        finite = all_reduce_sum_(finite.to(torch.float64).reshape(1)).item() == world_size()
+    if finite:
         return
-    bad = [name for name, p in model.named_parameters() if not all_finite([p])]
+    bad = [name for name, p in model.named_parameters() if not all_finite([local_part(p)])]
     raise FloatingPointError(f"{what} not written: {len(bad)} parameter tensors are not finite "
                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
@@ -76,10 +91,17 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
     final = root / f"step-{step}"
     check_finite(model, f"checkpoint {final}")
     tmp = root / f".step-{step}.tmp"
+    if is_sharded(model):
+        return _save_sharded(root, step, (model, optimizer, scheduler), extra)
     with _writing(tmp, final):
         model.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_states(), "extra": extra}, tmp / STATE_FILE)
+    return _publish(root, tmp, final)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> Path:
+    """Move a written checkpoint into place, point LATEST at it and drop the older unverified ones."""
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _point(root, POINTER, final.name)
@@ -92,9 +114,12 @@ def save_model_folder(folder: str | Path, model, tokenizer, info: dict[str, Any]
     presence_run.json (`info`), appearing all at once; refused like a checkpoint when not finite."""
     folder = Path(folder)
     check_finite(model, str(folder))
+    state = full_state_dict(model) if is_sharded(model) else None
+    if rank() != 0:
+        return
     tmp = folder.with_name(f".{folder.name}.tmp")
     with _writing(tmp, folder):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "presence_run.json", info)
     shutil.rmtree(folder, ignore_errors=True)
@@ -152,7 +177,10 @@ def checkpoint_problems(path: str | Path) -> list[str]:
     safetensors headers against their files (common.modeling.unreadable_weights) and trainer_state.pt's
     zip directory, which torch.save writes last, so that a truncated file lacks it. No tensor is read."""
     path = Path(path)
-    problems = unreadable_weights(path)
+    if (path / SHARDS).is_dir():
+        problems = [] if (path / SHARDS / ".metadata").is_file() else [f"{path / SHARDS / '.metadata'} is missing"]
+    else:
+        problems = unreadable_weights(path)
     state = path / STATE_FILE
     if not state.is_file():
         problems.append(f"{state} is missing")
@@ -167,14 +195,76 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
-    """Restore model weights, optimizer, scheduler and RNG states; returns (step, extra)."""
+    """Restore model weights, optimizer, scheduler and RNG states; returns (step, extra). A sharded model
+    loads a sharded checkpoint, on any number of ranks (every rank calls this)."""
     path = Path(path)
-    load_model(model, path / "model.safetensors")
+    if is_sharded(model) != (path / SHARDS).is_dir():
+        kinds = ("sharded (distributed.strategy fsdp)", "whole (distributed.strategy replicate)")
+        raise CheckpointError(f"checkpoint {path} is {kinds[not (path / SHARDS).is_dir()]} but the model is "
+                              f"{kinds[not is_sharded(model)].split(' (')[0]}. Fix: resume with the strategy "
+                              "the run was trained with")
+    if is_sharded(model):
+        _load_sharded(path / SHARDS, model, optimizer)
+    else:
+        load_model(model, path / "model.safetensors")
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if not is_sharded(model):
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])
     return state["step"], state["extra"]
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict, gathered onto rank 0's CPU (empty on the other ranks; every rank
+    calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_sharded(root: Path, step: int, trainer: tuple, extra: dict[str, Any]) -> Path:
+    """save_checkpoint of a sharded model: every rank writes its shards into the temporary folder, then rank
+    0 adds trainer_state.pt and publishes it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer, scheduler = trainer
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDS)
+    except Exception as err:  # dcp gathers every rank's failure (a full disk) into one CheckpointException
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"writing {final} failed ({err}); nothing of it was kept") from err
+    if rank() == 0:
+        try:
+            torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_states(), "extra": extra,
+                        "world_size": world_size()}, tmp / STATE_FILE)
+        except (OSError, RuntimeError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"writing {final} failed ({err}); nothing of it was kept") from err
+        _publish(root, tmp, final)
+    barrier()
+    return final
+
+
+def _load_sharded(shards: Path, model, optimizer) -> None:
+    """The model's and the optimizer's shards, resharded for this run's ranks. Before reading, the state dict
+    helpers give a fresh optimizer its state's shapes with one step of zero gradients at learning rate 0,
+    which changes no parameter; every value is then replaced by the checkpoint's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=shards)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 @contextlib.contextmanager

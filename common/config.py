@@ -313,6 +313,20 @@ class PretrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # How the ranks of torchrun share the model (the update is the same to float rounding): replicate (every
+    # rank a whole copy, scores all-gathered and the update all-reduced: common/presence/presence_step.py) |
+    # fsdp (PyTorch FSDP2: parameters, gradients, PRESENCE's gradient rows and the optimizer state sharded
+    # over the ranks, every microbatch shared by all of them: common/presence/sharded_step.py; per
+    # microbatch only)
+    strategy: str = "replicate"
+
+    def validate(self, where: str) -> None:
+        _require(self.strategy in ("replicate", "fsdp"), f"{where}.strategy", f"unknown {self.strategy!r}",
+                 "use 'replicate' or 'fsdp'")
+
+
+@dataclass
 class SIAnalysisConfig:
     batch_size: int = 32  # probe samples scored per batched pass
     layer_sets: list[str] = field(default_factory=lambda: list(LAYER_SETS))
@@ -379,11 +393,12 @@ class Preset:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     si_analysis: SIAnalysisConfig = field(default_factory=SIAnalysisConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
-        for section in ("data", "model", "pretrain", "si_analysis", "finetune"):
+        for section in ("data", "model", "pretrain", "distributed", "si_analysis", "finetune"):
             getattr(self, section).validate(section)
 
     def to_dict(self) -> dict[str, Any]:

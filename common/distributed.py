@@ -42,3 +42,53 @@ def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
     if is_distributed():
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, src=src)
+
+
+# ---- the fsdp strategy: PyTorch FSDP2 ------------------------------------------------------------------------
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or the module behind torch.compile's wrapper) was sharded by `shard_model`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def shard_model(model: nn.Module, block_lists: tuple[str, ...], device: torch.device) -> nn.Module:
+    """Shard `model` in place with FSDP2 (torch.distributed.fsdp.fully_shard) over all ranks: every block of
+    the module lists named by `block_lists` (e.g. "encoder.block") is its own unit, gathered for its forward
+    and backward only, and the root holds the rest (embeddings, output layer, final norms). Parameters become
+    DTensors sharded on dim 0 under their own names; build the optimizer after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for name in block_lists:
+        for block in model.get_submodule(name):
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def block_lists(first_blocks: tuple[str, ...]) -> tuple[str, ...]:
+    """The module lists that hold a family's blocks, from its first blocks' names ("encoder.block.0" ->
+    "encoder.block")."""
+    return tuple(name.rsplit(".", 1)[0] for name in first_blocks)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def rank_rows(rows: int) -> slice:
+    """The contiguous share of `rows` rows this rank runs when every rank shares every microbatch (the fsdp
+    strategy); rows must divide by the world size."""
+    if rows % world_size():
+        raise ValueError(f"{rows} rows cannot be shared by {world_size()} processes")
+    part = rows // world_size()
+    return slice(rank() * part, (rank() + 1) * part)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

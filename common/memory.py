@@ -23,6 +23,19 @@ N_e + N_d layers and a vocabulary of V:
       + 3 L_d V                                                  logits, their log-softmax and its gradient
       + h L_e (L_e + L_d)                                        relative position biases
 
+The plan of a run (`plan_memory`, printed by `03_pretrain/pretrain.py --plan-memory` without building the
+model) also takes the strategy, the process count W, the accumulation chunks c and activation checkpointing
+into account:
+- fsdp shards the weights, gradients, gradient rows and optimizer state over the W ranks (each term / W) and
+  adds what FSDP2 gathers: the root's parameters (embeddings, output layer, final norms) and two blocks
+  (the one running and the next, prefetched) unsharded, and the unsharded gradients of the root and one
+  block before their reduce-scatter; every microbatch is shared by the ranks, so one pass runs b / (W c)
+  sequences (replicate: b / c);
+- activation checkpointing keeps each block's input (d floats per token and layer) and one block's
+  activations at a time, plus the logits;
+- a one-stack family (GPT-2, Llama, BERT) counts its parameters on a model built on the meta device (no
+  memory) and its activations as the encoder term over its row length L, plus the logits (3 L V).
+
 How close it is, against peak resident set sizes (getrusage, one CPU thread; the constants were fitted on
 these): whole `pretrain.py --preset tiny` runs of 60 steps (evaluation and checkpoints included), 0.73 and
 0.75 GB estimated for the baseline and PRESENCE against 0.68 and 0.79 measured (+7%, -5%). Two optimizer steps
@@ -34,6 +47,7 @@ on a 24 GB machine it was killed at 24 GB resident.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,22 +73,43 @@ TAPE_SHARE = 0.03
 # other things too.
 HEADROOM = 0.9
 MEMINFO = Path("/proc/meminfo")
+# The dimensions of the hub configs the paper trains (google/mt5-base, google/mt5-large on the hub), for a plan
+# on a machine that has not downloaded them.
+HUB_DIMENSIONS = {
+    "google/mt5-base": {"d": 768, "f": 2048, "n_enc": 12, "n_dec": 12, "h": 12, "k": 64, "V": 250112, "buckets": 32},
+    "google/mt5-large": {"d": 1024, "f": 2816, "n_enc": 24, "n_dec": 24, "h": 16, "k": 64, "V": 250112,
+                         "buckets": 32},
+}
+# The parts of a plan, as printed and written (bytes of one device).
+PLAN_PARTS = ("weights", "gradients", "gradient_rows", "optimizer", "activations", "gathered", "runtime")
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """The parts of the estimate in bytes (see the module's docstring), and their sum."""
+    """The parts of the estimate in bytes of one device (see the module's docstring), and their sum."""
     runtime: float
     weights: float
     gradients: float
     gradient_rows: float
     optimizer: float
     activations: float
+    gathered: float = 0.0  # fsdp: the unsharded parameters and gradients FSDP2 holds at a time
 
     @property
     def total(self) -> float:
         return (self.runtime + self.weights + self.gradients + self.gradient_rows + self.optimizer
-                + self.activations)
+                + self.activations + self.gathered)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimate needs of a model: P, the weight matrices' shapes and the vectors' entries (for
+    Adafactor's factored state), the parameters of its largest block and of its root (all but the blocks)."""
+    parameters: int
+    matrices: list[tuple[int, int]]
+    vectors: int
+    block: int
+    root: int
 
 
 def model_dimensions(preset: Preset) -> dict[str, int] | None:
@@ -93,7 +128,8 @@ def model_dimensions(preset: Preset) -> dict[str, int] | None:
         try:
             config = AutoConfig.from_pretrained(m.hub_config, local_files_only=True)
         except OSError:
-            return None
+            known = HUB_DIMENSIONS.get(m.hub_config)
+            return None if known is None else {**dims, **known, "V": max(dims["V"], known["V"]), "tied": 0}
         dims.update(d=config.d_model, f=config.d_ff, n_enc=config.num_layers, n_dec=config.num_decoder_layers,
                     h=config.num_heads, k=config.d_kv, V=max(dims["V"], config.vocab_size),
                     buckets=config.relative_attention_num_buckets)
@@ -115,28 +151,78 @@ def parameter_count(dims: dict[str, int]) -> tuple[int, list[tuple[int, int]], i
     return sum(r * c for r, c in matrices) + vectors, matrices, vectors
 
 
-def activation_floats(dims: dict[str, int], input_length: int, target_length: int) -> int:
-    """A of the module's docstring: the floats one sequence's forward pass keeps for its backward pass."""
+def model_shapes(preset: Preset, dims: dict[str, int]) -> Shapes:
+    """The Shapes of the preset's model: T5 from its dimensions (parameter_count); a one-stack family from
+    a model built on the meta device (shapes only)."""
+    if preset.model.family == "t5":
+        parameters, matrices, vectors = parameter_count(dims)
+        d, f, hk = dims["d"], dims["f"], dims["h"] * dims["k"]
+        encoder, decoder = 4 * d * hk + 3 * d * f + 2 * d, 8 * d * hk + 3 * d * f + 3 * d
+        blocks = dims["n_enc"] * encoder + dims["n_dec"] * decoder
+        return Shapes(parameters, matrices, vectors, max(encoder, decoder), parameters - blocks)
+    import torch
+
+    from common.families import get_family
+    from common.modeling import build_model
+
+    _, raw_length = lengths(preset)
+    with torch.device("meta"):
+        model = build_model(preset.model, dims["V"], raw_length)
+    params = dict(model.named_parameters())  # tied parameters once
+    first = get_family(preset.model.family).first_blocks[0]
+    block = sum(p.numel() for name, p in params.items() if name.startswith(first + "."))
+    total = sum(p.numel() for p in params.values())
+    return Shapes(total, [tuple(p.shape) for p in params.values() if p.dim() == 2],
+                  sum(p.numel() for p in params.values() if p.dim() == 1), block,
+                  total - block * preset.model.num_layers)
+
+
+def lengths(preset: Preset) -> tuple[int, int]:
+    """(tokens per row a model reads, its targets): T5's inputs and span-corruption targets; a one-stack
+    family reads the raw row (inputs plus targets before corruption) and predicts over it."""
+    data = preset.data
+    raw_length, target_length = compute_input_and_target_lengths(data.input_length, data.noise_density,
+                                                                  data.mean_noise_span_length)
+    if preset.model.family == "t5":
+        return data.input_length, target_length
+    return raw_length, raw_length
+
+
+def activation_floats(dims: dict[str, int], input_length: int, target_length: int, one_stack: bool = False,
+                      checkpointed: bool = False) -> int:
+    """A of the module's docstring: the floats one sequence's forward pass keeps for its backward pass (a
+    one-stack family: the encoder term over its row and the logits; with activation checkpointing: every
+    block's input, one block's activations and the logits)."""
     d, f, h, k, V = dims["d"], dims["f"], dims["h"], dims["k"], dims["V"]
     le, ld = input_length, target_length
-    return (dims["n_enc"] * le * (4 * d + 4 * h * k + h * le + 4 * f)
-            + dims["n_dec"] * ld * (6 * d + 5 * h * k + h * (ld + le) + 4 * f)
-            + 2 * dims["n_dec"] * le * h * k + 3 * ld * V + h * le * (le + ld))
+    encoder_block = le * (4 * d + 4 * h * k + h * le + 4 * f)
+    decoder_block = 0 if one_stack else ld * (6 * d + 5 * h * k + h * (ld + le) + 4 * f)
+    n_dec = 0 if one_stack else dims["n_dec"]
+    logits = 3 * ld * V
+    if checkpointed:
+        return (dims["n_enc"] * le + n_dec * ld) * d + max(encoder_block, decoder_block) + logits
+    if one_stack:
+        return dims["n_enc"] * encoder_block + logits
+    return (dims["n_enc"] * encoder_block + n_dec * decoder_block + 2 * n_dec * le * h * k + logits
+            + h * le * (le + ld))
 
 
 def estimate_peak(preset: Preset, method: str, per: str = "microbatch", world_size: int = 1,
                   gpu: bool = False) -> MemoryEstimate | None:
-    """The peak memory of one rank of `method` at `preset` (see the module's docstring); None when the
-    model's dimensions are unknown (model_dimensions)."""
-    cfg, data = preset.pretrain, preset.data
+    """The peak memory of one rank of `method` at `preset` (see the module's docstring), with its strategy
+    (distributed.strategy), accumulation chunks and activation checkpointing; None when the model's
+    dimensions are unknown (model_dimensions)."""
+    cfg = preset.pretrain
     dims = model_dimensions(preset)
     if dims is None:
         return None
-    parameters, matrices, vectors = parameter_count(dims)
-    microbatches = cfg.num_microbatches // world_size
-    sequences = cfg.batch_size // cfg.num_microbatches
-    _, target_length = compute_input_and_target_lengths(data.input_length, data.noise_density,
-                                                        data.mean_noise_span_length)
+    shapes = model_shapes(preset, dims)
+    parameters, matrices, vectors = shapes.parameters, shapes.matrices, shapes.vectors
+    sharded = preset.distributed.strategy == "fsdp"
+    share = world_size if sharded else 1  # what one rank holds of each sharded term
+    microbatches = cfg.num_microbatches if sharded else cfg.num_microbatches // world_size
+    sequences = cfg.batch_size // cfg.num_microbatches / share / cfg.microbatch_chunks  # per forward pass
+    input_length, target_length = lengths(preset)
     bytes_per_activation = 2 if gpu and cfg.precision == "bf16" else 4
     # Only score-weighted steps keep gradient rows (per microbatch) or every microbatch's tape (per sample):
     # the baseline, Sequential, the oracle and the weight-matched control accumulate one gradient.
@@ -145,9 +231,12 @@ def estimate_peak(preset: Preset, method: str, per: str = "microbatch", world_si
     kept = 1 + TAPE_SHARE * (microbatches - 1) if scored and per == "sample" else 1
     optimizer = 4 * (sum(r + c for r, c in matrices) + vectors) if cfg.optimizer == "adafactor" else 8 * parameters
     activations = (ACTIVATION_FACTOR * bytes_per_activation * sequences * kept
-                   * activation_floats(dims, data.input_length, target_length))
-    return MemoryEstimate(runtime=RUNTIME_BYTES, weights=4 * parameters, gradients=4 * parameters,
-                          gradient_rows=4 * rows * parameters, optimizer=optimizer, activations=activations)
+                   * activation_floats(dims, input_length, target_length, preset.model.family != "t5",
+                                       cfg.activation_checkpointing))
+    gathered = 4 * (2 * shapes.root + 3 * shapes.block) if sharded else 0.0
+    return MemoryEstimate(runtime=RUNTIME_BYTES, weights=4 * parameters / share, gradients=4 * parameters / share,
+                          gradient_rows=4 * rows * parameters / share, optimizer=optimizer / share,
+                          activations=activations, gathered=gathered)
 
 
 def available_memory(gpu: bool) -> tuple[float | None, str]:
@@ -199,3 +288,69 @@ def check_resources(preset: Preset, method: str, per: str = "microbatch", gpu: b
                           f"{HEADROOM * available / GB:.1f} GB available on this machine ({device}: {HEADROOM:.0%} of "
                           f"its {available / GB:.1f} GB free). Fix: use a GPU / a smaller preset, {override}")
     return estimate
+
+
+def check_process_count(preset: Preset, world_size: int) -> None:
+    """Refuse (ConfigError) a process count the strategy cannot share the batch by: replicate gives each
+    rank whole microbatches, fsdp each rank its rows of every microbatch, in the accumulation chunks."""
+    cfg = preset.pretrain
+    rows, chunks = cfg.batch_size // cfg.num_microbatches, cfg.microbatch_chunks
+    if preset.distributed.strategy == "fsdp" and rows % (world_size * chunks):
+        raise ConfigError(f"distributed.strategy: fsdp shares every microbatch of {rows} rows among the {world_size} "
+                          f"processes, in {chunks} chunks each. Fix: use a process count times "
+                          "pretrain.microbatch_chunks that divides the microbatch size")
+    if preset.distributed.strategy == "replicate" and cfg.num_microbatches % world_size:
+        raise ConfigError(f"pretrain.num_microbatches: {cfg.num_microbatches} microbatches cannot be shared by "
+                          f"{world_size} processes. Fix: use a process count that divides it, or --set "
+                          "distributed.strategy=fsdp, which shares every microbatch among them")
+
+
+def plan_memory(preset: Preset, method: str, per: str, world_size: int, device_bytes: float,
+                gpu: bool = True) -> tuple[MemoryEstimate, str]:
+    """(the estimate of one device, the plan in words: one line per part and the total against the device);
+    ConfigError when it exceeds HEADROOM of `device_bytes`, naming the knobs that would make it fit."""
+    check_process_count(preset, world_size)
+    estimate = estimate_peak(preset, method, per, world_size, gpu)
+    if estimate is None:
+        raise ConfigError(f"model.hub_config: the dimensions of {preset.model.hub_config} are not in the local "
+                          "cache. Fix: download its config once (transformers.AutoConfig.from_pretrained)")
+    cfg = preset.pretrain
+    lines = [f"memory plan of {method} (per {per}) at preset {preset_argument(preset.name)}: {world_size} "
+             f"processes, strategy {preset.distributed.strategy}, {cfg.microbatch_chunks} chunks per microbatch, "
+             f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}; GB per device"]
+    lines += [f"  {part:<14}{getattr(estimate, part) / GB:8.2f}" for part in PLAN_PARTS]
+    lines.append(f"  {'total':<14}{estimate.total / GB:8.2f} of {HEADROOM:.0%} of {device_bytes / GB:.0f} GB")
+    if estimate.total > HEADROOM * device_bytes:
+        raise ConfigError(f"preset {preset_argument(preset.name)}: the plan needs {estimate.total / GB:.1f} GB per "
+                          f"device > {HEADROOM * device_bytes / GB:.1f} GB. Fix: "
+                          f"{fitting_change(preset, method, per, world_size, device_bytes, gpu)}")
+    return estimate, "\n".join(lines)
+
+
+def fitting_change(preset: Preset, method: str, per: str, world_size: int, device_bytes: float,
+                   gpu: bool = True) -> str:
+    """The first knob setting that makes the plan fit, in the order that costs least: more accumulation
+    chunks, activation checkpointing (per microbatch), the fsdp strategy (with chunks); else more devices."""
+    cfg = preset.pretrain
+    rows = cfg.batch_size // cfg.num_microbatches
+    changes = [{"microbatch_chunks": c} for c in _powers_of_two(rows)]
+    if per == "microbatch":
+        changes += [{"activation_checkpointing": True, "microbatch_chunks": c} for c in _powers_of_two(rows)]
+    if preset.distributed.strategy == "replicate" and per == "microbatch":
+        changes += [{"strategy": "fsdp", "microbatch_chunks": c} for c in _powers_of_two(rows // world_size)]
+    for change in changes:
+        strategy = change.get("strategy", preset.distributed.strategy)
+        knobs = {k: v for k, v in change.items() if k != "strategy"}
+        changed = dataclasses.replace(preset, pretrain=dataclasses.replace(cfg, **knobs),
+                                      distributed=dataclasses.replace(preset.distributed, strategy=strategy))
+        estimate = estimate_peak(changed, method, per, world_size, gpu)
+        if estimate.total <= HEADROOM * device_bytes:
+            sets = [f"--set distributed.strategy={strategy}"] if "strategy" in change else []
+            sets += [f"--set pretrain.{k}={str(v).lower()}" for k, v in knobs.items()]
+            return f"{' '.join(sets)} ({estimate.total / GB:.1f} GB per device)"
+    return "more devices (--set distributed.strategy=fsdp shards the model over them), or a smaller model"
+
+
+def _powers_of_two(rows: int) -> list[int]:
+    """The chunk counts 2, 4, 8, ... that divide `rows`."""
+    return [2 ** i for i in range(1, rows.bit_length()) if rows % 2 ** i == 0]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, rank, world_size
+from common.distributed import all_gather_cat, all_reduce_sum_, is_distributed, is_sharded, rank, world_size
 from common.modeling import IGNORE_INDEX, all_finite
 from common.presence.influence import (Layers, eager, forward_logits, layer_set, self_influence, targets,
                                        token_losses)
@@ -85,7 +85,10 @@ def update_direction(model: nn.Module, microbatches: list[dict], plan: StepPlan,
                      autocast_dtype: torch.dtype | None = None, chunks: int = 1) -> StepStats:
     """p.grad = the update direction `plan` asks for (see the module docstring); the step's statistics.
     Each microbatch runs as `chunks` forward and backward passes over contiguous parts of its rows
-    (`microbatch_backward`): the same update to float rounding, with a chunk's activations in memory."""
+    (`microbatch_backward`): the same update to float rounding, with a chunk's activations in memory. A
+    model sharded by FSDP2 takes the sharded steps (common/presence/sharded_step.py)."""
+    if is_sharded(model):
+        return _sharded(model, microbatches, plan, layers, autocast_dtype, chunks)
     if plan.update == "uniform":
         return baseline_step(model, microbatches, autocast_dtype, chunks=chunks)
     if plan.update == "fixed" and plan.microbatch_weights is not None:
@@ -104,7 +107,10 @@ def baseline_step(model: nn.Module, microbatches: list[dict], autocast_dtype: to
     """Gradient accumulation: p.grad = mean over the (global) microbatches of their loss gradients, or,
     with `microbatch_weights` (one per microbatch of the global batch, summing to 1), their weighted sum
     (the weight-matched control replays a PRESENCE run's weights so)."""
-    params = _trainable(model)
+    if is_sharded(model):
+        plan = StepPlan() if microbatch_weights is None else StepPlan("fixed", microbatch_weights=microbatch_weights)
+        return _sharded(model, microbatches, plan, autocast_dtype=autocast_dtype, chunks=chunks)
+    params = trainable(model)
     n_global = len(microbatches) * world_size()
     local = None if microbatch_weights is None else \
         microbatch_weights[rank() * len(microbatches):(rank() + 1) * len(microbatches)]
@@ -132,10 +138,15 @@ def presence_step(model: nn.Module, microbatches: list[dict], tau: float, layers
     items' losses are formed either way, so every step can log how they relate."""
     if per not in ("microbatch", "sample"):
         raise ValueError(f"per must be 'microbatch' or 'sample', got {per!r}")
-    if scores not in _SOURCES or (weighting != "softmax-z" and weighting not in SHAPINGS):
+    if scores not in SOURCES or (weighting != "softmax-z" and weighting not in SHAPINGS):
         raise ValueError(f"unknown scores {scores!r} or weighting {weighting!r}")
+    if is_sharded(model):
+        if eps != 1e-6:
+            raise ValueError("the sharded step standardises with eps = 1e-6 only")
+        plan = StepPlan("scores", per, tau, shuffle_seed, scores=scores, weighting=weighting)
+        return _sharded(model, microbatches, plan, layers, autocast_dtype, chunks)
     run = _presence_per_microbatch if per == "microbatch" else _presence_per_sample
-    weighting = _Weighting(tau, eps, shuffle_seed, scores, weighting)
+    weighting = Weighting(tau, eps, shuffle_seed, scores, weighting)
     return run(model, microbatches, layers, autocast_dtype, weighting, chunks)
 
 
@@ -144,7 +155,9 @@ def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weight
     """p.grad = sum_j w_j grad loss_j over the samples of the (global) batch, for given weights (summing
     to 1; loss_j is sample j's mean token loss): one backward pass of the weighted loss per microbatch,
     since the gradient is linear in the loss. The noise oracle gives noisy rows weight 0."""
-    params = _trainable(model)
+    if is_sharded(model):
+        return _sharded(model, microbatches, StepPlan("fixed", sample_weights=sample_weights))  # refused there
+    params = trainable(model)
     for p in params:
         p.grad = None
     n_global = len(microbatches) * world_size()
@@ -155,7 +168,7 @@ def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weight
         loss_sum = 0.0
         for chunk in split_rows(microbatch, chunks):
             labels = targets(model, chunk)  # a causal LM's are shifted
-            with _autocast(model, autocast_dtype):
+            with autocast_context(model, autocast_dtype):
                 logits = forward_logits(model, chunk)
             per_token = token_losses(logits, labels).sum(1)
             counts = (labels != IGNORE_INDEX).sum(1).to(per_token.dtype)
@@ -169,6 +182,14 @@ def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weight
         _all_reduce_grads(params)
     loss, finite = _mean_loss(losses, n_global, params)
     return StepStats(loss=loss, scores=None, weights=sample_weights.detach().cpu(), finite=finite)
+
+
+def _sharded(model, microbatches, plan, layers="first", autocast_dtype=None, chunks=1) -> StepStats:
+    """The step of a model sharded by FSDP2: common/presence/sharded_step.py (imported here, since it builds
+    on this module)."""
+    from common.presence.sharded_step import sharded_update_direction
+
+    return sharded_update_direction(model, microbatches, plan, layers, autocast_dtype, chunks)
 
 
 def release_buffers(model: nn.Module) -> None:
@@ -205,7 +226,7 @@ def _presence_per_sample(model, microbatches, layers, autocast_dtype, weighting,
         loss_sum = 0.0
         for chunk in split_rows(microbatch, chunks):  # the tapes keep every chunk's factors until the end
             labels = targets(model, chunk)  # a causal LM's are shifted
-            with GradTape(model, flat.params, labels.shape[0]) as tape, _autocast(model, autocast_dtype):
+            with GradTape(model, flat.params, labels.shape[0]) as tape, autocast_context(model, autocast_dtype):
                 logits = forward_logits(model, chunk)
             per_token = token_losses(logits, labels).sum(1)
             del logits  # B x T x vocabulary floats that the backward does not need
@@ -254,7 +275,7 @@ def microbatch_backward(model: nn.Module, microbatch: dict, autocast_dtype: torc
     so the gradient accumulated over the chunks is the whole microbatch's, and its self-influence (the
     squared norm of that sum, not a sum of the chunks' norms) is too. One chunk is today's single pass."""
     if chunks == 1:
-        with _autocast(model, autocast_dtype):
+        with autocast_context(model, autocast_dtype):
             loss = model(**microbatch).loss
         scaled(loss).backward()
         return loss.detach()
@@ -264,7 +285,7 @@ def microbatch_backward(model: nn.Module, microbatch: dict, autocast_dtype: torc
         tokens = (targets(model, chunk) != IGNORE_INDEX).sum()
         if tokens == 0:  # nothing to learn from, and Hugging Face's mean would be 0 / 0
             continue
-        with _autocast(model, autocast_dtype):
+        with autocast_context(model, autocast_dtype):
             loss = model(**chunk).loss
             part = loss * (tokens.to(loss.dtype) / total_tokens.to(loss.dtype))
         scaled(part).backward()
@@ -272,12 +293,12 @@ def microbatch_backward(model: nn.Module, microbatch: dict, autocast_dtype: torc
     return loss_sum if torch.is_tensor(loss_sum) else torch.zeros((), device=microbatch["labels"].device)
 
 # Where a step's scores come from, given the items' self-influence and losses.
-_SOURCES = {"self-influence": lambda si, loss, eps: si, "loss": lambda si, loss, eps: loss,
+SOURCES = {"self-influence": lambda si, loss, eps: si, "loss": lambda si, loss, eps: loss,
             "si-beyond-loss": lambda si, loss, eps: beyond_loss(si, loss, eps)}
 
 
 @dataclass(frozen=True)
-class _Weighting:
+class Weighting:
     """The step's scores to its weights at temperature tau: PRESENCE's rule (presence_weights) or one of
     Sow et al.'s (loss_peer_weights), on the scores of the chosen source, shuffled for a control."""
     tau: float
@@ -287,7 +308,7 @@ class _Weighting:
     weighting: str = "softmax-z"
 
     def __call__(self, si: torch.Tensor, losses: torch.Tensor, base_weights: torch.Tensor | None = None):
-        used = _SOURCES[self.scores](si, losses, self.eps)
+        used = SOURCES[self.scores](si, losses, self.eps)
         if self.weighting == "softmax-z":
             weights, share = presence_weights(used, self.tau, eps=self.eps, shuffle_seed=self.shuffle_seed,
                                               base_weights=base_weights)
@@ -301,11 +322,11 @@ class _Weighting:
 _NORM_CHUNK = 1 << 20
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
+def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in eager(model).parameters() if p.requires_grad]
 
 
-def _autocast(model: nn.Module, dtype: torch.dtype | None):
+def autocast_context(model: nn.Module, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
@@ -384,7 +405,7 @@ _BUFFERS_PER_MODEL = 4
 
 
 def _flat_grads(model: nn.Module, layers: Layers, n_rows: int) -> _FlatGrads:
-    params = _trainable(model)
+    params = trainable(model)
     k_params = layer_set(model, layers)
     key = (tuple(map(id, params)), tuple(map(id, k_params)), n_rows,
            tuple((p.dtype, p.device) for p in params[:1]))

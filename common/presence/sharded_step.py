@@ -1,0 +1,166 @@
+"""The update direction on a model sharded by PyTorch FSDP2 (common.distributed.shard_model; the `fsdp`
+strategy of 03_pretrain): every rank holds one dim-0 shard of each parameter, of its gradient and of the
+optimizer state, and the steps are those of common/presence/presence_step.py, formed on the shards.
+
+Every microbatch of the global batch is shared by all ranks: rank r runs the r-th contiguous part of its
+rows (common.distributed.rank_rows), and the backward's reduce-scatter sums the ranks' parts into each
+rank's shard of the microbatch's gradient g_i. Per microbatch, PRESENCE copies that shard into row i of an
+(n, P_r) buffer (P_r: the elements of this rank's shards, the layer set K first), so that the n rows are
+sharded like the parameters; the self-influence s_i = ||g_i on K||^2 is the all-reduced sum of the ranks'
+squared norms over their shards of K (float64), every rank forms the same weights, and the update's shard
+is the weighted sum of the rows' shards (G = w @ rows on each rank: the reduce-scatter of the update
+happened microbatch by microbatch). The baseline and the weight-matched control let FSDP2 accumulate the
+reduce-scattered gradients of loss_i / n (or w_i loss_i).
+
+A microbatch's loss is the mean over all of its target tokens: each rank's part contributes the sum of its
+token losses / N_i, N_i the microbatch's target tokens over all ranks (one all-reduce per step), so the
+parts sum to the one-process loss and gradient whatever the split of tokens. FSDP2 averages in its
+reduce-scatter (gloo has no pre-multiplied sum for a divide factor of 1), so each part's loss is multiplied
+by the world size first. Every rank runs every forward and backward, also over rows without targets, since
+each one is a collective.
+
+Per-sample PRESENCE and per-sample fixed weights (the noise oracle, the per-sample weight-matched control)
+are refused: the per-sample engine (common/presence/per_sample_grads.py) keys its tape by the parameter
+objects, which FSDP2 replaces by unsharded ones during each forward, and forms full per-layer gradients
+that would need a reduce-scatter of their own.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from common.distributed import all_reduce_sum_, local_part, world_size
+from common.modeling import IGNORE_INDEX, all_finite
+from common.presence.influence import Layers, eager, forward_logits, layer_set, targets, token_losses
+from common.presence.presence_step import (SOURCES, StepPlan, StepStats, Weighting, autocast_context,
+                                           split_rows, trainable)
+from common.presence.reweighting import SHAPINGS
+
+REFUSED_PER_SAMPLE = ("per-sample weights (per-sample PRESENCE, the noise oracle, the per-sample weight-matched "
+                      "control) are not available under FSDP2: the per-sample engine keys its tape by parameter "
+                      "objects, which FSDP2 swaps for unsharded ones during the forward. Fix: run them with "
+                      "distributed.strategy=replicate, or reweight per microbatch")
+
+
+def sharded_update_direction(model: nn.Module, microbatches: list[dict], plan: StepPlan, layers: Layers = "first",
+                             autocast_dtype: torch.dtype | None = None, chunks: int = 1) -> StepStats:
+    """p.grad (a DTensor shard) = this rank's shard of the update direction `plan` asks for; `microbatches`
+    are this rank's parts of all n microbatches of the global batch. The step's statistics are global."""
+    per_sample = plan.update == "scores" and plan.per == "sample"
+    if per_sample or (plan.update == "fixed" and plan.microbatch_weights is None):
+        raise NotImplementedError(REFUSED_PER_SAMPLE)
+    if plan.update not in ("uniform", "fixed", "scores"):
+        raise ValueError(f"unknown update {plan.update!r}; use uniform, scores or fixed")
+    if plan.scores not in SOURCES or (plan.weighting != "softmax-z" and plan.weighting not in SHAPINGS):
+        raise ValueError(f"unknown scores {plan.scores!r} or weighting {plan.weighting!r}")
+    params = trainable(model)
+    n = len(microbatches)
+    tokens = all_reduce_sum_(torch.stack([(targets(model, mb) != IGNORE_INDEX).sum() for mb in microbatches]))
+    scale = torch.full((n,), 1.0 / n) if plan.update == "uniform" else plan.microbatch_weights
+    rows = _shard_rows(model, layers, n) if plan.update == "scores" else None
+    for p in params:
+        p.grad = None
+    losses = []
+    for i, microbatch in enumerate(microbatches):
+        weight = 1.0 if rows is not None else scale[i].item()
+        losses.append(_part_backward(model, microbatch, tokens[i], chunks, autocast_dtype, weight))
+        if rows is not None:
+            rows.take(i, params)
+    losses = all_reduce_sum_(torch.stack(losses).to(torch.float64))
+    if rows is None:
+        loss, finite = _loss_and_finite(losses, params)
+        weights = None if plan.update == "uniform" else plan.microbatch_weights.detach().cpu()
+        return StepStats(loss=loss, scores=None, weights=weights, finite=finite)
+    scores = all_reduce_sum_(rows.squared_norms_on_k())
+    weights, share = Weighting(plan.tau, 1e-6, plan.shuffle_seed, plan.scores, plan.weighting)(scores, losses)
+    rows.point_update(weights, params)
+    loss, finite = _loss_and_finite(losses, params)
+    scores, weights = scores.detach().cpu(), weights.detach().cpu()
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError(f"non-finite self-influence scores {scores.tolist()} (loss {loss}): the "
+                                 "gradients overflowed")
+    return StepStats(loss=loss, scores=scores, weights=weights, item_losses=losses.detach().cpu(),
+                     variance_share=share, finite=finite)
+
+
+def _part_backward(model: nn.Module, part: dict, tokens: torch.Tensor, chunks: int,
+                   autocast_dtype: torch.dtype | None, weight: float) -> torch.Tensor:
+    """Backpropagate weight * world * (this rank's token losses of the microbatch) / `tokens` (the
+    microbatch's target tokens on all ranks), in `chunks` passes; returns the part's share of the
+    microbatch's loss (detached)."""
+    total = tokens.clamp(min=1).to(torch.float64)
+    share = 0.0
+    for chunk in split_rows(part, chunks):
+        labels = targets(model, chunk)  # a causal LM's are shifted
+        with autocast_context(model, autocast_dtype):
+            logits = forward_logits(model, chunk)
+        loss_sum = token_losses(logits, labels).sum()
+        del logits
+        (loss_sum * (weight * world_size() / total.item())).backward()
+        share = share + loss_sum.detach().to(torch.float64) / total
+    return share
+
+
+def _loss_and_finite(losses: torch.Tensor, params: list[nn.Parameter]) -> tuple[float, bool]:
+    """The mean microbatch loss, and whether every rank's shards of the parameters and of the update
+    direction are finite (one all-reduce of a flag)."""
+    shards = [local_part(p) for p in params] + [local_part(p.grad) for p in params if p.grad is not None]
+    finite = all_reduce_sum_(all_finite(shards).to(torch.float64).reshape(1)).item()
+    return losses.mean().item(), finite == world_size()
+
+
+class _ShardRows:
+    """This rank's shards of the n microbatch gradients, (n, P_r), the layer set K's shards first, and the
+    update's shard (P_r,); *_views are per-parameter views shaped like the local shards."""
+
+    def __init__(self, params: list[nn.Parameter], k_params: list[nn.Parameter], n_rows: int):
+        k_set = set(k_params)
+        self.params = k_params + [p for p in params if p not in k_set]
+        self.k_numel = sum(local_part(p).numel() for p in k_params)
+        local = [local_part(p) for p in self.params]
+        sizes = [t.numel() for t in local]
+        self.rows = torch.zeros(n_rows, sum(sizes), dtype=local[0].dtype, device=local[0].device)
+        self.grad = torch.zeros(sum(sizes), dtype=local[0].dtype, device=local[0].device)
+        self.row_views = [[c.view_as(t) for c, t in zip(row.split(sizes), local)] for row in self.rows]
+        self.grad_views = [c.view_as(t) for c, t in zip(self.grad.split(sizes), local)]
+
+    def take(self, i: int, params: list[nn.Parameter]) -> None:
+        """Row i = the gradients' shards the microbatch's backward left in .grad, which are cleared."""
+        for p, view in zip(self.params, self.row_views[i]):
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(local_part(p.grad))
+        for p in params:
+            p.grad = None
+
+    def squared_norms_on_k(self) -> torch.Tensor:
+        """Each row's squared norm over this rank's shards of K, in float64 (to be all-reduced)."""
+        total = torch.zeros(self.rows.shape[0], dtype=torch.float64, device=self.rows.device)
+        for chunk in self.rows[:, :self.k_numel].split(1 << 20, dim=1):
+            total += chunk.to(torch.float64).square().sum(1)
+        return total
+
+    def point_update(self, weights: torch.Tensor, params: list[nn.Parameter]) -> None:
+        """p.grad = a DTensor over this rank's shard of sum_i w_i g_i (a view of `grad`)."""
+        torch.mv(self.rows.t(), weights.to(self.rows.dtype), out=self.grad)
+        for p, view in zip(self.params, self.grad_views):
+            p.grad = DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                        stride=p.stride())
+
+
+# One buffer per model and row count, kept between steps (as presence_step's): allocating n x P_r floats
+# every step would cost more than filling them.
+_ROWS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _ShardRows]]" = weakref.WeakKeyDictionary()
+
+
+def _shard_rows(model: nn.Module, layers: Layers, n_rows: int) -> _ShardRows:
+    cache = _ROWS.setdefault(eager(model), {})
+    key = (n_rows, layers if isinstance(layers, str) else tuple(layers))
+    if key not in cache:
+        cache.clear()  # a run uses one configuration: free the old one before allocating
+        cache[key] = _ShardRows(trainable(model), layer_set(model, layers), n_rows)
+    return cache[key]
