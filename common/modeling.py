@@ -174,19 +174,24 @@ def unreadable_weights(folder: str | Path) -> list[str]:
     return problems
 
 
-def load_pretrained(name_or_path, **config_overrides):
-    """A saved model (a folder of ours, or a hub name such as google/mt5-base). transformers 5 warns on
+def load_pretrained(name_or_path, auto_class=None, dropout_rate: float | None = None, **config_overrides):
+    """A saved model (a folder of ours, or a hub name such as google/mt5-base), with its family's Auto class
+    or `auto_class` (a task head such as AutoModelForSequenceClassification, built on the pre-trained
+    weights); `dropout_rate` sets each of the family's dropout fields. transformers 5 warns on
     every load that our untied output layer differs from the embedding it would tie it to, which is
-    exactly what T5 v1.1 / mT5 want; only that warning is silenced. A local folder whose weights are
-    damaged is refused with ModelFileError, naming the file and the fix."""
+    exactly what T5 v1.1 / mT5 want; only that warning is silenced (and, for a task head, the list of its
+    new weights). A local folder whose weights are damaged is refused with ModelFileError, naming the file
+    and the fix."""
     if Path(name_or_path).is_dir() and (problems := unreadable_weights(name_or_path)):
         raise ModelFileError(f"{problems[0]}: the model in {name_or_path} is truncated or damaged. Fix: "
                              f"{remake_model_fix(Path(name_or_path))}")
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(str(name_or_path))
-        model = family_of_config(config).auto_class.from_pretrained(str(name_or_path), **config_overrides)
+        family = family_of_config(AutoConfig.from_pretrained(str(name_or_path)))
+        if dropout_rate is not None:
+            config_overrides.update(family.dropout(dropout_rate))
+        model = (auto_class or family.auto_class).from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
     say_untied(model)

@@ -33,6 +33,16 @@ def test_each_family_builds_its_model_with_the_blocks_and_lookups_it_names(name)
     assert 0.5e6 < counts["total"] < 0.8e6  # about tiny's 0.71M
 
 
+@pytest.mark.parametrize("name", MODEL_FAMILIES)
+def test_the_dropout_fields_are_exactly_those_the_preset_s_dropout_rate_sets(name):
+    """A fine-tuning dropout override must reach the same fields as pre-training's model.dropout_rate."""
+    built = build_model(load_preset(PRESETS[name], ["model.dropout_rate=0.25"]).model, 4000, 141).config
+    default = build_model(load_preset(PRESETS[name], ["model.dropout_rate=0.0"]).model, 4000, 141).config
+    changed = {k for k, v in built.to_dict().items() if v != default.to_dict().get(k)}
+    assert changed == set(BY_NAME[name].dropout_fields)
+    assert BY_NAME[name].dropout(0.1) == dict.fromkeys(BY_NAME[name].dropout_fields, 0.1)
+
+
 def test_one_stack_flops_are_six_times_matmul_parameters_times_tokens():
     model = build_model(load_preset(PRESETS["llama"]).model, 4000, 141)  # untied: lm_head counted once
     lookups = model.model.embed_tokens.weight.numel()
