@@ -222,3 +222,24 @@ def random_microbatches(batch_size: int, num_microbatches: int, input_length: in
     size = batch_size // num_microbatches
     return [{"input_ids": inputs[i:i + size], "attention_mask": mask[i:i + size], "labels": labels[i:i + size]}
             for i in range(0, batch_size, size)]
+
+
+def random_batch(family: str, batch_size: int, length: int, target_length: int, vocab_size: int,
+                 device: torch.device | str, generator: torch.Generator | None = None) -> dict:
+    """Benchmark inputs of any family in Hugging Face's convention (input_ids, attention_mask, labels; -100:
+    no loss): rows of `length` uniformly random tokens (no pad or EOS). Labels: T5 `target_length` random
+    tokens; a causal LM the row itself (the model shifts it); BERT 15% of the positions (the first always),
+    the rest -100."""
+    shape = (batch_size, length)
+    input_ids = torch.randint(2, vocab_size, shape, generator=generator)
+    objective = get_family(family).objective
+    if objective == "span-corruption":
+        labels = torch.randint(2, vocab_size, (batch_size, target_length), generator=generator)
+    elif objective == "masked-lm":
+        chosen = torch.rand(shape, generator=generator) < 0.15
+        chosen[:, 0] = True
+        labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
+    else:
+        labels = input_ids.clone()
+    return {k: v.to(device) for k, v in
+            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}.items()}
