@@ -343,8 +343,8 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
         peak = peak_memory_mb(prepare(method, model, layers, inputs, labels), device, reset=gc.collect)
         print(json.dumps({memory_only: peak}))
         return {memory_only: peak}
-    print(f"{preset_name} ({family}) on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
-          f"{batch_size} x {input_length} -> {target_length} tokens, layer set {layers}, "
+    print(f"{preset_name} ({family}) on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"batch {batch_size} x {input_length} -> {target_length} tokens, layer set {layers}, "
           f"{torch.get_num_threads()} threads")
 
     reference = loop_sq_norms(model, chosen_params(model, layers, "K"), inputs, labels)
