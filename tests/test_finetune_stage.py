@@ -70,6 +70,7 @@ def model_dir(tmp_path_factory):
 
 
 ONE_STACK = ("gpt2", "llama", "bert")
+REAL_XTREME = os.environ.get("PRESENCE_XTREME_DIR")  # read before the stage fixture unsets it
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,23 @@ def test_every_family_is_fine_tuned_on_the_tasks_it_has_a_head_for(stage, family
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["valid_label_percent"] == {"en": 100.0, "de": 100.0}, "a class head always names a label"
     assert metrics["train"]["steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ("t5",) + ONE_STACK)
+def test_every_family_reads_the_real_xtreme_folder_when_there_is_one(stage, model_dir, family_dirs, tmp_path, family):
+    """The real local XTREME copy ($PRESENCE_XTREME_DIR), two languages, a few steps: every task a family
+    has a head for gets an average row."""
+    folder = REAL_XTREME
+    if not folder or not os.path.isdir(folder):
+        pytest.skip("PRESENCE_XTREME_DIR is unset or missing: no local XTREME data to fine-tune on")
+    _install_checkpoint(model_dir if family == "t5" else family_dirs[family], tmp_path / "artefacts",
+                        f"{family}-seed0", "baseline", 0)
+    _write_verses(tmp_path / "artefacts")
+    stage.main("tiny", FAST + ["finetune.test_languages=[en, de]"], None, folder)
+    rows = _read(tmp_path / "results" / "tiny" / "finetune" / "xtreme.csv")
+    expected = {task for task in stage.KIND if family == "t5" or head_class(family, stage.KIND[task]) is not None}
+    assert {r["task"] for r in rows if r["lang"] == "avg"} == expected
 
 
 @pytest.mark.parametrize("family", ONE_STACK)
