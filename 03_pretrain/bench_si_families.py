@@ -12,7 +12,9 @@ are the medians in ms. Batches: B rows of `--length` tokens; causal LMs take the
 on 15% of them, T5 reads `--length` input tokens and predicts a quarter as many.
 
     python 03_pretrain/bench_si_families.py                          # ~1 min, one thread
-    python 03_pretrain/bench_si_families.py --d-model 256 --out results/tiny/bench/si_families.csv
+    python 03_pretrain/bench_si_families.py --out results/tiny/bench/si_families.csv
+    python 03_pretrain/bench_si_families.py --d-model 256 --num-layers 4 --batch-size 32 --length 256 --vocab-size 4000 \\
+        --repeats 5 --out results/tiny/bench/si_families_medium.csv   # the medium shape, ~12 min
 """
 from __future__ import annotations
 
