@@ -12,7 +12,9 @@ are the medians in ms. Batches: B rows of `--length` tokens; causal LMs take the
 on 15% of them, T5 reads `--length` input tokens and predicts a quarter as many.
 
     python 03_pretrain/bench_si_families.py                          # ~1 min, one thread
-    python 03_pretrain/bench_si_families.py --d-model 256 --out results/tiny/bench/si_families.csv
+    python 03_pretrain/bench_si_families.py --out results/tiny/bench/si_families.csv
+    python 03_pretrain/bench_si_families.py --d-model 256 --num-layers 4 --batch-size 32 --length 256 --vocab-size 4000 \\
+        --repeats 5 --out results/tiny/bench/si_families_medium.csv   # the medium shape, ~12 min
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 from common.benchmark import median_ms, paired_ratio_quartiles, round_robin_seconds, write_benchmark_csv
 from common.cli import exit_on_known_errors
 from common.config import ModelConfig
-from common.modeling import build_model
+from common.modeling import build_model, random_batch
 from common.presence.influence import batch_self_influence, layer_set
 
 FAMILIES = ("t5", "gpt2", "llama", "bert")
@@ -54,20 +56,6 @@ def build(family: str, cfg: Config) -> torch.nn.Module:
     return build_model(model_cfg, cfg.vocab_size, positions=cfg.length)
 
 
-def batch(family: str, cfg: Config, g: torch.Generator) -> dict:
-    shape = (cfg.batch_size, cfg.length)
-    input_ids = torch.randint(1, cfg.vocab_size, shape, generator=g)
-    if family == "t5":
-        labels = torch.randint(1, cfg.vocab_size, (cfg.batch_size, max(1, cfg.length // 4)), generator=g)
-    elif family == "bert":
-        chosen = torch.rand(shape, generator=g) < 0.15
-        chosen[:, 0] = True
-        labels = input_ids.masked_fill(~chosen, -100)
-    else:
-        labels = input_ids.clone()
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-
-
 def plain_backward(model: torch.nn.Module, inputs: dict, params: list[torch.nn.Parameter]):
     chosen = set(params)
     everything = list(model.parameters())
@@ -89,7 +77,7 @@ def main(cfg: Config) -> dict:
     for family in FAMILIES:
         torch.manual_seed(cfg.seed)
         model = build(family, cfg).eval()
-        inputs = batch(family, cfg, g)
+        inputs = random_batch(family, cfg.batch_size, cfg.length, max(1, cfg.length // 4), cfg.vocab_size, "cpu", g)
         for layers in LAYER_SETS:
             params = layer_set(model, layers)
             fns = {"plain": plain_backward(model, inputs, params),

@@ -1,5 +1,6 @@
 """Per-sample self-influence: this repository's engine beside the libraries a user would otherwise pick,
-on the same model, batch and seed.
+on the same model, batch and seed, for a model of any family (the preset's model.family: T5 by default;
+presets/variants/tiny_gpt2.yaml, tiny_llama.yaml, tiny_bert.yaml for the others).
 
 Every method scores each sample j of one batch with s_j = ||grad_P loss_j||^2 (loss_j: sample j's mean
 target-token loss, P a set of parameters):
@@ -14,11 +15,14 @@ target-token loss, P a set of parameters):
 and, as the yardstick, no per-sample method at all:
   plain-gradient      loss.backward() of the summed losses with only P requiring grad: the ordinary
                       gradient over P, what a training step's backward costs (`ratio_to_plain`)
-P (column `params`) is the layer set K (--layers, default first) or the part of K a library handles on T5:
-  K-no-bias-tables    Opacus reads the relative-attention bias's (query, key) bucket input as a batch, so
-                      its per-sample gradients of the bias tables have the query length as batch size
-  K-linear            BackPACK has no rule for T5LayerNorm, and misreads the bucket input as Opacus does
-Each library is also run once on the whole of K; `on_whole_k` says what goes wrong there. Ours runs on
+P (column `params`) is the layer set K (--layers, default first) or the part of K a library handles:
+  K-no-bias-tables    T5: Opacus reads the relative-attention bias's (query, key) bucket input as a batch,
+                      so its per-sample gradients of the bias tables have the query length as batch size
+  K-linear            BackPACK has no rule for layer norms (T5LayerNorm, LayerNorm, LlamaRMSNorm) nor
+                      for GPT-2's Conv1D, and misreads T5's bucket input as Opacus does
+On GPT-2, Llama and BERT, Opacus and torch.func run on K, BackPACK on K-linear (empty on GPT-2, whose
+matmuls are all Conv1D: a row that says so). Each library is also run once on the whole of K;
+`on_whole_k` says what goes wrong there. Ours runs on
 every P, and `ratio_to_ours` is a method's time over ours on the same P (above 1: ours is faster), taken
 round by round (both ran within seconds, under the same load of the machine): the median over rounds,
 with the quartiles in `ratio_to_ours_q1` and `ratio_to_ours_q3`; `ratio_to_plain` likewise against the
@@ -38,6 +42,7 @@ that is not installed is skipped, with the reason in `note`.
     python 03_pretrain/bench_si_peers.py --preset tiny --threads 2 --set model.d_model=256 \\
         --set model.d_ff=1024 --set model.d_kv=64 --set model.num_layers=4 --set model.num_decoder_layers=4 \\
         --set data.input_length=256 --out results/tiny/bench/si_peers_medium.csv   # the medium shape, ~15 min
+    python 03_pretrain/bench_si_peers.py --preset presets/variants/tiny_gpt2.yaml --no-memory   # GPT-2
     python 03_pretrain/bench_si_peers.py --preset small --device cuda --batch-size 64
 Writes results/<preset>/bench/si_peers.csv (or --out).
 """
@@ -62,7 +67,8 @@ from common.benchmark import (benchmark_parser, can_measure_cpu_memory, fresh_pr
 from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.data.span_corruption import compute_input_and_target_lengths
-from common.modeling import build_model, random_microbatches
+from common.families import get_family
+from common.modeling import build_model, random_batch, random_microbatches
 from common.presence.influence import batch_self_influence, group_losses, layer_set, token_losses
 from common.presence.per_sample_grads import sq_norm_per_group
 from common.seeding import seed_everything
@@ -89,6 +95,8 @@ class Unsupported(Exception):
 # ---- that scores the batch, a (B,) float64 tensor
 
 def setup_ours(model, params, inputs, labels):
+    if "decoder_input_ids" not in inputs:  # one stack: Hugging Face's labels sit under their own tokens
+        labels = nn.functional.pad(labels, (inputs["input_ids"].shape[1] - labels.shape[1], 0), value=-100)
     batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
     return lambda: batch_self_influence(model, batch, layers=list(params))
 
@@ -107,16 +115,16 @@ def setup_torch_func(model, params, inputs, labels):
     if not torch.equal(mask, mask[:1].expand_as(mask)):
         raise Unsupported("transformers' attention-mask builder branches on the mask's values, which vmap "
                           "cannot trace: every row must share one mask")
+    rows = {k: v for k, v in inputs.items() if k != "attention_mask"}  # input ids (and T5's decoder inputs)
 
-    def sample_loss(values, input_ids, decoder_input_ids, sample_labels):
-        one = {"input_ids": input_ids[None], "decoder_input_ids": decoder_input_ids[None], "attention_mask": mask[:1]}
-        logits = functional_call(model, values, args=(), kwargs=one).logits
-        return group_losses(token_losses(logits, sample_labels[None]), sample_labels[None])[0]
+    def sample_loss(values, row, sample_labels):
+        one = {**{k: v[None] for k, v in row.items()}, "attention_mask": mask[:1]}
+        return sample_losses(lambda **kwargs: functional_call(model, values, args=(), kwargs=kwargs), one,
+                             sample_labels[None])[0]
 
-    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     values = {name: p.detach() for name, p in params.items()}
-    return lambda: summed(per_sample_grads(values, inputs["input_ids"], inputs["decoder_input_ids"], labels),
-                          labels.shape[0], sq_norm_per_group)
+    return lambda: summed(per_sample_grads(values, rows, labels), labels.shape[0], sq_norm_per_group)
 
 
 def setup_opacus(ghost: bool):
@@ -184,7 +192,7 @@ class Method:
 
 
 PLAIN = "plain-gradient"
-METHODS = [
+METHODS = [  # T5's
     Method(PLAIN, "K", "", "", setup_plain),
     Method("ours", "K", "", "", setup_ours),
     Method("torch.func", "K", "", "", setup_torch_func),
@@ -197,14 +205,24 @@ METHODS = [
     Method("backpack-batchgrad", "K-linear", "backpack-for-pytorch", "backpack", setup_backpack("BatchGrad")),
     Method("backpack-batchl2", "K-linear", "backpack-for-pytorch", "backpack", setup_backpack("BatchL2Grad")),
 ]
+# GPT-2, Llama, BERT: no bias tables, so Opacus is run on K
+ONE_STACK_METHODS = [m if m.params != "K-no-bias-tables" else Method(m.name, "K", m.library, m.module, m.setup)
+                     for m in METHODS if not (m.params == "K-no-bias-tables" and m.name in (PLAIN, "ours"))]
+
+
+def methods_of(family: str) -> list[Method]:
+    return METHODS if family == "t5" else ONE_STACK_METHODS
 
 
 # ---- shared pieces ----------------------------------------------------------------------------------
 
 def sample_losses(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Each sample's mean target-token loss, (B,); `inputs` hold the decoder inputs, so that a library's
-    wrapper (which hides the model's own methods) can be called as the model."""
-    return group_losses(token_losses(model(**inputs).logits, labels), labels)
+    """Each sample's mean target-token loss, (B,); `inputs` hold T5's decoder inputs, so that a library's
+    wrapper (which hides the model's own methods) can be called as the model. `labels` are the targets
+    aligned with the logits' first positions (a causal LM's: labels[:, 1:], predicted by every position
+    but the last, whose logits are dropped; the other families': every position's)."""
+    logits = model(**inputs).logits[:, :labels.shape[1]]
+    return group_losses(token_losses(logits, labels), labels)
 
 
 def chosen_params(model: nn.Module, layers: str, subset: str) -> dict[str, nn.Parameter]:
@@ -249,14 +267,18 @@ def max_rel_err(scores: torch.Tensor, reference: torch.Tensor) -> float:
     return ((scores - reference).abs() / reference).max().item()
 
 
+def failure(why: Exception) -> str:
+    if isinstance(why, Unsupported):
+        return f"fails: {why}"
+    return f"error: {type(why).__name__}: {str(why).splitlines()[0][:300]}"
+
+
 def outcome(fn: Callable[[], torch.Tensor], reference: torch.Tensor) -> tuple[float | None, str]:
     """(max relative error against the loop, or None; what went wrong, or "")."""
     try:
         err = max_rel_err(fn(), reference)
-    except Unsupported as why:
-        return None, f"fails: {why}"
-    except Exception as why:  # a library's own error on T5 is a result here
-        return None, f"error: {type(why).__name__}: {str(why).splitlines()[0][:300]}"
+    except Exception as why:  # a library's own error on a model is a result here
+        return None, failure(why)
     return err, ("" if err <= WRONG else f"wrong scores: max relative error {err:.2g}")
 
 
@@ -285,13 +307,14 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
          batch_size: int | None = None, layers: str = "first", methods: list[str] | None = None, repeats: int = 5,
          warmup: int = 1, seed: int = 0, threads: int | None = None, measure_memory: bool = True,
          memory_only: str | None = None, out: str | None = None) -> dict:
-    known = [m.key for m in METHODS]
+    preset = load_preset(preset_name, overrides)
+    family = preset.model.family
+    known = [m.key for m in methods_of(family)]
     if unknown := set(methods or []) - set(known):
         raise ValueError(f"unknown methods {sorted(unknown)}. Fix: choose from {known}")
-    chosen = [m for m in METHODS if not methods or m.key in methods]
+    chosen = [m for m in methods_of(family) if not methods or m.key in methods]
     if threads:
         torch.set_num_threads(threads)
-    preset = load_preset(preset_name, overrides)
     if preset.model.dropout_rate:
         raise ValueError(f"model.dropout_rate is {preset.model.dropout_rate}: with dropout no two methods see the "
                          "same network. Fix: --set model.dropout_rate=0")
@@ -301,18 +324,27 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
     target_length = compute_input_and_target_lengths(input_length, preset.data.noise_density,
                                                      preset.data.mean_noise_span_length)[1]
     seed_everything(seed)
-    model = build_model(preset.model, vocab_size).to(device).train()  # train: Opacus records only then
-    batch = random_microbatches(batch_size, 1, input_length, target_length, vocab_size, device)[0]
-    labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels)}
+    if family == "t5":
+        model = build_model(preset.model, vocab_size).to(device).train()  # train: Opacus records only then
+        batch = random_microbatches(batch_size, 1, input_length, target_length, vocab_size, device)[0]
+        labels = batch["labels"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels)}
+    else:  # rows of the raw length span corruption shortens to input_length, as pre-training reads them
+        input_length = compute_input_and_target_lengths(input_length, preset.data.noise_density,
+                                                        preset.data.mean_noise_span_length)[0]
+        target_length = input_length - (get_family(family).objective == "next-token")
+        model = build_model(preset.model, vocab_size, positions=input_length).to(device).train()
+        batch = random_batch(family, batch_size, input_length, 0, vocab_size, device)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"][:, input_length - target_length:]  # the targets: a causal LM's shifted
     if memory_only:  # inside the fresh process of one method, started below
-        method = next(m for m in METHODS if m.key == memory_only)
+        method = next(m for m in methods_of(family) if m.key == memory_only)
         peak = peak_memory_mb(prepare(method, model, layers, inputs, labels), device, reset=gc.collect)
         print(json.dumps({memory_only: peak}))
         return {memory_only: peak}
-    print(f"{preset_name} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
-          f"{batch_size} x {input_length} -> {target_length} tokens, layer set {layers}, "
+    print(f"{preset_name} ({family}) on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"batch {batch_size} x {input_length} -> {target_length} tokens, layer set {layers}, "
           f"{torch.get_num_threads()} threads")
 
     reference = loop_sq_norms(model, chosen_params(model, layers, "K"), inputs, labels)
@@ -322,22 +354,25 @@ def main(preset_name: str = "tiny", overrides: list[str] | None = None, device: 
             notes[method.key] = f"skipped: {method.library} is not installed (make peers)"
             print(f"{method.key}: {notes[method.key]}")
             continue
+        if method.name != PLAIN and method.params != "K":
+            whole = lambda: prepare(method, model, layers, inputs, labels, subset="K")()  # noqa: E731
+            on_whole_k[method.key] = outcome(whole, sum(reference.values()))[1] or "ok"
+        if not chosen_params(model, layers, method.params):  # GPT-2's K-linear: its matmuls are Conv1D
+            notes[method.key] = f"skipped: no parameter of K is in {method.params} on {family}"
+            print(f"{method.key}: {notes[method.key]}; on the whole of K: {on_whole_k.get(method.key, '')}")
+            continue
         if method.name == PLAIN:  # no per-sample result to check
             fns[method.key] = prepare(method, model, layers, inputs, labels)
             continue
         expected = sum(reference[name] for name in chosen_params(model, layers, method.params))
         try:
             fns[method.key] = prepare(method, model, layers, inputs, labels)
-        except Unsupported as why:
-            notes[method.key] = f"fails: {why}"
+        except Exception as why:  # e.g. BackPACK's extend() on BERT
+            notes[method.key] = failure(why)
             continue
         errors[method.key], notes[method.key] = outcome(fns[method.key], expected)
         if method.params == "K":
             on_whole_k[method.key] = notes[method.key] or "ok"
-        else:
-            whole = prepare(method, model, layers, inputs, labels, subset="K")
-            on_whole_k[method.key] = outcome(whole, sum(reference.values()))[1] or "ok"
-            del whole
         print(f"{method.key}: max relative error {errors[method.key]}; on the whole of K: {on_whole_k[method.key]}")
         if errors[method.key] is None:
             del fns[method.key]

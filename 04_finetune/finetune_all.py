@@ -1,12 +1,16 @@
 """04_finetune: zero-shot cross-lingual evaluation of every pre-trained checkpoint.
 
-For each checkpoint that 03_pretrain finished (or each --checkpoint given):
+For each checkpoint that 03_pretrain finished (or each --checkpoint given), of any model family (T5, GPT-2,
+Llama, BERT: read from its config):
   1. verse retrieval: XTREME's Tatoeba protocol on held-out aligned verses of the embedded corpus
-     (mean-pooled encoder states, nearest neighbour, accuracy per language). No fine-tuning; always offline.
+     (mean-pooled states of T5's encoder or of the other families' one stack, nearest neighbour, accuracy
+     per language). No fine-tuning; always offline.
   2. XTREME (when a local folder in XTREME's layout is given, or finetune.xtreme_source=hub): fine-tune on
      English, test every language with a test file (zero-shot; finetune.test_languages restricts them, and
      the XTREME average stays over XTREME's own languages); again on English + translate-train data when
-     present. The data is read and checked first, before any model runs.
+     present. T5 is fine-tuned text-to-text (NER: a tagging head), the other families with Hugging Face's
+     task heads (common/evaluation/heads.py); a task a family has no head for is skipped, saying why. The
+     data is read and checked first, before any model runs.
 Outputs: results/<preset>/finetune/retrieval.csv and xtreme.csv (one row per measurement with its chance
 level, re-runs replace their rows), and a run folder per (checkpoint, task, setting) under
 artefacts/<preset>/finetune/.
@@ -28,13 +32,17 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from common.cli import exit_on_interrupt, exit_on_known_errors
 from common.config import FinetuneConfig, load_preset
+from common.evaluation.extractive_qa import encode_spans, predict_spans
 from common.evaluation.finetuning import (LABEL_WORDS, EncoderTagger, batches_forever, encode_tagged, encode_text_to_text,
-                               generate, max_label_tokens, pair_input, predict_tags, qa_answer_fits, qa_input, train)
+                               generate, max_label_tokens, pair_input, predict_classes, predict_tags, qa_answer_fits,
+                               qa_input, train)
+from common.evaluation.heads import head_class, left_out_reason
+from common.families import Family, backbone, family_of_config
 from common.io import iter_jsonl_gz
 from common.evaluation.metrics import accuracy, qa_scores, span_f1
 from common.modeling import load_pretrained, require_model
@@ -43,7 +51,7 @@ from common.evaluation.retrieval import embed, retrieval_accuracy
 from common.evaluation.score_rows import chance_level, upsert_rows
 from common.runinfo import write_run_files
 from common.seeding import seed_everything
-from common.evaluation.xtreme import TASK_METRICS, TaskData, in_xtreme_average, load_hub, load_local, subsample
+from common.evaluation.xtreme import NER_TAGS, TASK_METRICS, TaskData, in_xtreme_average, load_hub, load_local, subsample
 from common.threads import set_cpu_threads
 
 KIND = {"xnli": "pair", "pawsx": "pair", "panx": "tagging", "xquad": "qa", "mlqa": "qa", "tydiqa": "qa"}
@@ -90,9 +98,15 @@ def describe_checkpoint(name: str, default_seed: int, preset: str) -> Checkpoint
                          "Fix: re-run the pre-training that wrote it") from None
 
 
-def load_model(checkpoint: Checkpoint, dropout_rate: float):
+def checkpoint_family(checkpoint: Checkpoint) -> Family:
+    return family_of_config(AutoConfig.from_pretrained(checkpoint.path))
+
+
+def load_model(checkpoint: Checkpoint, dropout_rate: float, auto_class=None, **head):
+    """The checkpoint's model (with its family's Auto class, or a task head's built on its weights) and its
+    tokenizer; `head`: the head's config fields (num_labels)."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-    model = load_pretrained(checkpoint.path, dropout_rate=dropout_rate)
+    model = load_pretrained(checkpoint.path, auto_class, dropout_rate=dropout_rate, **head)
     return model, tokenizer
 
 
@@ -130,11 +144,12 @@ def choose_retrieval_pairs(verses: dict[str, dict[str, str]], cfg: FinetuneConfi
 
 
 def evaluate_retrieval(ckpt: Checkpoint, verses, languages, verse_ids, cfg, device) -> tuple[list[dict], dict]:
-    """X -> English accuracy from the final encoder output ('accuracy') and from the middle block
+    """X -> English accuracy from the final output of the backbone (T5's encoder, the other families' one
+    stack: after its final norm for GPT-2 and Llama) ('accuracy') and from the middle block
     ('accuracy_middle_layer'), and English -> X from the final output ('accuracy_en_to_x')."""
     model, tokenizer = load_model(ckpt, dropout_rate=0.0)
-    encoder = model.get_encoder()
-    layers = {"last": -1, "middle": model.config.num_layers // 2}
+    encoder = backbone(model)
+    layers = {"last": -1, "middle": model.config.num_hidden_layers // 2}
     started = time.perf_counter()
 
     def vectors(lang):
@@ -203,8 +218,17 @@ def training_examples(data: TaskData, setting: str, cfg: FinetuneConfig) -> list
     return subsample(examples, cfg.max_train_examples, cfg.seed)
 
 
-def finetune(ckpt: Checkpoint, task: str, examples: list, cfg: FinetuneConfig, device, desc: str):
+def finetune(ckpt: Checkpoint, family: Family, task: str, examples: list, cfg: FinetuneConfig, device, desc: str):
     seed_everything(ckpt.seed)
+    prepare = prepare_text_to_text if family.name == "t5" else prepare_head
+    model, tokenizer, encoded, stats = prepare(ckpt, family, task, examples, cfg)
+    batches = batches_forever(encoded, cfg.batch_size, ckpt.seed, tokenizer.pad_token_id)
+    stats.update(train(model, batches, cfg.steps, cfg.lr, device, cfg.precision == "bf16", cfg.log_every, desc))
+    return model, tokenizer, stats
+
+
+def prepare_text_to_text(ckpt: Checkpoint, family: Family, task: str, examples: list, cfg: FinetuneConfig):
+    """T5: the model and its encoded training examples (NER: the encoder with a tagging head)."""
     model, tokenizer = load_model(ckpt, cfg.dropout_rate)
     stats = {"n_train_examples": len(examples)}
     if KIND[task] == "tagging":
@@ -221,14 +245,36 @@ def finetune(ckpt: Checkpoint, task: str, examples: list, cfg: FinetuneConfig, d
     else:
         encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], cfg.input_length,
                                       [LABEL_WORDS[task][ex.label] for ex in examples], cfg.target_length)
-    batches = batches_forever(encoded, cfg.batch_size, ckpt.seed, tokenizer.pad_token_id)
-    stats.update(train(model, batches, cfg.steps, cfg.lr, device, cfg.precision == "bf16", cfg.log_every, desc))
-    return model, tokenizer, stats
+    return model, tokenizer, encoded, stats
 
 
-def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneConfig, device) -> tuple[dict, dict]:
+def prepare_head(ckpt: Checkpoint, family: Family, task: str, examples: list, cfg: FinetuneConfig):
+    """GPT-2, Llama, BERT: the task head on the pre-trained weights and its encoded training examples. Pairs
+    are the text-to-text inputs with the label's index as target (the order of LABEL_WORDS)."""
+    kind, stats = KIND[task], {"n_train_examples": len(examples)}
+    num_labels = {"pair": len(LABEL_WORDS.get(task, {})), "tagging": len(NER_TAGS), "qa": 2}[kind]  # qa: start, end
+    model, tokenizer = load_model(ckpt, cfg.dropout_rate, head_class(family.name, kind), num_labels=num_labels)
+    if kind == "tagging":
+        encoded = encode_tagged(tokenizer, examples, cfg.input_length)
+    elif kind == "qa":  # an answer the input no longer contains cannot be learnt: drop it
+        spans = encode_spans(tokenizer, examples, cfg.input_length)
+        encoded = [row for row in spans if row["start_positions"] is not None]
+        stats["dropped_answer_truncated"] = len(spans) - len(encoded)
+        if not encoded:
+            raise ValueError(f"no {task} training answer lies within the first finetune.input_length="
+                             f"{cfg.input_length} tokens of its input. Fix: raise finetune.input_length")
+    else:
+        classes = list(LABEL_WORDS[task])
+        inputs = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], cfg.input_length)
+        encoded = [{**row, "labels": classes.index(ex.label)} for row, ex in zip(inputs, examples)]
+    return model, tokenizer, encoded, stats
+
+
+def evaluate(task: str, family: Family, model, tokenizer, test: dict[str, list], cfg: FinetuneConfig,
+             device) -> tuple[dict, dict]:
     """Scores per language, and for the run folder: timing, diagnostics and the first predictions."""
     bf16, scores, extra = cfg.precision == "bf16", {}, {"first_predictions": {}}
+    text_to_text = family.name == "t5"
     started = time.perf_counter()
     for lang, examples in tqdm(test.items(), desc=f"evaluate {task}", leave=False, disable=None):
         if KIND[task] == "tagging":
@@ -236,18 +282,31 @@ def evaluate(task: str, model, tokenizer, test: dict[str, list], cfg: FinetuneCo
             predicted = predict_tags(model, encoded, cfg.eval_batch_size, tokenizer.pad_token_id, device, bf16)
             gold = [ex.tags for ex in examples]
             scores[lang] = {f"span_{name}": value for name, value in span_f1(gold, predicted).items()}
-        elif KIND[task] == "qa":
+        elif KIND[task] == "qa" and text_to_text:
             encoded = encode_text_to_text(tokenizer, [qa_input(ex) for ex in examples], cfg.input_length)
             predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size, cfg.target_length, device, bf16)
             gold = [ex.answers for ex in examples]
             scores[lang] = qa_scores(predicted, gold, lang if task == "mlqa" else None)
             fits = qa_answer_fits(tokenizer, examples, cfg.input_length)
             extra.setdefault("answer_in_input_percent", {})[lang] = 100.0 * sum(fits) / len(fits)
+        elif KIND[task] == "qa":
+            encoded = encode_spans(tokenizer, examples, cfg.input_length)
+            predicted = predict_spans(model, encoded, [ex.context for ex in examples], cfg.eval_batch_size,
+                                      tokenizer.pad_token_id, device, bf16)
+            gold = [ex.answers for ex in examples]
+            scores[lang] = qa_scores(predicted, gold, lang if task == "mlqa" else None)
+            fits = [row["start_positions"] is not None for row in encoded]
+            extra.setdefault("answer_in_input_percent", {})[lang] = 100.0 * sum(fits) / len(fits)
         else:
             words = LABEL_WORDS[task]
             encoded = encode_text_to_text(tokenizer, [pair_input(task, ex) for ex in examples], cfg.input_length)
-            predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size,
-                                 max_label_tokens(tokenizer, list(words.values())), device, bf16)
+            if text_to_text:
+                predicted = generate(model, tokenizer, encoded, cfg.eval_batch_size,
+                                     max_label_tokens(tokenizer, list(words.values())), device, bf16)
+            else:
+                labels = list(words)
+                classes = predict_classes(model, encoded, cfg.eval_batch_size, tokenizer.pad_token_id, device, bf16)
+                predicted = [words[labels[c]] for c in classes]
             gold = [words[ex.label] for ex in examples]
             scores[lang] = {"accuracy": accuracy(predicted, gold)}
             valid = sum(p in words.values() for p in predicted)  # the rest are wrong by definition
@@ -264,11 +323,16 @@ def finetune_and_evaluate(preset, ckpt: Checkpoint, setting: str, names: list[st
     """Fine-tune once for a group of tasks, test each of them on every language, record the results."""
     cfg, first = preset.finetune, tasks[names[0]]
     desc = f"{ckpt.run} | {'+'.join(names)} | {setting}"
-    model, tokenizer, train_stats = finetune(ckpt, names[0], training_examples(first, setting, cfg), cfg, device, desc)
+    family = checkpoint_family(ckpt)
+    if family.name != "t5" and head_class(family.name, KIND[names[0]]) is None:
+        print(f"{desc} | skipped for a {family.name} model: {left_out_reason(family.name, KIND[names[0]])}")
+        return {}
+    model, tokenizer, train_stats = finetune(ckpt, family, names[0], training_examples(first, setting, cfg), cfg,
+                                             device, desc)
     averages = {}
     for name in names:
         data = tasks[name]
-        scores, extra = evaluate(name, model, tokenizer, data.test, cfg, device)
+        scores, extra = evaluate(name, family, model, tokenizer, data.test, cfg, device)
         n = {lang: len(examples) for lang, examples in data.test.items()}
         rows = result_rows(ckpt, name, setting, scores, n, [lang for lang in scores if in_xtreme_average(name, lang)])
         upsert_rows(out / "xtreme.csv", rows)

@@ -39,6 +39,11 @@ class Family:
     first_blocks: tuple[str, ...]  # parameter-name prefixes of layer set "first"
     lookups: tuple[str, ...]  # parameter-name prefixes of lookup tables (no FLOPs)
     build_config: Callable[[ModelConfig, int, int], PretrainedConfig] | None  # (model fields, vocab, positions)
+    dropout_fields: tuple[str, ...]  # the config fields model.dropout_rate sets (Llama has attention dropout only)
+
+    def dropout(self, rate: float) -> dict[str, float]:
+        """Config overrides that set this family's dropout to `rate` when a checkpoint is loaded."""
+        return dict.fromkeys(self.dropout_fields, rate)
 
 
 def _gpt2(cfg: ModelConfig, vocab_size: int, positions: int) -> PretrainedConfig:
@@ -67,12 +72,15 @@ def _bert(cfg: ModelConfig, vocab_size: int, positions: int) -> PretrainedConfig
 
 FAMILIES = (
     # T5's config is built in common/modeling.py (hub configs, the untied output layer of T5 v1.1 / mT5).
-    Family("t5", AutoModelForSeq2SeqLM, "span-corruption", ("encoder.block.0", "decoder.block.0"), ("shared",), None),
+    Family("t5", AutoModelForSeq2SeqLM, "span-corruption", ("encoder.block.0", "decoder.block.0"), ("shared",), None,
+           ("dropout_rate",)),
     Family("gpt2", AutoModelForCausalLM, "next-token", ("transformer.h.0",), ("transformer.wte", "transformer.wpe"),
-           _gpt2),
-    Family("llama", AutoModelForCausalLM, "next-token", ("model.layers.0",), ("model.embed_tokens",), _llama),
+           _gpt2, ("resid_pdrop", "embd_pdrop", "attn_pdrop")),
+    Family("llama", AutoModelForCausalLM, "next-token", ("model.layers.0",), ("model.embed_tokens",), _llama,
+           ("attention_dropout",)),
     Family("bert", AutoModelForMaskedLM, "masked-lm", ("bert.encoder.layer.0",), ("bert.embeddings.word_embeddings",
-           "bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings"), _bert),
+           "bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings"), _bert,
+           ("hidden_dropout_prob", "attention_probs_dropout_prob")),
 )
 BY_NAME = {family.name: family for family in FAMILIES}
 # Hugging Face's model_type of each family's config, to find a built or loaded model's family.
@@ -96,6 +104,14 @@ def family_of_config(config: PretrainedConfig) -> Family:
     if model_type not in MODEL_TYPES:
         raise ValueError(f"a {model_type!r} model is of no family here. Fix: use one of {', '.join(BY_NAME)}")
     return BY_NAME[MODEL_TYPES[model_type]]
+
+
+def backbone(model):
+    """The stack whose hidden states represent a model's input (verse retrieval, task heads): T5's encoder,
+    the one stack of every other family (GPT-2's transformer, Llama's model, BERT's bert)."""
+    if family_of(model).name == "t5":
+        return model.get_encoder()
+    return model.base_model
 
 
 def mask_token_id(vocab_size: int) -> int:

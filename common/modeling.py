@@ -174,19 +174,24 @@ def unreadable_weights(folder: str | Path) -> list[str]:
     return problems
 
 
-def load_pretrained(name_or_path, **config_overrides):
-    """A saved model (a folder of ours, or a hub name such as google/mt5-base). transformers 5 warns on
+def load_pretrained(name_or_path, auto_class=None, dropout_rate: float | None = None, **config_overrides):
+    """A saved model (a folder of ours, or a hub name such as google/mt5-base), with its family's Auto class
+    or `auto_class` (a task head such as AutoModelForSequenceClassification, built on the pre-trained
+    weights); `dropout_rate` sets each of the family's dropout fields. transformers 5 warns on
     every load that our untied output layer differs from the embedding it would tie it to, which is
-    exactly what T5 v1.1 / mT5 want; only that warning is silenced. A local folder whose weights are
-    damaged is refused with ModelFileError, naming the file and the fix."""
+    exactly what T5 v1.1 / mT5 want; only that warning is silenced (and, for a task head, the list of its
+    new weights). A local folder whose weights are damaged is refused with ModelFileError, naming the file
+    and the fix."""
     if Path(name_or_path).is_dir() and (problems := unreadable_weights(name_or_path)):
         raise ModelFileError(f"{problems[0]}: the model in {name_or_path} is truncated or damaged. Fix: "
                              f"{remake_model_fix(Path(name_or_path))}")
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(str(name_or_path))
-        model = family_of_config(config).auto_class.from_pretrained(str(name_or_path), **config_overrides)
+        family = family_of_config(AutoConfig.from_pretrained(str(name_or_path)))
+        if dropout_rate is not None:
+            config_overrides.update(family.dropout(dropout_rate))
+        model = (auto_class or family.auto_class).from_pretrained(str(name_or_path), **config_overrides)
     finally:
         hf_logging.set_verbosity(previous)
     say_untied(model)
@@ -217,3 +222,24 @@ def random_microbatches(batch_size: int, num_microbatches: int, input_length: in
     size = batch_size // num_microbatches
     return [{"input_ids": inputs[i:i + size], "attention_mask": mask[i:i + size], "labels": labels[i:i + size]}
             for i in range(0, batch_size, size)]
+
+
+def random_batch(family: str, batch_size: int, length: int, target_length: int, vocab_size: int,
+                 device: torch.device | str, generator: torch.Generator | None = None) -> dict:
+    """Benchmark inputs of any family in Hugging Face's convention (input_ids, attention_mask, labels; -100:
+    no loss): rows of `length` uniformly random tokens (no pad or EOS). Labels: T5 `target_length` random
+    tokens; a causal LM the row itself (the model shifts it); BERT 15% of the positions (the first always),
+    the rest -100."""
+    shape = (batch_size, length)
+    input_ids = torch.randint(2, vocab_size, shape, generator=generator)
+    objective = get_family(family).objective
+    if objective == "span-corruption":
+        labels = torch.randint(2, vocab_size, (batch_size, target_length), generator=generator)
+    elif objective == "masked-lm":
+        chosen = torch.rand(shape, generator=generator) < 0.15
+        chosen[:, 0] = True
+        labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
+    else:
+        labels = input_ids.clone()
+    return {k: v.to(device) for k, v in
+            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}.items()}

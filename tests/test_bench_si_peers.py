@@ -72,6 +72,34 @@ def test_absent_libraries_are_skipped_with_the_reason_and_memory_is_measured_per
     assert math.isfinite(peak) and peak >= 0
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_on_every_family_each_method_is_checked_and_what_a_library_cannot_handle_is_said(tmp_path, family):
+    result = bench.main(f"presets/variants/tiny_{family}.yaml", MINI, device="cpu", batch_size=BATCH, repeats=1,
+                        warmup=0, threads=1, measure_memory=False, out=str(tmp_path / "si_peers.csv"))
+    rows = {f"{row['method']}@{row['params']}": row for row in read_csv(result["path"])}
+    assert list(rows) == [method.key for method in bench.methods_of(family)]
+    assert "K-no-bias-tables" not in {row["params"] for row in rows.values()}, "no bias tables outside T5"
+    assert float(rows["ours@K"]["max_rel_err"]) < 1e-5 and rows["ours@K"]["on_whole_k"] == "ok"
+    methods = {method.key: method for method in bench.methods_of(family)}
+    for key in ("torch.func@K", "opacus-gsm@K", "opacus-ghost@K"):
+        if bench.installed(methods[key]):
+            assert float(rows[key]["max_rel_err"]) < bench.WRONG and rows[key]["note"] == "", key
+    if family == "gpt2":  # every matmul of GPT-2's block is a Conv1D: no nn.Linear for BackPACK
+        skipped = ["plain-gradient@K-linear", "ours@K-linear"]
+        if bench.installed(methods["backpack-batchgrad@K-linear"]):
+            skipped.append("backpack-batchgrad@K-linear")
+        for key in skipped:
+            assert rows[key]["note"] == "skipped: no parameter of K is in K-linear on gpt2" and rows[key]["time_ms"] == ""
+    else:
+        assert float(rows["ours@K-linear"]["max_rel_err"]) < 1e-5
+    if bench.installed(methods["backpack-batchgrad@K-linear"]):
+        whole = rows["backpack-batchgrad@K-linear"]["on_whole_k"]
+        expected = {"gpt2": "no per-sample result for transformer.h.0.ln_1.weight",
+                    "llama": "no per-sample result for model.layers.0.input_layernorm.weight",
+                    "bert": "cannot assign 'torch.FloatTensor' as child module 'output'"}[family]
+        assert expected in whole
+
+
 def test_unknown_methods_are_refused_with_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown methods \['ours@everything'\].*ours@K"):
         bench.main("tiny", MINI, methods=["ours@everything"])

@@ -7,7 +7,7 @@ import torch
 from common.config import MODEL_FAMILIES, ConfigError, load_preset
 from common.data.packed_data import MASK_SHARE, MASKED_SHARE, RANDOM_SHARE, objective_batch
 from common.families import BY_NAME, family_of, mask_token_id, random_token_range
-from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts
+from common.modeling import IGNORE_INDEX, build_model, model_flops_per_sequence, parameter_counts, random_batch
 
 PRESETS = {"t5": "tiny", "gpt2": "presets/variants/tiny_gpt2.yaml", "llama": "presets/variants/tiny_llama.yaml",
            "bert": "presets/variants/tiny_bert.yaml"}
@@ -31,6 +31,31 @@ def test_each_family_builds_its_model_with_the_blocks_and_lookups_it_names(name)
     counts = parameter_counts(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert 0.5e6 < counts["total"] < 0.8e6  # about tiny's 0.71M
+
+
+@pytest.mark.parametrize("name", MODEL_FAMILIES)
+def test_the_dropout_fields_are_exactly_those_the_preset_s_dropout_rate_sets(name):
+    """A fine-tuning dropout override must reach the same fields as pre-training's model.dropout_rate."""
+    built = build_model(load_preset(PRESETS[name], ["model.dropout_rate=0.25"]).model, 4000, 141).config
+    default = build_model(load_preset(PRESETS[name], ["model.dropout_rate=0.0"]).model, 4000, 141).config
+    changed = {k for k, v in built.to_dict().items() if v != default.to_dict().get(k)}
+    assert changed == set(BY_NAME[name].dropout_fields)
+    assert BY_NAME[name].dropout(0.1) == dict.fromkeys(BY_NAME[name].dropout_fields, 0.1)
+
+
+@pytest.mark.parametrize("name", MODEL_FAMILIES)
+def test_random_benchmark_batches_follow_each_family_s_label_convention(name):
+    batch = random_batch(name, 64, 20, 5, 300, "cpu", torch.Generator().manual_seed(0))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == (64, 20) and batch["attention_mask"].all() and ids.min() >= 2 and ids.max() < 300
+    chosen = labels != IGNORE_INDEX
+    if name == "t5":
+        assert labels.shape == (64, 5) and chosen.all()
+    elif name == "bert":  # 15% of the positions, the first always, each the token at its place
+        assert chosen[:, 0].all() and chosen[:, 1:].float().mean() == pytest.approx(0.15, abs=0.03)
+        assert torch.equal(labels[chosen], ids[chosen])
+    else:  # the row itself: Hugging Face's causal-LM loss shifts it
+        assert torch.equal(labels, ids)
 
 
 def test_one_stack_flops_are_six_times_matmul_parameters_times_tokens():

@@ -1,5 +1,6 @@
 """04_finetune end to end on throwaway fixtures (a SentencePiece tokenizer trained here, a random 1+1-layer
-T5, a synthetic XTREME folder, synthetic held-out verses), plus the helpers it is built from."""
+T5 and random 2-layer GPT-2, Llama and BERT models, a synthetic XTREME folder, synthetic held-out verses),
+plus the helpers it is built from."""
 import csv
 import gzip
 import importlib.util
@@ -16,12 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.modeling import IGNORE_INDEX
+from common.modeling import IGNORE_INDEX, build_model, load_pretrained
+from common.evaluation.extractive_qa import best_span, encode_spans, predict_spans
 from common.evaluation.finetuning import (EncoderTagger, collate, encode_tagged, encode_text_to_text, generate,
-                               predict_tags, qa_answer_fits)
+                               predict_classes, predict_tags, qa_answer_fits)
+from common.evaluation.heads import HEADS, head_class
+from common.families import backbone
 from common.paths import REPO_ROOT
-from common.evaluation.retrieval import mean_pool, retrieval_accuracy
-from common.config import ConfigError, load_preset
+from common.evaluation.retrieval import embed, mean_pool, retrieval_accuracy
+from common.config import ConfigError, ModelConfig, load_preset
 from common.evaluation.xtreme import QAExample, TaggedSentence, XtremeDataError
 from test_xtreme import WORDS, write_xtreme_folder
 
@@ -63,6 +67,28 @@ def model_dir(tmp_path_factory):
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+ONE_STACK = ("gpt2", "llama", "bert")
+REAL_XTREME = os.environ.get("PRESENCE_XTREME_DIR")  # read before the stage fixture unsets it
+
+
+@pytest.fixture(scope="module")
+def family_dirs(model_dir, tmp_path_factory):
+    """Random 2-layer GPT-2, Llama and BERT models as 03_pretrain builds them, with the T5 fixture's
+    tokenizer, saved as 03_pretrain saves final/."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    folders = {}
+    for family in ONE_STACK:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(family=family, d_model=32, d_ff=64, num_layers=2, num_heads=2),
+                            len(tokenizer), positions=128)
+        folders[family] = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folders[family])
+        tokenizer.save_pretrained(folders[family])
+    return folders
 
 
 def _install_checkpoint(model_dir, artefacts, run, method, seed):
@@ -161,6 +187,64 @@ def test_two_checkpoints_end_to_end_and_reruns_replace_rows(stage, model_dir, tm
     again = _read(results / "xtreme.csv")
     assert len(again) == len(rows), "a re-run must replace its rows, not add to them"
     assert _read(results / "retrieval.csv") == retrieval, "retrieval is deterministic"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ONE_STACK)
+def test_every_family_is_fine_tuned_on_the_tasks_it_has_a_head_for(stage, family_dirs, tmp_path, family, capsys):
+    artefacts = tmp_path / "artefacts"
+    _install_checkpoint(family_dirs[family], artefacts, f"{family}-seed0", "baseline", 0)
+    _write_verses(artefacts)
+    summary = stage.main("tiny", FAST, None, str(write_xtreme_folder(tmp_path / "xtreme")))
+    results = tmp_path / "results" / "tiny" / "finetune"
+    rows = _read(results / "xtreme.csv")
+    evaluated = {task for task in stage.KIND if head_class(family, stage.KIND[task]) is not None}
+    assert {"xnli", "pawsx"} <= evaluated, "pair classification for every family"
+    assert {r["task"] for r in rows} == evaluated
+    for task in evaluated:
+        metric = stage.TASK_METRICS[task][0]
+        scores = {r["lang"]: float(r["value"]) for r in rows if r["task"] == task and r["metric"] == metric}
+        assert set(scores) == ({"en", "avg"} if task == "tydiqa" else {"en", "de", "avg"})
+        assert all(0 <= v <= 100 for v in scores.values())
+        config = json.loads((artefacts / "tiny/finetune" / f"{family}-seed0" / task / "zero-shot/config.json")
+                            .read_text())
+        assert config["checkpoint"]["run"] == f"{family}-seed0"
+    skipped = [line.split(" | ")[1].split("+") for line in capsys.readouterr().out.splitlines()
+               if f"| zero-shot | skipped for a {family} model: " in line]
+    assert {task for group in skipped for task in group} == set(stage.KIND) - evaluated, "said, never silently missing"
+    retrieval = _read(results / "retrieval.csv")
+    assert {r["lang"] for r in retrieval} == {"de", "fr", "avg"}
+    assert set(summary["retrieval"]) == {f"{family}-seed0"}
+    run_dir = artefacts / "tiny/finetune" / f"{family}-seed0" / "xnli" / "zero-shot"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["valid_label_percent"] == {"en": 100.0, "de": 100.0}, "a class head always names a label"
+    assert metrics["train"]["steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ("t5",) + ONE_STACK)
+def test_every_family_reads_the_real_xtreme_folder_when_there_is_one(stage, model_dir, family_dirs, tmp_path, family):
+    """The real local XTREME copy ($PRESENCE_XTREME_DIR), two languages, a few steps: every task a family
+    has a head for gets an average row."""
+    folder = REAL_XTREME
+    if not folder or not os.path.isdir(folder):
+        pytest.skip("PRESENCE_XTREME_DIR is unset or missing: no local XTREME data to fine-tune on")
+    _install_checkpoint(model_dir if family == "t5" else family_dirs[family], tmp_path / "artefacts",
+                        f"{family}-seed0", "baseline", 0)
+    _write_verses(tmp_path / "artefacts")
+    stage.main("tiny", FAST + ["finetune.test_languages=[en, de]"], None, folder)
+    rows = _read(tmp_path / "results" / "tiny" / "finetune" / "xtreme.csv")
+    expected = {task for task in stage.KIND if family == "t5" or head_class(family, stage.KIND[task]) is not None}
+    assert {r["task"] for r in rows if r["lang"] == "avg"} == expected
+
+
+@pytest.mark.parametrize("family", ONE_STACK)
+def test_retrieval_of_every_family_is_found_by_its_own_copy(stage, family_dirs, tmp_path, family, capsys):
+    _install_checkpoint(family_dirs[family], tmp_path / "artefacts", f"{family}-seed1", "baseline", 1)
+    _write_verses(tmp_path / "artefacts", languages=("en", "de"), copies_of_english=True)
+    stage.main("tiny", FAST, None, None)
+    assert "X->en accuracy avg 100.0% (chance 16.7%) over 1 language |" in capsys.readouterr().out
+    assert {float(r["value"]) for r in _read(tmp_path / "results/tiny/finetune/retrieval.csv")} == {100.0}
 
 
 def test_without_xtreme_data_only_retrieval_runs(stage, model_dir, tmp_path, capsys):
@@ -292,11 +376,122 @@ def test_tags_sit_on_first_subwords_and_truncated_words_are_predicted_o(model_di
     assert len(tags) == 4 and tags[-1] == "O"
 
 
+@pytest.mark.parametrize("family", ("t5",) + ONE_STACK)
+def test_verse_vectors_are_the_models_own_states_mean_pooled_whatever_the_padding(model_dir, family_dirs, family):
+    """Against Hugging Face's whole model run on one sentence at a time (no padding): T5's encoder states,
+    the other families' hidden states, at the last and the middle entry."""
+    from transformers import AutoTokenizer
+
+    folder = model_dir if family == "t5" else family_dirs[family]
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), load_pretrained(folder).eval()
+    texts = [" ".join(WORDS[: 1 + 3 * i]) for i in range(4)]  # four lengths: padded in one batch of 3 + 1
+    layers = [-1, model.config.num_hidden_layers // 2]
+    vectors = embed(backbone(model), tokenizer, texts, layers, 3, 64, torch.device("cpu"))
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            if family == "t5":
+                states = model(input_ids=ids, decoder_input_ids=ids[:, :1], output_hidden_states=True).encoder_hidden_states
+            else:
+                states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for layer in layers:
+            np.testing.assert_allclose(vectors[layer][i], states[layer][0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ONE_STACK)
+def test_pair_heads_sit_on_the_pretrained_weights_and_classify_each_example_as_alone(model_dir, family_dirs,
+                                                                                     family):
+    from transformers import AutoTokenizer
+
+    folder = family_dirs[family]
+    tokenizer, pretrained = AutoTokenizer.from_pretrained(folder), load_pretrained(folder)
+    head = load_pretrained(folder, head_class(family, "pair"), num_labels=3).eval()
+    assert type(head).__name__.endswith("ForSequenceClassification") and head.num_labels == 3
+    for name, weight in backbone(pretrained).state_dict().items():
+        assert torch.equal(backbone(head).state_dict()[name], weight), name
+    encoded = encode_text_to_text(tokenizer, [" ".join(WORDS[: 2 + 3 * i]) for i in range(5)], input_length=64)
+    batched = predict_classes(head, encoded, 2, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        alone = [head(input_ids=torch.tensor([ex["input_ids"]])).logits.argmax(-1).item() for ex in encoded]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("family", ("t5",) + ONE_STACK)
+def test_a_checkpoint_loads_with_the_fine_tuning_dropout_in_every_dropout_layer(model_dir, family_dirs, family):
+    folder = model_dir if family == "t5" else family_dirs[family]
+    model = load_pretrained(folder, dropout_rate=0.3)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    if family == "llama":  # no dropout modules: attention dropout is a rate the attention function reads
+        assert not rates and model.config.attention_dropout == 0.3
+    else:
+        assert rates == {0.3}
+    if family in HEADS and "tagging" in HEADS[family]:
+        tagger = load_pretrained(folder, head_class(family, "tagging"), dropout_rate=0.3, num_labels=7)
+        assert {m.p for m in tagger.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}, "the head's too"
+
+
 def test_collate_pads_inputs_and_ignores_padded_labels():
     batch = collate([{"input_ids": [5, 6, 1], "labels": [7, 1]}, {"input_ids": [5, 1], "labels": [1]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[7, 1], [1, IGNORE_INDEX]]
+
+
+def test_collate_stacks_one_target_per_example():
+    batch = collate([{"input_ids": [5, 1], "labels": 2, "start_positions": 0},
+                     {"input_ids": [5, 6, 1], "labels": 0, "start_positions": 1}], pad_id=0)
+    assert batch["labels"].tolist() == [2, 0] and batch["start_positions"].tolist() == [0, 1]
+
+
+def test_answer_spans_are_the_tokens_that_spell_the_answer_and_truncation_is_detected(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context = "alpha beta gamma. Ada Lovelace visits the river city. " + " ".join(["king stone"] * 40)
+    examples = [QAExample("1", "who visits?", context, ("Ada Lovelace",), (context.index("Ada"),)),
+                QAExample("2", "what city?", context, ("river city",), (context.index("river"),)),
+                QAExample("3", "what last?", context, ("king stone",), (context.rindex("king"),))]
+    rows = encode_spans(tokenizer, examples, input_length=48)
+    for row, example in zip(rows[:2], examples):
+        first, last = row["offsets"][row["start_positions"]], row["offsets"][row["end_positions"]]
+        assert context[first[0]:last[1]].strip() == example.answers[0]
+        question = [t for t, span in enumerate(row["offsets"]) if span is None]
+        assert row["start_positions"] > max(t for t in question if t < row["start_positions"]), "inside the context"
+    assert len(rows[2]["input_ids"]) == 48 and rows[2]["start_positions"] is None, "cut off by truncation"
+
+
+def test_the_best_span_is_the_brute_force_best_within_the_context():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        start, end = torch.randn(12, generator=g), torch.randn(12, generator=g)
+        in_context = torch.rand(12, generator=g) < 0.7
+        in_context[5] = True
+        candidates = [(s, e) for s in range(12) for e in range(s, min(12, s + 4)) if in_context[s] and in_context[e]]
+        expected = max(candidates, key=lambda span: (start[span[0]] + end[span[1]]).item())
+        assert best_span(start, end, in_context, max_tokens=4) == expected
+
+
+def test_predicted_answers_are_cut_from_the_context_at_the_best_span(model_dir):
+    from transformers import AutoTokenizer
+    from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context = "alpha beta. Ada Lovelace visits the river city."
+    examples = [QAExample("1", "who?", context, ("Ada Lovelace",), (context.index("Ada"),)),
+                QAExample("2", "where?", context, ("the river city",), (context.index("the river"),))]
+    rows = encode_spans(tokenizer, examples, input_length=64)
+
+    class Oracle(torch.nn.Module):  # peaks its logits at each row's gold span, rows told apart by length
+        def forward(self, input_ids, attention_mask):
+            start, end = torch.zeros(input_ids.shape), torch.zeros(input_ids.shape)
+            for b, length in enumerate(attention_mask.sum(1).tolist()):
+                row = next(r for r in rows if len(r["input_ids"]) == length)
+                start[b, row["start_positions"]] = end[b, row["end_positions"]] = 5.0
+            return QuestionAnsweringModelOutput(start_logits=start, end_logits=end)
+
+    assert len({len(r["input_ids"]) for r in rows}) == 2
+    predicted = predict_spans(Oracle(), rows, [context, context], 2, tokenizer.pad_token_id, torch.device("cpu"))
+    assert predicted == ["Ada Lovelace", "the river city"]
 
 
 def test_answers_cut_off_by_truncation_are_detected(model_dir):

@@ -1,9 +1,11 @@
-"""Fine-tuning a pre-trained T5/mT5 checkpoint on one XTREME task and predicting with it.
+"""Fine-tuning a pre-trained checkpoint on one XTREME task and predicting with it.
 
-Classification and QA are text-to-text as in mT5: the input is a task prefix plus the text, the target is a
-label word or the answer span, and predictions come from batched greedy decoding. NER uses a linear
-token-classification head on the pre-trained encoder instead (see 04_finetune/README.md for why): it
+T5/mT5: classification and QA are text-to-text as in mT5: the input is a task prefix plus the text, the
+target is a label word or the answer span, and predictions come from batched greedy decoding. NER uses a
+linear token-classification head on the pre-trained encoder instead (see 04_finetune/README.md for why): it
 predicts one IOB2 tag per original token, read at the token's first sub-word, as XTREME's baselines do.
+The other families (GPT-2, Llama, BERT) are fine-tuned with Hugging Face's task heads on the same inputs
+(common/evaluation/heads.py): a class index per pair, a tag per sub-word as above, an answer span.
 Optimizer: Adafactor at a constant learning rate, as T5X fine-tunes mT5.
 """
 from __future__ import annotations
@@ -63,17 +65,23 @@ def max_label_tokens(tokenizer, words: Sequence[str]) -> int:
 
 # --- batching and training ---------------------------------------------------------------------------
 
+TARGETS = ("labels", "start_positions", "end_positions")  # what a Hugging Face head's loss reads
+
+
 def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids (attention mask 0 on padding) and labels (IGNORE_INDEX on padding)."""
+    """Right-pad input_ids (attention mask 0 on padding) and label sequences (IGNORE_INDEX on padding);
+    a target that is one number per example (a class, an answer's start or end) is stacked as it is."""
     width = max(len(ex["input_ids"]) for ex in examples)
     batch = {"input_ids": torch.tensor([ex["input_ids"] + [pad_id] * (width - len(ex["input_ids"]))
                                         for ex in examples]),
              "attention_mask": torch.tensor([[1] * len(ex["input_ids"]) + [0] * (width - len(ex["input_ids"]))
                                              for ex in examples])}
-    if "labels" in examples[0]:
-        label_width = max(len(ex["labels"]) for ex in examples)
-        batch["labels"] = torch.tensor([ex["labels"] + [IGNORE_INDEX] * (label_width - len(ex["labels"]))
-                                        for ex in examples])
+    for key in (key for key in TARGETS if key in examples[0]):
+        if isinstance(examples[0][key], int):
+            batch[key] = torch.tensor([ex[key] for ex in examples])
+            continue
+        label_width = max(len(ex[key]) for ex in examples)
+        batch[key] = torch.tensor([ex[key] + [IGNORE_INDEX] * (label_width - len(ex[key])) for ex in examples])
     return batch
 
 
@@ -176,17 +184,40 @@ def encode_tagged(tokenizer, sentences: Sequence[TaggedSentence], input_length: 
 
 
 @torch.no_grad()
-def predict_tags(model: EncoderTagger, encoded: Sequence[dict], batch_size: int, pad_id: int,
+def predict_tags(model: nn.Module, encoded: Sequence[dict], batch_size: int, pad_id: int,
                  device: torch.device, bf16: bool = False) -> list[list[str]]:
-    """One IOB2 tag per original token; tokens lost to truncation are tagged O (so they count as misses)."""
+    """One IOB2 tag per original token; tokens lost to truncation are tagged O (so they count as misses).
+    `model`: an EncoderTagger, or any token-classification head that returns one row of logits per sub-word."""
     model.to(device).eval()
     predictions = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         batch = collate([{"input_ids": ex["input_ids"]} for ex in chunk], pad_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
         best = logits.argmax(-1).cpu().tolist()
         for ex, row in zip(chunk, best):
             predictions.append([NER_TAGS[row[p]] if p is not None else "O" for p in ex["first_subword"]])
     return predictions
+
+
+# --- sequence-pair classification with a head (GPT-2, Llama, BERT) -----------------------------------
+
+@torch.no_grad()
+def predict_classes(model: nn.Module, encoded: Sequence[dict], batch_size: int, pad_id: int,
+                    device: torch.device, bf16: bool = False) -> list[int]:
+    """The argmax class of a sequence-classification head per example, batched by length (less padding),
+    in input order."""
+    model.to(device).eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    classes: list[int] = [0] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": encoded[i]["input_ids"]} for i in chunk], pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        for i, best in zip(chunk, logits.argmax(-1).tolist()):
+            classes[i] = best
+    return classes
