@@ -66,20 +66,6 @@ def test_compare_recipes_on_a_hand_computed_family(family):
         assert table.loc[pair, "holm_p"] == pytest.approx(expected)
     assert table["distinguishable"].to_dict() == {("x", "y"): False, ("z", "y"): False, ("x", "z"): False,
                                                   ("w", "y"): True}
-    assert table["eval_se"].isna().all()  # no evaluation errors given
-
-
-def test_the_evaluation_noise_of_a_difference_by_hand(family):
-    results, comparisons = family
-    # se 0.03 for every run of y, 0.04 for x: sqrt(0.03^2 + 0.04^2) = 0.05 at each seed
-    given = results.assign(se=[0.03 if r == "y" else 0.04 for r in results["recipe"]])
-    table = compare_recipes(given, comparisons).set_index(["a", "b"])
-    assert table.loc[("x", "y"), "eval_se"] == pytest.approx(0.05)
-    # z ran seeds 0 and 1; with se 0.0 and 0.12 there, the mean over its paired seeds of sqrt(0.03^2 + se^2)
-    given.loc[(given["recipe"] == "z") & (given["seed"] == 1), "se"] = 0.12
-    given.loc[(given["recipe"] == "z") & (given["seed"] == 0), "se"] = 0.0
-    table = compare_recipes(given, comparisons).set_index(["a", "b"])
-    assert table.loc[("z", "y"), "eval_se"] == pytest.approx((0.03 + math.sqrt(0.03 ** 2 + 0.12 ** 2)) / 2)
 
 
 def test_markdown_gives_the_interval_and_says_where_the_seeds_do_not_decide(family):
@@ -172,8 +158,7 @@ def test_default_knobs_allow_granularity_and_noise_but_no_other_change(tmp_path)
 
 def test_the_answer_table_picks_its_questions_across_presets():
     from common.reporting.comparisons import answer_markdown
-    row = dict(n_pairs=10, seeds="0-9", mean_a=1.0, mean_b=1.0, t_p=0.01, sign_p=0.02, eval_se=0.004,
-               distinguishable=True)
+    row = dict(n_pairs=10, seeds="0-9", mean_a=1.0, mean_b=1.0, t_p=0.01, sign_p=0.02, distinguishable=True)
     tiny = pd.DataFrame([
         dict(row, a="presence", b="baseline", delta=0.1, ci_low=0.05, ci_high=0.15, holm_p=0.02),
         dict(row, a="presence-beyond-loss", b="presence-beyond-loss-shuffled", delta=-0.01, ci_low=-0.03,
@@ -184,8 +169,8 @@ def test_the_answer_table_picks_its_questions_across_presets():
     text = answer_markdown({"tiny": tiny, "tiny_x10": noisy})
     lines = [line for line in text.splitlines() if line.startswith("| tiny")]
     assert len(lines) == 3  # presence-D answers no question
-    assert "| tiny | does PRESENCE beat the baseline? | presence − baseline | 10 | +0.100 (+0.050 to +0.150) | 0.004 | " \
-           "0.020 | distinguishable |" in text
+    assert "| tiny | does PRESENCE beat the baseline? | presence − baseline | 10 | +0.100 (+0.050 to +0.150) | 0.020 | " \
+           "distinguishable |" in text
     assert "not distinguishable at 10 seeds" in lines[1] and "SI carry information beyond the loss" in lines[1]
     assert "presence (per-sample) at noise 0.2 − sow-linupper (per-sample) at noise 0.2" in lines[2]
     assert answer_markdown({}) == "No comparison has been run yet.\n"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from common.presence.methods import (BASELINE, BEYOND, BEYOND_CONTROL, BY_NAME, CONTROL, LOSS_CONTROL, LOSS_SCORE,
@@ -23,7 +22,7 @@ from common.reporting.run_results import method_and_tau, recipe_name
 from common.reporting.stats import format_p, holm_adjust, outcome, paired_difference
 
 COLUMNS = ["a", "b", "n_pairs", "seeds", "mean_a", "mean_b", "delta", "ci_low", "ci_high", "t_p", "sign_p",
-           "eval_se", "holm_p", "distinguishable"]
+           "holm_p", "distinguishable"]
 
 
 def compare_recipes(results: pd.DataFrame, comparisons: list[tuple[str, str]], level: float = 0.95,
@@ -31,9 +30,7 @@ def compare_recipes(results: pd.DataFrame, comparisons: list[tuple[str, str]], l
     """One row per comparison (a, b) of the family, in its order: the seeds both recipes have (n_pairs,
     seeds), their means over those seeds, delta = mean of a − b with its interval at `level`, the paired
     t p, the sign-test p, the Holm p over the family and whether it is below `alpha`. `results` has one
-    row per run: recipe, seed, value, and optionally se (the evaluation's own standard error of the run's
-    value): eval_se is then sqrt(se_a^2 + se_b^2) averaged over the paired seeds, the noise the evaluation set
-    alone adds to one seed's difference (an upper bound: pairing by row makes it smaller)."""
+    row per run: recipe, seed, value."""
     missing = [c for c in ("recipe", "seed", "value") if c not in results.columns]
     if missing:
         raise ValueError(f"results lack the columns {missing}")
@@ -47,8 +44,6 @@ def compare_recipes(results: pd.DataFrame, comparisons: list[tuple[str, str]], l
     if absent:
         raise ValueError(f"no runs of the recipes {absent}")
     by_recipe = {recipe: group.set_index("seed")["value"] for recipe, group in results.groupby("recipe")}
-    se = {recipe: group.set_index("seed")["se"] for recipe, group in results.groupby("recipe")} \
-        if "se" in results else None
     rows = []
     for a, b in comparisons:
         seeds = sorted(set(by_recipe[a].index) & set(by_recipe[b].index))
@@ -58,9 +53,7 @@ def compare_recipes(results: pd.DataFrame, comparisons: list[tuple[str, str]], l
         rows.append({"a": a, "b": b, "n_pairs": len(seeds), "seeds": ",".join(str(s) for s in seeds),
                      "mean_a": values_a.mean() if seeds else nan, "mean_b": values_b.mean() if seeds else nan,
                      "delta": difference["mean"], "ci_low": difference["ci_low"], "ci_high": difference["ci_high"],
-                     "t_p": difference["t_p"], "sign_p": difference["sign_p"],
-                     "eval_se": float(np.sqrt(se[a].loc[seeds] ** 2 + se[b].loc[seeds] ** 2).mean())
-                     if se is not None and seeds else nan})
+                     "t_p": difference["t_p"], "sign_p": difference["sign_p"]})
     table = pd.DataFrame(rows, columns=COLUMNS[:-2])
     table["holm_p"] = holm_adjust(table["t_p"].tolist())
     table["distinguishable"] = table["holm_p"] < alpha  # NaN (no t-test) compares False
@@ -79,11 +72,10 @@ def comparisons_markdown(table: pd.DataFrame, level: float = 0.95, alpha: float 
         interval = (f" ({_number(row.ci_low, digits, True)} to {_number(row.ci_high, digits, True)})" if n >= 2
                     else "")
         rows.append([f"{row.a} − {row.b}", f"{n} ({row.seeds})" if n else "0", _number(row.mean_a, digits),
-                     _number(row.mean_b, digits), _number(row.delta, digits, True) + interval,
-                     _number(row.eval_se, digits), format_p(row.t_p), format_p(row.sign_p), format_p(row.holm_p),
-                     outcome(row.holm_p, n, alpha)])
-    header = ["a − b", "seeds paired", "mean a", "mean b", f"Δ ({level:.0%} CI)", "eval. SE", "paired t p", "sign p",
-              "Holm p", "verdict"]
+                     _number(row.mean_b, digits), _number(row.delta, digits, True) + interval, format_p(row.t_p),
+                     format_p(row.sign_p), format_p(row.holm_p), outcome(row.holm_p, n, alpha)])
+    header = ["a − b", "seeds paired", "mean a", "mean b", f"Δ ({level:.0%} CI)", "paired t p", "sign p", "Holm p",
+              "verdict"]
     most = int(table["n_pairs"].max()) if len(table) else 0
     family = int(table["t_p"].notna().sum())
     text = [markdown_table(header, rows), "",
@@ -91,9 +83,7 @@ def comparisons_markdown(table: pd.DataFrame, level: float = 0.95, alpha: float 
             f"at {level:.0%} (df = seeds − 1). The paired t-test decides; Holm p adjusts it over the {family} "
             f"comparisons of this table (Holm–Bonferroni), and a difference is distinguishable where Holm p < "
             f"{alpha:g}. The interval is not adjusted. The exact sign test is a check that assumes no normality, "
-            f"but with {most} seeds its p cannot fall below {2.0 ** (1 - most):.3g} (every seed of one sign). Eval. SE: "
-            f"the noise the held-out set alone adds to one seed's Δ (the two runs' standard errors over held-out "
-            f"rows, combined as if independent: an upper bound)."
+            f"but with {most} seeds its p cannot fall below {2.0 ** (1 - most):.3g} (every seed of one sign)."
             if most >= 1 else "No comparison had a seed in common."]
     return "\n".join(text) + "\n"
 
@@ -119,8 +109,6 @@ def heldout_family(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, st
     results = pd.DataFrame({"recipe": [recipe(m, p, t, r) for m, p, t, r in
                                        zip(runs["method"], runs["per"], runs["tau"], runs["noise_rate"])],
                             "seed": runs["seed"].astype(int), "value": runs["final_heldout_loss"].astype(float)})
-    if "final_heldout_se" in runs:
-        results["se"] = runs["final_heldout_se"].astype(float).to_numpy()
     present = set(results["recipe"])
     comparisons = []
     for rate, group in kinds.groupby("noise_rate", sort=True):
@@ -156,7 +144,7 @@ def answer_markdown(tables: dict[str, pd.DataFrame], alpha: float = 0.05) -> str
     """One table across presets ({label: its comparisons table}): for each question of ANSWER_ROWS and
     granularity, the comparison's Δ with its interval, seeds and Holm p (adjusted within its preset's
     family), and whether it is distinguishable; a comparison no run made is left out."""
-    header = ["preset", "question", "a − b", "seeds", "Δ held-out loss (95% CI)", "eval. SE", "Holm p", "verdict"]
+    header = ["preset", "question", "a − b", "seeds", "Δ held-out loss (95% CI)", "Holm p", "verdict"]
     rows = []
     for label, table in tables.items():
         keyed = {(r.a, r.b): r for r in table.itertuples()}
@@ -178,4 +166,4 @@ def _answer_row(label: str, question: str, key: tuple[str, str], r, alpha: float
     verdict = "distinguishable" if r.holm_p < alpha else f"not distinguishable at {r.n_pairs} seeds"
     return [label, question, f"{key[0]} − {key[1]}", str(r.n_pairs),
             f"{_number(r.delta, 3, sign=True)} ({_number(r.ci_low, 3, sign=True)} to "
-            f"{_number(r.ci_high, 3, sign=True)})", _number(r.eval_se, 3), format_p(r.holm_p), verdict]
+            f"{_number(r.ci_high, 3, sign=True)})", format_p(r.holm_p), verdict]
