@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.evaluation.finetuning import collate
+from common.evaluation.finetuning import batched_outputs
 from common.evaluation.xtreme import QAExample
 
 MAX_ANSWER_TOKENS = 30  # the longest span predicted (max_answer_length of the SQuAD baselines)
@@ -54,14 +54,10 @@ def best_span(start_logits: torch.Tensor, end_logits: torch.Tensor, in_context: 
 def predict_spans(model: nn.Module, encoded: Sequence[dict], contexts: Sequence[str], batch_size: int, pad_id: int,
                   device: torch.device, bf16: bool = False) -> list[str]:
     """The predicted answer text of each example: its best span (best_span), cut from its context."""
-    model.to(device).eval()
     answers = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        batch = collate([{"input_ids": ex["input_ids"]} for ex in chunk], pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        for row, ex in enumerate(chunk):
+    for chunk, output in batched_outputs(model, encoded, batch_size, pad_id, device, bf16):
+        for row, i in enumerate(chunk):
+            ex = encoded[i]
             length = len(ex["input_ids"])
             in_context = torch.tensor([span is not None for span in ex["offsets"]])
             if not in_context.any():  # truncation kept no context token
@@ -69,6 +65,6 @@ def predict_spans(model: nn.Module, encoded: Sequence[dict], contexts: Sequence[
                 continue
             first, last = best_span(output.start_logits[row, :length].float().cpu(),
                                     output.end_logits[row, :length].float().cpu(), in_context)
-            context = contexts[start + row]
+            context = contexts[i]
             answers.append(context[ex["offsets"][first][0]:ex["offsets"][last][1]].strip())
     return answers

@@ -184,21 +184,29 @@ def encode_tagged(tokenizer, sentences: Sequence[TaggedSentence], input_length: 
 
 
 @torch.no_grad()
+def batched_outputs(model: nn.Module, encoded: Sequence[dict], batch_size: int, pad_id: int, device: torch.device,
+                    bf16: bool = False, order: Sequence[int] | None = None) -> Iterator[tuple[list[int], object]]:
+    """A task head's output on the examples' input_ids, `batch_size` at a time in `order` (default: input
+    order), padded by collate: (the batch's example indices, the model's output)."""
+    model.to(device).eval()
+    order = list(range(len(encoded))) if order is None else list(order)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": encoded[i]["input_ids"]} for i in chunk], pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        yield chunk, output  # outside autocast: the caller's own work is not cast
+
+
+@torch.no_grad()
 def predict_tags(model: nn.Module, encoded: Sequence[dict], batch_size: int, pad_id: int,
                  device: torch.device, bf16: bool = False) -> list[list[str]]:
     """One IOB2 tag per original token; tokens lost to truncation are tagged O (so they count as misses).
     `model`: an EncoderTagger, or any token-classification head that returns one row of logits per sub-word."""
-    model.to(device).eval()
     predictions = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        batch = collate([{"input_ids": ex["input_ids"]} for ex in chunk], pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-        best = logits.argmax(-1).cpu().tolist()
-        for ex, row in zip(chunk, best):
-            predictions.append([NER_TAGS[row[p]] if p is not None else "O" for p in ex["first_subword"]])
+    for chunk, output in batched_outputs(model, encoded, batch_size, pad_id, device, bf16):
+        for i, row in zip(chunk, output.logits.argmax(-1).cpu().tolist()):
+            predictions.append([NER_TAGS[row[p]] if p is not None else "O" for p in encoded[i]["first_subword"]])
     return predictions
 
 
@@ -209,15 +217,9 @@ def predict_classes(model: nn.Module, encoded: Sequence[dict], batch_size: int, 
                     device: torch.device, bf16: bool = False) -> list[int]:
     """The argmax class of a sequence-classification head per example, batched by length (less padding),
     in input order."""
-    model.to(device).eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     classes: list[int] = [0] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = collate([{"input_ids": encoded[i]["input_ids"]} for i in chunk], pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-        for i, best in zip(chunk, logits.argmax(-1).tolist()):
+    for chunk, output in batched_outputs(model, encoded, batch_size, pad_id, device, bf16, order):
+        for i, best in zip(chunk, output.logits.argmax(-1).tolist()):
             classes[i] = best
     return classes
