@@ -239,11 +239,10 @@ def get_config(args) -> tuple[Preset, Method]:
         raise ConfigError("pretrain.activation_checkpointing: the per-sample engine records each forward pass once, "
                           "and checkpointing runs it again in the backward. Fix: use --per microbatch, or "
                           "pretrain.microbatch_chunks to save memory")
-    if preset.distributed.strategy == "fsdp" and (args.per == "sample" or args.noise_rate):
-        raise ConfigError("distributed.strategy: fsdp reweights per microbatch, without the noise experiment's "
-                          "per-row logs: the per-sample engine keys its tape by parameter objects, which FSDP2 swaps "
-                          "for unsharded ones during the forward. Fix: use --per microbatch without --noise-rate, or "
-                          "--set distributed.strategy=replicate")
+    if preset.distributed.strategy == "fsdp" and args.noise_rate:
+        raise ConfigError("distributed.strategy: fsdp runs without the noise experiment, whose per-row logs and "
+                          "probes need the whole batch and model in one process. Fix: drop --noise-rate, or --set "
+                          "distributed.strategy=replicate")
     if "switch_step" in method.reads and not 0 <= cfg.switch_step <= cfg.steps:
         raise ConfigError(f"pretrain.switch_step: {cfg.switch_step} is outside [0, steps={cfg.steps}]. Fix: set I "
                           "between 0 and steps (--switch-step)")

@@ -69,6 +69,17 @@ def shard_model(model: nn.Module, block_lists: tuple[str, ...], device: torch.de
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of `model` back in its sharded state. A forward without a backward (evaluation)
+    leaves the root's parameters gathered, and model.parameters() would then return gathered stand-ins
+    whose storage FSDP2 frees at the next reshard: read after that, they crash the process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in getattr(model, "_orig_mod", model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def block_lists(first_blocks: tuple[str, ...]) -> tuple[str, ...]:
     """The module lists that hold a family's blocks, from its first blocks' names ("encoder.block.0" ->
     "encoder.block")."""

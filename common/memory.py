@@ -9,7 +9,8 @@ b sequences each (inputs of L_e tokens, targets of L_d), weights and gradients i
     peak = RUNTIME + 4 P (weights) + 4 P (gradients) + 4 n P (PRESENCE per microbatch only: one gradient row
            per microbatch, all kept until the weights are known) + optimizer state
            + ACTIVATION_FACTOR * a * b * A (one microbatch's forward and backward) * (1 + TAPE_SHARE (n - 1)
-             for per-sample PRESENCE, whose tapes of every microbatch stay until the weights are known)
+             for per-sample PRESENCE, whose tapes of every microbatch stay until the weights are known; under
+             fsdp they record the layer set's modules only, and the factor is 1)
 
 with optimizer state 4 (r + c) bytes per r x c matrix and 4 m per vector of m (Adafactor, factored second
 moments, no first moment, as T5X) or 8 P (AdamW), a = 4 bytes per activation (2 under bf16 autocast), and A the
@@ -228,7 +229,8 @@ def estimate_peak(preset: Preset, method: str, per: str = "microbatch", world_si
     # the baseline, Sequential, the oracle and the weight-matched control accumulate one gradient.
     scored = get_method(method).update == "scores"
     rows = microbatches if scored and per == "microbatch" else 0
-    kept = 1 + TAPE_SHARE * (microbatches - 1) if scored and per == "sample" else 1
+    # Under fsdp the tapes record K's modules only and the update is a second pass: one microbatch's worth.
+    kept = 1 + TAPE_SHARE * (microbatches - 1) if scored and per == "sample" and not sharded else 1
     optimizer = 4 * (sum(r + c for r, c in matrices) + vectors) if cfg.optimizer == "adafactor" else 8 * parameters
     activations = (ACTIVATION_FACTOR * bytes_per_activation * sequences * kept
                    * activation_floats(dims, input_length, target_length, preset.model.family != "t5",
@@ -336,7 +338,7 @@ def fitting_change(preset: Preset, method: str, per: str, world_size: int, devic
     changes = [{"microbatch_chunks": c} for c in _powers_of_two(rows)]
     if per == "microbatch":
         changes += [{"activation_checkpointing": True, "microbatch_chunks": c} for c in _powers_of_two(rows)]
-    if preset.distributed.strategy == "replicate" and per == "microbatch":
+    if preset.distributed.strategy == "replicate":
         changes += [{"strategy": "fsdp", "microbatch_chunks": c} for c in _powers_of_two(rows // world_size)]
     for change in changes:
         strategy = change.get("strategy", preset.distributed.strategy)

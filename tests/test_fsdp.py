@@ -1,6 +1,9 @@
 """The fsdp strategy: 2 gloo processes on the CPU with a model sharded by FSDP2 must train as one process
-with the whole model (losses, scores, weights and parameters after a few Adafactor steps, float32), and a
-sharded checkpoint must resume exactly, on 2 processes and on 1."""
+with the whole model (losses, scores, weights and parameters after a few Adafactor steps, float32), per
+microbatch and per sample, and a sharded checkpoint must resume exactly, on 2 processes and on 1.
+
+The per-sample PRESENCE recipe runs at the paper's |tau| = 1: its 16 weights, softmax(tau z), multiply the
+scores' float32 rounding (~5e-7 after two steps) by up to tau |z|, and at tau = 1.5 reach 1.8e-6."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +13,7 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import ConfigError, PretrainConfig
 from common.distributed import block_lists, rank_rows, shard_model
 from common.optim import build_optimizer
-from common.presence.presence_step import StepPlan, presence_step
+from common.presence.presence_step import StepPlan
 from common.presence.train_step import train_step
 from conftest import load_stage
 from tiny_t5 import one_thread, split, tiny_batch, tiny_t5  # noqa: F401 (autouse fixture)
@@ -20,12 +23,17 @@ STEPS = 3
 MICROBATCHES = 4
 FIRST_BLOCKS = ("encoder.block.0", "decoder.block.0")
 WEIGHTS = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)  # a weight-matched control's
+SAMPLE_WEIGHTS = torch.arange(1.0, 17.0, dtype=torch.float64) / 136  # one per row of the global batch
 # name: (the plan of every step, accumulation chunks)
 RECIPES = {
     "baseline": (StepPlan(), 1),
     "presence": (StepPlan(update="scores", tau=1.5), 1),
     "presence-chunked-loss": (StepPlan(update="scores", tau=-1.0, scores="loss"), 2),
     "matched": (StepPlan(update="fixed", microbatch_weights=WEIGHTS), 1),
+    "presence-per-sample": (StepPlan(update="scores", per="sample", tau=1.0), 1),
+    "loss-per-sample-chunked": (StepPlan(update="scores", per="sample", tau=-1.0, scores="loss"), 2),
+    "shuffled-per-sample": (StepPlan(update="scores", per="sample", tau=-1.0, shuffle_seed=3), 1),
+    "fixed-per-sample": (StepPlan(update="fixed", sample_weights=SAMPLE_WEIGHTS), 1),
 }
 TOLERANCE = 1e-6
 
@@ -66,10 +74,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 trainer = fresh(sharded=True)
                 stats = train(trainer, recipe, recipe_chunks, range(STEPS), part=True)
                 results[name] = (stats, parameters(trainer[0]))
-            model = fresh(sharded=True)[0]
-            with pytest.raises(NotImplementedError) as refused:
-                presence_step(model, batches(0, part=True), 1.0, per="sample")
-            results["refusal"] = str(refused.value)
             # 2 steps, a sharded checkpoint, 2 more; and the same 2 more from the checkpoint in a fresh trainer
             trainer = fresh(sharded=True)
             train(trainer, plan, chunks, range(2), part=True)
@@ -121,10 +125,6 @@ def test_two_sharded_ranks_train_as_one_process(runs, name):
         assert all(close(params[key], expected_params[key]) for key in expected_params), name
 
 
-def test_per_sample_weights_are_refused_with_the_fix(runs):
-    assert "Fix: run them with distributed.strategy=replicate, or reweight per microbatch" in runs[WORLD, 0]["refusal"]
-
-
 def test_a_sharded_checkpoint_resumes_exactly_on_two_processes_and_on_one(runs):
     for rank in range(WORLD):
         straight_stats, straight = runs[WORLD, rank]["straight"]
@@ -139,11 +139,11 @@ def test_a_sharded_checkpoint_resumes_exactly_on_two_processes_and_on_one(runs):
                                                         rel=TOLERANCE)
 
 
-def test_pretrain_refuses_per_sample_and_the_noise_experiment_under_fsdp():
+def test_pretrain_refuses_the_noise_experiment_under_fsdp():
     pretrain = load_stage("03_pretrain/pretrain.py")
     fsdp = ["--set", "distributed.strategy=fsdp"]
-    for extra in (["--per", "sample"], ["--noise-rate", "0.2", "--set", "data.noise_rates=[0.2]"]):
-        with pytest.raises(ConfigError, match=r"^distributed.strategy: fsdp reweights per microbatch.*Fix: use --per "
-                                              r"microbatch without --noise-rate, or --set distributed.strategy=replicate"):
-            pretrain.get_config(pretrain.parse_args(fsdp + extra))
-    pretrain.get_config(pretrain.parse_args(fsdp))  # per microbatch it runs
+    with pytest.raises(ConfigError, match=r"^distributed.strategy: fsdp runs without the noise experiment.*Fix: drop "
+                                          r"--noise-rate, or --set distributed.strategy=replicate"):
+        pretrain.get_config(pretrain.parse_args(fsdp + ["--noise-rate", "0.2", "--set", "data.noise_rates=[0.2]"]))
+    for per in ("microbatch", "sample"):  # both granularities run
+        pretrain.get_config(pretrain.parse_args(fsdp + ["--per", per]))

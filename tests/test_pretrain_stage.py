@@ -211,11 +211,13 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_like_one(tmp_path, artefacts):
+@pytest.mark.parametrize("recipe", [[], ["--per", "sample", "--set", "distributed.strategy=fsdp"]],
+                         ids=["replicate-per-microbatch", "fsdp-per-sample"])
+def test_two_gloo_processes_train_like_one(tmp_path, artefacts, recipe):
     env = {**os.environ, "PRESENCE_ARTEFACTS": str(artefacts), "OMP_NUM_THREADS": "1"}
-    single = pretrain_args(tmp_path, "single", "--method", "presence", "--steps", "4")
+    single = pretrain_args(tmp_path, "single", "--method", "presence", "--steps", "4", *recipe[:2])
     subprocess.run([sys.executable, SCRIPT, *single], env=env, check=True, cwd=REPO_ROOT, capture_output=True)
-    double = pretrain_args(tmp_path, "double", "--method", "presence", "--steps", "4")
+    double = pretrain_args(tmp_path, "double", "--method", "presence", "--steps", "4", *recipe)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", str(free_port()), SCRIPT, *double],
                    env=env, check=True, cwd=REPO_ROOT, capture_output=True)

@@ -50,6 +50,11 @@ records model is checked, so that nothing is scored wrongly without an error:
 - a model with gradient checkpointing on is refused (its backward runs the forward again, unrecorded).
 Not detectable, so not supported: a module whose input mixes samples along the batch axis (batch norm),
 or whose batch axis is not the first.
+
+On a model sharded by FSDP2 the tape works on the parameters as registered (the shards): the records are
+bound to them when the tape is entered, since during the forward FSDP2 puts gathered stand-ins at the
+modules' attributes. The check of a use outside the owning module cannot see those stand-ins, so there it
+rests on the same model's check in one process.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ class _Use:
     output_like: torch.Tensor  # a meta tensor, the output's shape and dtype: (B, T, d_out) | (B, T, d) | (B, H, Tq, Tk)
     autocast: torch.dtype | None = None  # the autocast dtype the call ran under (a norm's x_hat is recomputed so)
     grad: torch.Tensor | None = None  # d loss / d output, filled by GradTape.backward
+    bias: nn.Parameter | None = None  # the tracked parameter that is the module's bias, as planned
     cache: dict = field(default_factory=dict)  # quantities derived from the above, computed once
 
 
@@ -84,11 +90,12 @@ def _in_graph(output: torch.Tensor) -> torch.Tensor:
     return output if output.requires_grad else output.detach().requires_grad_()
 
 
-def _record(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> _Use:
+def _record(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor,
+            bias: nn.Parameter | None = None) -> _Use:
     like = torch.empty(output.shape, dtype=output.dtype, device="meta")
     device = output.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return _Use(kind, module, inputs, get_gradient_edge(output), like, autocast)
+    return _Use(kind, module, inputs, get_gradient_edge(output), like, autocast, bias=bias)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -301,7 +308,7 @@ class GradTape:
             self._expand_relative_bias(attention)
         for name, module, kind, owned in plan.recorded:
             self._handles.append(module.register_forward_pre_hook(self._enter_module))
-            recorder = self._recorder(plan, name, kind, owned)
+            recorder = self._recorder(plan, name, module, kind, owned)
             self._handles.append(module.register_forward_hook(recorder, with_kwargs=True))
         self._frozen = [p for p in self.model.parameters() if p.requires_grad]
         for p in self._frozen:
@@ -323,9 +330,12 @@ class GradTape:
     def _enter_module(self, module, args) -> None:
         self._guard.running.append(module)
 
-    def _recorder(self, plan: _Plan, name: str, kind: str, owned: list[nn.Parameter]):
+    def _recorder(self, plan: _Plan, name: str, module: nn.Module, kind: str, owned: list[nn.Parameter]):
         lists = [self.uses[p] for p in owned]  # a Linear's weight and bias share one record
         batch_size = self.batch_size
+        # Which tracked parameter is the bias is fixed now, by identity: during the forward, FSDP2 puts
+        # gathered stand-ins at the module's attributes, so `module.bias is p` would not hold then.
+        bias = next((p for p in owned if p is getattr(module, "bias", None)), None)
 
         def hook(module, args, kwargs, output):
             try:
@@ -340,7 +350,7 @@ class GradTape:
                 if shared:  # by every sample (position ids (1, T)): one row each
                     inputs = inputs.expand(batch_size, *inputs.shape[1:])
                     output = output.expand(batch_size, *output.shape[1:])
-                use = _record(kind, module, inputs, output)
+                use = _record(kind, module, inputs, output, bias)
                 if module not in plan.checked:
                     _check_modelled(name, use, output)
                     plan.checked.add(module)
@@ -360,6 +370,7 @@ class GradTape:
         table = attention.relative_attention_bias
         class_compute_bias = type(attention).compute_bias
         buckets: list[torch.Tensor] = []
+        uses = self.uses[table.weight]  # bound now: FSDP2 swaps the table's weight during the forward
 
         def enter_table(module, args) -> None:
             buckets.append(args[0])
@@ -372,7 +383,7 @@ class GradTape:
             values = _in_graph(class_compute_bias(attention, query_length, key_length, device=device,
                                                   past_seen_tokens=past_seen_tokens))
             expanded = values.expand(self.batch_size, -1, -1, -1)
-            self.uses[table.weight].append(_record("relative_bias", table, buckets.pop(), expanded))
+            uses.append(_record("relative_bias", table, buckets.pop(), expanded))
             return expanded
 
         attention.compute_bias = compute_bias
@@ -486,9 +497,11 @@ def _with_unit_weight(module: nn.Module, x: torch.Tensor, weight_value: float = 
     """The module's own forward on x with its weight set to `weight_value` everywhere and its bias to 0
     (.forward: no hooks, nothing recorded)."""
     saved = dict(module._parameters)
-    module._parameters["weight"] = torch.full_like(saved["weight"], weight_value)
+    # plain tensors of the parameters' full shape, also where they are FSDP2's sharded DTensors
+    weight = saved["weight"]
+    module._parameters["weight"] = torch.full(weight.shape, weight_value, dtype=weight.dtype, device=x.device)
     if saved.get("bias") is not None:
-        module._parameters["bias"] = torch.zeros_like(saved["bias"])
+        module._parameters["bias"] = torch.zeros(weight.shape, dtype=saved["bias"].dtype, device=x.device)
     try:
         with torch.no_grad():
             return module.forward(x)
@@ -510,7 +523,7 @@ def _norm_factor(use: _Use) -> torch.Tensor:
 
 
 def _is_bias(p: nn.Parameter, use: _Use) -> bool:
-    return use.kind in ("linear", "conv1d", "norm") and p is getattr(use.module, "bias", None)
+    return use.kind in ("linear", "conv1d", "norm") and p is use.bias
 
 
 def _param_sq_norms(p: nn.Parameter, uses: list[_Use], n_groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:

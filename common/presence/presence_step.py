@@ -156,7 +156,8 @@ def fixed_weights_step(model: nn.Module, microbatches: list[dict], sample_weight
     to 1; loss_j is sample j's mean token loss): one backward pass of the weighted loss per microbatch,
     since the gradient is linear in the loss. The noise oracle gives noisy rows weight 0."""
     if is_sharded(model):
-        return _sharded(model, microbatches, StepPlan("fixed", sample_weights=sample_weights))  # refused there
+        return _sharded(model, microbatches, StepPlan("fixed", sample_weights=sample_weights),
+                        autocast_dtype=autocast_dtype, chunks=chunks)
     params = trainable(model)
     for p in params:
         p.grad = None
