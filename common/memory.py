@@ -43,7 +43,14 @@ these): whole `pretrain.py --preset tiny` runs of 60 steps (evaluation and check
 of random microbatches at the small preset's dimensions, by a script holding 0.47 GB after its imports (in
 place of RUNTIME): the baseline with 2 and 8 sequences per microbatch 1.89 and 4.30 GB against 2.13 and 4.54
 (-11%, -5%), PRESENCE with 2 microbatches of 8 4.91 against 4.78 (+3%), per-sample PRESENCE with 4 of 2 1.96
-against 2.23 (-12%). The small preset itself (8 microbatches of 64 in fp32, as on a CPU) comes out at 29.5 GB:
+against 2.23 (-12%). Per sample the estimate fails at more rows: with 4 microbatches of 16 at d_model 256
+and 4 + 4 layers, the model terms come to 0.58 GB estimated against 2.23 measured (per microbatch 0.72
+against 0.86). The tapes of the other microbatches then hold much more than TAPE_SHARE of their
+activations, and the layer set's per-sample weight gradients (rows x its parameters) are not counted; a
+per-sample plan says so. Under fsdp (2 gloo processes, PRESENCE per microbatch) a rank's fixed costs
+outweigh the model at such shapes (0.47 GB measured against 0.23), but what it adds with twice the layers
+or four times the rows is within a third of the estimate's increase (+237 MB against +164, +181 against
++167; tests/test_memory.py). The small preset itself (8 microbatches of 64 in fp32, as on a CPU) comes out at 29.5 GB:
 on a 24 GB machine it was killed at 24 GB resident.
 """
 from __future__ import annotations
@@ -307,6 +314,11 @@ def check_process_count(preset: Preset, world_size: int) -> None:
                           "distributed.strategy=fsdp, which shares every microbatch among them")
 
 
+PER_SAMPLE_CAUTION = ("  caution: per sample the model terms run low at more than a few rows per microbatch "
+                      "(4 microbatches of 16 rows, one process: 2.23 GB measured against 0.58 estimated); leave "
+                      "room beyond the total")
+
+
 def plan_memory(preset: Preset, method: str, per: str, world_size: int, device_bytes: float,
                 gpu: bool = True) -> tuple[MemoryEstimate, str]:
     """(the estimate of one device, the plan in words: one line per part and the total against the device);
@@ -322,6 +334,8 @@ def plan_memory(preset: Preset, method: str, per: str, world_size: int, device_b
              f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}; GB per device"]
     lines += [f"  {part:<14}{getattr(estimate, part) / GB:8.2f}" for part in PLAN_PARTS]
     lines.append(f"  {'total':<14}{estimate.total / GB:8.2f} of {HEADROOM:.0%} of {device_bytes / GB:.0f} GB")
+    if per == "sample":
+        lines.append(PER_SAMPLE_CAUTION)
     if estimate.total > HEADROOM * device_bytes:
         raise ConfigError(f"preset {preset_argument(preset.name)}: the plan needs {estimate.total / GB:.1f} GB per "
                           f"device > {HEADROOM * device_bytes / GB:.1f} GB. Fix: "
