@@ -1,12 +1,14 @@
 """Do the committed runs come from the code that is committed? For every recipe of a preset's finished runs,
 train its lowest seed again from this checkout, in a scratch folder, and compare the final held-out loss with
-the committed run's; a run trained from this very commit needs no twin.
+the committed run's. A run needs no twin when it was trained from this very commit, or from one whose code
+is this checkout's: the two differ in results/ and Markdown files only (`git diff`), which no run reads.
 
     python 03_pretrain/check_twins.py --preset tiny                       # ~1.5 min a recipe on one core
     python 03_pretrain/check_twins.py --preset tiny --recipes presence-s0 baseline-s0
 
 Writes results/<preset>/pretrain/twins.csv: per recipe the run, the commit it was trained from, the commit of
-the twin, both losses, |difference| and whether it is within --tolerance (default 1e-6). Exits 1 when one is
+the twin, both losses, |difference|, whether it is within --tolerance (default 1e-6) and how it was checked
+(a twin, the same commit, or the same code). Exits 1 when one is
 not. Sequential runs need their scores, which the twin re-uses from artefacts/<preset>/pretrain/sequential/.
 """
 from __future__ import annotations
@@ -22,13 +24,26 @@ from pathlib import Path
 from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.io import read_json, write_csv
-from common.paths import artefacts_dir, results_dir
+from common.paths import REPO_ROOT, artefacts_dir, results_dir
 from common.reporting.run_results import finished_runs
 from common.runinfo import git_commit
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["run", "method", "seed", "run_commit", "twin_commit", "run_loss", "twin_loss", "abs_difference",
-           "within_tolerance"]
+           "within_tolerance", "checked_by"]
+# What no run reads: its outputs and the prose. Two commits that differ only here train the same runs.
+NOT_CODE = ("results", "*.md")
+
+
+def same_code(run_commit: str, commit: str, repository: Path = REPO_ROOT) -> bool:
+    """Whether `run_commit` and `commit` (clean commits of `repository`) differ in nothing but NOT_CODE; False
+    for a dirty or unknown commit."""
+    if run_commit.endswith("+dirty") or commit.endswith("+dirty"):
+        return False
+    excluded = [f":(exclude){pattern}" for pattern in NOT_CODE]
+    result = subprocess.run(["git", "diff", "--quiet", run_commit, commit, "--", ".", *excluded], cwd=repository,
+                            capture_output=True)
+    return result.returncode == 0  # 1: they differ; 128: a commit git does not know
 
 
 def twin_arguments(config: dict, preset_arg: str, out: Path) -> list[str]:
@@ -84,7 +99,11 @@ def main(args: argparse.Namespace) -> int:
             row = {"run": folder.name, "method": config["method"], "seed": config["seed"], "run_commit": run_commit,
                    "twin_commit": commit, "run_loss": metrics["final_heldout_loss"]}
             if run_commit == commit and not commit.endswith("+dirty"):
-                row.update(twin_loss=row["run_loss"], abs_difference=0.0, within_tolerance=True)
+                row.update(twin_loss=row["run_loss"], abs_difference=0.0, within_tolerance=True,
+                           checked_by="same commit")
+            elif same_code(run_commit, commit):
+                row.update(twin_loss=row["run_loss"], abs_difference=0.0, within_tolerance=True,
+                           checked_by="same code")
             else:
                 out = Path(scratch) / folder.name
                 # the twin shares the run's name, so its checkpoints go to a scratch artefacts folder of its own
@@ -92,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
                                check=True, env=twin_environment(Path(scratch), preset.name))
                 twin = read_json(out / "metrics.json")["final_heldout_loss"]
                 row.update(twin_loss=twin, abs_difference=abs(twin - row["run_loss"]),
-                           within_tolerance=abs(twin - row["run_loss"]) <= args.tolerance)
+                           within_tolerance=abs(twin - row["run_loss"]) <= args.tolerance, checked_by="twin")
             print(f"{folder.name}: {row['run_loss']:.9f} vs {row['twin_loss']:.9f} (|Δ| {row['abs_difference']:.1e})")
             rows.append(row)
     path = results_dir(preset.name, "pretrain") / "twins.csv"

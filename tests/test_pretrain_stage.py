@@ -296,6 +296,30 @@ def test_a_twin_retrains_a_run_and_compares_its_loss(tmp_path, artefacts, monkey
     assert twins.main(argparse.Namespace(preset="tiny", recipes=["presence-s0"], tolerance=1e-6)) == 1
 
 
+def test_two_commits_have_the_same_code_when_they_differ_in_results_and_prose_only(tmp_path):
+    same_code = load_stage("03_pretrain/check_twins.py").same_code
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "results" / "tiny").mkdir(parents=True)
+    (tmp_path / "common").mkdir()
+    files = {"common/step.py": "x = 1\n", "README.md": "a\n", "results/tiny/runs.csv": "1\n"}
+    commits = []
+    for change in ({}, {"README.md": "b\n", "results/tiny/runs.csv": "2\n"}, {"common/step.py": "x = 2\n"}):
+        files.update(change)
+        for name, text in files.items():
+            (tmp_path / name).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", "c")
+        commits.append(git("rev-parse", "HEAD"))
+    first, prose, code = commits
+    assert same_code(first, prose, tmp_path) and same_code(prose, first, tmp_path)
+    assert not same_code(first, code, tmp_path) and not same_code(prose, code, tmp_path)
+    assert not same_code(first + "+dirty", prose, tmp_path)
+    assert not same_code("0" * 40, prose, tmp_path)  # a commit this repository does not have
+
+
 FAMILY_MODELS = {"gpt2": ["model.family=gpt2", "model.tie_word_embeddings=true"],
                  "llama": ["model.family=llama", "model.num_heads=2"],
                  "bert": ["model.family=bert", "model.tie_word_embeddings=true"]}
