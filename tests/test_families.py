@@ -91,3 +91,28 @@ def test_masked_lm_batches_follow_the_80_10_10_recipe():
     assert ((inputs[chosen] >= low) & (inputs[chosen] < high) | masked).all()
     again = objective_batch(tokens, "masked-lm", np.random.default_rng(2), vocab)
     assert torch.equal(again["input_ids"], batch["input_ids"])  # seeded: a held-out row reads the same
+
+
+@pytest.mark.parametrize("name", MODEL_FAMILIES)
+def test_activation_checkpointing_gives_every_family_the_same_presence_update(name):
+    """PRESENCE per microbatch with each block's activations recomputed in the backward (Hugging Face's
+    gradient checkpointing, as pretrain.py turns it on): the same scores and update, float64."""
+    from common.presence.presence_step import presence_step
+    from tiny_families import family_batch
+
+    config = load_preset(PRESETS[name]).model
+    batch = family_batch(name)
+    microbatches = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2, 4)]
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config, 1000, 12).double().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_gradient_checkpointing
+        stats = presence_step(model, microbatches, tau=1.0)
+        results.append((stats.scores, [p.grad.clone() for p in model.parameters()]))
+    (plain_scores, plain_grads), (scores, grads) = results
+    torch.testing.assert_close(scores, plain_scores, rtol=1e-10, atol=0)
+    for got, want in zip(grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
