@@ -8,9 +8,8 @@ b sequences each (inputs of L_e tokens, targets of L_d), weights and gradients i
 
     peak = RUNTIME + 4 P (weights) + 4 P (gradients) + 4 n P (PRESENCE per microbatch only: one gradient row
            per microbatch, all kept until the weights are known) + optimizer state
-           + ACTIVATION_FACTOR * a * b * A (one microbatch's forward and backward) * (1 + TAPE_SHARE (n - 1)
-             for per-sample PRESENCE, whose tapes of every microbatch stay until the weights are known; under
-             fsdp they record the layer set's modules only, and the factor is 1)
+           + ACTIVATION_FACTOR * a * b * A (one microbatch's forward and backward)
+           + 4 n b (R + K) (per-sample PRESENCE: the tapes of every microbatch, kept until the weights are known)
 
 with optimizer state 4 (r + c) bytes per r x c matrix and 4 m per vector of m (Adafactor, factored second
 moments, no first moment, as T5X) or 8 P (AdamW), a = 4 bytes per activation (2 under bf16 autocast), and A the
@@ -23,6 +22,15 @@ N_e + N_d layers and a vocabulary of V:
       + 2 N_d L_e h k                                            cross-attention keys and values of the inputs
       + 3 L_d V                                                  logits, their log-softmax and its gradient
       + h L_e (L_e + L_d)                                        relative position biases
+
+Per-sample PRESENCE's tape (common/presence/per_sample_grads.py) keeps, per sequence, R floats of records
+for every module outside the layer set K (each Linear's and norm's input, once where several share it,
+and the gradient at its output: 8 d + 4 h k + 3 f per encoder token and layer, 12 d + 6 h k + 3 f per
+decoder token and layer plus 2 h k per input token for its cross-attention keys and values, and the
+embeddings, final norms and output layer, d + V per target token) and K floats for K itself: each matrix
+d_in x d_out over T tokens as its per-sample gradient (d_in d_out) or, where the Gram form is cheaper
+(T (d_in + d_out) < d_in d_out), its records. Under fsdp the tape records K only and lives for one
+pass, which adds 4 b K instead (the update is a second pass).
 
 The plan of a run (`plan_memory`, printed by `03_pretrain/pretrain.py --plan-memory` without building the
 model) also takes the strategy, the process count W, the accumulation chunks c and activation checkpointing
@@ -42,15 +50,14 @@ these): whole `pretrain.py --preset tiny` runs of 60 steps (evaluation and check
 0.75 GB estimated for the baseline and PRESENCE against 0.68 and 0.79 measured (+7%, -5%). Two optimizer steps
 of random microbatches at the small preset's dimensions, by a script holding 0.47 GB after its imports (in
 place of RUNTIME): the baseline with 2 and 8 sequences per microbatch 1.89 and 4.30 GB against 2.13 and 4.54
-(-11%, -5%), PRESENCE with 2 microbatches of 8 4.91 against 4.78 (+3%), per-sample PRESENCE with 4 of 2 1.96
-against 2.23 (-12%). Per sample the estimate fails at more rows: with 4 microbatches of 16 at d_model 256
-and 4 + 4 layers, the model terms come to 0.58 GB estimated against 2.23 measured (per microbatch 0.72
-against 0.86). The tapes of the other microbatches then hold much more than TAPE_SHARE of their
-activations, and the layer set's per-sample weight gradients (rows x its parameters) are not counted; a
-per-sample plan says so. Under fsdp (2 gloo processes, PRESENCE per microbatch) a rank's fixed costs
+(-11%, -5%), PRESENCE with 2 microbatches of 8 4.91 against 4.78 (+3%). Per-sample PRESENCE, the model terms against
+tests/measure_step_memory.py's peak beyond its start: 4 microbatches of 2 at the small dimensions 3.08 GB
+against 3.45 (-11%); 4 of 4 and 4 of 16 at d_model 256 and 4 + 4 layers 0.50 and 1.71 GB against 0.63
+and 2.23 (-20%, -23%); the tapes are R and K as counted above, nothing fitted. Under fsdp (2 gloo processes, PRESENCE per microbatch) a rank's fixed costs
 outweigh the model at such shapes (0.47 GB measured against 0.23), but what it adds with twice the layers
 or four times the rows is within a third of the estimate's increase (+237 MB against +164, +181 against
-+167; tests/test_memory.py). The small preset itself (8 microbatches of 64 in fp32, as on a CPU) comes out at 29.5 GB:
++167; tests/test_memory.py). Per sample under fsdp it is not: four times the rows add 466 MB measured
+against 193 estimated, and a per-sample fsdp plan says so. The small preset itself (8 microbatches of 64 in fp32, as on a CPU) comes out at 29.5 GB:
 on a 24 GB machine it was killed at 24 GB resident.
 """
 from __future__ import annotations
@@ -73,10 +80,6 @@ RUNTIME_BYTES = 0.7 * GB
 # activations and the allocator's slack. Fitted on the small dimensions: 401 MB per sequence measured, A
 # counts 287 MB.
 ACTIVATION_FACTOR = 1.4
-# What per-sample PRESENCE keeps of each further microbatch, as a share of one microbatch's activations: its
-# tape (module inputs and output-gradient edges, common/presence/per_sample_grads.py). Fitted on the small
-# dimensions: 4 microbatches of 2 sequences peaked 72 MB above the baseline's 4 of 2.
-TAPE_SHARE = 0.03
 # The share of the available memory a run may plan to fill: the estimate is not exact, and the machine runs
 # other things too.
 HEADROOM = 0.9
@@ -215,6 +218,34 @@ def activation_floats(dims: dict[str, int], input_length: int, target_length: in
             + h * le * (le + ld))
 
 
+def tape_floats(dims: dict[str, int], input_length: int, target_length: int,
+                one_stack: bool = False) -> tuple[int, int]:
+    """(R, K) of the module's docstring: the floats per sequence of a per-sample tape's records outside the
+    layer set "first" (the first block of each stack), and of what it holds for that layer set. A
+    one-stack family counts as its encoder, as in activation_floats."""
+    d, f, hk, V = dims["d"], dims["f"], dims["h"] * dims["k"], dims["V"]
+    le, ld = input_length, target_length
+    n_dec = 0 if one_stack else dims["n_dec"]
+    encoder_layer = le * (8 * d + 4 * hk + 3 * f)
+    decoder_layer = ld * (12 * d + 6 * hk + 3 * f) + 2 * le * hk
+    tokens, targets = (le, le) if one_stack else (le + ld, ld)
+    # embedding gradients and the final norms' inputs and gradients, the output layer's input and
+    # gradient; the encoder's output, read by every cross-attention
+    root = 3 * tokens * d + targets * (d + V) + (0 if one_stack else le * d)
+    records = (dims["n_enc"] - 1) * encoder_layer + max(n_dec - 1, 0) * decoder_layer + root
+
+    def held(matrices: list[tuple[int, int, int]]) -> int:  # (d_in, d_out, tokens) each
+        return sum(a * b if t * (a + b) >= a * b else t * (a + b) for a, b, t in matrices)
+
+    attention = lambda t: [(d, hk, t)] * 3 + [(hk, d, t)]  # noqa: E731
+    ffn = lambda t: [(d, f, t), (d, f, t), (f, d, t)]  # noqa: E731
+    first = held(attention(le) + ffn(le)) + 2 * d
+    if not one_stack:
+        cross = [(d, hk, ld), (d, hk, le), (d, hk, le), (hk, d, ld)]
+        first += held(attention(ld) + cross + ffn(ld)) + 3 * d
+    return records, first
+
+
 def estimate_peak(preset: Preset, method: str, per: str = "microbatch", world_size: int = 1,
                   gpu: bool = False) -> MemoryEstimate | None:
     """The peak memory of one rank of `method` at `preset` (see the module's docstring), with its strategy
@@ -236,12 +267,15 @@ def estimate_peak(preset: Preset, method: str, per: str = "microbatch", world_si
     # the baseline, Sequential, the oracle and the weight-matched control accumulate one gradient.
     scored = get_method(method).update == "scores"
     rows = microbatches if scored and per == "microbatch" else 0
-    # Under fsdp the tapes record K's modules only and the update is a second pass: one microbatch's worth.
-    kept = 1 + TAPE_SHARE * (microbatches - 1) if scored and per == "sample" and not sharded else 1
+    one_stack = preset.model.family != "t5"
+    tapes = 0.0
+    if scored and per == "sample":
+        records, k_floats = tape_floats(dims, input_length, target_length, one_stack)
+        tapes = 4 * sequences * (k_floats if sharded else cfg.microbatch_chunks * microbatches * (records + k_floats))
     optimizer = 4 * (sum(r + c for r, c in matrices) + vectors) if cfg.optimizer == "adafactor" else 8 * parameters
-    activations = (ACTIVATION_FACTOR * bytes_per_activation * sequences * kept
-                   * activation_floats(dims, input_length, target_length, preset.model.family != "t5",
-                                       cfg.activation_checkpointing))
+    activations = (ACTIVATION_FACTOR * bytes_per_activation * sequences
+                   * activation_floats(dims, input_length, target_length, one_stack,
+                                       cfg.activation_checkpointing) + tapes)
     gathered = 4 * (2 * shapes.root + 3 * shapes.block) if sharded else 0.0
     return MemoryEstimate(runtime=RUNTIME_BYTES, weights=4 * parameters / share, gradients=4 * parameters / share,
                           gradient_rows=4 * rows * parameters / share, optimizer=optimizer / share,
@@ -314,9 +348,9 @@ def check_process_count(preset: Preset, world_size: int) -> None:
                           "distributed.strategy=fsdp, which shares every microbatch among them")
 
 
-PER_SAMPLE_CAUTION = ("  caution: per sample the model terms run low at more than a few rows per microbatch "
-                      "(4 microbatches of 16 rows, one process: 2.23 GB measured against 0.58 estimated); leave "
-                      "room beyond the total")
+PER_SAMPLE_CAUTION = ("  caution: per sample under fsdp the activations run low (2 processes, 4 microbatches "
+                      "of 16 rows against 4 of 4: 466 MB more measured, 193 MB estimated); leave room beyond the "
+                      "total")
 
 
 def plan_memory(preset: Preset, method: str, per: str, world_size: int, device_bytes: float,
@@ -334,7 +368,7 @@ def plan_memory(preset: Preset, method: str, per: str, world_size: int, device_b
              f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}; GB per device"]
     lines += [f"  {part:<14}{getattr(estimate, part) / GB:8.2f}" for part in PLAN_PARTS]
     lines.append(f"  {'total':<14}{estimate.total / GB:8.2f} of {HEADROOM:.0%} of {device_bytes / GB:.0f} GB")
-    if per == "sample":
+    if per == "sample" and preset.distributed.strategy == "fsdp":
         lines.append(PER_SAMPLE_CAUTION)
     if estimate.total > HEADROOM * device_bytes:
         raise ConfigError(f"preset {preset_argument(preset.name)}: the plan needs {estimate.total / GB:.1f} GB per "
