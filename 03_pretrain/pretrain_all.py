@@ -13,7 +13,9 @@ A run is a method followed by options of 03_pretrain/pretrain.py written key=val
 ("presence pretrain.batch_size=256", passed on as --set). --jobs N trains N runs at once, each on cores / N threads
 (on a CPU, two one-thread runs of the tiny model finish sooner than two two-thread runs in turn); the
 Sequential runs come after the others. A run counts as finished when its metrics.json and final model are
-both written. Writes results/<preset>/pretrain/summary.csv and heldout.csv (every run's held-out losses:
+both written; with --results-only, a committed metrics.json alone (a fresh clone has no models): for a
+seed grid that only adds runs to the tables, which then does not train the committed runs again. Later
+stages (02, 04) need the models, so `make reproduce` does not pass it. Writes results/<preset>/pretrain/summary.csv and heldout.csv (every run's held-out losses:
 run, method, seed, step, lang, n_rows, n_tokens, loss, se).
 """
 from __future__ import annotations
@@ -77,16 +79,17 @@ def call(script: str, args: list[str], threads: int | None = None) -> None:
     subprocess.run(command, check=True, env=env)
 
 
-def finished(preset_name: str, name: str) -> bool:
+def finished(preset_name: str, name: str, results_only: bool = False) -> bool:
     """pretrain.py writes the final model, then metrics.json last (and removes both when a run starts or
-    resumes): a run is finished when both are there, and only then do the tables count it."""
+    resumes): a run is finished when both are there, and only then do the tables count it. With
+    `results_only`, metrics.json alone is enough (the run's results, committed without its model)."""
     return ((results_dir(preset_name, "pretrain") / "runs" / name / "metrics.json").is_file()
-            and (artefacts_dir(preset_name, "pretrain", name, "final") / "presence_run.json").is_file())
+            and (results_only or (artefacts_dir(preset_name, "pretrain", name, "final") / "presence_run.json").is_file()))
 
 
-def ensure_run(preset_name: str, args: list[str], threads: int | None = None) -> None:
+def ensure_run(preset_name: str, args: list[str], threads: int | None = None, results_only: bool = False) -> None:
     name = run_name(args)
-    if finished(preset_name, name):
+    if finished(preset_name, name, results_only):
         print(f"{name}: finished, skipped")
         return
     started = (artefacts_dir(preset_name, "pretrain", name, "checkpoints") / "LATEST").is_file()
@@ -98,15 +101,15 @@ def ensure_run(preset_name: str, args: list[str], threads: int | None = None) ->
         keep_equal_numbers(run_dir / table, text, DIGITS)
 
 
-def ensure_runs(preset_name: str, runs: list[list[str]], jobs: int) -> None:
+def ensure_runs(preset_name: str, runs: list[list[str]], jobs: int, results_only: bool = False) -> None:
     """Every run, `jobs` at a time; a failed run does not stop the others, and is raised at the end."""
     if jobs <= 1:
         for args in runs:
-            ensure_run(preset_name, args)
+            ensure_run(preset_name, args, results_only=results_only)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(ensure_run, preset_name, args, threads) for args in runs]
+        futures = [pool.submit(ensure_run, preset_name, args, threads, results_only) for args in runs]
     errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         raise errors[0]
@@ -135,16 +138,21 @@ def main(args: argparse.Namespace) -> dict:
     specs = args.runs or preset.pretrain.reproduce_methods
     seeds = args.seeds if args.seeds is not None else preset.pretrain.seeds
     is_sequential = [spec.split()[0] in METHODS and "scorer_run" in get_method(spec.split()[0]).needs for spec in specs]
+    results_only = getattr(args, "results_only", False)
     ensure_runs(preset.name, [run_arguments(spec, seed, args.preset) for seed in seeds
-                              for spec, seq in zip(specs, is_sequential) if not seq], args.jobs)
+                              for spec, seq in zip(specs, is_sequential) if not seq], args.jobs, results_only)
     # Sequential runs need the baseline of their seed (the scoring model) and its scores.
     for seed in seeds:
         for spec in (s for s, seq in zip(specs, is_sequential) if seq):
-            ensure_run(preset.name, run_arguments(BASELINE.name, seed, args.preset))
+            sequential = run_arguments(spec, seed, args.preset)
+            if finished(preset.name, run_name(sequential), results_only):
+                print(f"{run_name(sequential)}: finished, skipped")
+                continue
+            ensure_run(preset.name, run_arguments(BASELINE.name, seed, args.preset))  # its model scores the data
             scores = artefacts_dir(preset.name, "pretrain", "sequential", f"scores-s{seed}.npy")
             if not scores.is_file():
                 call("score_candidates.py", ["--preset", args.preset, "--seed", str(seed)])
-            ensure_run(preset.name, run_arguments(spec, seed, args.preset))
+            ensure_run(preset.name, sequential)
     path = summarise(preset.name)
     print(f"wrote {path}")
     return {"summary": str(path)}
@@ -156,5 +164,8 @@ if __name__ == "__main__":
     parser.add_argument("--runs", nargs="+", help="run specs (default: pretrain.reproduce_methods)")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: pretrain.seeds")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU: e.g. the core count)")
+    parser.add_argument("--results-only", action="store_true",
+                        help="count a run whose results/ folder holds its metrics.json as done, model or not (a "
+                             "seed grid on a fresh clone: the committed runs are not trained again)")
     with exit_on_known_errors():
         main(parser.parse_args())

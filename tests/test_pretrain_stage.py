@@ -266,6 +266,27 @@ def test_grid_finds_the_runs_of_a_preset_given_as_a_yaml_path(tmp_path, monkeypa
     assert calls == [("pretrain.py", ["--preset", str(variant), "--method", "presence", "--seed", "0", "--overwrite"])]
 
 
+def test_a_seed_grid_on_a_fresh_clone_trains_only_the_runs_without_committed_results(tmp_path, monkeypatch):
+    """--results-only: runs whose metrics.json is committed (no model: a fresh clone) are done, also a
+    Sequential one, whose scorer is then not needed; without it every run is trained, as make reproduce
+    needs the models."""
+    grid = load_stage("03_pretrain/pretrain_all.py")
+    monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
+    monkeypatch.setattr(grid, "results_dir", lambda preset, stage: tmp_path / "results" / preset / stage)
+    for name in ("baseline-s0", "presence-sequential-s0"):
+        (tmp_path / "results" / "tiny" / "pretrain" / "runs" / name).mkdir(parents=True)
+        (tmp_path / "results" / "tiny" / "pretrain" / "runs" / name / "metrics.json").write_text("{}")
+    monkeypatch.setattr(grid, "summarise", lambda name: tmp_path / "summary.csv")
+    for results_only, trained in ((True, ["presence"]),
+                                  (False, ["baseline", "presence", "baseline", None, "presence-sequential"])):
+        calls = []
+        monkeypatch.setattr(grid, "call", lambda script, args, threads=None: calls.append(
+            args[args.index("--method") + 1] if "--method" in args else None))
+        grid.main(argparse.Namespace(preset="tiny", runs=["baseline", "presence", "presence-sequential"], seeds=[0],
+                                     jobs=1, results_only=results_only))
+        assert calls == trained, results_only
+
+
 def test_grid_trains_jobs_at_once_and_sequential_runs_last(tmp_path, monkeypatch):
     grid = load_stage("03_pretrain/pretrain_all.py")
     monkeypatch.setenv("PRESENCE_ARTEFACTS", str(tmp_path / "artefacts"))
