@@ -50,15 +50,16 @@ these): whole `pretrain.py --preset tiny` runs of 60 steps (evaluation and check
 0.75 GB estimated for the baseline and PRESENCE against 0.68 and 0.79 measured (+7%, -5%). Two optimizer steps
 of random microbatches at the small preset's dimensions, by a script holding 0.47 GB after its imports (in
 place of RUNTIME): the baseline with 2 and 8 sequences per microbatch 1.89 and 4.30 GB against 2.13 and 4.54
-(-11%, -5%), PRESENCE with 2 microbatches of 8 4.91 against 4.78 (+3%). Per-sample PRESENCE, the model terms against
-tests/measure_step_memory.py's peak beyond its start: 4 microbatches of 2 at the small dimensions 3.08 GB
-against 3.45 (-11%); 4 of 4 and 4 of 16 at d_model 256 and 4 + 4 layers 0.50 and 1.71 GB against 0.63
-and 2.23 (-20%, -23%); the tapes are R and K as counted above, nothing fitted. Under fsdp (2 gloo processes, PRESENCE per microbatch) a rank's fixed costs
-outweigh the model at such shapes (0.47 GB measured against 0.23), but what it adds with twice the layers
-or four times the rows is within a third of the estimate's increase (+237 MB against +164, +181 against
-+167; tests/test_memory.py). Per sample under fsdp it is not: four times the rows add 466 MB measured
-against 193 estimated, and a per-sample fsdp plan says so. The small preset itself (8 microbatches of 64 in fp32, as on a CPU) comes out at 29.5 GB:
-on a 24 GB machine it was killed at 24 GB resident.
+(-11%, -5%), PRESENCE with 2 microbatches of 8 4.91 against 4.78 (+3%). Per-sample PRESENCE, the model terms
+against tests/measure_step_memory.py's peak beyond its start: 4 microbatches of 2 at the small dimensions 3.08
+GB against 3.45 (-11%); 4 of 4 and 4 of 16 at d_model 256 and 4 + 4 layers 0.50 and 1.71 GB against 0.63 and
+2.23 (-20%, -23%); the tapes are R and K as counted above, nothing fitted. Under fsdp (2 gloo processes,
+PRESENCE per microbatch) a rank's fixed costs outweigh the model at such shapes (0.47 GB measured against
+0.23), but what it adds with twice the layers or four times the rows is within a third of the estimate's
+increase (+237 MB against +164, +181 against +167; tests/test_memory.py). Per sample under fsdp it is not:
+four times the rows add 466 MB measured against 193 estimated, and a per-sample fsdp plan says so. The small
+preset itself (8 microbatches of 64 in fp32, as on a CPU) comes out at 29.5 GB: on a 24 GB machine it was
+killed at 24 GB resident.
 """
 from __future__ import annotations
 
