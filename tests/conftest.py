@@ -4,6 +4,7 @@ files in numbered folders, not importable packages), and what miniature pre-trai
 artefacts folder, arguments, readers)."""
 import csv
 import importlib.util
+import socket
 import sys
 
 import pytest
@@ -76,3 +77,10 @@ def csv_rows(path, drop=()):
 
 def final_weights(artefacts, name):
     return load_file(artefacts / "tiny" / "pretrain" / name / "final" / "model.safetensors")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 and the refusals (memory beyond the machine's, bf16 or compile without a GPU) with their override."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from common.memory import (GB, HEADROOM, PLAN_PARTS, check_resources, estimate_p
                            plan_memory)
 from common.modeling import build_model
 from common.paths import REPO_ROOT
-from conftest import load_stage, pretrain_args
+from conftest import free_port, load_stage, pretrain_args
 
 CPU_SMALL = ["pretrain.precision=fp32", "pretrain.compile=false"]  # the small preset without its GPU settings
 
@@ -162,9 +161,7 @@ def test_the_model_terms_are_within_half_of_a_measured_step(method, extra):
 def measured_rank_peak(*arguments: str) -> int:
     """tests/measure_step_memory.py under torchrun with 2 gloo processes: the larger rank's peak."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(port), str(REPO_ROOT / "tests" / "measure_step_memory.py"), *arguments], env=env,
                             capture_output=True, text=True, timeout=600)

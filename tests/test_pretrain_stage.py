@@ -3,7 +3,6 @@ data parallelism giving the single-process run."""
 import argparse
 import csv
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from common.checkpoint import latest_checkpoint
 from common.config import ConfigError
 from common.data.packed_data import SpanCorruptionBatches
 from common.paths import REPO_ROOT
-from conftest import csv_rows, final_weights, load_stage, pretrain_args
+from conftest import csv_rows, final_weights, free_port, load_stage, pretrain_args
 
 pretrain = load_stage("03_pretrain/pretrain.py")
 SCRIPT = str(REPO_ROOT / "03_pretrain" / "pretrain.py")
@@ -202,12 +201,6 @@ def test_overrides_that_change_the_recipe_change_the_default_name():
     # how often a run logs or saves is not its recipe
     assert name("--method", "presence", "--set", "pretrain.save_every=7") == "presence-s0"
     assert name("--method", "presence-single", "--tau", "2", "--si-layers", "all") == "presence-single-tau+2-si-all-s0"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
