@@ -57,6 +57,7 @@ plan = StepPlan(update="scores", tau=1.0, per=per) if method != "baseline" else 
 for _ in range(2):
     train_step(model, mbs, plan, opt, sched, chunks=cfg.microbatch_chunks)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"measured": peak - before}))
+# One write per line: under torchrun both ranks share one pipe, and a print can interleave with the other rank's.
+os.write(sys.stdout.fileno(), (json.dumps({"measured": peak - before}) + "\n").encode())
 if dist.is_initialized():
     dist.destroy_process_group()
