@@ -1,7 +1,7 @@
 """Do the committed runs come from the code that is committed? For every recipe of a preset's finished runs,
 train its lowest seed again from this checkout, in a scratch folder, and compare the final held-out loss with
 the committed run's. A run needs no twin when it was trained from this very commit, or from one whose code
-is this checkout's: the two differ in results/ and Markdown files only (`git diff`), which no run reads.
+is this checkout's: the two differ in results/, tests/ and Markdown files only (`git diff`), which no run reads.
 
     python 03_pretrain/check_twins.py --preset tiny                       # ~1.5 min a recipe on one core
     python 03_pretrain/check_twins.py --preset tiny --recipes presence-s0 baseline-s0
@@ -31,8 +31,9 @@ from common.runinfo import git_commit
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["run", "method", "seed", "run_commit", "twin_commit", "run_loss", "twin_loss", "abs_difference",
            "within_tolerance", "checked_by"]
-# What no run reads: its outputs and the prose. Two commits that differ only here train the same runs.
-NOT_CODE = ("results", "*.md")
+# What no run reads: its outputs, the prose and the tests (no stage imports tests/). Two commits that differ only
+# here train the same runs.
+NOT_CODE = ("results", "*.md", "tests")
 
 
 def same_code(run_commit: str, commit: str, repository: Path = REPO_ROOT) -> bool:

@@ -310,7 +310,7 @@ def test_a_twin_retrains_a_run_and_compares_its_loss(tmp_path, artefacts, monkey
     assert twins.main(argparse.Namespace(preset="tiny", recipes=["presence-s0"], tolerance=1e-6)) == 1
 
 
-def test_two_commits_have_the_same_code_when_they_differ_in_results_and_prose_only(tmp_path):
+def test_two_commits_have_the_same_code_when_they_differ_in_results_prose_and_tests_only(tmp_path):
     same_code = load_stage("03_pretrain/check_twins.py").same_code
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
     git("init", "-q")
@@ -318,9 +318,10 @@ def test_two_commits_have_the_same_code_when_they_differ_in_results_and_prose_on
     git("config", "user.name", "t")
     (tmp_path / "results" / "tiny").mkdir(parents=True)
     (tmp_path / "common").mkdir()
-    files = {"common/step.py": "x = 1\n", "README.md": "a\n", "results/tiny/runs.csv": "1\n"}
+    (tmp_path / "tests").mkdir()
+    files = {"common/step.py": "x = 1\n", "README.md": "a\n", "results/tiny/runs.csv": "1\n", "tests/test_a.py": "1\n"}
     commits = []
-    for change in ({}, {"README.md": "b\n", "results/tiny/runs.csv": "2\n"}, {"common/step.py": "x = 2\n"}):
+    for change in ({}, {"README.md": "b\n", "results/tiny/runs.csv": "2\n", "tests/test_a.py": "2\n"}, {"common/step.py": "x = 2\n"}):
         files.update(change)
         for name, text in files.items():
             (tmp_path / name).write_text(text)
