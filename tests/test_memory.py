@@ -145,18 +145,21 @@ SHAPES = ["model.d_model=256", "model.d_ff=1024", "model.num_layers=4", "model.n
 @pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [("baseline", []), ("presence", ["pretrain.microbatch_chunks=2"]),
                                            ("presence", ["model.family=gpt2"]), ("presence", ["per=sample"])])
-def test_the_model_terms_are_within_half_of_a_measured_step(method, extra):
-    """Two steps at 13M parameters against tests/measure_step_memory.py's peak beyond the process's start:
-    the estimate runs 14-45% below it at these shapes (the allocator's slack and temporaries of small
-    tensors weigh more than at the shapes ACTIVATION_FACTOR was fitted on)."""
+def test_the_model_terms_are_within_a_quarter_of_the_tensors_a_measured_step_holds(method, extra):
+    """Two steps at 13M parameters against the peak of live tensor bytes in tests/measure_step_memory.py (the
+    CPU allocator's count under the profiler, which is what the model terms stand for). Measured here: -3%
+    (baseline), -3% (PRESENCE, 2 chunks), +11% (GPT-2), +13% (per sample). Not the resident set: its growth
+    beyond the start also holds the code pages of the kernels the first steps run and the C allocator's
+    slack, which differ between machines (the baseline's was 0.27-0.29 GB on one machine and 0.42 GB on
+    another, against 0.20 estimated)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "measure_step_memory.py"), method, *SHAPES,
-                             *extra], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "measure_step_memory.py"), method,
+                             "peak=tensors", *SHAPES, *extra], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.splitlines()[-1])["measured"]
     per = "sample" if "per=sample" in extra else "microbatch"
     estimate = estimate_peak(load_preset("tiny", SHAPES + [x for x in extra if x != "per=sample"]), method, per)
-    assert abs(estimate.total - estimate.runtime - measured) < measured / 2, (estimate, measured)
+    assert abs(estimate.total - estimate.runtime - measured) < measured / 4, (estimate, measured)
 
 
 def measured_rank_peak(*arguments: str) -> int:
