@@ -96,8 +96,14 @@ def spawn(world: int, tmp_path) -> None:
                        join=True, start_method=start_method)
 
 
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item() < TOLERANCE
+# Per-sample weights are softmax(z) of float32 scores that two ranks sum in another order: a 1e-6 relative change
+# of a score moves z by about 1e-6 times the scores' mean over their spread, and the weights by as much again
+# (seen: scores 73.3513 against 73.3512, weights more than 1e-6 apart in norm on one machine, within it on another).
+WEIGHT_TOLERANCE = 1e-5
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = TOLERANCE) -> bool:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item() < tolerance
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +127,8 @@ def test_two_sharded_ranks_train_as_one_process(runs, name):
             assert got.loss == pytest.approx(want.loss, rel=TOLERANCE)
             for field in ("scores", "weights", "item_losses"):
                 if getattr(want, field) is not None:
-                    assert close(getattr(got, field), getattr(want, field)), (name, field)
+                    tolerance = WEIGHT_TOLERANCE if field == "weights" else TOLERANCE
+                    assert close(getattr(got, field), getattr(want, field), tolerance), (name, field)
         assert all(close(params[key], expected_params[key]) for key in expected_params), name
 
 
