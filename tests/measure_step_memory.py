@@ -56,7 +56,6 @@ if sharded:  # every rank shares every microbatch
     mbs = [{k: v[rank_rows(rows)] for k, v in mb.items()} for mb in mbs]
 
 
-
 def peak_tensor_bytes(profiler) -> int:
     """The largest count of bytes held by tensors allocated while `profiler` ran: the CPU allocator reports its
     running total with each allocation and free it makes under a memory-profiling profiler."""
