@@ -25,6 +25,7 @@ from common.cli import exit_on_known_errors
 from common.config import load_preset
 from common.io import read_json, write_csv
 from common.paths import REPO_ROOT, artefacts_dir, results_dir
+from common.presence.methods import get_method
 from common.reporting.run_results import finished_runs
 from common.runinfo import git_commit
 
@@ -63,6 +64,21 @@ def twin_arguments(config: dict, preset_arg: str, out: Path) -> list[str]:
             if flatten(reference[section]).get(key) != value:
                 args += ["--set", f"{section}.{key}={json.dumps(value)}"]
     return args
+
+
+def paired_run(arguments: list[str], runs_dir: Path) -> list[str]:
+    """For a twin of a weight-matched control, the committed run it replays (a twin trains in a scratch
+    folder, where pretrain.py's default, the paired run beside it, is absent); nothing for other methods."""
+    sys.path.insert(0, str(HERE))
+    import pretrain  # the sibling script: its own rule for naming the paired run
+
+    args = pretrain.parse_args(arguments)
+    method = get_method(args.method)
+    if "paired_run" not in method.needs:
+        return []
+    paired = pretrain.parse_args([*arguments, "--method", method.controls])  # the later --method wins
+    paired.run_name = None
+    return ["--paired-run", str(runs_dir / pretrain.default_run_name(paired))]
 
 
 def flatten(section: dict, prefix: str = "") -> dict:
@@ -108,7 +124,8 @@ def main(args: argparse.Namespace) -> int:
             else:
                 out = Path(scratch) / folder.name
                 # the twin shares the run's name, so its checkpoints go to a scratch artefacts folder of its own
-                subprocess.run([sys.executable, str(HERE / "pretrain.py"), *twin_arguments(config, args.preset, out)],
+                arguments = twin_arguments(config, args.preset, out)
+                subprocess.run([sys.executable, str(HERE / "pretrain.py"), *arguments, *paired_run(arguments, runs_dir)],
                                check=True, env=twin_environment(Path(scratch), preset.name))
                 twin = read_json(out / "metrics.json")["final_heldout_loss"]
                 row.update(twin_loss=twin, abs_difference=abs(twin - row["run_loss"]),

@@ -870,6 +870,9 @@ def main(args: argparse.Namespace) -> dict:
         except OSError as error:
             raise disk_error(run, error) from error
     if dist.is_initialized():
+        # no rank closes its sockets while another still reads a collective's last message (gloo's reader
+        # would throw, and that rank abort)
+        dist.barrier()
         dist.destroy_process_group()
     return metrics
 

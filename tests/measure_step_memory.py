@@ -86,4 +86,7 @@ measured = (peak_tensor_bytes(profiler) if tensors_only
 # One write per line: under torchrun both ranks share one pipe, and a print can interleave with the other rank's.
 os.write(sys.stdout.fileno(), (json.dumps({"measured": measured}) + "\n").encode())
 if dist.is_initialized():
+    # Every rank waits for the others before tearing down: a rank that closes its sockets while its peer still
+    # reads the last message of a collective makes gloo's reader throw, and the peer aborts.
+    dist.barrier()
     dist.destroy_process_group()

@@ -35,6 +35,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         microbatches = split(tiny_batch(), MICROBATCH)
         share = len(microbatches) // WORLD
         torch.save(run_steps(model, microbatches[rank * share:(rank + 1) * share]), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank closes its sockets while another still reads (gloo's reader would abort it)
     finally:
         dist.destroy_process_group()
 

@@ -84,6 +84,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["resumed"] = (train(resumed, plan, chunks, range(2, 4), part=True), parameters(resumed[0]), step,
                               extra)
         torch.save(results, f"{out_dir}/world{world}-rank{rank}.pt")
+        dist.barrier()  # no rank closes its sockets while another still reads (gloo's reader would abort it)
     finally:
         dist.destroy_process_group()
 

@@ -169,7 +169,9 @@ def measured_rank_peak(*arguments: str) -> int:
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(port), str(REPO_ROOT / "tests" / "measure_step_memory.py"), *arguments], env=env,
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # A crashed rank's own message (e.g. gloo's "what(): ...") comes before torchrun's long report.
+    cause = [line for line in result.stderr.splitlines() if re.search(r"what\(\)|Error|terminate", line)]
+    assert result.returncode == 0, "\n".join(cause[:10]) + "\n" + result.stderr[-1500:]
     peaks = [int(found) for found in re.findall(r'\{"measured": (\d+)\}', result.stdout)]
     assert len(peaks) == 2, result.stdout[-2000:]
     return max(peaks)

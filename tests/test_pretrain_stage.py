@@ -310,6 +310,25 @@ def test_a_twin_retrains_a_run_and_compares_its_loss(tmp_path, artefacts, monkey
     assert twins.main(argparse.Namespace(preset="tiny", recipes=["presence-s0"], tolerance=1e-6)) == 1
 
 
+def test_a_twin_of_the_weight_matched_control_replays_the_committed_paired_run(tmp_path, artefacts, monkeypatch):
+    """A twin trains in a scratch folder; the PRESENCE run its weight-matched control replays is the committed
+    one, found by pretrain.py's own name for it."""
+    twins = load_stage("03_pretrain/check_twins.py")
+    monkeypatch.setattr(twins, "results_dir", lambda preset, stage: tmp_path / "results" / preset / stage)
+    runs = tmp_path / "results" / "tiny" / "pretrain" / "runs"
+    paired = pretrain.parse_args(pretrain_args(runs, "unnamed", "--method", "presence"))
+    paired.run_name = None
+    paired_name = pretrain.default_run_name(paired)
+    pretrain.main(pretrain.parse_args(pretrain_args(runs, paired_name, "--method", "presence")))
+    pretrain.main(pretrain.parse_args(pretrain_args(runs, "presence-matched-s0", "--method", "presence-matched",
+                                                    "--paired-run", paired_name)))
+    environment = runs / "presence-matched-s0" / "environment.json"
+    environment.write_text(environment.read_text().replace('"git_commit": "', '"git_commit": "older-'))
+    assert twins.main(argparse.Namespace(preset="tiny", recipes=["presence-matched-s0"], tolerance=1e-6)) == 0
+    row = csv_rows(tmp_path / "results" / "tiny" / "pretrain" / "twins.csv")[0]
+    assert row["checked_by"] == "twin" and float(row["abs_difference"]) <= 1e-6
+
+
 def test_two_commits_have_the_same_code_when_they_differ_in_results_prose_and_tests_only(tmp_path):
     same_code = load_stage("03_pretrain/check_twins.py").same_code
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
