@@ -1,7 +1,9 @@
 """Do the committed runs come from the code that is committed? For every recipe of a preset's finished runs,
 train its lowest seed again from this checkout, in a scratch folder, and compare the final held-out loss with
-the committed run's. A run needs no twin when it was trained from this very commit, or from one whose code
-is this checkout's: the two differ in results/, tests/ and Markdown files only (`git diff`), which no run reads.
+the committed run's. A run needs no twin when it was trained from this very commit, or from one that agrees
+with it on every file a run reads (`git diff` over the repository modules the data, scoring and training
+scripts import, found statically, and the presets, grids and pinned packages): results, prose, tests, the
+figures and the reporting modules that only they use can change without a twin.
 
     python 03_pretrain/check_twins.py --preset tiny                       # ~1.5 min a recipe on one core
     python 03_pretrain/check_twins.py --preset tiny --recipes presence-s0 baseline-s0
@@ -14,6 +16,7 @@ not. Sequential runs need their scores, which the twin re-uses from artefacts/<p
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -32,18 +35,61 @@ from common.runinfo import git_commit
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["run", "method", "seed", "run_commit", "twin_commit", "run_loss", "twin_loss", "abs_difference",
            "within_tolerance", "checked_by"]
-# What no run reads: its outputs, the prose and the tests (no stage imports tests/). Two commits that differ only
-# here train the same runs.
-NOT_CODE = ("results", "*.md", "tests")
+# The scripts that make a run (its data, its scores for Sequential, its training) and what they read besides
+# code: the presets, the grids' knobs, the pinned packages. Two commits that agree on these and on every
+# repository module the scripts import train the same runs.
+ENTRY_POINTS = ("01_data/prepare_data.py", "03_pretrain/pretrain.py", "03_pretrain/pretrain_all.py",
+                "03_pretrain/run_grid.py", "03_pretrain/score_candidates.py")
+RUN_INPUTS = ("presets", "03_pretrain/grids", "pyproject.toml")
+
+
+def module_files(name: str, importer: str, repository: Path) -> list[str]:
+    """The repository files that `import name` runs from the file `importer`: the module and each package
+    above it (a package's __init__.py runs first), or a sibling script (03_pretrain puts its own folder on
+    sys.path); nothing for a module outside the repository."""
+    parts = name.split(".")
+    found = []
+    for base in ("", str(Path(importer).parent)):
+        for depth in range(1, len(parts) + 1):
+            stem = Path(base, *parts[:depth])
+            for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+                if (repository / candidate).is_file():
+                    found.append(candidate.as_posix())
+    return found
+
+
+def code_a_run_reads(repository: Path = REPO_ROOT) -> list[str]:
+    """Every repository file a run's scripts import, at any depth, found statically (imports inside
+    functions count too, so a module loaded only when a branch runs is not missed)."""
+    seen: set[str] = set()
+    pending = list(ENTRY_POINTS)
+    while pending:
+        path = pending.pop()
+        if path in seen or not (repository / path).is_file():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse((repository / path).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from a.b import c` may import the module a.b.c, or take the name c from a.b
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                pending += module_files(name, path, repository)
+    return sorted(seen)
 
 
 def same_code(run_commit: str, commit: str, repository: Path = REPO_ROOT) -> bool:
-    """Whether `run_commit` and `commit` (clean commits of `repository`) differ in nothing but NOT_CODE; False
-    for a dirty or unknown commit."""
+    """Whether `run_commit` and `commit` (clean commits of `repository`) agree on every file a run reads:
+    code_a_run_reads() of the checkout and RUN_INPUTS. A change to what a script imports shows in the
+    importing file, which is in the set; results, prose, tests, the figures and this checker are not.
+    False for a dirty or unknown commit."""
     if run_commit.endswith("+dirty") or commit.endswith("+dirty"):
         return False
-    excluded = [f":(exclude){pattern}" for pattern in NOT_CODE]
-    result = subprocess.run(["git", "diff", "--quiet", run_commit, commit, "--", ".", *excluded], cwd=repository,
+    read = code_a_run_reads(repository) + [path for path in RUN_INPUTS if (repository / path).exists()]
+    result = subprocess.run(["git", "diff", "--quiet", run_commit, commit, "--", *read], cwd=repository,
                             capture_output=True)
     return result.returncode == 0  # 1: they differ; 128: a commit git does not know
 

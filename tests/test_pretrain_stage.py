@@ -329,27 +329,40 @@ def test_a_twin_of_the_weight_matched_control_replays_the_committed_paired_run(t
     assert row["checked_by"] == "twin" and float(row["abs_difference"]) <= 1e-6
 
 
-def test_two_commits_have_the_same_code_when_they_differ_in_results_prose_and_tests_only(tmp_path):
+def test_two_commits_have_the_same_code_when_they_differ_only_in_what_no_run_reads(tmp_path):
+    """A hand-built repository: the training script imports a package module inside a function and a sibling
+    script; a change to those, to a preset or to the pinned packages is code, a change to results, prose,
+    tests, a module no run imports or the figures is not."""
     same_code = load_stage("03_pretrain/check_twins.py").same_code
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
     git("init", "-q")
     git("config", "user.email", "t@example.com")
     git("config", "user.name", "t")
-    (tmp_path / "results" / "tiny").mkdir(parents=True)
-    (tmp_path / "common").mkdir()
-    (tmp_path / "tests").mkdir()
-    files = {"common/step.py": "x = 1\n", "README.md": "a\n", "results/tiny/runs.csv": "1\n", "tests/test_a.py": "1\n"}
-    commits = []
-    for change in ({}, {"README.md": "b\n", "results/tiny/runs.csv": "2\n", "tests/test_a.py": "2\n"}, {"common/step.py": "x = 2\n"}):
-        files.update(change)
-        for name, text in files.items():
+    for folder in ("results/tiny", "common", "tests", "03_pretrain", "05_figures", "presets"):
+        (tmp_path / folder).mkdir(parents=True)
+    files = {"03_pretrain/pretrain.py": "import helper\n\ndef main():\n    from common.step import x\n",
+             "03_pretrain/helper.py": "y = 1\n", "common/__init__.py": "", "common/step.py": "x = 1\n",
+             "common/tables.py": "z = 1\n", "05_figures/make_figures.py": "import common.tables\n",
+             "presets/tiny.yaml": "steps: 200\n", "pyproject.toml": "torch==2.13.0\n", "README.md": "a\n",
+             "results/tiny/runs.csv": "1\n", "tests/test_a.py": "1\n"}
+    not_code = {"README.md": "b\n", "results/tiny/runs.csv": "2\n", "tests/test_a.py": "2\n", "common/tables.py": "z = 2\n",
+                "05_figures/make_figures.py": "import common.tables  # figures\n"}
+    code = [{"common/step.py": "x = 2\n"}, {"03_pretrain/helper.py": "y = 2\n"}, {"common/__init__.py": "w = 1\n"},
+            {"presets/tiny.yaml": "steps: 100\n"}, {"pyproject.toml": "torch==2.14.0\n"}]
+
+    def commit(change: dict) -> str:
+        for name, text in {**files, **change}.items():
             (tmp_path / name).write_text(text)
         git("add", "-A")
-        git("commit", "-qm", "c")
-        commits.append(git("rev-parse", "HEAD"))
-    first, prose, code = commits
+        git("commit", "-qm", "c", "--allow-empty")
+        return git("rev-parse", "HEAD")
+
+    first, prose = commit({}), commit(not_code)
     assert same_code(first, prose, tmp_path) and same_code(prose, first, tmp_path)
-    assert not same_code(first, code, tmp_path) and not same_code(prose, code, tmp_path)
+    for change in code:
+        changed = commit(change)
+        assert not same_code(first, changed, tmp_path), change
+        commit({})
     assert not same_code(first + "+dirty", prose, tmp_path)
     assert not same_code("0" * 40, prose, tmp_path)  # a commit this repository does not have
 

@@ -273,3 +273,14 @@ def test_repeats_of_a_recipe_and_seed_are_named_with_the_run_used_instead():
     notes = []
     assert repeated_runs(configs, reference, notes) == {"check-s0": "presence-s0", "b-s1": "a-s1"}
     assert len(notes) == 2 and "none is named presence-s1" in notes[1]
+
+
+@pytest.mark.parametrize("preset, model_text", [
+    ("tiny", "T5 v1.1, d_model 64, 2+2 layers, span corruption (0.6M parameters)"),
+    ("presets/variants/tiny_gpt2.yaml", "GPT-2, d_model 80, 4 layers, next-token prediction (0.6M parameters)"),
+    ("presets/variants/tiny_bert.yaml", "BERT, d_model 80, 4 layers, masked-token prediction"),
+])
+def test_our_scale_names_the_model_family_and_its_objective(preset, model_text):
+    from common.reporting.result_tables import describe_our_scale
+    text = describe_our_scale(load_preset(preset), 642_800)
+    assert model_text in text and ("T5" in text) == (preset == "tiny"), text

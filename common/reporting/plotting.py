@@ -29,7 +29,8 @@ DPI = 130
 METHOD_COLORS = {method.name: method.color for method in METHODS}
 EXTRA_COLORS = ["#bcbd22", "#7f7f7f", "#393b79", "#8c6d31", "#843c39", "#7b4173", "#637939", "#3182bd"]
 STAGE_COLORS = {"direct": "#fdae6b", "inverse": "#9ecae1"}
-LOSS_LABEL = "span-corruption loss (nats / target token)"
+# every family's objective (span corruption, next-token, masked tokens) is a mean over its target tokens
+LOSS_LABEL = "pre-training loss (nats / target token)"
 
 
 class MissingInputError(ValueError):

