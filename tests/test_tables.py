@@ -284,3 +284,29 @@ def test_our_scale_names_the_model_family_and_its_objective(preset, model_text):
     from common.reporting.result_tables import describe_our_scale
     text = describe_our_scale(load_preset(preset), 642_800)
     assert model_text in text and ("T5" in text) == (preset == "tiny"), text
+
+
+def test_stream_weight_shift_is_weight_over_batch_share_per_stage_with_absent_streams_as_zero(tmp_path):
+    """Two seeds, switch step 10, logs at steps 10 and 20. Seed 0: stream a holds 1/2 of the batch and 3/4 of the
+    weight at step 10; at step 20 b alone (a absent: share 0). Seed 1: a 1/2 and 1/4 at step 10, and a 1/4
+    with weight 1/2 at step 20. By hand, per seed the mean weight share over the mean batch share:
+    stage 1, a: 1.5 and 0.5 (mean 1.0); stage 2, a: seed 0 has 0/0 (no rows), seed 1 (1/2) / (1/4) = 2."""
+    from common.reporting.streams import stream_weight_shift
+    logs = {0: [(10, "a", 0.5, 0.75), (10, "b", 0.5, 0.25), (20, "b", 1.0, 1.0), (20, "c", 0.0, 0.0)],
+            1: [(10, "a", 0.5, 0.25), (10, "b", 0.5, 0.75), (20, "a", 0.25, 0.5), (20, "b", 0.75, 0.5)]}
+    for seed, rows in logs.items():
+        run = tmp_path / f"presence-s{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"method": "presence", "seed": seed, "per": "microbatch",
+                                                     "preset": {"pretrain": {"switch_step": 10}}}))
+        (run / "metrics.json").write_text("{}")
+        (run / "stream_weights.csv").write_text("step,stream,batch_share,weight_share,seed\n" + "".join(
+            f"{step},{stream},{b},{w},{seed}\n" for step, stream, b, w in rows))
+    table = stream_weight_shift(tmp_path).set_index(["stream", "stage"])
+    assert table.loc[("a", "tau1"), "weight_over_batch_mean"] == pytest.approx(1.0)
+    assert table.loc[("a", "tau1"), "weight_over_batch_std"] == pytest.approx(math.sqrt(0.5))  # of 1.5 and 0.5
+    assert table.loc[("b", "tau1"), "weight_over_batch_mean"] == pytest.approx((0.5 + 1.5) / 2)
+    # stage 2: seed 0 never drew a (0/0, left out), seed 1 gave it twice its share
+    assert table.loc[("a", "tau2"), "weight_over_batch_mean"] == pytest.approx(2.0)
+    assert table.loc[("a", "tau2"), "n_seeds"] == 1
+    assert table.loc[("b", "tau2"), "weight_over_batch_mean"] == pytest.approx((1.0 + (0.5 / 0.75)) / 2)
