@@ -25,8 +25,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="whose headline.md to insert: tiny | small | paper | a YAML path")
     p.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
-    # T5 at tiny and tiny_x10, then the other model families at their tiny presets, whichever have been run
-    p.add_argument("--answer-presets", nargs="+", default=["tiny", "presets/variants/tiny_x10.yaml"] + [
+    # T5 at tiny, tiny_x10 and on mixed sources, then the other model families at their tiny presets, whichever
+    # have been run
+    p.add_argument("--answer-presets", nargs="+", default=["tiny", "presets/variants/tiny_x10.yaml",
+                                                           "presets/variants/tiny_sources.yaml"] + [
         f"presets/variants/tiny_{family}.yaml" for family in ("gpt2", "llama", "bert")],
                    help="presets whose tables/comparisons.csv make the answer table")
     return p.parse_args(argv)
