@@ -33,6 +33,9 @@ from common.reporting.run_results import finished_runs
 from common.runinfo import git_commit
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import pretrain  # noqa: E402  (the sibling script: its parser and its rule for naming the paired run)
+
 COLUMNS = ["run", "method", "seed", "run_commit", "twin_commit", "run_loss", "twin_loss", "abs_difference",
            "within_tolerance", "checked_by"]
 # The scripts that make a run (its data, its scores for Sequential, its training) and what they read besides
@@ -115,9 +118,6 @@ def twin_arguments(config: dict, preset_arg: str, out: Path) -> list[str]:
 def paired_run(arguments: list[str], runs_dir: Path) -> list[str]:
     """For a twin of a weight-matched control, the committed run it replays (a twin trains in a scratch
     folder, where pretrain.py's default, the paired run beside it, is absent); nothing for other methods."""
-    sys.path.insert(0, str(HERE))
-    import pretrain  # the sibling script: its own rule for naming the paired run
-
     args = pretrain.parse_args(arguments)
     method = get_method(args.method)
     if "paired_run" not in method.needs:
@@ -171,8 +171,9 @@ def main(args: argparse.Namespace) -> int:
                 out = Path(scratch) / folder.name
                 # the twin shares the run's name, so its checkpoints go to a scratch artefacts folder of its own
                 arguments = twin_arguments(config, args.preset, out)
-                subprocess.run([sys.executable, str(HERE / "pretrain.py"), *arguments, *paired_run(arguments, runs_dir)],
-                               check=True, env=twin_environment(Path(scratch), preset.name))
+                subprocess.run([sys.executable, str(HERE / "pretrain.py"), *arguments,
+                                *paired_run(arguments, runs_dir)], check=True,
+                               env=twin_environment(Path(scratch), preset.name))
                 twin = read_json(out / "metrics.json")["final_heldout_loss"]
                 row.update(twin_loss=twin, abs_difference=abs(twin - row["run_loss"]),
                            within_tolerance=abs(twin - row["run_loss"]) <= args.tolerance, checked_by="twin")

@@ -33,10 +33,10 @@ TASK_NAMES = {"xquad": "XQuAD F1", "mlqa": "MLQA F1", "tydiqa": "TyDi QA F1", "x
               "heldout_loss": "held-out loss"}
 CONTROL = CONTROL_METHOD.name  # the information control: PRESENCE's weights without PRESENCE's information
 MODEL_NAMES = {"mt5-base": "mT5-base", "mt5-large": "mT5-large"}
-# Our measures that exist without XTREME: not comparable to the paper's tasks, shown apart.
 FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT"}
 OBJECTIVE_NAMES = {"span-corruption": "span corruption", "next-token": "next-token prediction",
                    "masked-lm": "masked-token prediction (BERT's 15%, 80/10/10)"}
+# Our measures that exist without XTREME: not comparable to the paper's tasks, shown apart.
 OFFLINE_MEASURES = {
     "heldout_loss": ("span_corruption_loss", "held-out pre-training loss (nats/token, lower is better)"),
     "verse_retrieval": ("accuracy", "verse retrieval acc. % (offline, ours only)"),

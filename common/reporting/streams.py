@@ -40,26 +40,27 @@ def stream_weight_shift(runs_dir: Path) -> pd.DataFrame:
     if not per_seed:
         return pd.DataFrame(columns=COLUMNS)
     table = (pd.concat(per_seed).groupby(["recipe", "stream", "stage"], sort=False)
-             .agg(n_seeds=("ratio", "count"), batch_share=("batch_share", "mean"), weight_share=("weight_share", "mean"),
-                  weight_over_batch_mean=("ratio", "mean"), weight_over_batch_std=("ratio", "std"))
+             .agg(n_seeds=("ratio", "count"), batch_share=("batch_share", "mean"),
+                  weight_share=("weight_share", "mean"), weight_over_batch_mean=("ratio", "mean"),
+                  weight_over_batch_std=("ratio", "std"))
              .reset_index())
     return table[COLUMNS]
 
 
 def stream_weight_markdown(table: pd.DataFrame) -> str:
-    """Per recipe, a stream per row, the two stages' weight ÷ batch share side by side."""
+    """Per recipe, a stream per row: its batch share in the τ = −1 stage (nearly all of the steps), then the two
+    stages' weight ÷ batch share side by side."""
     lines = []
     for recipe, rows in table.groupby("recipe", sort=False):
-        stages = rows.pivot(index="stream", columns="stage", values=["weight_over_batch_mean", "weight_over_batch_std"])
+        stages = rows.set_index(["stream", "stage"])
         body = []
         for stream in dict.fromkeys(rows["stream"]):
-            cells = [stream, f"{rows[rows['stream'] == stream]['batch_share'].mean():.3f}"]
+            cells = [stream, f"{stages.loc[(stream, 'tau2'), 'batch_share']:.3f}"]
             for stage in ("tau1", "tau2"):
-                mean, std = stages.loc[stream, ("weight_over_batch_mean", stage)], stages.loc[stream, ("weight_over_batch_std", stage)]
+                mean, std = stages.loc[(stream, stage), ["weight_over_batch_mean", "weight_over_batch_std"]]
                 cells.append(f"{mean:.2f} ± {std:.2f}" if pd.notna(std) else f"{mean:.2f}")
             body.append(cells)
-        n = int(rows["n_seeds"].max())
-        lines += [f"**{recipe}** ({n} seeds)", "",
-                  markdown_table(["stream", "batch share", "weight ÷ batch share, τ = +1 stage",
+        lines += [f"**{recipe}** ({int(rows['n_seeds'].max())} seeds)", "",
+                  markdown_table(["stream", "batch share, τ = −1 stage", "weight ÷ batch share, τ = +1 stage",
                                   "weight ÷ batch share, τ = −1 stage"], body), ""]
     return "\n".join(lines)
